@@ -481,3 +481,25 @@ class ObjectSet:
             self.objectives.append(r)
         else:
             self.pods.append(r)
+
+
+def parse_selector(text: str) -> dict[str, str]:
+    """`k=v,k2=v2` (the --endpoint-selector flag) as a map; raises ValueError naming the bad part."""
+    out: dict[str, str] = {}
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        k, sep, v = part.partition("=")
+        if not sep or not k.strip():
+            raise ValueError(f"bad selector term {part!r}: expected key=value")
+        out[k.strip()] = v.strip()
+    if not out:
+        raise ValueError("selector is empty")
+    return out
+
+
+def pool_from_flags(name: str, namespace: str, selector: Mapping[str, str], ports: list[int]) -> InferencePool:
+    """An InferencePool made from --endpoint-selector / --endpoint-target-ports instead of an object."""
+    meta = Meta(kind="InferencePool", name=name, namespace=namespace, api_version=f"{GROUP_V1}/v1")
+    return InferencePool(meta=meta, selector=dict(selector), target_ports=tuple(ports))
