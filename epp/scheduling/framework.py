@@ -24,6 +24,9 @@ class SchedulingRequest:
     headers: Mapping[str, str] = field(default_factory=dict)
     prompt: str = ""  # text for prefix matching ("" for header-only requests)
     body: Mapping[str, Any] | None = None
+    # Per-request values the scheduler computes once and reuses between schedule() and on_routed()
+    # (e.g. prefix block hashes). Callers leave it alone.
+    scratch: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

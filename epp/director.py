@@ -1,0 +1,289 @@
+"""One decision per request: parse, resolve the model, admit, choose endpoints, account.
+
+The director is the only place that sees both a request and the pool. It knows neither gRPC nor
+protobuf (extproc turns its results into replies) nor how scores are computed (the scheduler).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from epp import openai
+from epp.datastore import Datastore, Endpoint
+from epp.models import NoValidTarget
+from epp.resources import CRITICAL_PRIORITY
+from epp.scheduling.framework import Scheduler, SchedulingRequest
+
+log = logging.getLogger("epp.director")
+
+DEST_HEADER = "x-gateway-destination-endpoint"
+OBJECTIVE_HEADER = "x-gateway-inference-objective"
+FAIRNESS_HEADER = "x-gateway-inference-fairness-id"
+MODEL_REWRITE_HEADER = "x-gateway-model-name-rewrite"
+REQUEST_ID_HEADER = "x-request-id"
+CONFORMANCE_SELECT_HEADER = "test-epp-endpoint-selection"
+CONFORMANCE_SERVED_HEADER = "x-conformance-test-served-endpoint"
+
+
+class Admission(Protocol):
+    """Decides whether a request is shed (429) before scheduling."""
+
+    def check(self, request: SchedulingRequest, candidates: Sequence[Endpoint], now: float) -> str | None: ...
+
+
+class Telemetry(Protocol):
+    """Receives request lifecycle events (the picker's own Prometheus metrics)."""
+
+    def routed(self, ctx: RequestContext) -> None: ...
+
+    def rejected(self, ctx: RequestContext | None, model: str, target: str, error: Rejected) -> None: ...
+
+    def finished(self, ctx: RequestContext) -> None: ...
+
+
+@dataclass(slots=True)
+class Rejected:
+    """An HTTP error the proxy returns to the client instead of forwarding."""
+
+    status: int
+    code: str  # BadRequest, ResourceExhausted, ServiceUnavailable, NotFound, PayloadTooLarge, Internal
+    message: str
+
+    @property
+    def body(self) -> bytes:
+        return f"inference error: {self.code} - {self.message}".encode()
+
+
+@dataclass(slots=True, eq=False)
+class RequestContext:
+    """One routed request, from the decision to its end; owned by one ext_proc stream."""
+
+    request_id: str
+    sched: SchedulingRequest
+    endpoints: list[Endpoint]
+    client_model: str
+    target_model: str
+    stream: bool
+    api: str
+    request_size: int
+    started: float  # time.perf_counter() at the first ext_proc message
+    routed_at: float = 0.0
+    first_byte_at: float = 0.0
+    served: Endpoint | None = None  # the endpoint that actually served (fallbacks may differ)
+    prompt_tokens_est: int = 0
+    usage_prompt: int = 0
+    usage_completion: int = 0
+    response_size: int = 0
+    status: str = ""  # response :status
+    rewrite_source: str = "none"
+    finished: bool = False
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def rewritten(self) -> bool:
+        return self.client_model != self.target_model and bool(self.client_model)
+
+
+@dataclass(slots=True)
+class Routed:
+    """A successful decision: where to send, and the body to send (None = unchanged)."""
+
+    ctx: RequestContext
+    destination: str  # "ip:port[,ip:port...]", primary first
+    body: bytes | None
+    set_headers: list[tuple[str, str]]
+
+
+def _parse_subset(value: object) -> list[str] | None:
+    """Subset hint as a list of addresses (the proxy may send a list or one CSV string)."""
+    if value is None:
+        return None
+    items: list[str] = []
+    raw = value if isinstance(value, list | tuple) else [value]
+    for v in raw:
+        if isinstance(v, str):
+            items.extend(p.strip() for p in v.split(",") if p.strip())
+    return items
+
+
+def _host(addr: str) -> str:
+    if addr.startswith("["):
+        return addr[1 : addr.find("]")]
+    host, sep, port = addr.rpartition(":")
+    return host if sep and port.isdigit() else addr
+
+
+class Director:
+    """Turns a parsed request into a Routed decision or a Rejected error, and tracks its end."""
+
+    def __init__(
+        self,
+        datastore: Datastore,
+        scheduler: Scheduler,
+        *,
+        admission: Admission | None = None,
+        telemetry: Telemetry | None = None,
+        max_body_bytes: int = 16 * 1024 * 1024,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.datastore = datastore
+        self.scheduler = scheduler
+        self.admission = admission
+        self.telemetry = telemetry
+        self.max_body_bytes = max_body_bytes
+        self._rng = rng or random.Random()
+
+    # ---- request path ---------------------------------------------------------------------
+    def decide(
+        self,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        subset_hint: object = None,
+        started: float | None = None,
+    ) -> Routed | Rejected:
+        """Decide for one request. `body` None means a header-only request."""
+        started = time.perf_counter() if started is None else started
+        request_id = headers.get(REQUEST_ID_HEADER) or ""
+        set_headers: list[tuple[str, str]] = []
+        if not request_id:
+            request_id = uuid.uuid4().hex
+            set_headers.append((REQUEST_ID_HEADER, request_id))
+        path = headers.get(":path") or headers.get("x-original-path") or headers.get("x-forwarded-path") or ""
+        if openai.api_for_path(path) is None:
+            # the reference reads the API type from the path, then these headers
+            alt = headers.get("x-original-path") or headers.get("x-forwarded-path")
+            path = alt if alt and openai.api_for_path(alt) else path
+
+        parsed: openai.ParsedBody | None = None
+        new_body: bytes | None = None
+        client_model = target = ""
+        priority = 0
+        source = "none"
+        if body is not None:
+            if len(body) > self.max_body_bytes:
+                return self._reject(None, "", "", Rejected(413, "PayloadTooLarge",
+                                                         f"request body exceeds {self.max_body_bytes} bytes"))
+            try:
+                parsed = openai.parse_request(body, path)
+            except openai.BadRequest as e:
+                return self._reject(None, "", "", Rejected(400, "BadRequest", str(e)))
+            client_model = parsed.model
+            try:
+                res = self.datastore.models.resolve(client_model, headers.get(MODEL_REWRITE_HEADER), self._rng)
+            except NoValidTarget as e:
+                return self._reject(None, client_model, "", Rejected(404, "NotFound", str(e)))
+            target, priority, source = res.target, res.priority, res.source
+            if target != client_model:
+                new_body = openai.rewrite_model(parsed, target)
+        objective = headers.get(OBJECTIVE_HEADER)
+        if objective:
+            p = self.datastore.objective_priority(objective)
+            if p is not None:
+                priority = p
+
+        sched = SchedulingRequest(
+            request_id=request_id,
+            model=target,
+            client_model=client_model,
+            priority=priority,
+            headers=headers,
+            prompt=openai.prompt_text(parsed) if parsed is not None else "",
+            body=parsed.body if parsed is not None else None,
+        )
+        candidates: Sequence[Endpoint] = self.datastore.candidates
+        hint = _parse_subset(subset_hint)
+        if hint is not None:
+            hosts = {_host(a) for a in hint}
+            candidates = [e for e in candidates if e.ip in hosts]
+        select = headers.get(CONFORMANCE_SELECT_HEADER)
+        if select:
+            wanted = [a.strip() for a in select.split(",") if a.strip()]
+            candidates = [e for e in candidates if e.address in wanted or e.ip in wanted]
+        if not candidates:
+            why = "no endpoint in the subset hint is in the pool" if hint is not None else "no ready endpoints"
+            return self._reject(None, client_model, target, Rejected(503, "ServiceUnavailable", why))
+
+        if self.admission is not None and priority < CRITICAL_PRIORITY:
+            reason = self.admission.check(sched, candidates, time.monotonic())
+            if reason:
+                return self._reject(None, client_model, target, Rejected(429, "ResourceExhausted", reason))
+
+        result = self.scheduler.schedule(sched, candidates)
+        if not result.endpoints:
+            return self._reject(None, client_model, target, Rejected(
+                429, "ResourceExhausted", result.reason or "no endpoint could be scheduled"))
+
+        primary = result.endpoints[0]
+        ctx = RequestContext(
+            request_id=request_id,
+            sched=sched,
+            endpoints=result.endpoints,
+            client_model=client_model,
+            target_model=target,
+            stream=parsed.stream if parsed is not None else False,
+            api=parsed.api if parsed is not None else "",
+            request_size=len(body) if body is not None else 0,
+            started=started,
+            routed_at=time.perf_counter(),
+            prompt_tokens_est=len(sched.prompt) // 4,
+            rewrite_source=source,
+        )
+        self._account(ctx, primary)
+        self.scheduler.on_routed(sched, primary)
+        if self.telemetry is not None:
+            self.telemetry.routed(ctx)
+        destination = ",".join(e.address for e in result.endpoints)
+        set_headers.append((DEST_HEADER, destination))
+        if new_body is not None:
+            set_headers.append(("content-length", str(len(new_body))))
+        return Routed(ctx=ctx, destination=destination, body=new_body, set_headers=set_headers)
+
+    def _reject(self, ctx: RequestContext | None, model: str, target: str, error: Rejected) -> Rejected:
+        if self.telemetry is not None:
+            self.telemetry.rejected(ctx, model, target, error)
+        return error
+
+    def _account(self, ctx: RequestContext, ep: Endpoint) -> None:
+        ctx.served = ep
+        ep.inflight += 1
+        ep.inflight_tokens += ctx.prompt_tokens_est
+
+    def _release(self, ctx: RequestContext) -> None:
+        ep = ctx.served
+        if ep is not None:
+            ep.inflight = max(0, ep.inflight - 1)
+            ep.inflight_tokens = max(0, ep.inflight_tokens - ctx.prompt_tokens_est)
+
+    # ---- response path --------------------------------------------------------------------
+    def served_by(self, ctx: RequestContext, address: str) -> None:
+        """The proxy reports which endpoint served (a fallback when the primary failed)."""
+        if ctx.finished or not address:
+            return
+        address = address.split(",", 1)[0].strip()
+        if ctx.served is not None and ctx.served.address == address:
+            return
+        ep = self.datastore.endpoints.get(address)
+        if ep is None:
+            return
+        self._release(ctx)
+        self._account(ctx, ep)
+
+    def finish(self, ctx: RequestContext | None) -> None:
+        """The request ended (response complete, error, or the stream went away). Idempotent."""
+        if ctx is None or ctx.finished:
+            return
+        ctx.finished = True
+        self._release(ctx)
+        if ctx.served is not None:
+            try:
+                self.scheduler.on_finished(ctx.sched, ctx.served)
+            except Exception:  # a plugin bug must not leak in-flight state or the stream
+                log.exception("scheduler on_finished failed", extra={"request_id": ctx.request_id})
+        if self.telemetry is not None:
+            self.telemetry.finished(ctx)

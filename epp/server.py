@@ -1,0 +1,159 @@
+"""Wiring: the datastore and its source, the director, the gRPC servers (ext_proc + health), shutdown.
+
+`App` is what `python -m epp` runs and what integration tests start in-process (ports 0 = from
+the OS; the bound ports are on the App after start()).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any, Protocol
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+
+from epp import tls
+from epp.cli import Options
+from epp.datastore import Datastore
+from epp.director import Director
+from epp.extproc import BUFFERED, DUPLEX, ExtProcServicer
+from epp.resources import pool_from_flags
+from epp.scheduling.framework import LeastInflightScheduler, Scheduler
+
+log = logging.getLogger("epp.server")
+
+EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+HEALTH_SERVICES = ("", "liveness", "readiness", EXTPROC_SERVICE)
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Source(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class App:
+    """One picker process: everything started by start() is stopped by stop()."""
+
+    def __init__(self, opts: Options, *, scheduler: Scheduler | None = None) -> None:
+        self.opts = opts
+        self.datastore = Datastore(opts.pool_name, opts.pool_namespace)
+        self.scheduler: Scheduler = scheduler or LeastInflightScheduler()
+        self.director = Director(self.datastore, self.scheduler, max_body_bytes=opts.max_request_body_bytes)
+        mode = BUFFERED if opts.default_body_mode == "buffered" else DUPLEX
+        self.servicer = ExtProcServicer(self.director, default_body_mode=mode, default_response_mode=mode)
+        self.health = HealthServicer()
+        self.is_leader = not opts.ha_enable_leader_election
+        self.sources: list[Source] = []
+        self.grpc_port = 0
+        self.grpc_health_port = 0
+        self._servers: list[grpc.aio.Server] = []
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._ready: tuple[bool, bool] | None = None
+        self.cert: tls.KeyPair | None = None
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        o = self.opts
+        if o.endpoints:
+            self.datastore.set_static_endpoints(o.endpoints)
+        pool_override = None
+        if o.endpoint_selector:
+            pool_override = pool_from_flags(o.pool_name, o.pool_namespace, o.endpoint_selector,
+                                            o.endpoint_target_ports)
+        if o.manifests:
+            from epp.sources.files import FileSource
+
+            self.sources.append(FileSource(self.datastore, o.manifests, pool_override=pool_override,
+                                           pool_group=o.pool_group))
+        elif o.endpoints and pool_override is None:
+            self.datastore.set_pool(None)  # static endpoints alone make the pool
+        else:
+            self.sources.append(self._kube_source(pool_override))
+        for src in self.sources:
+            await src.start()
+
+        for svc in HEALTH_SERVICES:
+            await self.health.set(svc, _NOT_SERVING)
+        await self.health.set("liveness", _SERVING)
+
+        main = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 << 20)])
+        ep_grpc.add_ExternalProcessorServicer_to_server(self.servicer, main)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, main)
+        addr = f"{o.bind_address}:{o.grpc_port}"
+        if o.secure_serving:
+            self.cert = (tls.load_dir(o.cert_path) if o.cert_path else None) or tls.self_signed()
+            creds = grpc.ssl_server_credentials([(self.cert.key, self.cert.cert)])
+            self.grpc_port = main.add_secure_port(addr, creds)
+        else:
+            self.grpc_port = main.add_insecure_port(addr)
+        self._servers.append(main)
+        if o.grpc_health_port != o.grpc_port or o.grpc_health_port == 0:
+            hs = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, hs)
+            self.grpc_health_port = hs.add_insecure_port(f"{o.bind_address}:{o.grpc_health_port}")
+            self._servers.append(hs)
+        for s in self._servers:
+            await s.start()
+        self._tasks.append(asyncio.create_task(self._readiness_loop(), name="readiness"))
+        await self._update_readiness()
+        log.info("picker started", extra={
+            "pool": f"{o.pool_namespace}/{o.pool_name}", "grpc_port": self.grpc_port,
+            "health_port": self.grpc_health_port, "tls": o.secure_serving})
+
+    def _kube_source(self, pool_override: Any) -> Source:
+        from epp.sources.kube import KubeSource  # the kubernetes client is only needed in a cluster
+
+        return KubeSource(self.datastore, pool_name=self.opts.pool_name, namespace=self.opts.pool_namespace,
+                          pool_group=self.opts.pool_group, kubeconfig=self.opts.kubeconfig or None,
+                          pool_override=pool_override)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop taking new streams, let open ones finish within `grace`, then stop everything."""
+        grace = self.opts.shutdown_grace if grace is None else grace
+        for svc in HEALTH_SERVICES:
+            with contextlib.suppress(Exception):
+                await self.health.set(svc, _NOT_SERVING)
+        await asyncio.gather(*(s.stop(grace) for s in self._servers), return_exceptions=True)
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        for src in self.sources:
+            with contextlib.suppress(Exception):
+                await src.stop()
+        log.info("picker stopped")
+
+    async def wait(self) -> None:
+        await asyncio.gather(*(s.wait_for_termination() for s in self._servers))
+
+    # ---- readiness ------------------------------------------------------------------------
+    def set_leader(self, leader: bool) -> None:
+        """Leader election callback: readiness follows leadership."""
+        self.is_leader = leader
+        asyncio.get_running_loop().create_task(self._update_readiness())
+
+    async def _update_readiness(self) -> None:
+        # every replica serves ext_proc once the pool is loaded; `readiness` (what Kubernetes uses to
+        # send traffic) also requires leadership when leader election is on, as the reference does
+        loaded = self.datastore.ready
+        state = (loaded, loaded and self.is_leader)
+        if state == self._ready:
+            return
+        self._ready = state
+        for svc in ("", EXTPROC_SERVICE):
+            await self.health.set(svc, _SERVING if loaded else _NOT_SERVING)
+        await self.health.set("readiness", _SERVING if state[1] else _NOT_SERVING)
+        log.info("readiness changed", extra={"pool_loaded": loaded, "leader": self.is_leader, "ready": state[1]})
+
+    async def _readiness_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.2)
+            await self._update_readiness()

@@ -1,0 +1,62 @@
+"""Serving certificates: a tls.crt/tls.key pair from --cert-path, or a self-signed one made at start."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import socket
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPair:
+    """PEM-encoded certificate chain and private key."""
+
+    cert: bytes
+    key: bytes
+
+
+def self_signed(hosts: list[str] | None = None, days: int = 3650) -> KeyPair:
+    """A self-signed ECDSA P-256 certificate for the picker (Envoy's cluster skips validation)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    names = hosts or [socket.gethostname(), "localhost"]
+    san: list[x509.GeneralName] = []
+    for h in [*names, "127.0.0.1"]:
+        try:
+            san.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            san.append(x509.DNSName(h))
+    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "epp"),
+                         x509.NameAttribute(NameOID.COMMON_NAME, names[0][:64])])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(san), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return KeyPair(
+        cert=cert.public_bytes(serialization.Encoding.PEM),
+        key=key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()),
+    )
+
+
+def load_dir(path: str) -> KeyPair | None:
+    """tls.crt and tls.key from a directory (a mounted Secret); None when either is missing."""
+    crt, key = os.path.join(path, "tls.crt"), os.path.join(path, "tls.key")
+    if not (os.path.isfile(crt) and os.path.isfile(key)):
+        return None
+    with open(crt, "rb") as f1, open(key, "rb") as f2:
+        return KeyPair(cert=f1.read(), key=f2.read())

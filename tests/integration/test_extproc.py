@@ -1,0 +1,450 @@
+"""The ext_proc server through a real grpc.aio client over loopback, asserting the exact replies."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import textwrap
+from pathlib import Path
+
+import grpc
+import pytest
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from epp.scheduling.framework import LeastInflightScheduler
+from tests.extproc_client import (
+    BUFFERED,
+    body_chunks,
+    chat,
+    destination_metadata,
+    exchange,
+    request_headers,
+    response_headers,
+    set_headers,
+    streamed_body,
+)
+
+EPS = ["127.0.0.1:8000", "127.0.0.2:8000", "127.0.0.3:8000"]
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def routed_reply(replies: list[ep.ProcessingResponse]) -> ep.ProcessingResponse:
+    hs = [r for r in replies if r.WhichOneof("response") == "request_headers"]
+    assert len(hs) == 1, replies
+    return hs[0]
+
+
+async def test_chat_routing_duplex(start_picker):
+    app, ch = await start_picker(endpoints=EPS)
+    body = chat("m", "hi there")
+    replies = await exchange(ch, [request_headers(extra={"x-request-id": "abc"}), *body_chunks(body)])
+    kinds = [r.WhichOneof("response") for r in replies]
+    assert kinds == ["request_headers", "request_body"]
+    h = routed_reply(replies)
+    dest = set_headers(h)["x-gateway-destination-endpoint"]
+    assert dest in EPS
+    assert destination_metadata(h) == dest
+    assert h.request_headers.response.clear_route_cache is True
+    assert "x-request-id" not in set_headers(h)  # kept as sent
+    assert "content-length" not in set_headers(h)  # body unchanged
+    out, eos = streamed_body(replies)
+    assert out == body and eos == [True]
+
+
+async def test_completions_routing_and_request_id_generated(start_picker):
+    app, ch = await start_picker(endpoints=EPS)
+    body = json.dumps({"model": "m", "prompt": "Say this is a test"}).encode()
+    replies = await exchange(ch, [request_headers("/v1/completions"), *body_chunks(body)])
+    hdrs = set_headers(routed_reply(replies))
+    assert hdrs["x-gateway-destination-endpoint"] in EPS
+    assert len(hdrs["x-request-id"]) == 32
+
+
+async def test_body_split_in_many_chunks_mid_utf8(start_picker):
+    app, ch = await start_picker(endpoints=EPS)
+    body = chat("m", "héllo wörld ✓ 日本語 " * 300)
+    chunks = body_chunks(body, 97)
+    assert any(c.request_body.body[-1:] >= b"\x80" for c in chunks)  # some cut inside a character
+    replies = await exchange(ch, [request_headers(), *chunks])
+    assert routed_reply(replies)
+    out, eos = streamed_body(replies)
+    assert out == body
+    assert eos[-1] is True and not any(eos[:-1])
+
+
+async def test_large_body_streamed_back_in_62000_byte_chunks(start_picker):
+    app, ch = await start_picker(endpoints=EPS)
+    body = chat("m", "x" * 200_000)
+    replies = await exchange(ch, [request_headers(), *body_chunks(body, 7)])
+    out, eos = streamed_body(replies)
+    sizes = [len(r.request_body.response.body_mutation.streamed_response.body) for r in replies
+             if r.WhichOneof("response") == "request_body"]
+    assert out == body
+    assert max(sizes) <= 62000 and len(sizes) == -(-len(body) // 62000)
+    assert eos == [False] * (len(sizes) - 1) + [True]
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b'{"model": "m", "messages": [', "not valid JSON"),
+        (b'{"messages": [{"role": "user", "content": "x"}]}', "model not found"),
+        (b'{"model": 7, "messages": [{"role": "user", "content": "x"}]}', "model must be a non-empty string"),
+        (b'{"model": "m", "messages": []}', "messages is required"),
+        (b'[1, 2]', "must be a JSON object"),
+        (b"\xff\xfe{}", "not valid"),
+    ],
+)
+async def test_bad_bodies_get_400(start_picker, raw, reason):
+    app, ch = await start_picker(endpoints=EPS)
+    replies = await exchange(ch, [request_headers(), *body_chunks(raw, 2)])
+    assert len(replies) == 1
+    ir = replies[0].immediate_response
+    assert ir.status.code == 400
+    assert ir.body.decode().startswith("inference error: BadRequest - ")
+    assert reason in ir.body.decode()
+    assert all(e.inflight == 0 for e in app.datastore.endpoints.values())
+
+
+async def test_header_only_request_picked_at_once(start_picker):
+    app, ch = await start_picker(endpoints=EPS)
+    replies = await exchange(ch, [request_headers("/v1/models", method="GET", eos=True)])
+    assert [r.WhichOneof("response") for r in replies] == ["request_headers"]
+    assert set_headers(replies[0])["x-gateway-destination-endpoint"] in EPS
+
+
+async def test_buffered_request_mode(start_picker):
+    app, ch = await start_picker(endpoints=EPS)
+    body = chat("m")
+    replies = await exchange(ch, [request_headers(mode=BUFFERED, resp_mode=BUFFERED),
+                                  ep.ProcessingRequest(request_body=ep.HttpBody(body=body, end_of_stream=True))])
+    assert [r.WhichOneof("response") for r in replies] == ["request_headers", "request_body"]
+    assert not replies[0].request_headers.response.header_mutation.set_headers  # answered at once, empty
+    rb = replies[1]
+    assert set_headers(rb)["x-gateway-destination-endpoint"] in EPS
+    assert destination_metadata(rb) == set_headers(rb)["x-gateway-destination-endpoint"]
+    assert rb.request_body.response.clear_route_cache
+    assert not rb.request_body.response.body_mutation.body  # unchanged body is not resent
+
+
+async def test_rewrite_sets_body_and_content_length(start_picker, tmp_path):
+    write(tmp_path / "m.yaml", """
+        apiVersion: inference.networking.x-k8s.io/v1alpha2
+        kind: InferenceModelRewrite
+        metadata: {name: alias}
+        spec:
+          poolRef: {name: pool}
+          rules:
+            - matches: [{model: {type: Exact, value: food-review}}]
+              targets: [{modelRewrite: food-review-v1-longer-name}]
+        """)
+    app, ch = await start_picker(endpoints=EPS, manifests=[str(tmp_path)])
+    body = chat("food-review", "ünïcode")
+    replies = await exchange(ch, [request_headers(), *body_chunks(body, 3)])
+    hdrs = set_headers(routed_reply(replies))
+    out, _ = streamed_body(replies)
+    assert json.loads(out)["model"] == "food-review-v1-longer-name"
+    assert json.loads(out)["messages"] == json.loads(body)["messages"]
+    assert hdrs["content-length"] == str(len(out))
+
+    # buffered mode carries the rewritten body in the body reply
+    replies = await exchange(ch, [request_headers(mode=BUFFERED),
+                                  ep.ProcessingRequest(request_body=ep.HttpBody(body=body, end_of_stream=True))])
+    rb = replies[1].request_body.response
+    assert json.loads(rb.body_mutation.body)["model"] == "food-review-v1-longer-name"
+    assert set_headers(replies[1])["content-length"] == str(len(rb.body_mutation.body))
+
+
+async def test_generic_rewrite_and_reserved_model(start_picker, tmp_path):
+    write(tmp_path / "m.yaml", """
+        apiVersion: inference.networking.k8s.io/v1alpha2
+        kind: InferenceModelRewrite
+        metadata: {name: fallback}
+        spec:
+          poolRef: {name: pool}
+          rules:
+            - matches: []
+              targets: [{modelRewrite: base-model}]
+        ---
+        apiVersion: inference.networking.x-k8s.io/v1alpha2
+        kind: InferenceModel
+        metadata: {name: reserved}
+        spec:
+          modelName: reserved
+          poolRef: {name: pool}
+          targetModels: [{name: a, weight: 0}, {name: b, weight: 0}]
+        """)
+    app, ch = await start_picker(endpoints=EPS, manifests=[str(tmp_path)])
+    replies = await exchange(ch, [request_headers(), *body_chunks(chat("anything"))])
+    out, _ = streamed_body(replies)
+    assert json.loads(out)["model"] == "base-model"
+
+    replies = await exchange(ch, [request_headers(), *body_chunks(chat("reserved"))])
+    ir = replies[0].immediate_response
+    assert ir.status.code == 404
+    assert "no valid target model" in ir.body.decode()
+
+
+async def test_inference_model_weighted_split_converges(start_picker, tmp_path):
+    write(tmp_path / "m.yaml", """
+        apiVersion: inference.networking.x-k8s.io/v1alpha2
+        kind: InferenceModel
+        metadata: {name: split}
+        spec:
+          modelName: split
+          poolRef: {name: pool}
+          targetModels: [{name: v1, weight: 70}, {name: v2, weight: 20}, {name: v3, weight: 10}]
+        """)
+    app, ch = await start_picker(endpoints=EPS, manifests=[str(tmp_path)])
+    counts = {"v1": 0, "v2": 0, "v3": 0}
+    n = 600
+    sem = asyncio.Semaphore(32)
+
+    async def one():
+        async with sem:
+            replies = await exchange(ch, [request_headers(), *body_chunks(chat("split"))])
+            counts[json.loads(streamed_body(replies)[0])["model"]] += 1
+
+    await asyncio.gather(*(one() for _ in range(n)))
+    # 5-sigma bounds on a binomial: fails only when the split is wrong
+    for name, w in (("v1", 0.7), ("v2", 0.2), ("v3", 0.1)):
+        sigma = (n * w * (1 - w)) ** 0.5
+        assert abs(counts[name] - n * w) < 5 * sigma, counts
+
+
+async def test_model_rewrite_header_and_objective_priority(start_picker, tmp_path):
+    write(tmp_path / "m.yaml", """
+        apiVersion: inference.networking.x-k8s.io/v1alpha2
+        kind: InferenceObjective
+        metadata: {name: batch}
+        spec: {priority: -5, poolRef: {name: pool}}
+        """)
+    app, ch = await start_picker(endpoints=EPS, manifests=[str(tmp_path)])
+    seen = []
+    orig = app.scheduler.schedule
+    app.scheduler.schedule = lambda req, c: (seen.append(req), orig(req, c))[1]  # type: ignore[method-assign]
+    replies = await exchange(ch, [request_headers(extra={"x-gateway-model-name-rewrite": "forced",
+                                                         "x-gateway-inference-objective": "batch"}),
+                                  *body_chunks(chat("m"))])
+    assert json.loads(streamed_body(replies)[0])["model"] == "forced"
+    assert seen[0].priority == -5 and seen[0].model == "forced" and seen[0].client_model == "m"
+
+
+@pytest.mark.parametrize(
+    ("hint", "allowed"),
+    [
+        (["127.0.0.2:8000"], {"127.0.0.2:8000"}),
+        ("127.0.0.2:8000,127.0.0.3:9999", {"127.0.0.2:8000", "127.0.0.3:8000"}),  # CSV, matched on IP
+        (["127.0.0.3:8000", "10.9.9.9:8000"], {"127.0.0.3:8000"}),  # partial: only the pool's part
+    ],
+)
+async def test_subset_hint(start_picker, hint, allowed):
+    app, ch = await start_picker(endpoints=EPS)
+    for _ in range(10):
+        replies = await exchange(ch, [request_headers(subset=hint), *body_chunks(chat())])
+        assert set_headers(routed_reply(replies))["x-gateway-destination-endpoint"] in allowed
+
+
+@pytest.mark.parametrize("hint", [[], ["10.9.9.9:8000"], ""])
+async def test_subset_hint_no_match_is_503(start_picker, hint):
+    app, ch = await start_picker(endpoints=EPS)
+    replies = await exchange(ch, [request_headers(subset=hint), *body_chunks(chat())])
+    assert replies[0].immediate_response.status.code == 503
+    assert b"ServiceUnavailable" in replies[0].immediate_response.body
+
+
+async def test_fallback_list_length(start_picker):
+    app, ch = await start_picker(endpoints=EPS, scheduler=LeastInflightScheduler(max_endpoints=3))
+    replies = await exchange(ch, [request_headers(), *body_chunks(chat())])
+    dest = set_headers(routed_reply(replies))["x-gateway-destination-endpoint"].split(",")
+    assert len(dest) == 3 and set(dest) == set(EPS)
+    assert destination_metadata(routed_reply(replies)) == ",".join(dest)
+
+
+async def test_sse_response_model_restored_and_usage(start_picker, tmp_path):
+    write(tmp_path / "m.yaml", """
+        apiVersion: inference.networking.x-k8s.io/v1alpha2
+        kind: InferenceModelRewrite
+        metadata: {name: alias}
+        spec:
+          poolRef: {name: pool}
+          rules: [{matches: [{model: {value: alias}}], targets: [{modelRewrite: real-model}]}]
+        """)
+    app, ch = await start_picker(endpoints=EPS, manifests=[str(tmp_path)])
+    finished = []
+    orig_finish = app.director.finish
+    app.director.finish = lambda ctx: (finished.append(ctx), orig_finish(ctx))[1]  # type: ignore[method-assign]
+    events = [
+        b'data: {"id":"1","model":"real-model","choices":[{"delta":{"content":"Hel"}}]}\n\n',
+        b'data: {"id":"1","model": "real-model","choices":[{"delta":{"content":"lo"}}]}\n\n',
+        b'data: {"id":"1","model":"real-model","choices":[],"usage":{"prompt_tokens":11,"completion_tokens":2}}\n\n',
+        b"data: [DONE]\n\n",
+    ]
+    stream = b"".join(events)
+    # cut the stream at awkward places, including inside "model":"real-model"
+    cuts = [5, 23, 30, 95, 160, 161, len(stream) - 3, len(stream)]
+    pieces, prev = [], 0
+    for c in cuts:
+        pieces.append(stream[prev:c])
+        prev = c
+    msgs = [request_headers(), *body_chunks(chat("alias", stream=True)),
+            response_headers(content_type="text/event-stream")]
+    msgs += [ep.ProcessingRequest(response_body=ep.HttpBody(body=p, end_of_stream=i == len(pieces) - 1))
+             for i, p in enumerate(pieces)]
+    replies = await exchange(ch, msgs)
+    rh = [r for r in replies if r.WhichOneof("response") == "response_headers"][0]
+    assert "content-length" in rh.response_headers.response.header_mutation.remove_headers
+    out, eos = streamed_body(replies, "response_body")
+    assert out == stream.replace(b"real-model", b"alias")
+    assert eos[-1] is True and eos.count(True) == 1
+    ctx = [c for c in finished if c is not None][0]
+    assert (ctx.usage_prompt, ctx.usage_completion) == (11, 2)
+    assert all(e.inflight == 0 for e in app.datastore.endpoints.values())
+
+
+async def test_json_response_held_to_end_then_returned_whole(start_picker):
+    app, ch = await start_picker(endpoints=EPS)
+    resp = json.dumps({"id": "x", "model": "m", "choices": [{"text": "ok"}],
+                       "usage": {"prompt_tokens": 5, "completion_tokens": 7}}).encode()
+    msgs = [request_headers(), *body_chunks(chat()), response_headers(),
+            *body_chunks(resp, 4, response=True)]
+    replies = await exchange(ch, msgs)
+    kinds = [r.WhichOneof("response") for r in replies]
+    assert kinds == ["request_headers", "request_body", "response_headers", "response_body"]
+    out, eos = streamed_body(replies, "response_body")
+    assert out == resp and eos == [True]
+
+
+async def test_served_endpoint_moves_accounting(start_picker):
+    app, ch = await start_picker(endpoints=EPS)
+    stub = ep_grpc.ExternalProcessorStub(ch)
+    call = stub.Process()
+    await call.write(request_headers(extra={"test-epp-endpoint-selection": "127.0.0.1"}))
+    for m in body_chunks(chat()):
+        await call.write(m)
+    r1 = await call.read()
+    assert set_headers(r1)["x-gateway-destination-endpoint"] == "127.0.0.1:8000"
+    await call.read()
+    assert app.datastore.endpoints["127.0.0.1:8000"].inflight == 1
+    await call.write(response_headers(served="127.0.0.3:8000"))
+    r3 = await call.read()
+    served = {h.header.key: h.header.raw_value.decode()
+              for h in r3.response_headers.response.header_mutation.set_headers}
+    assert served == {"x-conformance-test-served-endpoint": "127.0.0.3:8000"}
+    assert app.datastore.endpoints["127.0.0.1:8000"].inflight == 0
+    assert app.datastore.endpoints["127.0.0.3:8000"].inflight == 1
+    await call.done_writing()
+    assert await call.read() is grpc.aio.EOF
+    assert app.datastore.endpoints["127.0.0.3:8000"].inflight == 0
+
+
+async def test_stream_cancelled_mid_body_leaks_nothing(start_picker):
+    app, ch = await start_picker(endpoints=EPS)
+    stub = ep_grpc.ExternalProcessorStub(ch)
+    for phase in range(3):
+        call = stub.Process()
+        await call.write(request_headers())
+        chunks = body_chunks(chat("m", "x" * 1000), 4)
+        await call.write(chunks[0])
+        if phase >= 1:  # routed, then cancelled before the response
+            for c in chunks[1:]:
+                await call.write(c)
+            await call.read()
+        if phase == 2:
+            await call.read()
+            await call.write(response_headers(content_type="text/event-stream"))
+            await call.read()
+        call.cancel()
+    for _ in range(100):
+        if app.servicer.open_streams == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert app.servicer.open_streams == 0
+    assert all(e.inflight == 0 and e.inflight_tokens == 0 for e in app.datastore.endpoints.values())
+
+
+async def test_body_over_cap_gets_413(start_picker):
+    app, ch = await start_picker(endpoints=EPS, max_request_body_bytes=1000)
+    replies = await exchange(ch, [request_headers(), *body_chunks(chat("m", "x" * 5000), 10)])
+    assert len(replies) == 1 and replies[0].immediate_response.status.code == 413
+
+
+async def test_no_endpoints_503(start_picker, tmp_path):
+    write(tmp_path / "pool.yaml", """
+        apiVersion: inference.networking.k8s.io/v1
+        kind: InferencePool
+        metadata: {name: pool}
+        spec: {selector: {matchLabels: {app: x}}, targetPorts: [{number: 8000}]}
+        """)
+    app, ch = await start_picker(manifests=[str(tmp_path)])
+    replies = await exchange(ch, [request_headers(), *body_chunks(chat())])
+    assert replies[0].immediate_response.status.code == 503
+
+
+async def test_tls_serving(start_picker):
+    app, ch = await start_picker(endpoints=EPS, secure_serving=True)
+    replies = await exchange(ch, [request_headers(), *body_chunks(chat())])
+    assert set_headers(routed_reply(replies))["x-gateway-destination-endpoint"] in EPS
+
+
+async def _health(port: int, service: str) -> int:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        r = await stub.Check(health_pb2.HealthCheckRequest(service=service))
+        return r.status
+
+
+async def test_health_before_and_after_pool_loads_and_hot_reload(start_picker, tmp_path):
+    f = write(tmp_path / "objs.yaml", """
+        apiVersion: v1
+        kind: Pod
+        metadata: {name: p1, labels: {app: x}}
+        status: {podIP: 127.0.0.9, conditions: [{type: Ready, status: "True"}]}
+        """)
+    app, ch = await start_picker(manifests=[str(tmp_path)])
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    assert await _health(app.grpc_health_port, "liveness") == serving
+    for svc in ("readiness", "", "envoy.service.ext_proc.v3.ExternalProcessor"):
+        assert await _health(app.grpc_health_port, svc) == not_serving
+    assert await _health(app.grpc_port, "readiness") == not_serving  # also on the ext_proc port
+
+    # an invalid pool is reported, not loaded, and nothing crashes
+    f.write_text(f.read_text() + textwrap.dedent("""
+        ---
+        apiVersion: inference.networking.k8s.io/v1
+        kind: InferencePool
+        metadata: {name: pool}
+        spec: {selector: {matchLabels: {app: x}}, targetPorts: [{number: 99999}]}
+        """))
+    src = app.sources[0]
+    for _ in range(100):
+        if src.errors:
+            break
+        await asyncio.sleep(0.05)
+    assert any("spec.targetPorts[0].number" in e and "objs.yaml" in e for e in src.errors), src.errors
+    assert await _health(app.grpc_health_port, "readiness") == not_serving
+
+    f.write_text(f.read_text().replace("99999", "8000"))
+    for _ in range(100):
+        if await _health(app.grpc_health_port, "readiness") == serving:
+            break
+        await asyncio.sleep(0.05)
+    assert await _health(app.grpc_health_port, "readiness") == serving
+    assert list(app.datastore.endpoints) == ["127.0.0.9:8000"]
+    replies = await exchange(ch, [request_headers(), *body_chunks(chat())])
+    assert set_headers(routed_reply(replies))["x-gateway-destination-endpoint"] == "127.0.0.9:8000"
+
+    # the pod turns NotReady: no endpoints, requests get 503, readiness stays (pool is loaded)
+    f.write_text(f.read_text().replace('status: "True"', 'status: "False"'))
+    for _ in range(100):
+        if not app.datastore.endpoints:
+            break
+        await asyncio.sleep(0.05)
+    replies = await exchange(ch, [request_headers(), *body_chunks(chat())])
+    assert replies[0].immediate_response.status.code == 503
