@@ -30,7 +30,6 @@ class Sample(NamedTuple):
 
 _ESCAPE = re.compile(r'\\[\\n"]')
 _UNESCAPE = {"\\\\": "\\", "\\n": "\n", '\\"': '"'}
-_LABEL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _unescape(value: str) -> str:
@@ -44,7 +43,7 @@ def _closing_quote(text: str, start: int) -> int:
         if q < 0:
             return -1
         k = q - 1
-        while text[k] == "\\":  # an odd run of backslashes escapes the quote
+        while text[k] == "\\":  # an odd run of backslashes escapes the quote (the opening quote stops it)
             k -= 1
         if (q - 1 - k) % 2 == 0:
             return q
@@ -164,10 +163,12 @@ def parse_series(rest: str) -> Sample | None:
             return None
         labels = found
     tokens = rest[close + 1 :].split()
-    if not tokens or len(tokens) > 2 or "_" in tokens[0]:  # float() would accept "1_0"; the format does not
+    count = len(tokens)
+    # float() would accept "1_0"; the format does not
+    if count == 0 or count > 2 or "_" in tokens[0] or (count == 2 and "_" in tokens[1]):
         return None
     try:
-        return Sample(labels, float(tokens[0]), int(tokens[1]) / 1000 if len(tokens) == 2 else None)
+        return Sample(labels, float(tokens[0]), float(tokens[1]) / 1000 if count == 2 else None)
     except ValueError:
         return None
 
@@ -181,17 +182,20 @@ def _at_line_start(text: str, i: int) -> bool:
 
 
 def _next_sample_line(text: str, i: int, limit: int) -> int:
-    """Start (after leading blanks) of the first non-comment, non-blank line at or after `i`, or -1."""
+    """Start (after leading blanks) of the next sample line of the current group at or after `i`,
+    or -1 when the group has ended (page end, or a HELP/TYPE line opening the next family)."""
     while i < limit:
         while text[i] in " \t":
             i += 1
         c = text[i]
-        if c == "#" or c == "\r" or c == "\n":
-            i = text.find("\n", i, limit) + 1
-            if i == 0:
+        if c == "#":
+            if text.startswith(("# HELP ", "# TYPE "), i):
                 return -1
-            continue
-        return i
+        elif c != "\r" and c != "\n":
+            return i
+        i = text.find("\n", i, limit) + 1  # a comment or blank line: skip it
+        if i == 0:
+            return -1
     return -1
 
 
