@@ -10,6 +10,7 @@ import argparse
 import os
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from epp import __version__
 from epp.resources import GROUP_V1, GROUP_X, parse_selector
@@ -141,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
             "epp --pool-name demo --manifests deploy/examples/no-cluster.yaml --secure-serving=false"
         ),
     )
-    B = dict(nargs="?", const=True, type=parse_bool, metavar="BOOL")
+    B: dict[str, Any] = dict(nargs="?", const=True, type=parse_bool, metavar="BOOL")
     pool = p.add_argument_group("pool")
     pool.add_argument("--pool-name", default="", help="name of the InferencePool this picker serves (required)")
     pool.add_argument("--pool-namespace", default=os.environ.get("NAMESPACE", "default"),

@@ -171,14 +171,18 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
         self.default_response_mode = default_response_mode
         self.open_streams = 0
 
-    async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:  # noqa: N802
+    async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         st = _Stream(time.perf_counter())
         self.open_streams += 1
         try:
-            while not st.done:
+            while True:
                 req = await context.read()
                 if req is grpc.aio.EOF:
                     return
+                if st.done:
+                    # after an immediate response the proxy closes the stream; messages it had
+                    # already sent are drained, so the client sees the reply and a clean end
+                    continue
                 for reply in self._handle(st, req):
                     await context.write(reply)
         finally:
@@ -216,6 +220,7 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
 
     def _decide(self, st: _Stream, body: bytes | None) -> Routed | Rejected:
         st.decided = True
+        self.director.finish(st.ctx)  # a well-behaved proxy never asks twice; never leak if it does
         try:
             result = self.director.decide(st.headers, body, st.subset, st.started)
         except Exception:
@@ -227,6 +232,8 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
 
     # ---- request phases ---------------------------------------------------------------------
     def _on_request_headers(self, st: _Stream, req: ep.ProcessingRequest) -> list[ep.ProcessingResponse]:
+        if st.decided:  # out-of-order or repeated headers: nothing left to decide
+            return [_EMPTY_REQ_HEADERS]
         rh = req.request_headers
         st.headers = _header_map(rh.headers)
         if req.HasField("metadata_context"):

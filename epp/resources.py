@@ -7,7 +7,7 @@ that sees only the typed form. Validation errors name the field, so a user can f
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -272,7 +272,8 @@ def _targets(items: Any, path: str, name_key: str, max_items: int | None) -> tup
         if len(name) > 253:
             raise ResourceError(f"{p}.{name_key}", "longer than 253 characters")
         weight = item.get("weight")
-        if weight is not None and (isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 1_000_000):
+        bad = isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 1_000_000
+        if weight is not None and bad:
             raise ResourceError(f"{p}.weight", f"expected an integer 0-1000000, got {weight!r}")
         out.append(TargetModel(name=name, weight=weight))
     return tuple(out)
@@ -338,7 +339,8 @@ def _parse_pool(obj: Mapping[str, Any], meta: Meta) -> InferencePool:
             group=_get(ref, "group", p, str, ""),
             kind=_get(ref, "kind", p, str, "Service") or "Service",
         )
-    return InferencePool(meta=meta, selector=selector, target_ports=tuple(ports), app_protocol=app_protocol, picker=picker)
+    return InferencePool(meta=meta, selector=selector, target_ports=tuple(ports), app_protocol=app_protocol,
+                         picker=picker)
 
 
 def _parse_model(obj: Mapping[str, Any], meta: Meta) -> InferenceModel:
@@ -359,7 +361,8 @@ def _parse_model(obj: Mapping[str, Any], meta: Meta) -> InferenceModel:
     given = [t.weight is not None for t in targets]
     if any(given) and not all(given):
         raise ResourceError("spec.targetModels", "weights must be set on all targets or on none")
-    return InferenceModel(meta=meta, model_name=model_name, criticality=crit, targets=targets, pool_ref=_pool_ref(spec, "spec"))
+    return InferenceModel(meta=meta, model_name=model_name, criticality=crit, targets=targets,
+                          pool_ref=_pool_ref(spec, "spec"))
 
 
 def _parse_rewrite(obj: Mapping[str, Any], meta: Meta) -> InferenceModelRewrite:
@@ -422,7 +425,7 @@ def _parse_pod(obj: Mapping[str, Any], meta: Meta) -> Pod:
     )
 
 
-_PARSERS = {
+_PARSERS: dict[str, Callable[[Mapping[str, Any], Meta], Resource]] = {
     "InferencePool": _parse_pool,
     "InferenceModel": _parse_model,
     "InferenceModelRewrite": _parse_rewrite,
@@ -444,7 +447,8 @@ def parse_object(obj: Any, default_namespace: str = "default", seq: int = 0) -> 
     if meta.kind not in _PARSERS:
         raise ResourceError("kind", f"unsupported kind {meta.kind!r}")
     if meta.api_version not in KINDS[meta.kind]:
-        raise ResourceError("apiVersion", f"{meta.kind} is read as {', '.join(KINDS[meta.kind])}, got {meta.api_version!r}")
+        accepted = ", ".join(KINDS[meta.kind])
+        raise ResourceError("apiVersion", f"{meta.kind} is read as {accepted}, got {meta.api_version!r}")
     return _PARSERS[meta.kind](obj, meta)
 
 

@@ -1,0 +1,91 @@
+"""OpenAI body parsing, usage extraction and the streaming model-name restorer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from epp import openai
+
+
+@pytest.mark.parametrize(
+    ("path", "api"),
+    [("/v1/chat/completions", "chat"), ("/v1/completions", "completions"), ("/v1/responses", "responses"),
+     ("/v1/embeddings", "embeddings"), ("/v1/chat/completions?x=1", "chat"),
+     ("/openai/v1/completions/", "completions")],
+)
+def test_api_for_path(path, api):
+    assert openai.api_for_path(path)[0] == api
+
+
+def test_unknown_path_defaults_to_completions():
+    assert openai.api_for_path("/v1/other") is None
+    with pytest.raises(openai.BadRequest, match="prompt is required"):
+        openai.parse_request(b'{"model":"m"}', "/v1/other")
+
+
+def test_prompt_text_chat_is_messages_in_order():
+    raw = b'{"model":"m","messages":[{"role":"system","content":"S"},{"role":"user","content":"U"}]}'
+    p = openai.parse_request(raw, "/v1/chat/completions")
+    assert openai.prompt_text(p) == '[{"role":"system","content":"S"},{"role":"user","content":"U"}]'
+    p = openai.parse_request(b'{"model":"m","prompt":"abc","stream":true}', "/v1/completions")
+    assert openai.prompt_text(p) == "abc" and p.stream
+
+
+def test_rewrite_keeps_everything_else():
+    p = openai.parse_request('{"model":"a","prompt":"ü","max_tokens":5}'.encode(), "/v1/completions")
+    out = json.loads(openai.rewrite_model(p, "b"))
+    assert out == {"model": "b", "prompt": "ü", "max_tokens": 5}
+
+
+def test_usage_from_json_and_sse():
+    u = openai.Usage()
+    openai.usage_from_json(b'{"usage":{"prompt_tokens":3,"completion_tokens":4}}', u)
+    assert (u.prompt_tokens, u.completion_tokens, u.found) == (3, 4, True)
+    u = openai.Usage()
+    openai.usage_from_json(b"not json but has \"usage\"", u)
+    assert not u.found
+
+
+sse_stream = (b'data: {"choices":[{"delta":{"content":"a"}}],"usage":null}\n\n'
+              b'data: {"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":21}}\n\n'
+              b"data: [DONE]\n\n")
+
+
+@given(st.lists(st.integers(min_value=0, max_value=len(sse_stream)), max_size=12))
+def test_sse_usage_found_whatever_the_chunking(cuts):
+    s = openai.SSEUsageScanner()
+    prev = 0
+    for c in sorted(cuts):
+        s.feed(sse_stream[prev:c])
+        prev = c
+    s.feed(sse_stream[prev:])
+    s.finish()
+    assert (s.usage.prompt_tokens, s.usage.completion_tokens) == (9, 21)
+    assert s.done
+
+
+restore_body = (b'data: {"model":"target-model","x":1}\n\ndata: {"model": "target-model"}\n\n'
+                b'{"model":"target-model-2"} "model":"target" "target-model"')
+
+
+@given(st.lists(st.integers(min_value=0, max_value=len(restore_body)), max_size=15))
+def test_restorer_is_chunking_independent(cuts):
+    r = openai.ModelRestorer("target-model", "client")
+    out, prev = [], 0
+    for c in sorted(cuts):
+        out.append(r.feed(restore_body[prev:c], False))
+        prev = c
+    out.append(r.feed(restore_body[prev:], True))
+    expected = (b'data: {"model":"client","x":1}\n\ndata: {"model": "client"}\n\n'
+                b'{"model":"target-model-2"} "model":"target" "target-model"')
+    assert b"".join(out) == expected
+
+
+def test_restorer_does_not_delay_complete_events():
+    r = openai.ModelRestorer("t", "c")
+    event = b'data: {"model":"t","choices":[{"finish_reason":null}]}\n\n'
+    assert r.feed(event, False) == event.replace(b'"t"', b'"c"')
