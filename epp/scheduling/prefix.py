@@ -1,0 +1,361 @@
+"""Prefix affinity: send a request where its prompt prefix is likely already in the KV cache.
+
+Two ways, selectable with the prefix-cache-scorer `mode` parameter:
+
+- `index` (default): an approximate index of where requests were *sent*. The prompt (UTF-8) is cut
+  into fixed-size blocks (64 bytes = 16 tokens × 4 by default, or the pods' KV block size × 4 when
+  auto-tuned), at most 256 of them; block i's hash is xxhash64 of the block seeded with block i−1's
+  hash, block 0 seeded by the target model's hash, so one hash names a whole prefix. Each endpoint
+  keeps a bounded LRU of the hashes routed to it, and a global map from hash to a bitmask of
+  endpoint slots answers "who has this prefix" for all endpoints in one integer AND per block.
+  Score = leading blocks matched / blocks in the prompt; matching stops at the first miss.
+- `rendezvous`: stateless. The hash of the first K blocks is the prefix's key; every endpoint gets
+  the weight xxhash64(address, seed=key) and the highest-weight endpoint whose load is within
+  (1+ε) of the mean (consistent hashing with bounded loads) is the prefix's home, scoring 1.0.
+  Any number of picker replicas agree on the home without sharing state.
+
+Memory of the index is bounded: each endpoint's LRU holds at most its capacity (31250 by default,
+the pod's `num_gpu_blocks` when auto-tuned), the whole index at most `maxIndexEntries`, and the
+global map never holds a hash no LRU holds. Endpoints that leave the pool are purged (`forget`,
+or a periodic sweep of the candidates seen).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import xxhash
+
+from epp.datastore import Endpoint
+from epp.scheduling.cycle import Cycle
+from epp.scheduling.framework import SchedulingRequest
+from epp.scheduling.loadguard import LoadGuard
+from epp.scheduling.registry import SCORER, BuildContext, ConfigError, Params, register
+
+CHARS_PER_TOKEN = 4
+DEFAULT_BLOCK_TOKENS = 16
+MIN_AUTO_BLOCK_TOKENS = 16  # engines with tiny pages (SGLang: 1) would make the index huge and short
+DEFAULT_MAX_BLOCKS = 256
+DEFAULT_LRU_CAPACITY = 31250
+# Whole-index cap. Measured ~170 bytes per entry (LRU slot + global map slot + bitmask), so the
+# default bounds the index near 170 MB however many pods the pool has; 31250 × 32 pods fit whole.
+DEFAULT_MAX_ENTRIES = 1_000_000
+DEFAULT_PURGE_AFTER = 60.0  # seconds an endpoint may be missing from the candidates before its entries go
+DEFAULT_RENDEZVOUS_BLOCKS = 8
+DEFAULT_RENDEZVOUS_EPSILON = 0.25
+
+_xxh64 = xxhash.xxh64_intdigest
+_MISSING = object()
+
+
+def block_hashes(prompt: str, model: str, block_bytes: int, max_blocks: int) -> list[int]:
+    """Chained xxhash64 of the prompt's full blocks of `block_bytes` UTF-8 bytes (at most `max_blocks`)."""
+    if not prompt:
+        return []
+    # A char is at least one byte: this many chars always yield the blocks we can use.
+    data = prompt[: block_bytes * max_blocks].encode("utf-8", "surrogatepass")
+    n = min(len(data) // block_bytes, max_blocks)
+    h = _xxh64(model.encode("utf-8", "surrogatepass"))
+    out: list[int] = []
+    append = out.append
+    for start in range(0, n * block_bytes, block_bytes):
+        h = _xxh64(data[start : start + block_bytes], h)
+        append(h)
+    return out
+
+
+class _Pod:
+    """One endpoint's share of the index: its slot bit and its LRU of hashes (oldest first)."""
+
+    __slots__ = ("bit", "lru", "missing_since", "slot")
+
+    def __init__(self, slot: int) -> None:
+        self.slot = slot
+        self.bit = 1 << slot
+        self.lru: dict[int, None] = {}
+        self.missing_since: float | None = None
+
+
+class PrefixIndex:
+    """Approximate, bounded map of which endpoints were sent which prompt prefixes."""
+
+    def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES, purge_after: float = DEFAULT_PURGE_AFTER) -> None:
+        self.max_entries = max(1, max_entries)
+        self.purge_after = purge_after
+        self._pods: dict[str, _Pod] = {}
+        self._where: dict[int, int] = {}  # block hash -> bitmask of pod slots holding it
+        self._free: list[int] = []  # heap of released slots (reuse low slots: masks stay small)
+        self._next_slot = 0
+        self._total = 0  # entries over all LRUs
+
+    # ---- reading -------------------------------------------------------------------------
+    @property
+    def entries(self) -> int:
+        """Entries over all endpoints' LRUs (the memory bound applies to this)."""
+        return self._total
+
+    @property
+    def distinct_hashes(self) -> int:
+        return len(self._where)
+
+    def addresses(self) -> list[str]:
+        return list(self._pods)
+
+    def size_of(self, address: str) -> int:
+        pod = self._pods.get(address)
+        return 0 if pod is None else len(pod.lru)
+
+    def match(self, hashes: Sequence[int], endpoints: Sequence[Endpoint]) -> list[int]:
+        """Leading blocks of `hashes` each endpoint holds (aligned with `endpoints`)."""
+        n = len(endpoints)
+        where = self._where
+        if not hashes or not where:
+            return [0] * n
+        alive = where.get(hashes[0], 0)
+        if not alive:
+            return [0] * n
+        steps: list[tuple[int, int]] = []  # (slots that stopped matching, blocks they matched)
+        total = len(hashes)
+        i = 1
+        while i < total:
+            m = where.get(hashes[i], 0) & alive
+            if m != alive:
+                steps.append((alive & ~m, i))
+                alive = m
+                if not alive:
+                    break
+            i += 1
+        if alive:
+            steps.append((alive, total))
+        pods = self._pods
+        out = [0] * n
+        for k, ep in enumerate(endpoints):
+            pod = pods.get(ep.address)
+            if pod is None:
+                continue
+            bit = pod.bit
+            for dropped, count in steps:
+                if dropped & bit:
+                    out[k] = count
+                    break
+        return out
+
+    # ---- writing -------------------------------------------------------------------------
+    def insert(self, address: str, hashes: Sequence[int], capacity: int) -> None:
+        """Record that a prompt with these block hashes was sent to `address`."""
+        if not hashes:
+            return
+        pod = self._pods.get(address)
+        if pod is None:
+            pod = self._add(address)
+        pod.missing_since = None
+        lru, bit, where = pod.lru, pod.bit, self._where
+        added = 0
+        # Deepest block first, so block 0 is the most recent: eviction trims prefixes from their
+        # tails and a shortened prefix still matches from the start.
+        for h in reversed(hashes):
+            if lru.pop(h, _MISSING) is _MISSING:
+                where[h] = where.get(h, 0) | bit
+                added += 1
+            lru[h] = None
+        self._total += added
+        capacity = max(1, min(capacity, self.max_entries))
+        if len(lru) > capacity:
+            self._evict(pod, len(lru) - capacity)
+        if self._total > self.max_entries:
+            self._enforce_total()
+
+    def forget(self, address: str) -> None:
+        """Drop every entry of an endpoint (it left the pool)."""
+        pod = self._pods.pop(address, None)
+        if pod is None:
+            return
+        where, clear = self._where, ~pod.bit
+        for h in pod.lru:
+            m = where.get(h, 0) & clear
+            if m:
+                where[h] = m
+            else:
+                where.pop(h, None)
+        self._total -= len(pod.lru)
+        pod.lru.clear()
+        heapq.heappush(self._free, pod.slot)
+
+    def sweep(self, present: Iterable[str], now: float) -> list[str]:
+        """Note which indexed endpoints are still candidates; forget those missing for `purge_after` s."""
+        present_set = set(present)
+        gone = []
+        for address, pod in self._pods.items():
+            if address in present_set:
+                pod.missing_since = None
+            elif pod.missing_since is None:
+                pod.missing_since = now
+            elif now - pod.missing_since >= self.purge_after:
+                gone.append(address)
+        for address in gone:
+            self.forget(address)
+        return gone
+
+    def _add(self, address: str) -> _Pod:
+        if self._free:
+            slot = heapq.heappop(self._free)
+        else:
+            slot = self._next_slot
+            self._next_slot += 1
+        pod = _Pod(slot)
+        self._pods[address] = pod
+        return pod
+
+    def _evict(self, pod: _Pod, count: int) -> None:
+        # Evict a little more than needed: iterating a dict from its front after many front
+        # deletions is slow, so batching keeps eviction amortised O(1) per entry.
+        lru = pod.lru
+        count = min(len(lru), count + len(lru) // 64)
+        it = iter(lru)
+        victims = [next(it) for _ in range(count)]
+        where, clear = self._where, ~pod.bit
+        for h in victims:
+            del lru[h]
+            m = where.get(h, 0) & clear
+            if m:
+                where[h] = m
+            else:
+                where.pop(h, None)
+        self._total -= count
+
+    def _enforce_total(self) -> None:
+        while self._total > self.max_entries:
+            biggest = max(self._pods.values(), key=lambda p: len(p.lru))
+            self._evict(biggest, min(len(biggest.lru), self._total - self.max_entries))
+
+
+def rendezvous_home(key: int, endpoints: Sequence[Endpoint], loads: Sequence[float], epsilon: float) -> int:
+    """Index of the prefix key's home: highest xxhash64(address, key) among endpoints whose load + 1
+    fits within ceil((1 + ε) × (total load + 1) / n); -1 when none fits."""
+    n = len(endpoints)
+    if n == 0:
+        return -1
+    cap = math.ceil((1.0 + epsilon) * (sum(loads) + 1.0) / n)
+    weights = [_xxh64(ep.address.encode(), key) for ep in endpoints]
+    order = sorted(range(n), key=weights.__getitem__, reverse=True)
+    for i in order:
+        if loads[i] + 1.0 <= cap:
+            return i
+    return -1
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixParams:
+    mode: str = "index"
+    block_tokens: int = DEFAULT_BLOCK_TOKENS
+    block_bytes: int = 0  # legacy `blockSize` in characters; 0 = from block_tokens
+    auto_tune: bool = True
+    max_blocks: int = DEFAULT_MAX_BLOCKS
+    lru_capacity: int = DEFAULT_LRU_CAPACITY
+    max_entries: int = DEFAULT_MAX_ENTRIES
+    purge_after: float = DEFAULT_PURGE_AFTER
+    rendezvous_blocks: int = DEFAULT_RENDEZVOUS_BLOCKS
+    rendezvous_epsilon: float = DEFAULT_RENDEZVOUS_EPSILON
+    load_guard: bool = True
+
+
+@register("prefix-cache-scorer", SCORER)
+class PrefixCacheScorer:
+    """Score = share of the prompt's leading blocks likely cached on the endpoint (see module doc)."""
+
+    def __init__(self, name: str, params: PrefixParams, ctx: BuildContext) -> None:
+        self.name = name
+        self.p = params
+        self.index = PrefixIndex(params.max_entries, params.purge_after)
+        self.guard: LoadGuard | None = ctx.guard if params.load_guard and ctx.guard.enabled else None
+        self._key = f"prefix:{name}"
+
+    @classmethod
+    def parse(cls, p: Params) -> PrefixParams:
+        legacy = p.integer("blockSize", 0, lo=1) if p.has("blockSize") else 0
+        p.get("blockSize")
+        out = PrefixParams(
+            mode=p.string("mode", "index", choices=("index", "rendezvous")),
+            block_tokens=p.integer("blockSizeTokens", DEFAULT_BLOCK_TOKENS, lo=1, hi=4096),
+            block_bytes=legacy,
+            auto_tune=p.boolean("autoTune", True),
+            max_blocks=p.integer("maxPrefixBlocksToMatch", DEFAULT_MAX_BLOCKS, lo=1, hi=4096),
+            lru_capacity=p.integer("lruCapacityPerServer", DEFAULT_LRU_CAPACITY, lo=1),
+            max_entries=p.integer("maxIndexEntries", DEFAULT_MAX_ENTRIES, lo=1),
+            purge_after=p.duration("purgeAfter", DEFAULT_PURGE_AFTER),
+            rendezvous_blocks=p.integer("rendezvousBlocks", DEFAULT_RENDEZVOUS_BLOCKS, lo=1, hi=4096),
+            rendezvous_epsilon=p.number("rendezvousEpsilon", DEFAULT_RENDEZVOUS_EPSILON, lo=0, lo_open=True),
+            load_guard=p.boolean("loadGuard", True),
+        )
+        if legacy and p.has("blockSizeTokens"):
+            raise ConfigError(p.field("blockSize"), "give either blockSize (characters) or blockSizeTokens")
+        p.done()
+        return out
+
+    # ---- hashing -------------------------------------------------------------------------
+    def block_bytes_for(self, endpoints: Sequence[Endpoint]) -> int:
+        """Block size in bytes: configured, or the first pod's reported KV block size × 4 when auto-tuned."""
+        p = self.p
+        if p.block_bytes:
+            return p.block_bytes
+        if p.auto_tune:
+            for ep in endpoints:
+                m = ep.metrics
+                if m is not None and m.block_size > 0:
+                    return max(m.block_size, MIN_AUTO_BLOCK_TOKENS) * CHARS_PER_TOKEN
+        return p.block_tokens * CHARS_PER_TOKEN
+
+    def hashes(self, request: SchedulingRequest, endpoints: Sequence[Endpoint]) -> list[int]:
+        """The request's block hashes, computed once and kept in request.scratch."""
+        got = request.scratch.get(self._key)
+        if got is None:
+            got = block_hashes(request.prompt, request.model, self.block_bytes_for(endpoints), self.p.max_blocks)
+            request.scratch[self._key] = got
+        return got  # type: ignore[no-any-return]
+
+    # ---- plugin hooks --------------------------------------------------------------------
+    def score(self, cycle: Cycle, endpoints: Sequence[Endpoint]) -> list[float]:
+        hashes = self.hashes(cycle.request, endpoints)
+        n = len(endpoints)
+        if not hashes:
+            return [0.0] * n
+        if self.p.mode == "rendezvous":
+            out = [0.0] * n
+            key = hashes[min(self.p.rendezvous_blocks, len(hashes)) - 1]
+            fresh = cycle.fresh(endpoints)
+            loads = [ep.inflight if m is None else max(m.waiting + m.running, ep.inflight)
+                     for ep, m in zip(endpoints, fresh, strict=True)]
+            home = rendezvous_home(key, endpoints, loads, self.p.rendezvous_epsilon)
+            if home >= 0:
+                out[home] = 1.0
+        else:
+            total = float(len(hashes))
+            out = [c / total for c in self.index.match(hashes, endpoints)]
+        guard = self.guard
+        if guard is not None:
+            for i in range(n):
+                if out[i] > 0.0 and guard.overloaded(cycle, endpoints, i):
+                    out[i] = 0.0
+        return out
+
+    def on_routed(self, request: SchedulingRequest, endpoint: Endpoint) -> None:
+        if self.p.mode != "index":
+            return
+        hashes = self.hashes(request, (endpoint,))
+        if hashes:
+            self.index.insert(endpoint.address, hashes, self.capacity_for(endpoint))
+
+    def capacity_for(self, endpoint: Endpoint) -> int:
+        m = endpoint.metrics
+        if self.p.auto_tune and m is not None and m.num_blocks > 0:
+            return m.num_blocks
+        return self.p.lru_capacity
+
+    def forget(self, address: str) -> None:
+        self.index.forget(address)
+
+    def sweep(self, present: Iterable[str], now: float) -> None:
+        self.index.sweep(present, now)

@@ -1,0 +1,125 @@
+"""A scheduling profile run as a Scheduler: filters in order → weighted scorers → one picker.
+
+Each score is clamped to 0..1 (NaN counts as 0), multiplied by its weight and summed per endpoint;
+the picker turns the sums into endpoints in preference order.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from epp.datastore import Endpoint
+from epp.scheduling.cycle import Cycle
+from epp.scheduling.framework import SchedulingRequest, SchedulingResult
+from epp.scheduling.registry import Filter, Picker, Scorer
+
+log = logging.getLogger("epp.scheduling")
+
+SWEEP_INTERVAL = 10.0  # seconds between purges of state kept for endpoints no longer offered
+
+
+@dataclass(frozen=True, slots=True)
+class WeightedScorer:
+    scorer: Scorer
+    weight: float
+    only_with_lora: bool = False  # skipped unless the pool serves LoRA adapters
+
+
+class ProfileScheduler:
+    """Runs one profile per request; forwards routing events to the plugins that keep state."""
+
+    def __init__(
+        self,
+        name: str,
+        filters: Sequence[Filter],
+        scorers: Sequence[WeightedScorer],
+        picker: Picker,
+        *,
+        stale_after: float,
+        has_lora: Callable[[], bool],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self.filters = tuple(filters)
+        self.scorers = tuple(scorers)
+        self.picker = picker
+        self.stale_after = stale_after
+        self.has_lora = has_lora
+        self._clock = clock
+        self._gated = any(s.only_with_lora for s in self.scorers)
+        plugins: list[Any] = [*self.filters, *(s.scorer for s in self.scorers), picker]
+        self._routed = [p.on_routed for p in plugins if hasattr(p, "on_routed")]
+        self._finished = [p.on_finished for p in plugins if hasattr(p, "on_finished")]
+        self._forget = [p.forget for p in plugins if hasattr(p, "forget")]
+        self._sweepers = [p.sweep for p in plugins if hasattr(p, "sweep")]
+        self._next_sweep = clock() + SWEEP_INTERVAL
+        self._widest: Sequence[Endpoint] = ()  # the largest candidate set seen since the last sweep
+
+    @property
+    def max_endpoints(self) -> int:
+        return self.picker.max_endpoints
+
+    def schedule(self, request: SchedulingRequest, candidates: Sequence[Endpoint]) -> SchedulingResult:
+        now = self._clock()
+        if len(candidates) >= len(self._widest):
+            self._widest = candidates
+        if now >= self._next_sweep:
+            self._sweep(now)
+        cycle = Cycle(request, now, self.stale_after)
+        endpoints: Sequence[Endpoint] = candidates
+        for f in self.filters:
+            endpoints = f.filter(cycle, list(endpoints))
+            if not endpoints:
+                return SchedulingResult([], f"no endpoint passed filter {f.name}")
+        if not endpoints:
+            return SchedulingResult([], "no candidate endpoints")
+        if len(endpoints) == 1:
+            return SchedulingResult([endpoints[0]])
+        totals: list[float] | None = None
+        lora: bool | None = None
+        for ws in self.scorers:
+            if ws.only_with_lora:
+                if lora is None:
+                    lora = self.has_lora()
+                if not lora:
+                    continue
+            w = ws.weight
+            s = ws.scorer.score(cycle, endpoints)
+            # clamp to 0..1; NaN fails both comparisons and becomes 0
+            if totals is None:
+                totals = [w * (x if 0.0 <= x <= 1.0 else (1.0 if x > 1.0 else 0.0)) for x in s]
+            else:
+                totals = [t + w * (x if 0.0 <= x <= 1.0 else (1.0 if x > 1.0 else 0.0))
+                          for t, x in zip(totals, s, strict=True)]
+        if totals is None:
+            totals = [0.0] * len(endpoints)
+        return SchedulingResult(self.picker.pick(cycle, endpoints, totals))
+
+    def on_routed(self, request: SchedulingRequest, endpoint: Endpoint) -> None:
+        for hook in self._routed:
+            hook(request, endpoint)
+
+    def on_finished(self, request: SchedulingRequest, endpoint: Endpoint) -> None:
+        for hook in self._finished:
+            hook(request, endpoint)
+
+    def forget(self, address: str) -> None:
+        """Drop state kept for an endpoint that left the pool."""
+        for hook in self._forget:
+            hook(address)
+
+    def on_endpoints_changed(self, added: list[Endpoint], removed: list[Endpoint]) -> None:
+        """Datastore listener (Datastore.subscribe): forget removed endpoints at once."""
+        for ep in removed:
+            self.forget(ep.address)
+
+    def _sweep(self, now: float) -> None:
+        self._next_sweep = now + SWEEP_INTERVAL
+        present = [ep.address for ep in self._widest]
+        self._widest = ()
+        for hook in self._sweepers:
+            hook(present, now)

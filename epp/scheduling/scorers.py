@@ -1,0 +1,121 @@
+"""Load scorers: waiting queue, running batch, KV-cache use, LoRA adapter affinity, own in-flight load.
+
+Each returns one score per endpoint in 0..1 (higher is better). A pod whose metrics are stale or
+missing scores 0 on every metric-based scorer: it is treated as the worst pod.
+(Prefix and session affinity live in prefix.py and session.py.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from epp.datastore import Endpoint
+from epp.scheduling.cycle import Cycle
+from epp.scheduling.registry import SCORER, BuildContext, NoParams, Params, register
+
+
+def low_is_better(values: list[float | None]) -> list[float]:
+    """Min-max normalisation (max − v) / (max − min) over known values; 1 when all equal; None → 0."""
+    known = [v for v in values if v is not None]
+    if not known:
+        return [0.0] * len(values)
+    lo, hi = min(known), max(known)
+    if hi == lo:
+        return [0.0 if v is None else 1.0 for v in values]
+    span = hi - lo
+    return [0.0 if v is None else (hi - v) / span for v in values]
+
+
+@register("queue-scorer", SCORER)
+class QueueScorer(NoParams):
+    """Shorter waiting queue is better: (maxQ − q) / (maxQ − minQ) over the candidates."""
+
+    def __init__(self, name: str, params: None, ctx: BuildContext) -> None:
+        self.name = name
+
+    def score(self, cycle: Cycle, endpoints: Sequence[Endpoint]) -> list[float]:
+        return low_is_better([None if m is None else m.waiting for m in cycle.fresh(endpoints)])
+
+
+@register("running-requests-scorer", SCORER)
+class RunningRequestsScorer(NoParams):
+    """Smaller running batch is better: min-max over the candidates like the queue scorer."""
+
+    def __init__(self, name: str, params: None, ctx: BuildContext) -> None:
+        self.name = name
+
+    def score(self, cycle: Cycle, endpoints: Sequence[Endpoint]) -> list[float]:
+        return low_is_better([None if m is None else m.running for m in cycle.fresh(endpoints)])
+
+
+@register("kv-cache-utilization-scorer", SCORER)
+class KVCacheUtilizationScorer(NoParams):
+    """Free KV cache is better: 1 − kv use."""
+
+    def __init__(self, name: str, params: None, ctx: BuildContext) -> None:
+        self.name = name
+
+    def score(self, cycle: Cycle, endpoints: Sequence[Endpoint]) -> list[float]:
+        return [0.0 if m is None else 1.0 - m.kv_usage for m in cycle.fresh(endpoints)]
+
+
+LORA_RUNNING, LORA_FREE_SLOT, LORA_WAITING = 1.0, 0.8, 0.6
+
+
+@register("lora-affinity-scorer", SCORER)
+class LoraAffinityScorer(NoParams):
+    """1.0 adapter loaded; 0.8 a free adapter slot (running + waiting < max); 0.6 adapter queued; else 0."""
+
+    def __init__(self, name: str, params: None, ctx: BuildContext) -> None:
+        self.name = name
+
+    def score(self, cycle: Cycle, endpoints: Sequence[Endpoint]) -> list[float]:
+        model = cycle.request.model
+        out: list[float] = []
+        for m in cycle.fresh(endpoints):
+            if m is None:
+                out.append(0.0)
+            elif model in m.lora_running:
+                out.append(LORA_RUNNING)
+            elif len(m.lora_running) + len(m.lora_waiting) < m.lora_max:
+                out.append(LORA_FREE_SLOT)
+            elif model in m.lora_waiting:
+                out.append(LORA_WAITING)
+            else:
+                out.append(0.0)
+        return out
+
+
+def pool_serves_adapters(endpoints: Sequence[Endpoint]) -> bool:
+    """Some endpoint reports LoRA support (lora_max > 0): the default profile then adds LoRA affinity."""
+    for ep in endpoints:
+        m = ep.metrics
+        if m is not None and m.lora_max > 0:
+            return True
+    return False
+
+
+@register("inflight-load-scorer", SCORER)
+class InflightLoadScorer:
+    """Fewer requests (and estimated prompt tokens) routed here and not yet finished is better.
+
+    load = inflight + inflight_tokens / tokensPerRequest; score = (min load + 1) / (load + 1).
+    The ratio form decides firmly between 0 and 1 in flight (a burst between two scrapes spreads)
+    yet barely separates 20 from 21 (steady streaming load is left to the engine signals).
+    """
+
+    def __init__(self, name: str, params: float, ctx: BuildContext) -> None:
+        self.name = name
+        self.per_token = 1.0 / params if params > 0 else 0.0
+
+    @classmethod
+    def parse(cls, p: Params) -> float:
+        v = p.number("tokensPerRequest", 1024.0, lo=0)
+        p.done()
+        return v
+
+    def score(self, cycle: Cycle, endpoints: Sequence[Endpoint]) -> list[float]:
+        k = self.per_token
+        loads = [ep.inflight + ep.inflight_tokens * k for ep in endpoints]
+        base = min(loads) + 1.0
+        return [base / (x + 1.0) for x in loads]
