@@ -79,7 +79,8 @@ class Faults:
     fail_models: tuple[str, ...] = field(default=())  # models whose requests always fail
 
     def update(self, changes: dict[str, object]) -> None:
-        """Apply a JSON object of changes; unknown keys raise ValueError."""
+        """Apply a JSON object of changes atomically; a bad key or value raises ValueError."""
+        values: dict[str, object] = {}
         for key, value in changes.items():
             if key not in Faults.__dataclass_fields__:
                 raise ValueError(f"unknown fault knob {key!r}")
@@ -91,10 +92,13 @@ class Faults:
             elif isinstance(current, bool):
                 if not isinstance(value, bool):
                     raise ValueError(f"{key} must be a boolean")
-            elif isinstance(current, int | float):
-                if isinstance(value, bool) or not isinstance(value, int | float):
-                    raise ValueError(f"{key} must be a number")
+            elif isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{key} must be a number")
+            else:
                 value = type(current)(value)
-            setattr(self, key, value)
-        if not 0.0 <= self.error_rate <= 1.0:
+            values[key] = value
+        rate = values.get("error_rate", self.error_rate)
+        if not isinstance(rate, float) or not 0.0 <= rate <= 1.0:
             raise ValueError("error_rate must be within 0..1")
+        for key, value in values.items():
+            setattr(self, key, value)

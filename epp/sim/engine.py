@@ -236,23 +236,26 @@ class Engine:
         i = 0
         while i < len(running) and budget > 0:
             seq = running[i]
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            need = -(-(seq.num_computed + n) // bs) - len(seq.blocks)
-            while need > kv.free_count:
-                victim = running[-1]
-                self._preempt(victim)
-                preempted = True
-                if victim is seq:
-                    break
-            if seq.state != RUNNING:
-                break  # it preempted itself: it was the last one
-            if need > 0:
+            computed = seq.num_computed
+            n = seq.prompt_tokens + seq.generated - computed
+            if n > budget:
+                n = budget
+            if computed + n > len(seq.blocks) * bs:  # this step spills into new blocks
+                need = -(-(computed + n) // bs) - len(seq.blocks)
+                while need > kv.free_count:
+                    victim = running[-1]
+                    self._preempt(victim)
+                    preempted = True
+                    if victim is seq:
+                        break
+                if seq.state != RUNNING:
+                    break  # it preempted itself: it was the last one
                 seq.blocks.extend(kv.allocate(need))
             plan.append((seq, n))
             budget -= n
             if n == 1 and seq.generated > 0:
                 decodes += 1
-                context += seq.num_computed
+                context += computed
             else:
                 prefill += n
             i += 1
@@ -276,10 +279,10 @@ class Engine:
                     waiting.appendleft(seq)
                     break
                 kv.take(hits)
-                seq.blocks = hits
-                seq.blocks.extend(kv.allocate(need))
-                seq.num_computed = hit_tokens
                 seq.hashed = len(hits)
+                hits.extend(kv.allocate(need))
+                seq.blocks = hits
+                seq.num_computed = hit_tokens
                 seq.state = RUNNING
                 self.stats.prefix_queries += seq.num_tokens
                 self.stats.prefix_hits += hit_tokens
@@ -329,14 +332,15 @@ class Engine:
         for seq, n in plan:
             if seq.state != RUNNING:
                 continue  # aborted during the step
-            seq.num_computed += n
-            full = min(seq.num_computed, seq.prompt_tokens) // bs
-            if full > seq.hashed:
+            computed = seq.num_computed = seq.num_computed + n
+            if seq.hashed < len(seq.hashes):  # prompt blocks left to register once computed
                 hashes, blocks = seq.hashes, seq.blocks
-                for k in range(seq.hashed, min(full, len(hashes))):
+                full = min(computed // bs, len(hashes))
+                for k in range(seq.hashed, full):
                     kv.register(blocks[k], hashes[k])
-                seq.hashed = full
-            if seq.num_computed < seq.num_tokens:
+                if full > seq.hashed:
+                    seq.hashed = full
+            if computed < seq.prompt_tokens + seq.generated:
                 continue  # a prefill chunk: no token sampled yet
             seq.generated += 1
             stats.generation_tokens += 1
