@@ -1,0 +1,155 @@
+"""Server CPU per routed request of the picker, side by side with the do-nothing floor, in one run.
+
+The picker runs as `python -m epp` (plaintext, N static endpoints, least-in-flight scheduler) in a
+child pinned to CPU 0; this process drives it from CPU 1 over real gRPC with the same message plan
+as ../shared/bench-floor/floor_profiles.py, and reads the child's CPU time from /proc.
+  duplex  : request headers, 1 KB chat body (EoS), response headers (SSE), 4 response chunks
+  buffered: request headers (answered at once), body (answered with the route), response headers
+  lean    : request headers, body, response headers (response body not sent to the picker)
+usage: python bench/extproc_cost.py [SECONDS] [--endpoints N] [--prompt-bytes B] [--no-floor]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FLOOR = os.path.join(HERE, "..", "..", "shared", "bench-floor", "floor_profiles.py")
+M = processing_mode_pb2.ProcessingMode
+
+
+def _hdrs(pairs: list[tuple[str, str]], eos: bool = False) -> ep.HttpHeaders:
+    return ep.HttpHeaders(headers=base_pb2.HeaderMap(headers=[
+        base_pb2.HeaderValue(key=k, raw_value=v.encode()) for k, v in pairs]), end_of_stream=eos)
+
+
+def plan(profile: str, prompt_bytes: int) -> list[tuple[ep.ProcessingRequest, int]]:
+    """(message, number of replies to read after sending it)."""
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * prompt_bytes}]}).encode()
+    req_mode = {"duplex": M.FULL_DUPLEX_STREAMED, "buffered": M.BUFFERED, "lean": M.FULL_DUPLEX_STREAMED}[profile]
+    resp_mode = {"duplex": M.FULL_DUPLEX_STREAMED, "buffered": M.NONE, "lean": M.NONE}[profile]
+    head = ep.ProcessingRequest(request_headers=_hdrs([(":method", "POST"), (":path", "/v1/chat/completions"),
+                                                       ("content-type", "application/json"),
+                                                       ("x-request-id", "bench")]))
+    head.protocol_config.request_body_mode = req_mode
+    head.protocol_config.response_body_mode = resp_mode
+    body_chunks = -(-len(body) // 62000)
+    steps = [(head, 1 if profile == "buffered" else 0),
+             (ep.ProcessingRequest(request_body=ep.HttpBody(body=body, end_of_stream=True)),
+              1 if profile == "buffered" else 1 + body_chunks),
+             (ep.ProcessingRequest(response_headers=_hdrs([(":status", "200"),
+                                                           ("content-type", "text/event-stream")])), 1)]
+    if profile == "duplex":
+        steps += [(ep.ProcessingRequest(response_body=ep.HttpBody(body=b"data: x\n\n", end_of_stream=i == 3)), 1)
+                  for i in range(4)]
+    return steps
+
+
+def ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def drive(addr: str, steps: list[tuple[ep.ProcessingRequest, int]], secs: float, conc: int) -> int:
+    done = 0
+    async with grpc.aio.insecure_channel(addr) as ch:
+        stub = ep_grpc.ExternalProcessorStub(ch)
+        stop = time.perf_counter() + secs
+
+        async def worker() -> None:
+            nonlocal done
+            while time.perf_counter() < stop:
+                call = stub.Process()
+                for msg, replies in steps:
+                    await call.write(msg)
+                    for _ in range(replies):
+                        await call.read()
+                await call.done_writing()
+                await call.read()
+                done += 1
+
+        await asyncio.gather(*(worker() for _ in range(conc)))
+    return done
+
+
+def wait_port(port: int, timeout: float = 20) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError("picker did not start")
+
+
+def measure(profile: str, secs: float, endpoints: int, prompt_bytes: int, conc: int) -> tuple[float, float]:
+    port = free_port()
+    eps = ",".join(f"10.0.{i // 250}.{i % 250 + 1}:8000" for i in range(endpoints))
+    cmd = ["taskset", "-c", "0", sys.executable, "-m", "epp", "--pool-name", "bench", "--endpoints", eps,
+           "--secure-serving=false", "--grpc-port", str(port), "--grpc-health-port", "0", "--metrics-port", "0",
+           "--bind-address", "127.0.0.1", "--log-level", "warning"]
+    p = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        os.sched_setaffinity(0, {1})
+        addr = f"127.0.0.1:{port}"
+        steps = plan(profile, prompt_bytes)
+        asyncio.run(drive(addr, steps, 0.5, 4))  # warm-up
+        t0, c0 = time.perf_counter(), ticks(p.pid)
+        n = asyncio.run(drive(addr, steps, secs, conc))
+        el, cpu = time.perf_counter() - t0, (ticks(p.pid) - c0) / os.sysconf("SC_CLK_TCK")
+    finally:
+        p.terminate()
+        p.wait()
+    return n / el, cpu / max(n, 1) * 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("seconds", nargs="?", type=float, default=6.0)
+    ap.add_argument("--endpoints", type=int, default=16)
+    ap.add_argument("--prompt-bytes", type=int, default=1000)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--profiles", default="duplex,buffered,lean")
+    ap.add_argument("--no-floor", action="store_true")
+    a = ap.parse_args()
+    floor: dict[str, float] = {}
+    if not a.no_floor and os.path.exists(FLOOR):
+        out = subprocess.run([sys.executable, FLOOR, str(a.seconds)], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            m = re.match(r"(\w+)\s+req/s\s+(\d+).*cpu-us/request\s+(\d+)", line)
+            if m:
+                floor[m.group(1)] = float(m.group(3))
+                print(f"floor  {m.group(1):9s} req/s {int(m.group(2)):6d}  server cpu-us/request {m.group(3):>5s}")
+    floor_for = {"duplex": "duplex", "buffered": "buffered", "lean": "buffered"}
+    for profile in a.profiles.split(","):
+        rps, us = measure(profile, a.seconds, a.endpoints, a.prompt_bytes, a.concurrency)
+        ref = floor.get(floor_for[profile])
+        ratio = f"  = {us / ref:4.2f}x floor({floor_for[profile]})" if ref else ""
+        print(f"epp    {profile:9s} req/s {rps:6.0f}  server cpu-us/request {us:5.0f}  "
+              f"req/s per core {1e6 / us:6.0f}{ratio}  ({a.endpoints} endpoints, {a.prompt_bytes} B prompt)")
+
+
+if __name__ == "__main__":
+    main()
