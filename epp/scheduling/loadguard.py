@@ -32,7 +32,7 @@ class LoadGuard:
         if got is not None:
             return got  # type: ignore[no-any-return]
         waits = [m.waiting for m in cycle.fresh(endpoints) if m is not None]
-        base = (min(waits) if waits else None, min(ep.inflight for ep in endpoints))
+        base = (min(waits) if waits else None, min([ep.inflight for ep in endpoints]))
         cycle.memo[_MEMO_KEY] = base
         return base
 
@@ -50,6 +50,28 @@ class LoadGuard:
             if n - min_inflight >= self.inflight_gap and n >= self.inflight_ratio * min_inflight:
                 return True
         return False
+
+
+    def apply(self, cycle: Cycle, endpoints: Sequence[Endpoint], scores: list[float]) -> None:
+        """Zero, in place, the affinity scores of overloaded endpoints."""
+        if not self.enabled or len(endpoints) < 2:
+            return
+        hot = [i for i, v in enumerate(scores) if v > 0.0]
+        if not hot:
+            return
+        min_wait, min_inflight = self.baseline(cycle, endpoints)
+        queue_gap, inflight_gap, ratio = self.queue_gap, self.inflight_gap, self.inflight_ratio
+        fresh = cycle.fresh(endpoints) if queue_gap > 0 and min_wait is not None else None
+        for i in hot:
+            if fresh is not None:
+                m = fresh[i]
+                if m is not None and m.waiting - min_wait >= queue_gap:  # type: ignore[operator]
+                    scores[i] = 0.0
+                    continue
+            if inflight_gap > 0:
+                n = endpoints[i].inflight
+                if n - min_inflight >= inflight_gap and n >= ratio * min_inflight:
+                    scores[i] = 0.0
 
 
 DISABLED = LoadGuard(enabled=False)

@@ -51,20 +51,46 @@ _xxh64 = xxhash.xxh64_intdigest
 _MISSING = object()
 
 
+class PromptBlocks:
+    """A prompt's chained block hashes, computed on demand: matching usually stops early, and the
+    rest is only needed when the request is routed (index insert)."""
+
+    __slots__ = ("_data", "_hashes", "_seed", "_size", "count")
+
+    def __init__(self, prompt: str, model: str, block_bytes: int, max_blocks: int) -> None:
+        # A char is at least one byte: this many chars always yield every block we can use.
+        data = prompt[: block_bytes * max_blocks].encode("utf-8", "surrogatepass") if prompt else b""
+        self._data = data
+        self._size = block_bytes
+        self.count = min(len(data) // block_bytes, max_blocks)
+        self._seed = _xxh64(model.encode("utf-8", "surrogatepass"))
+        self._hashes: list[int] = []
+
+    def upto(self, n: int) -> list[int]:
+        """The list of hashes, holding at least min(n, count) of them (computed in chunks).
+
+        The same list object grows in place, so a caller may keep it and call upto() again."""
+        hs = self._hashes
+        have = len(hs)
+        if have >= n or have >= self.count:
+            return hs
+        n = min(self.count, max(n, have + 16))
+        h = hs[-1] if hs else self._seed
+        data, size = self._data, self._size
+        append = hs.append
+        for start in range(have * size, n * size, size):
+            h = _xxh64(data[start : start + size], h)
+            append(h)
+        return hs
+
+    def all(self) -> list[int]:
+        return self.upto(self.count)
+
+
 def block_hashes(prompt: str, model: str, block_bytes: int, max_blocks: int) -> list[int]:
-    """Chained xxhash64 of the prompt's full blocks of `block_bytes` UTF-8 bytes (at most `max_blocks`)."""
-    if not prompt:
-        return []
-    # A char is at least one byte: this many chars always yield the blocks we can use.
-    data = prompt[: block_bytes * max_blocks].encode("utf-8", "surrogatepass")
-    n = min(len(data) // block_bytes, max_blocks)
-    h = _xxh64(model.encode("utf-8", "surrogatepass"))
-    out: list[int] = []
-    append = out.append
-    for start in range(0, n * block_bytes, block_bytes):
-        h = _xxh64(data[start : start + block_bytes], h)
-        append(h)
-    return out
+    """Chained xxhash64 of the prompt's full blocks of `block_bytes` UTF-8 bytes (at most `max_blocks`):
+    block 0 seeded by the model's hash, block i by block i−1's."""
+    return PromptBlocks(prompt, model, block_bytes, max_blocks).all()
 
 
 class _Pod:
@@ -90,6 +116,8 @@ class PrefixIndex:
         self._free: list[int] = []  # heap of released slots (reuse low slots: masks stay small)
         self._next_slot = 0
         self._total = 0  # entries over all LRUs
+        self._version = 0  # bumped when slots are assigned or released
+        self._bits_cache: tuple[Sequence[Endpoint], int, list[int]] | None = None
 
     # ---- reading -------------------------------------------------------------------------
     @property
@@ -108,44 +136,68 @@ class PrefixIndex:
         pod = self._pods.get(address)
         return 0 if pod is None else len(pod.lru)
 
-    def match(self, hashes: Sequence[int], endpoints: Sequence[Endpoint]) -> list[int]:
-        """Leading blocks of `hashes` each endpoint holds (aligned with `endpoints`)."""
+    def match(self, blocks: PromptBlocks | Sequence[int], endpoints: Sequence[Endpoint],
+              scale: float = 1.0) -> list[float]:
+        """Leading blocks each endpoint holds, times `scale` (aligned with `endpoints`)."""
         n = len(endpoints)
         where = self._where
-        if not hashes or not where:
-            return [0] * n
-        alive = where.get(hashes[0], 0)
+        lazy: PromptBlocks | None = None
+        if isinstance(blocks, PromptBlocks):
+            lazy, total = blocks, blocks.count
+            hs = blocks.upto(16)
+        else:
+            hs = list(blocks)
+            total = len(hs)
+        if not total or not where:
+            return [0.0] * n
+        alive = where.get(hs[0], 0)
         if not alive:
-            return [0] * n
-        steps: list[tuple[int, int]] = []  # (slots that stopped matching, blocks they matched)
-        total = len(hashes)
+            return [0.0] * n
+        steps: list[tuple[int, float]] = []  # (slots that stopped matching, their score)
         i = 1
         while i < total:
-            m = where.get(hashes[i], 0) & alive
+            if i >= len(hs) and lazy is not None:
+                hs = lazy.upto(i + 16)
+            m = where.get(hs[i], 0) & alive
             if m != alive:
-                steps.append((alive & ~m, i))
+                steps.append((alive & ~m, i * scale))
                 alive = m
                 if not alive:
                     break
             i += 1
         if alive:
-            steps.append((alive, total))
-        pods = self._pods
-        out = [0] * n
-        for k, ep in enumerate(endpoints):
-            pod = pods.get(ep.address)
-            if pod is None:
-                continue
-            bit = pod.bit
-            for dropped, count in steps:
-                if dropped & bit:
-                    out[k] = count
-                    break
+            steps.append((alive, total * scale))
+        bits = self._bits(endpoints)
+        if len(steps) == 1:
+            d, v = steps[0]
+            return [v if b & d else 0.0 for b in bits]
+        out = [0.0] * n
+        for k, b in enumerate(bits):
+            if b:
+                for d, v in steps:
+                    if d & b:
+                        out[k] = v
+                        break
         return out
 
+    def _bits(self, endpoints: Sequence[Endpoint]) -> list[int]:
+        """Each endpoint's slot bit (0 when not indexed), cached while the same sequence comes back."""
+        cached = self._bits_cache
+        if cached is not None and cached[0] is endpoints and cached[1] == self._version:
+            return cached[2]
+        pods = self._pods
+        bits = []
+        for ep in endpoints:
+            pod = pods.get(ep.address)
+            bits.append(0 if pod is None else pod.bit)
+        self._bits_cache = (endpoints, self._version, bits)
+        return bits
+
     # ---- writing -------------------------------------------------------------------------
-    def insert(self, address: str, hashes: Sequence[int], capacity: int) -> None:
+    def insert(self, address: str, hashes: PromptBlocks | Sequence[int], capacity: int) -> None:
         """Record that a prompt with these block hashes was sent to `address`."""
+        if isinstance(hashes, PromptBlocks):
+            hashes = hashes.all()
         if not hashes:
             return
         pod = self._pods.get(address)
@@ -183,6 +235,7 @@ class PrefixIndex:
         self._total -= len(pod.lru)
         pod.lru.clear()
         heapq.heappush(self._free, pod.slot)
+        self._version += 1
 
     def sweep(self, present: Iterable[str], now: float) -> list[str]:
         """Note which indexed endpoints are still candidates; forget those missing for `purge_after` s."""
@@ -207,6 +260,7 @@ class PrefixIndex:
             self._next_slot += 1
         pod = _Pod(slot)
         self._pods[address] = pod
+        self._version += 1
         return pod
 
     def _evict(self, pod: _Pod, count: int) -> None:
@@ -266,6 +320,8 @@ class PrefixParams:
 class PrefixCacheScorer:
     """Score = share of the prompt's leading blocks likely cached on the endpoint (see module doc)."""
 
+    BOUNDED = True  # scores are constants or ratios in 0..1 by construction
+
     def __init__(self, name: str, params: PrefixParams, ctx: BuildContext) -> None:
         self.name = name
         self.p = params
@@ -308,23 +364,24 @@ class PrefixCacheScorer:
                     return max(m.block_size, MIN_AUTO_BLOCK_TOKENS) * CHARS_PER_TOKEN
         return p.block_tokens * CHARS_PER_TOKEN
 
-    def hashes(self, request: SchedulingRequest, endpoints: Sequence[Endpoint]) -> list[int]:
-        """The request's block hashes, computed once and kept in request.scratch."""
+    def blocks(self, request: SchedulingRequest, endpoints: Sequence[Endpoint]) -> PromptBlocks:
+        """The request's prompt blocks, made once and kept in request.scratch."""
         got = request.scratch.get(self._key)
         if got is None:
-            got = block_hashes(request.prompt, request.model, self.block_bytes_for(endpoints), self.p.max_blocks)
+            got = PromptBlocks(request.prompt, request.model, self.block_bytes_for(endpoints), self.p.max_blocks)
             request.scratch[self._key] = got
         return got  # type: ignore[no-any-return]
 
     # ---- plugin hooks --------------------------------------------------------------------
     def score(self, cycle: Cycle, endpoints: Sequence[Endpoint]) -> list[float]:
-        hashes = self.hashes(cycle.request, endpoints)
+        blocks = self.blocks(cycle.request, endpoints)
         n = len(endpoints)
-        if not hashes:
+        if not blocks.count:
             return [0.0] * n
         if self.p.mode == "rendezvous":
             out = [0.0] * n
-            key = hashes[min(self.p.rendezvous_blocks, len(hashes)) - 1]
+            k = min(self.p.rendezvous_blocks, blocks.count)
+            key = blocks.upto(k)[k - 1]
             fresh = cycle.fresh(endpoints)
             loads = [ep.inflight if m is None else max(m.waiting + m.running, ep.inflight)
                      for ep, m in zip(endpoints, fresh, strict=True)]
@@ -332,21 +389,17 @@ class PrefixCacheScorer:
             if home >= 0:
                 out[home] = 1.0
         else:
-            total = float(len(hashes))
-            out = [c / total for c in self.index.match(hashes, endpoints)]
-        guard = self.guard
-        if guard is not None:
-            for i in range(n):
-                if out[i] > 0.0 and guard.overloaded(cycle, endpoints, i):
-                    out[i] = 0.0
+            out = self.index.match(blocks, endpoints, 1.0 / blocks.count)
+        if self.guard is not None:
+            self.guard.apply(cycle, endpoints, out)
         return out
 
     def on_routed(self, request: SchedulingRequest, endpoint: Endpoint) -> None:
         if self.p.mode != "index":
             return
-        hashes = self.hashes(request, (endpoint,))
-        if hashes:
-            self.index.insert(endpoint.address, hashes, self.capacity_for(endpoint))
+        blocks = self.blocks(request, (endpoint,))
+        if blocks.count:
+            self.index.insert(endpoint.address, blocks, self.capacity_for(endpoint))
 
     def capacity_for(self, endpoint: Endpoint) -> int:
         m = endpoint.metrics

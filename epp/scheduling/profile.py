@@ -28,6 +28,11 @@ class WeightedScorer:
     weight: float
     only_with_lora: bool = False  # skipped unless the pool serves LoRA adapters
 
+    @property
+    def bounded(self) -> bool:
+        """The scorer promises scores in 0..1 (class attribute `BOUNDED`), so no clamping is needed."""
+        return bool(getattr(self.scorer, "BOUNDED", False))
+
 
 class ProfileScheduler:
     """Runs one profile per request; forwards routing events to the plugins that keep state."""
@@ -50,7 +55,8 @@ class ProfileScheduler:
         self.stale_after = stale_after
         self.has_lora = has_lora
         self._clock = clock
-        self._gated = any(s.only_with_lora for s in self.scorers)
+        # (score function, weight, only with LoRA, bounded) resolved once, off the hot path
+        self._plan = tuple((ws.scorer.score, ws.weight, ws.only_with_lora, ws.bounded) for ws in self.scorers)
         plugins: list[Any] = [*self.filters, *(s.scorer for s in self.scorers), picker]
         self._routed = [p.on_routed for p in plugins if hasattr(p, "on_routed")]
         self._finished = [p.on_finished for p in plugins if hasattr(p, "on_finished")]
@@ -81,16 +87,16 @@ class ProfileScheduler:
             return SchedulingResult([endpoints[0]])
         totals: list[float] | None = None
         lora: bool | None = None
-        for ws in self.scorers:
-            if ws.only_with_lora:
+        for score, w, only_with_lora, bounded in self._plan:
+            if only_with_lora:
                 if lora is None:
                     lora = self.has_lora()
                 if not lora:
                     continue
-            w = ws.weight
-            s = ws.scorer.score(cycle, endpoints)
-            # clamp to 0..1; NaN fails both comparisons and becomes 0
-            if totals is None:
+            s = score(cycle, endpoints)
+            if bounded:  # in 0..1 by construction: skip the clamp on the hot path
+                totals = [w * x for x in s] if totals is None else [t + w * x for t, x in zip(totals, s, strict=True)]
+            elif totals is None:  # clamp to 0..1; NaN fails both comparisons and becomes 0
                 totals = [w * (x if 0.0 <= x <= 1.0 else (1.0 if x > 1.0 else 0.0)) for x in s]
             else:
                 totals = [t + w * (x if 0.0 <= x <= 1.0 else (1.0 if x > 1.0 else 0.0))

@@ -20,6 +20,11 @@ def low_is_better(values: list[float | None]) -> list[float]:
     if not known:
         return [0.0] * len(values)
     lo, hi = min(known), max(known)
+    if len(known) == len(values):  # the usual case: every pod fresh
+        if hi == lo:
+            return [1.0] * len(values)
+        span = hi - lo
+        return [(hi - v) / span for v in known]
     if hi == lo:
         return [0.0 if v is None else 1.0 for v in values]
     span = hi - lo
@@ -56,7 +61,7 @@ class KVCacheUtilizationScorer(NoParams):
         self.name = name
 
     def score(self, cycle: Cycle, endpoints: Sequence[Endpoint]) -> list[float]:
-        return [0.0 if m is None else 1.0 - m.kv_usage for m in cycle.fresh(endpoints)]
+        return [0.0 if m is None else 1.0 - m.kv_usage for m in cycle.fresh(endpoints)]  # clamped by the profile
 
 
 LORA_RUNNING, LORA_FREE_SLOT, LORA_WAITING = 1.0, 0.8, 0.6
@@ -65,6 +70,8 @@ LORA_RUNNING, LORA_FREE_SLOT, LORA_WAITING = 1.0, 0.8, 0.6
 @register("lora-affinity-scorer", SCORER)
 class LoraAffinityScorer(NoParams):
     """1.0 adapter loaded; 0.8 a free adapter slot (running + waiting < max); 0.6 adapter queued; else 0."""
+
+    BOUNDED = True  # scores are constants or ratios in 0..1 by construction
 
     def __init__(self, name: str, params: None, ctx: BuildContext) -> None:
         self.name = name
@@ -104,6 +111,8 @@ class InflightLoadScorer:
     yet barely separates 20 from 21 (steady streaming load is left to the engine signals).
     """
 
+    BOUNDED = True  # scores are constants or ratios in 0..1 by construction
+
     def __init__(self, name: str, params: float, ctx: BuildContext) -> None:
         self.name = name
         self.per_token = 1.0 / params if params > 0 else 0.0
@@ -117,5 +126,9 @@ class InflightLoadScorer:
     def score(self, cycle: Cycle, endpoints: Sequence[Endpoint]) -> list[float]:
         k = self.per_token
         loads = [ep.inflight + ep.inflight_tokens * k for ep in endpoints]
-        base = min(loads) + 1.0
+        lo = min(loads)
+        if lo < 0:  # never expected (the director clamps at 0), but keep the ratio in 0..1
+            loads = [x if x > 0 else 0.0 for x in loads]
+            lo = min(loads)
+        base = lo + 1.0
         return [base / (x + 1.0) for x in loads]

@@ -46,6 +46,8 @@ def decode_session_token(token: str | None) -> str | None:
 class SessionAffinityScorer:
     """1.0 for the endpoint named by the request's session token header, 0 for the others."""
 
+    BOUNDED = True  # scores are constants or ratios in 0..1 by construction
+
     def __init__(self, name: str, params: tuple[str, bool], ctx: BuildContext) -> None:
         self.name = name
         self.header, use_guard = params
