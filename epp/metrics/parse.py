@@ -232,7 +232,8 @@ def scan(page: str | bytes, names: Iterable[str], grouped: bool = True) -> dict[
                 if sample is not None:
                     out.append(sample)
                 nxt = _next_sample_line(text, eol + 1, limit)
-                if nxt < 0 or not text.startswith(name, nxt) or text[nxt + size] not in "{ \t":
+                # (a bare `name` line is malformed but still part of the group)
+                if nxt < 0 or not text.startswith(name, nxt) or text[nxt + size] not in "{ \t\r\n":
                     break
                 j = nxt + size
             if grouped:
