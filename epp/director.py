@@ -11,7 +11,7 @@ import random
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from epp import openai
@@ -82,8 +82,9 @@ class RequestContext:
     response_size: int = 0
     status: str = ""  # response :status
     rewrite_source: str = "none"
+    rewrite_rule: str = ""  # namespace/name of the object that chose the target
+    sched_seconds: float = 0.0  # time inside the scheduler
     finished: bool = False
-    extra: dict[str, object] = field(default_factory=dict)
 
     @property
     def rewritten(self) -> bool:
@@ -164,7 +165,7 @@ class Director:
         new_body: bytes | None = None
         client_model = target = ""
         priority = 0
-        source = "none"
+        source = rule = "none"
         if body is not None:
             if len(body) > self.max_body_bytes:
                 return self._reject(None, "", "", Rejected(413, "PayloadTooLarge",
@@ -178,7 +179,7 @@ class Director:
                 res = self.datastore.models.resolve(client_model, headers.get(MODEL_REWRITE_HEADER), self._rng)
             except NoValidTarget as e:
                 return self._reject(None, client_model, "", Rejected(404, "NotFound", str(e)))
-            target, priority, source = res.target, res.priority, res.source
+            target, priority, source, rule = res.target, res.priority, res.source, res.rule
             if target != client_model:
                 new_body = openai.rewrite_model(parsed, target)
         objective = headers.get(OBJECTIVE_HEADER)
@@ -214,7 +215,9 @@ class Director:
             if reason:
                 return self._reject(None, client_model, target, Rejected(429, "ResourceExhausted", reason))
 
+        t0 = time.perf_counter()
         result = self.scheduler.schedule(sched, candidates)
+        t1 = time.perf_counter()
         if not result.endpoints:
             return self._reject(None, client_model, target, Rejected(
                 429, "ResourceExhausted", result.reason or "no endpoint could be scheduled"))
@@ -230,9 +233,11 @@ class Director:
             api=parsed.api if parsed is not None else "",
             request_size=len(body) if body is not None else 0,
             started=started,
-            routed_at=time.perf_counter(),
+            routed_at=t1,
             prompt_tokens_est=len(sched.prompt) // 4,
             rewrite_source=source,
+            rewrite_rule=rule,
+            sched_seconds=t1 - t0,
         )
         self._account(ctx, primary)
         self.scheduler.on_routed(sched, primary)

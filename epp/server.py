@@ -23,6 +23,7 @@ from epp.director import Director
 from epp.extproc import BUFFERED, DUPLEX, ExtProcServicer
 from epp.resources import pool_from_flags
 from epp.scheduling.framework import LeastInflightScheduler, Scheduler
+from epp.telemetry import Telemetry
 
 log = logging.getLogger("epp.server")
 
@@ -45,7 +46,9 @@ class App:
         self.opts = opts
         self.datastore = Datastore(opts.pool_name, opts.pool_namespace)
         self.scheduler: Scheduler = scheduler or LeastInflightScheduler()
-        self.director = Director(self.datastore, self.scheduler, max_body_bytes=opts.max_request_body_bytes)
+        self.telemetry = Telemetry(pool_name=opts.pool_name)
+        self.director = Director(self.datastore, self.scheduler, telemetry=self.telemetry,
+                                 max_body_bytes=opts.max_request_body_bytes)
         mode = BUFFERED if opts.default_body_mode == "buffered" else DUPLEX
         self.servicer = ExtProcServicer(self.director, default_body_mode=mode, default_response_mode=mode)
         self.health = HealthServicer()
@@ -53,6 +56,7 @@ class App:
         self.sources: list[Source] = []
         self.grpc_port = 0
         self.grpc_health_port = 0
+        self.metrics_port = 0
         self._servers: list[grpc.aio.Server] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self._ready: tuple[bool, bool] | None = None
@@ -101,11 +105,14 @@ class App:
             self._servers.append(hs)
         for s in self._servers:
             await s.start()
+        self.metrics_port = self.telemetry.serve(o.metrics_port, o.bind_address)
         self._tasks.append(asyncio.create_task(self._readiness_loop(), name="readiness"))
+        self._tasks.append(asyncio.create_task(self.telemetry.run_pool_refresh(
+            self.datastore, o.refresh_prometheus_metrics_interval, o.metrics_staleness_threshold), name="pool-gauges"))
         await self._update_readiness()
         log.info("picker started", extra={
             "pool": f"{o.pool_namespace}/{o.pool_name}", "grpc_port": self.grpc_port,
-            "health_port": self.grpc_health_port, "tls": o.secure_serving})
+            "health_port": self.grpc_health_port, "metrics_port": self.metrics_port, "tls": o.secure_serving})
 
     def _kube_source(self, pool_override: Any) -> Source:
         from epp.sources.kube import KubeSource  # the kubernetes client is only needed in a cluster
@@ -129,6 +136,7 @@ class App:
         for src in self.sources:
             with contextlib.suppress(Exception):
                 await src.stop()
+        self.telemetry.close()
         log.info("picker stopped")
 
     async def wait(self) -> None:
