@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from epp import __version__
 from epp.datastore import Datastore
-from epp.director import RequestContext, Rejected
+from epp.director import Rejected, RequestContext
 
 log = logging.getLogger("epp.telemetry")
 
@@ -91,8 +91,8 @@ class Telemetry:
                                          ("extension_point", "plugin_type", "plugin_name"), buckets=_FAST_BUCKETS,
                                          registry=r)
         self.rewrite_decisions = Counter("inference_extension_model_rewrite_decisions_total",
-                                         "Model rewrites applied.", ("model_rewrite_name", "model_name", "target_model"),
-                                         registry=r)
+                                         "Model rewrites applied.",
+                                         ("model_rewrite_name", "model_name", "target_model"), registry=r)
         self.prefix_size = Gauge("inference_extension_prefix_indexer_size", "Entries in the prefix index.",
                                  registry=r)
         self.prefix_hit_ratio = Histogram("inference_extension_prefix_indexer_hit_ratio",
