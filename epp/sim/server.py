@@ -24,7 +24,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from aiohttp import web
@@ -87,10 +87,10 @@ class SimServer:
     """One simulated model server on 127.0.0.1 (or `host`). Use `async with SimServer(cfg) as s:`."""
 
     def __init__(self, cfg: SimServerConfig | None = None, **engine_overrides: Any) -> None:
-        self.cfg = cfg = cfg or SimServerConfig()
-        if engine_overrides:
-            for k, v in engine_overrides.items():
-                setattr(cfg.engine, k, v)
+        cfg = cfg or SimServerConfig()
+        if engine_overrides:  # a copy: the caller's configs may be shared between servers
+            cfg = replace(cfg, engine=replace(cfg.engine, **engine_overrides))
+        self.cfg = cfg
         if cfg.engine_kind not in ENGINE_KINDS:
             raise ValueError(f"engine_kind must be one of {', '.join(ENGINE_KINDS)}")
         self.engine = Engine(cfg.engine)
