@@ -28,6 +28,7 @@ import copy
 import json
 import queue
 import re
+import select
 import socket
 import threading
 import time
@@ -78,8 +79,13 @@ DEFAULT_TYPES = (
 )
 
 POD_FIELDS = {
-    "spec.nodeName", "spec.restartPolicy", "spec.schedulerName", "spec.serviceAccountName",
-    "status.phase", "status.podIP", "status.nominatedNodeName",
+    "spec.nodeName",
+    "spec.restartPolicy",
+    "spec.schedulerName",
+    "spec.serviceAccountName",
+    "status.phase",
+    "status.podIP",
+    "status.nominatedNodeName",
 }
 
 
@@ -182,8 +188,15 @@ def _now() -> str:
 
 
 def status_body(code: int, reason: str, message: str) -> dict[str, Any]:
-    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-            "message": message, "reason": reason, "code": code}
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
 
 
 # ---- watchers ----------------------------------------------------------------------------------
@@ -216,11 +229,23 @@ class _Change:
     new: dict[str, Any]
 
 
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # clients hanging up (watch stopped, socket shut down) are normal here
+
+
 class ApiServer:
     """The emulator. Use as a context manager or call start()/stop()."""
 
-    def __init__(self, types: tuple[ResourceType, ...] = DEFAULT_TYPES, token: str = "test-token",
-                 watch_410_as_http: bool = False, bookmark_interval: float | None = None) -> None:
+    def __init__(
+        self,
+        types: tuple[ResourceType, ...] = DEFAULT_TYPES,
+        token: str = "test-token",
+        watch_410_as_http: bool = False,
+        bookmark_interval: float | None = None,
+    ) -> None:
         self.types = {(t.group, t.plural): t for t in types}
         self.token = token
         self.watch_410_as_http = watch_410_as_http  # answer a too-old watch RV with HTTP 410 instead of an event
@@ -241,11 +266,15 @@ class ApiServer:
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self) -> str:
-        server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
+        server = _QuietServer(("127.0.0.1", 0), _make_handler(self))
         server.daemon_threads = True
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="apiserver-emulator", daemon=True)
+        self._thread = threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="apiserver-emulator",
+            daemon=True,
+        )
         self._thread.start()
         return self.url
 
@@ -274,11 +303,17 @@ class ApiServer:
 
     def write_kubeconfig(self, path: Path, namespace: str = "default") -> Path:
         cfg = {
-            "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
+            "apiVersion": "v1",
+            "kind": "Config",
+            "current-context": "emulator",
             "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
             "users": [{"name": "tester", "user": {"token": self.token}}],
-            "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "tester",
-                                                          "namespace": namespace}}],
+            "contexts": [
+                {
+                    "name": "emulator",
+                    "context": {"cluster": "emulator", "user": "tester", "namespace": namespace},
+                }
+            ],
         }
         path.write_text(yaml.safe_dump(cfg))
         return path
@@ -373,8 +408,17 @@ class ApiServer:
             self._commit(rtype, "MODIFIED", cur, new)
             return copy.deepcopy(new)
 
-    def patch(self, api_version: str, kind: str, name: str, patch: dict[str, Any], namespace: str = "default",
-              *, status: bool = False, raw: bool = False) -> dict[str, Any]:
+    def patch(
+        self,
+        api_version: str,
+        kind: str,
+        name: str,
+        patch: dict[str, Any],
+        namespace: str = "default",
+        *,
+        status: bool = False,
+        raw: bool = False,
+    ) -> dict[str, Any]:
         """Merge-patch an object (test control); `raw` lets the patch touch status and deletionTimestamp."""
         with self.lock:
             rtype = self._type_for({"apiVersion": api_version, "kind": kind})
@@ -386,8 +430,14 @@ class ApiServer:
 
     def set_pod_ready(self, name: str, ready: bool, namespace: str = "default") -> dict[str, Any]:
         """What the kubelet does: flip the Ready condition through the status subresource."""
-        return self.patch("v1", "Pod", name, {"status": {"conditions": [
-            {"type": "Ready", "status": "True" if ready else "False"}]}}, namespace, status=True)
+        return self.patch(
+            "v1",
+            "Pod",
+            name,
+            {"status": {"conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}},
+            namespace,
+            status=True,
+        )
 
     def delete(self, api_version: str, kind: str, name: str, namespace: str = "default") -> bool:
         with self.lock:
@@ -472,8 +522,14 @@ class ApiServer:
 
 
 def _bookmark(w: _Watcher, rv: int) -> dict[str, Any]:
-    return {"type": "BOOKMARK", "object": {"kind": w.rtype.kind, "apiVersion": w.rtype.api_version(w.version),
-                                           "metadata": {"resourceVersion": str(rv)}}}
+    return {
+        "type": "BOOKMARK",
+        "object": {
+            "kind": w.rtype.kind,
+            "apiVersion": w.rtype.api_version(w.version),
+            "metadata": {"resourceVersion": str(rv)},
+        },
+    }
 
 
 def _served(obj: dict[str, Any], rtype: ResourceType, version: str) -> dict[str, Any]:
@@ -514,6 +570,11 @@ def _make_handler(api: ApiServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
+        def setup(self) -> None:
+            super().setup()
+            # Headers and body go out in separate writes; without this Nagle + delayed ACK add 40 ms.
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
         def log_message(self, format: str, *args: Any) -> None:  # quiet
             pass
 
@@ -538,7 +599,14 @@ def _make_handler(api: ApiServer) -> type[BaseHTTPRequestHandler]:
             path = urlsplit(self.path).path
             m = _CORE.match(path)
             if m:
-                group, version, ns, plural, name, sub = "", "v1", m.group(1), m.group(2), m.group(3), m.group(4)
+                group, version, ns, plural, name, sub = (
+                    "",
+                    "v1",
+                    m.group(1),
+                    m.group(2),
+                    m.group(3),
+                    m.group(4),
+                )
             else:
                 m = _GROUP.match(path)
                 if not m:
@@ -626,6 +694,10 @@ def _make_handler(api: ApiServer) -> type[BaseHTTPRequestHandler]:
                     key=lambda o: o["metadata"]["name"],
                 )
                 items = [_served(o, rtype, version) for o in items]
+            if not rtype.group:  # items of built-in lists carry no kind/apiVersion
+                for o in items:
+                    o.pop("kind", None)
+                    o.pop("apiVersion", None)
             meta: dict[str, Any] = {"resourceVersion": str(rv)}
             cont = q.get("continue")
             if cont:
@@ -645,8 +717,15 @@ def _make_handler(api: ApiServer) -> type[BaseHTTPRequestHandler]:
                 tok = {"rv": int(meta["resourceVersion"]), "after": items[-1]["metadata"]["name"]}
                 meta["continue"] = base64.urlsafe_b64encode(json.dumps(tok).encode()).decode()
                 meta["remainingItemCount"] = 0
-            self._send_json(200, {"kind": f"{rtype.kind}List", "apiVersion": rtype.api_version(version),
-                                  "metadata": meta, "items": items})
+            self._send_json(
+                200,
+                {
+                    "kind": f"{rtype.kind}List",
+                    "apiVersion": rtype.api_version(version),
+                    "metadata": meta,
+                    "items": items,
+                },
+            )
 
         def _watch(self, rtype: ResourceType, version: str, ns: str, q: dict[str, str]) -> None:
             sel = self._selectors(rtype, q)
@@ -654,8 +733,15 @@ def _make_handler(api: ApiServer) -> type[BaseHTTPRequestHandler]:
                 return
             while not api._watch_gate.wait(0.05):
                 pass
-            w = _Watcher(rtype, version, ns, sel[0], sel[1], q.get("allowWatchBookmarks") in _TRUE,
-                         urlsplit(self.path).path)
+            w = _Watcher(
+                rtype,
+                version,
+                ns,
+                sel[0],
+                sel[1],
+                q.get("allowWatchBookmarks") in _TRUE,
+                urlsplit(self.path).path,
+            )
             rv_param = q.get("resourceVersion", "")
             with api.lock:
                 if rv_param not in ("", "0"):
@@ -668,8 +754,14 @@ def _make_handler(api: ApiServer) -> type[BaseHTTPRequestHandler]:
                         if api.watch_410_as_http:
                             self._error(410, "Expired", f"too old resource version: {since} ({api.compacted_rv})")
                             return
-                        w.q.put({"type": "ERROR", "object": status_body(
-                            410, "Expired", f"too old resource version: {since} ({api.compacted_rv})")})
+                        w.q.put(
+                            {
+                                "type": "ERROR",
+                                "object": status_body(
+                                    410, "Expired", f"too old resource version: {since} ({api.compacted_rv})"
+                                ),
+                            }
+                        )
                         w.q.put(_END)
                     else:
                         for ch in api.history:
@@ -710,8 +802,11 @@ def _make_handler(api: ApiServer) -> type[BaseHTTPRequestHandler]:
                     next_bookmark = now + (api.bookmark_interval or 0)
                     continue
                 try:
-                    item = w.q.get(timeout=wait)
+                    item = w.q.get(timeout=min(wait, 0.05))
                 except queue.Empty:
+                    if self._client_gone():
+                        self.close_connection = True
+                        return
                     continue
                 if item is _DROP:
                     self.close_connection = True
@@ -733,6 +828,14 @@ def _make_handler(api: ApiServer) -> type[BaseHTTPRequestHandler]:
                 self.wfile.write(b"0\r\n\r\n")
                 self.wfile.flush()
 
+        def _client_gone(self) -> bool:
+            """The client hung up (a real server notices through its HTTP/2 stream context)."""
+            try:
+                readable, _, _ = select.select([self.connection], [], [], 0)
+                return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+            except OSError:
+                return True
+
         def _create(self, rtype: ResourceType, version: str, ns: str, body: Any) -> None:
             if not isinstance(body, dict) or not body.get("metadata", {}).get("name"):
                 self._error(422, "Invalid", "metadata.name: Required value")
@@ -746,13 +849,17 @@ def _make_handler(api: ApiServer) -> type[BaseHTTPRequestHandler]:
                 return
             self._send_json(201, _served(created, rtype, version))
 
-        def _write(self, method: str, rtype: ResourceType, version: str, ns: str, name: str, status: bool,
-                   body: Any) -> None:
+        def _write(
+            self, method: str, rtype: ResourceType, version: str, ns: str, name: str, status: bool, body: Any
+        ) -> None:
             if not isinstance(body, dict):
                 self._error(400, "BadRequest", "expected a JSON object")
                 return
             ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip()
-            if method == "PATCH" and ctype not in ("application/merge-patch+json", "application/strategic-merge-patch+json"):
+            if method == "PATCH" and ctype not in (
+                "application/merge-patch+json",
+                "application/strategic-merge-patch+json",
+            ):
                 self._error(415, "UnsupportedMediaType", f"patch type {ctype!r} is not supported here")
                 return
             with api.lock:
@@ -762,9 +869,13 @@ def _make_handler(api: ApiServer) -> type[BaseHTTPRequestHandler]:
                     return
                 want_rv = (body.get("metadata") or {}).get("resourceVersion")
                 if want_rv and want_rv != cur["metadata"]["resourceVersion"]:
-                    self._error(409, "Conflict", f'Operation cannot be fulfilled on {rtype.plural} "{name}": '
-                                "the object has been modified; please apply your changes to the latest version "
-                                "and try again")
+                    self._error(
+                        409,
+                        "Conflict",
+                        f'Operation cannot be fulfilled on {rtype.plural} "{name}": '
+                        "the object has been modified; please apply your changes to the latest version "
+                        "and try again",
+                    )
                     return
                 new = merge_patch(cur, body) if method == "PATCH" else copy.deepcopy(body)
                 new.setdefault("metadata", {})
@@ -777,36 +888,70 @@ def _make_handler(api: ApiServer) -> type[BaseHTTPRequestHandler]:
 
 
 # ---- object builders for tests and benchmarks --------------------------------------------------
-def pod(name: str, ip: str | None, labels: dict[str, str], *, ready: bool = True, namespace: str = "default",
-        annotations: dict[str, str] | None = None) -> dict[str, Any]:
+def pod(
+    name: str,
+    ip: str | None,
+    labels: dict[str, str],
+    *,
+    ready: bool = True,
+    namespace: str = "default",
+    annotations: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """A Pod as the API server would hold it (Running, with a Ready condition)."""
-    status: dict[str, Any] = {"phase": "Running",
-                              "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}
+    status: dict[str, Any] = {
+        "phase": "Running",
+        "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+    }
     if ip:
         status["podIP"] = ip
     md: dict[str, Any] = {"name": name, "namespace": namespace, "labels": dict(labels)}
     if annotations:
         md["annotations"] = dict(annotations)
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": md,
-            "spec": {"containers": [{"name": "server", "image": "vllm"}]}, "status": status}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": md,
+        "spec": {"containers": [{"name": "server", "image": "vllm"}]},
+        "status": status,
+    }
 
 
 def pool_v1(name: str, selector: dict[str, str], ports: list[int], *, namespace: str = "default") -> dict[str, Any]:
-    return {"apiVersion": f"{GROUP_V1}/v1", "kind": "InferencePool",
-            "metadata": {"name": name, "namespace": namespace},
-            "spec": {"selector": {"matchLabels": dict(selector)}, "targetPorts": [{"number": p} for p in ports],
-                     "endpointPickerRef": {"name": f"{name}-epp", "port": {"number": 9002}}}}
+    return {
+        "apiVersion": f"{GROUP_V1}/v1",
+        "kind": "InferencePool",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "selector": {"matchLabels": dict(selector)},
+            "targetPorts": [{"number": p} for p in ports],
+            "endpointPickerRef": {"name": f"{name}-epp", "port": {"number": 9002}},
+        },
+    }
 
 
 def pool_v1alpha2(name: str, selector: dict[str, str], port: int, *, namespace: str = "default") -> dict[str, Any]:
-    return {"apiVersion": f"{GROUP_X}/v1alpha2", "kind": "InferencePool",
-            "metadata": {"name": name, "namespace": namespace},
-            "spec": {"selector": dict(selector), "targetPortNumber": port,
-                     "extensionRef": {"name": f"{name}-epp", "portNumber": 9002, "failureMode": "FailOpen"}}}
+    return {
+        "apiVersion": f"{GROUP_X}/v1alpha2",
+        "kind": "InferencePool",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "selector": dict(selector),
+            "targetPortNumber": port,
+            "extensionRef": {"name": f"{name}-epp", "portNumber": 9002, "failureMode": "FailOpen"},
+        },
+    }
 
 
-def inference_model(name: str, model_name: str, pool: str, *, version: str = "v1alpha2", namespace: str = "default",
-                    created: str | None = None, criticality: str | None = None) -> dict[str, Any]:
+def inference_model(
+    name: str,
+    model_name: str,
+    pool: str,
+    *,
+    version: str = "v1alpha2",
+    namespace: str = "default",
+    created: str | None = None,
+    criticality: str | None = None,
+) -> dict[str, Any]:
     md: dict[str, Any] = {"name": name, "namespace": namespace}
     if created:
         md["creationTimestamp"] = created
@@ -816,21 +961,38 @@ def inference_model(name: str, model_name: str, pool: str, *, version: str = "v1
     return {"apiVersion": f"{GROUP_X}/{version}", "kind": "InferenceModel", "metadata": md, "spec": spec}
 
 
-def rewrite(name: str, pool: str, match: str, target: str, *, group: str = GROUP_X,
-            namespace: str = "default") -> dict[str, Any]:
-    return {"apiVersion": f"{group}/v1alpha2", "kind": "InferenceModelRewrite",
-            "metadata": {"name": name, "namespace": namespace},
-            "spec": {"poolRef": {"name": pool, "group": GROUP_V1},
-                     "rules": [{"matches": [{"model": {"type": "Exact", "value": match}}],
-                                "targets": [{"modelRewrite": target}]}]}}
+def rewrite(
+    name: str, pool: str, match: str, target: str, *, group: str = GROUP_X, namespace: str = "default"
+) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{group}/v1alpha2",
+        "kind": "InferenceModelRewrite",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "poolRef": {"name": pool, "group": GROUP_V1},
+            "rules": [
+                {
+                    "matches": [{"model": {"type": "Exact", "value": match}}],
+                    "targets": [{"modelRewrite": target}],
+                }
+            ],
+        },
+    }
 
 
-def objective(name: str, pool: str, priority: int, *, group: str = GROUP_X, namespace: str = "default") -> dict[str, Any]:
-    return {"apiVersion": f"{group}/v1alpha2", "kind": "InferenceObjective",
-            "metadata": {"name": name, "namespace": namespace},
-            "spec": {"priority": priority, "poolRef": {"name": pool, "group": GROUP_V1}}}
+def objective(
+    name: str, pool: str, priority: int, *, group: str = GROUP_X, namespace: str = "default"
+) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{group}/v1alpha2",
+        "kind": "InferenceObjective",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"priority": priority, "poolRef": {"name": pool, "group": GROUP_V1}},
+    }
 
 
-def iter_pods(n: int, labels: dict[str, str], *, prefix: str = "pod", namespace: str = "default") -> Iterator[dict[str, Any]]:
+def iter_pods(
+    n: int, labels: dict[str, str], *, prefix: str = "pod", namespace: str = "default"
+) -> Iterator[dict[str, Any]]:
     for i in range(n):
         yield pod(f"{prefix}-{i}", f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}", labels, namespace=namespace)
