@@ -259,7 +259,7 @@ class Engine:
             else:
                 prefill += n
             i += 1
-        if not preempted:
+        if not preempted or not plan:  # (an empty batch must admit, or the engine would stall)
             skipped: list[Seq] = []
             waiting = self.waiting
             max_loras = cfg.max_loras
