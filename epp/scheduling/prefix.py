@@ -96,9 +96,10 @@ def block_hashes(prompt: str, model: str, block_bytes: int, max_blocks: int) -> 
 class _Pod:
     """One endpoint's share of the index: its slot bit and its LRU of hashes (oldest first)."""
 
-    __slots__ = ("bit", "lru", "missing_since", "slot")
+    __slots__ = ("address", "bit", "lru", "missing_since", "slot")
 
-    def __init__(self, slot: int) -> None:
+    def __init__(self, address: str, slot: int) -> None:
+        self.address = address
         self.slot = slot
         self.bit = 1 << slot
         self.lru: dict[int, None] = {}
@@ -258,7 +259,7 @@ class PrefixIndex:
         else:
             slot = self._next_slot
             self._next_slot += 1
-        pod = _Pod(slot)
+        pod = _Pod(address, slot)
         self._pods[address] = pod
         self._version += 1
         return pod
@@ -279,6 +280,8 @@ class PrefixIndex:
             else:
                 where.pop(h, None)
         self._total -= count
+        if not lru:  # no empty records: the number of endpoints tracked stays ≤ entries
+            self.forget(pod.address)
 
     def _enforce_total(self) -> None:
         while self._total > self.max_entries:

@@ -1,0 +1,113 @@
+"""Load scorers: exact scores, stale handling."""
+
+from __future__ import annotations
+
+import math
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from epp.scheduling.loadguard import LoadGuard
+from epp.scheduling.registry import BuildContext
+from epp.scheduling.saturation import SaturationDetector
+from epp.scheduling.scorers import (
+    InflightLoadScorer,
+    KVCacheUtilizationScorer,
+    LoraAffinityScorer,
+    QueueScorer,
+    RunningRequestsScorer,
+    low_is_better,
+    pool_serves_adapters,
+)
+from tests.scheduling.util import cycle, endpoints, ep, req
+
+CTX = BuildContext(rng=random.Random(0), detector=SaturationDetector(), guard=LoadGuard())
+
+
+def test_queue_scorer_min_max():
+    eps = [ep(1, waiting=0), ep(2, waiting=5), ep(3, waiting=10), ep(4, waiting=2)]
+    assert QueueScorer("q", None, CTX).score(cycle(), eps) == [1.0, 0.5, 0.0, 0.8]
+
+
+def test_queue_scorer_all_equal_is_one():
+    eps = [ep(1, waiting=3), ep(2, waiting=3)]
+    assert QueueScorer("q", None, CTX).score(cycle(), eps) == [1.0, 1.0]
+
+
+def test_queue_scorer_stale_pod_scores_worst():
+    eps = [ep(1, waiting=4), ep(2, waiting=0, age=10), ep(3, waiting=8), ep(4, metrics=False),
+           ep(5, waiting=0, scrape_ok=False)]
+    assert QueueScorer("q", None, CTX).score(cycle(), eps) == [1.0, 0.0, 0.0, 0.0, 0.0]
+
+
+def test_queue_scorer_single_fresh_pod_among_stale():
+    eps = [ep(1, waiting=9), ep(2, age=10)]
+    assert QueueScorer("q", None, CTX).score(cycle(), eps) == [1.0, 0.0]
+
+
+def test_running_requests_scorer():
+    eps = [ep(1, running=10), ep(2, running=30), ep(3, running=20)]
+    assert RunningRequestsScorer("r", None, CTX).score(cycle(), eps) == [1.0, 0.0, 0.5]
+
+
+def test_kv_scorer():
+    eps = [ep(1, kv=0.25), ep(2, kv=1.0), ep(3, kv=0.0), ep(4, kv=0.5, age=10)]
+    assert KVCacheUtilizationScorer("kv", None, CTX).score(cycle(), eps) == [0.75, 0.0, 1.0, 0.0]
+
+
+def test_lora_scorer_levels():
+    eps = [
+        ep(1, lora_max=2, lora_running={"a"}),  # running → 1.0
+        ep(2, lora_max=2, lora_running={"b"}),  # free slot → 0.8
+        ep(3, lora_max=2, lora_running={"b"}, lora_waiting={"a"}),  # slots full, waiting → 0.6
+        ep(4, lora_max=1, lora_running={"b"}),  # full, absent → 0
+        ep(5, lora_max=2, lora_running={"a"}, age=10),  # stale → 0
+        ep(6),  # no LoRA support → 0
+    ]
+    assert LoraAffinityScorer("l", None, CTX).score(cycle(req(model="a")), eps) == [1.0, 0.8, 0.6, 0.0, 0.0, 0.0]
+
+
+def test_pool_serves_adapters():
+    assert not pool_serves_adapters([ep(1), ep(2, metrics=False)])
+    assert pool_serves_adapters([ep(1), ep(2, lora_max=4)])
+
+
+def test_inflight_scorer_ratio():
+    s = InflightLoadScorer("i", 1000.0, CTX)
+    eps = [ep(1, inflight=0), ep(2, inflight=1), ep(3, inflight=3), ep(4, inflight=1, inflight_tokens=1000)]
+    assert s.score(cycle(), eps) == [1.0, 0.5, 0.25, 1 / 3]
+
+
+def test_inflight_scorer_ignores_tokens_when_zero():
+    s = InflightLoadScorer("i", 0.0, CTX)
+    eps = [ep(1, inflight=1, inflight_tokens=10**6), ep(2, inflight=1)]
+    assert s.score(cycle(), eps) == [1.0, 1.0]
+
+
+def test_inflight_scorer_never_divides_by_zero_on_negative_counts():
+    s = InflightLoadScorer("i", 1000.0, CTX)
+    out = s.score(cycle(), [ep(1, inflight=-1), ep(2, inflight=2)])
+    assert out == [1.0, 1 / 3]
+
+
+@given(st.lists(st.one_of(st.none(), st.floats(0, 1e6)), min_size=1, max_size=40))
+def test_low_is_better_stays_in_range(values):
+    out = low_is_better(values)
+    assert len(out) == len(values)
+    assert all(0.0 <= x <= 1.0 for x in out)
+    known = [v for v in values if v is not None]
+    if known:  # the best known value always gets 1
+        best = values.index(min(known))
+        assert out[best] == 1.0
+
+
+@settings(max_examples=60)
+@given(eps=endpoints(), model=st.sampled_from("abz"))
+def test_metric_scorers_in_range(eps, model):
+    c = cycle(req(model=model))
+    for cls in (QueueScorer, RunningRequestsScorer, KVCacheUtilizationScorer, LoraAffinityScorer):
+        out = cls("s", None, CTX).score(c, eps)
+        assert len(out) == len(eps) and all(0.0 <= x <= 1.0 and not math.isnan(x) for x in out), cls
+    out = InflightLoadScorer("i", 1024.0, CTX).score(c, eps)
+    assert all(0.0 < x <= 1.0 for x in out) and max(out) == 1.0
