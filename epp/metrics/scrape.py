@@ -1,0 +1,301 @@
+"""The poller: one asyncio task per endpoint reads its model server's /metrics page.
+
+Tasks start and stop with the endpoint set (Datastore.subscribe). Each polls every `interval`
+seconds (`--refresh-metrics-interval`, 50 ms), with a random start offset and a little per-cycle
+jitter so that pods are not polled in lock-step; a semaphore bounds the polls in flight, and one
+aiohttp session keeps connections alive between polls.
+
+Each poll first asks for only the needed families (`?name[]=...`, honoured by prometheus_client
+based servers such as vLLM: the server renders a few lines instead of a 40 KB page). A response that
+still carries other families, or lacks the needed ones, makes that endpoint fall back to the plain
+URL from then on (the choice is re-probed when the endpoint's engine changes).
+
+A good poll replaces `endpoint.metrics` (stamped with time.monotonic()) and sets `scrape_ok`; a
+failed one (HTTP error, timeout, refused, not a metrics page, cut short) clears `scrape_ok` and
+keeps the old snapshot, whose growing age makes scheduling treat it as stale (epp.metrics.is_stale).
+A change between working and failing is logged once each way, never per poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl as ssl_lib
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import quote
+
+import aiohttp
+from yarl import URL
+
+from epp.datastore import Datastore, Endpoint, Metrics
+from epp.metrics.engines import ENGINES, EngineSpec, MissingMetrics, read_metrics, resolve_engine
+
+log = logging.getLogger("epp.metrics.scrape")
+
+DEFAULT_INTERVAL = 0.05
+DEFAULT_TIMEOUT = 1.0
+DEFAULT_CONCURRENCY = 128
+
+# The classic text format (not OpenMetrics), uncompressed: on a LAN gzip costs both sides CPU for nothing.
+_HEADERS = {"Accept": "text/plain;version=0.0.4;q=1,*/*;q=0.1", "Accept-Encoding": "identity"}
+
+
+class ScrapeError(Exception):
+    """A poll that produced no usable snapshot; the message says why."""
+
+
+@dataclass(eq=False)
+class _Target:
+    """The poll state of one endpoint."""
+
+    endpoint: Endpoint
+    engine_label: str | None = None  # endpoint.engine the spec was resolved from
+    spec: EngineSpec | None = None
+    plain_url: URL | None = None
+    filtered_url: URL | None = None
+    use_filter: bool | None = None  # None: not yet known; True: honoured; False: plain URL only
+    failing: bool = False
+    stopped: bool = False
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+def only_requested(text: str, names: frozenset[str]) -> bool:
+    """Every sample line on the page is one of `names` (the server honoured `?name[]=`)."""
+    start, end = 0, len(text)
+    while start < end:
+        eol = text.find("\n", start)
+        if eol < 0:
+            eol = end
+        line = text[start:eol].strip()
+        start = eol + 1
+        if not line or line[0] == "#":
+            continue
+        cut = len(line)
+        for sep in ("{", " ", "\t"):
+            i = line.find(sep)
+            if 0 <= i < cut:
+                cut = i
+        if line[:cut] not in names:
+            return False
+    return True
+
+
+def _has_required(text: str, spec: EngineSpec) -> bool:
+    """Some name of each required signal appears at a line start (a cheap pre-check)."""
+    return all(any(f"\n{n}" in text or text.startswith(n) for n in alts) for alts in spec.required_names)
+
+
+class Scraper:
+    """Polls every endpoint of `datastore` and keeps `endpoint.metrics` fresh."""
+
+    def __init__(
+        self,
+        datastore: Datastore,
+        *,
+        interval: float = DEFAULT_INTERVAL,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_concurrency: int = DEFAULT_CONCURRENCY,
+        engines: Mapping[str, EngineSpec] = ENGINES,
+        port: int | None = None,
+        path: str = "/metrics",
+        scheme: str = "http",
+        ssl: ssl_lib.SSLContext | bool = True,
+        jitter: float = 0.1,
+        name_filter: bool = True,
+        rng: random.Random | None = None,
+    ) -> None:
+        """`port`/`path`/`scheme` override where a model server's metrics are read (default: the
+        endpoint's own port, /metrics, http). `jitter` is the per-cycle spread as a fraction of the
+        interval. `name_filter=False` never tries `?name[]=`."""
+        if interval <= 0 or timeout <= 0 or max_concurrency < 1:
+            raise ValueError("interval and timeout must be positive, max_concurrency at least 1")
+        self.datastore = datastore
+        self.interval = interval
+        self.timeout = timeout
+        self.max_concurrency = max_concurrency
+        self.engines = engines
+        self.port = port
+        self.path = path if path.startswith("/") else "/" + path
+        self.scheme = scheme
+        self.ssl = ssl
+        self.jitter = min(max(jitter, 0.0), 0.9)
+        self.name_filter = name_filter
+        self._rng = rng or random.Random()
+        self._targets: dict[str, _Target] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._sem: asyncio.Semaphore | None = None
+        self._running = False
+        self._subscribed = False
+        self.polls_ok = 0  # counters for tests, benchmarks and telemetry
+        self.polls_failed = 0
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        """Start polling every current endpoint and follow the endpoint set. Call on the loop."""
+        if self._running:
+            return
+        self._running = True
+        self._sem = asyncio.Semaphore(self.max_concurrency)
+        connector = aiohttp.TCPConnector(
+            limit=self.max_concurrency * 2,  # a poll may hold two connections (filter probe, then plain)
+            ssl=self.ssl,
+            use_dns_cache=True,
+            keepalive_timeout=max(30.0, self.interval * 4),
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None),  # the poll's own deadline covers it: one timer
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            headers=_HEADERS,
+        )
+        if not self._subscribed:
+            self.datastore.subscribe(self._on_endpoints)
+            self._subscribed = True
+        for ep in list(self.datastore.endpoints.values()):
+            self._add(ep)
+
+    async def stop(self) -> None:
+        """Stop every poll and close the session. Endpoint metrics are left as they are."""
+        if not self._running:
+            return
+        self._running = False
+        targets = list(self._targets.values())
+        self._targets.clear()
+        tasks = [t.task for t in targets if t.task is not None]
+        for t in targets:
+            t.stopped = True
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def polling(self) -> frozenset[str]:
+        """Addresses of the endpoints being polled."""
+        return frozenset(self._targets)
+
+    def _on_endpoints(self, added: list[Endpoint], removed: list[Endpoint]) -> None:
+        if not self._running:
+            return
+        for ep in removed:
+            target = self._targets.get(ep.address)
+            if target is not None and target.endpoint is ep:
+                del self._targets[ep.address]
+                target.stopped = True  # a poll in flight writes nothing after this
+                if target.task is not None:
+                    target.task.cancel()
+        for ep in added:
+            self._add(ep)
+
+    def _add(self, ep: Endpoint) -> None:
+        old = self._targets.get(ep.address)
+        if old is not None:
+            if old.endpoint is ep:
+                return
+            old.stopped = True
+            if old.task is not None:
+                old.task.cancel()
+        target = _Target(ep)
+        self._targets[ep.address] = target
+        target.task = asyncio.get_running_loop().create_task(self._run(target), name=f"scrape {ep.address}")
+
+    # ---- polling -------------------------------------------------------------------------
+    async def _run(self, target: _Target) -> None:
+        loop = asyncio.get_running_loop()
+        interval, jitter, rng = self.interval, self.jitter, self._rng
+        await asyncio.sleep(rng.uniform(0, interval))  # spread first polls over one interval
+        next_at = loop.time()
+        while not target.stopped:
+            await self.poll_once(target)
+            next_at += interval * (1.0 + rng.uniform(-jitter, jitter))
+            now = loop.time()
+            if next_at < now:  # the poll overran (timeouts): start the next one now, not a burst
+                next_at = now
+            await asyncio.sleep(next_at - now)
+
+    async def poll_once(self, target: _Target) -> None:
+        """One poll of one endpoint: fetch, parse, record the outcome."""
+        assert self._sem is not None
+        async with self._sem:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    metrics = await self._scrape(target)
+            except (ScrapeError, MissingMetrics) as err:
+                self._failed(target, str(err))
+            except TimeoutError:
+                self._failed(target, f"timed out after {self.timeout:g}s")
+            except (aiohttp.ClientError, OSError, ValueError) as err:
+                self._failed(target, f"{type(err).__name__}: {err}" if str(err) else type(err).__name__)
+            except Exception as err:  # never let one odd reply end this endpoint's polling for good
+                self._failed(target, f"unexpected {type(err).__name__}: {err}")
+            else:
+                self._succeeded(target, metrics)
+
+    def _resolve(self, target: _Target) -> EngineSpec:
+        ep = target.endpoint
+        if target.spec is None or ep.engine != target.engine_label:
+            spec = resolve_engine(ep.engine, self.engines)
+            if target.spec is None or spec.name != target.spec.name:
+                target.use_filter = None if self.name_filter else False
+            target.spec, target.engine_label = spec, ep.engine
+            host = f"[{ep.ip}]" if ":" in ep.ip else ep.ip
+            base = f"{self.scheme}://{host}:{self.port or ep.port}{self.path}"
+            query = "&".join(f"name%5B%5D={quote(n, safe='')}" for n in spec.names)
+            target.plain_url = URL(base, encoded=True)
+            target.filtered_url = URL(f"{base}?{query}", encoded=True)
+        return target.spec
+
+    async def _fetch(self, url: URL) -> str:
+        assert self._session is not None
+        async with self._session.get(url, allow_redirects=False) as resp:
+            body = await resp.read()
+            if resp.status != 200:
+                raise ScrapeError(f"HTTP {resp.status}")
+        return body.decode("utf-8", "replace")
+
+    async def _scrape(self, target: _Target) -> Metrics:
+        spec = self._resolve(target)
+        assert target.plain_url is not None and target.filtered_url is not None
+        if target.use_filter is not False:
+            try:
+                text = await self._fetch(target.filtered_url)
+            except ScrapeError:
+                text = None  # some servers reject unknown query parameters: try the plain URL
+            if text is not None and only_requested(text, frozenset(spec.names)) and _has_required(text, spec):
+                target.use_filter = True
+                return read_metrics(spec, text, time.monotonic())
+            if target.use_filter:
+                log.info("metrics name filter no longer honoured, reading the full page",
+                         extra={"endpoint": target.endpoint.address})
+            target.use_filter = None
+            metrics = read_metrics(spec, await self._fetch(target.plain_url), time.monotonic())
+            target.use_filter = False  # only once the full page proved good
+            return metrics
+        return read_metrics(spec, await self._fetch(target.plain_url), time.monotonic())
+
+    def _succeeded(self, target: _Target, metrics: Metrics) -> None:
+        if target.stopped:
+            return
+        ep = target.endpoint
+        ep.metrics = metrics
+        ep.scrape_ok = True
+        self.polls_ok += 1
+        if target.failing:
+            target.failing = False
+            log.info("metrics scrape recovered", extra={"endpoint": ep.address})
+
+    def _failed(self, target: _Target, reason: str) -> None:
+        if target.stopped:
+            return
+        ep = target.endpoint
+        ep.scrape_ok = False
+        self.polls_failed += 1
+        if not target.failing:
+            target.failing = True
+            log.warning("metrics scrape failing", extra={"endpoint": ep.address, "error": reason})
