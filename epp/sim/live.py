@@ -37,6 +37,13 @@ class LiveDriver:
         loop = asyncio.get_running_loop()
         self._wall0 = loop.time()
         self._task = loop.create_task(self._run(), name="sim-engine")
+        self._task.add_done_callback(self._ended)
+
+    @staticmethod
+    def _ended(task: asyncio.Task[None]) -> None:
+        # a crash here would leave every request hanging: make it loud
+        if not task.cancelled() and task.exception() is not None:
+            log.error("sim engine loop crashed", exc_info=task.exception())
 
     async def stop(self) -> None:
         if self._task is not None:
