@@ -188,7 +188,7 @@ def load_config(text: str | None) -> PickerConfig:
 def preset_config(name: str) -> PickerConfig:
     """A named preset ("default" or "reference")."""
     if name not in PRESETS:
-        raise ConfigError("preset", f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+        raise ConfigError("preset", f"unknown preset \"{name}\"; known: {', '.join(PRESETS)}")
     cfg = _parse_doc(_yaml(PRESETS[name]))
     return dataclasses.replace(cfg, preset=name)
 
@@ -204,6 +204,8 @@ def _yaml(text: str) -> Any:
 
 
 def _parse_doc(doc: Any) -> PickerConfig:
+    if not isinstance(doc, Mapping):
+        raise ConfigError("", f"the config must be a YAML mapping (an {KIND}), got {type(doc).__name__}")
     top = Params(doc, "")
     api = top.get("apiVersion")
     if api != API_VERSION:
@@ -310,10 +312,10 @@ def _parse_plugins(raw_plugins: Any, raw_profiles: Any) -> tuple[tuple[PluginSpe
             raise ConfigError(p.field("type"), "required")
         pt = plugin_type(type_name)
         if pt is None:
-            raise ConfigError(p.field("type"), f"unknown plugin type {type_name!r}")
+            raise ConfigError(p.field("type"), f"unknown plugin type \"{type_name}\"")
         name = p.string("name", type_name)
         if name in specs:
-            raise ConfigError(p.field("name"), f"duplicate plugin name {name!r}")
+            raise ConfigError(p.field("name"), f"duplicate plugin name \"{name}\"")
         params = pt.cls.parse(Params(p.get("parameters"), p.field("parameters")))
         p.done()
         specs[name] = PluginSpec(name=name, type=type_name, kind=pt.kind, params=params)
@@ -341,9 +343,9 @@ def _parse_plugins(raw_plugins: Any, raw_profiles: Any) -> tuple[tuple[PluginSpe
             raise ConfigError(rp.field("pluginRef"), f"expected a plugin name, got {ref!r}")
         spec = specs.get(ref)
         if spec is None:
-            raise ConfigError(rp.field("pluginRef"), f"no plugin named {ref!r}")
+            raise ConfigError(rp.field("pluginRef"), f"no plugin named \"{ref}\"")
         if ref in seen:
-            raise ConfigError(rp.field("pluginRef"), f"plugin {ref!r} is listed twice in this profile")
+            raise ConfigError(rp.field("pluginRef"), f"plugin \"{ref}\" is listed twice in this profile")
         seen.add(ref)
         if spec.kind == HANDLER:
             raise ConfigError(rp.field("pluginRef"), f"{spec.type} is a profile handler, not a profile plugin")
@@ -354,7 +356,7 @@ def _parse_plugins(raw_plugins: Any, raw_profiles: Any) -> tuple[tuple[PluginSpe
             raise ConfigError(rp.field("enabledWhen"), "only applies to scorers")
         if spec.kind == PICKER:
             if picker is not None:
-                raise ConfigError(rp.field("pluginRef"), f"profile already has a picker ({picker!r})")
+                raise ConfigError(rp.field("pluginRef"), f"profile already has a picker (\"{picker}\")")
             picker = ref
         rp.done()
         entries.append(ProfileEntry(plugin=ref, weight=weight, only_with_lora=bool(when)))
@@ -376,7 +378,7 @@ def _weight(rp: Params, spec: PluginSpec) -> float:
         return 1.0
     path = rp.field("weight")
     if spec.kind != SCORER:
-        raise ConfigError(path, f"only scorers take a weight; {spec.name!r} is a {spec.kind}")
+        raise ConfigError(path, f"only scorers take a weight; \"{spec.name}\" is a {spec.kind}")
     if isinstance(raw, bool) or not isinstance(raw, int | float):
         raise ConfigError(path, f"expected a number, got {raw!r}")
     w = float(raw)

@@ -20,10 +20,11 @@ def ep(n: int, *, waiting: float = 0, running: float = 0, kv: float = 0.0, lora_
 
     age=0 stamps the metrics an hour ahead, so they stay fresh however slowly a test runs."""
     m = None
+    now = time.monotonic()
     if metrics:
         m = Metrics(waiting=waiting, running=running, kv_usage=kv, lora_max=lora_max,
                     lora_running=frozenset(lora_running), lora_waiting=frozenset(lora_waiting),
-                    block_size=block_size, num_blocks=num_blocks, updated=time.monotonic() + 3600 if age == 0 else time.monotonic() - age)
+                    block_size=block_size, num_blocks=num_blocks, updated=now + 3600 if age == 0 else now - age)
     ip = f"10.0.0.{n}"
     return Endpoint(address=f"{ip}:8000", ip=ip, port=8000, pod=f"default/pod-{n}", labels=labels or {},
                     metrics=m, scrape_ok=scrape_ok, inflight=inflight, inflight_tokens=inflight_tokens)
@@ -43,8 +44,9 @@ def cycle(request: SchedulingRequest | None = None, stale_after: float = 0.2) ->
 def endpoints(draw: st.DrawFn, min_size: int = 1, max_size: int = 16) -> list[Endpoint]:
     """Hypothesis strategy: distinct endpoints with arbitrary (sometimes stale or missing) metrics."""
     n = draw(st.integers(min_size, max_size))
+    adapters = st.sampled_from("abc")
     row = st.tuples(st.integers(0, 50), st.integers(0, 200), st.floats(0, 1), st.integers(0, 3),
-                    st.frozensets(st.sampled_from("abc"), max_size=3), st.frozensets(st.sampled_from("abc"), max_size=2),
+                    st.frozensets(adapters, max_size=3), st.frozensets(adapters, max_size=2),
                     st.integers(0, 40), st.integers(0, 50_000), st.sampled_from([0, 0, 0, 10]), st.booleans())
     out = []
     for i, (w, r, kv, lm, lr, lw, inf, tok, age, has) in enumerate(draw(st.lists(row, min_size=n, max_size=n))):
