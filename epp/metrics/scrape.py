@@ -262,18 +262,27 @@ class Scraper:
     async def _scrape(self, target: _Target) -> Metrics:
         spec = self._resolve(target)
         assert target.plain_url is not None and target.filtered_url is not None
-        if target.use_filter is not False:
+        if target.use_filter:
+            # Honoured when probed: trusted from then on (no per-poll check). A reply that lacks
+            # the families sends the endpoint back to probing, and this poll to the full page.
+            text = await self._fetch(target.filtered_url)
             try:
-                text = await self._fetch(target.filtered_url)
-            except ScrapeError:
-                text = None  # some servers reject unknown query parameters: try the plain URL
-            if text is not None and only_requested(text, frozenset(spec.names)) and _has_required(text, spec):
-                target.use_filter = True
                 return read_metrics(spec, text, time.monotonic())
-            if target.use_filter:
-                log.info("metrics name filter no longer honoured, reading the full page",
+            except MissingMetrics:
+                target.use_filter = None
+                log.info("metrics name filter reply lacks the families, probing again",
                          extra={"endpoint": target.endpoint.address})
-            target.use_filter = None
+                return read_metrics(spec, await self._fetch(target.plain_url), time.monotonic())
+        if target.use_filter is None:
+            probe: str | None
+            try:
+                probe = await self._fetch(target.filtered_url)
+            except ScrapeError:
+                probe = None  # some servers reject unknown query parameters: try the plain URL
+            if probe is not None and only_requested(probe, frozenset(spec.names)) and _has_required(probe, spec):
+                metrics = read_metrics(spec, probe, time.monotonic())
+                target.use_filter = True
+                return metrics
             metrics = read_metrics(spec, await self._fetch(target.plain_url), time.monotonic())
             target.use_filter = False  # only once the full page proved good
             return metrics

@@ -61,7 +61,7 @@ class FakeServer:
         self.mode = "ok"  # ok | status | hang | delay
         self.status = 500
         self.delay = 0.0
-        self.filter = "ignore"  # ignore | honour | reject
+        self.filter = "ignore"  # ignore | honour | reject | empty
         self.queries: list[str] = []
         self.peers: set[Any] = set()
         self.arrived = asyncio.Event()
@@ -108,6 +108,8 @@ class FakeServer:
             names = request.query.getall("name[]", [])
             if names and self.filter == "reject":
                 return web.Response(status=400, text="unknown parameter")
+            if names and self.filter == "empty":
+                return web.Response(text="", content_type="text/plain")
             body = filter_page(self.page, names) if names and self.filter == "honour" else self.page
             return web.Response(body=body.encode(), content_type="text/plain")
         finally:
@@ -472,6 +474,23 @@ async def test_name_filter_fallback_when_filtered_page_lacks_the_families(server
     scraper = scrapers(ds)
     await until(lambda: scraper.polls_failed >= 3)
     assert any(q == "" for q in s.queries)  # the plain URL was tried too
+
+
+async def test_filter_honoured_then_replies_lack_the_families(servers: Any, scrapers: Any) -> None:
+    s = await servers(pages.vllm(waiting=1))
+    s.filter = "honour"
+    ds = datastore(s.address)
+    scraper = scrapers(ds)
+    ep = ds.endpoints[s.address]
+    await until(lambda: scraper.polls_ok >= 3)
+    s.filter = "empty"  # e.g. a new server version filtering differently
+    s.page = pages.vllm(waiting=7)
+    await until(lambda: ep.metrics is not None and ep.metrics.waiting == 7)
+    ok = scraper.polls_ok
+    await until(lambda: scraper.polls_ok >= ok + 3)
+    assert scraper.polls_failed == 0  # every poll still produced a snapshot
+    assert scraper._targets[s.address].use_filter is False  # settled on the plain URL
+    assert s.queries[-1] == ""
 
 
 async def test_name_filter_disabled(servers: Any, scrapers: Any) -> None:
