@@ -3,6 +3,7 @@ profiles x routing x TLS x pools, and live runs of the real Envoy in front of re
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import json
@@ -553,6 +554,51 @@ async def test_live_original_dst_takes_one_endpoint_only(tmp_path: Path, start_p
         assert (status, body["served_by"]) == (200, "b")
         status, _ = await _post(session, envoy.url, "m")  # answer "a,b"
         assert status == 503
+
+
+@needs_envoy
+@pytest.mark.envoy
+@pytest.mark.parametrize(("profile", "stream_open"), [("duplex", True), ("buffered", True), ("lean", False)])
+async def test_live_picker_stream_lifetime_per_profile(
+    profile: str, stream_open: bool, tmp_path: Path, start_picker: Any
+) -> None:
+    """What each profile means for the picker: with response phases (duplex, buffered) the ext_proc
+    stream is still open while the model server works; with lean Envoy has already closed it, so
+    the picker's in-flight accounting ends at dispatch (see the envoyconf module doc)."""
+    arrived, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        await request.read()
+        arrived.set()
+        await release.wait()
+        return web.json_response({"served_by": "slow"})
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", slow)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        addr = f"127.0.0.1:{runner.addresses[0][1]}"
+        picker, _ = await start_picker(endpoints=[addr])
+        spec = PoolSpec(name="pool", target_ports=(8000,), picker=f"127.0.0.1:{picker.grpc_port}")
+        config = bootstrap([spec], profile, listen_address="127.0.0.1", listen_port=0, admin_port=0,
+                           picker_tls=False)  # fmt: skip
+        async with run_envoy(config, tmp_path) as envoy, aiohttp.ClientSession() as session:
+            request = asyncio.create_task(_post(session, envoy.url, "m"))
+            await asyncio.wait_for(arrived.wait(), 10)
+            if not stream_open:  # Envoy half-closes right after the request phases: wait for it
+                for _ in range(200):
+                    if picker.servicer.open_streams == 0:
+                        break
+                    await asyncio.sleep(0.01)
+            assert (picker.servicer.open_streams == 1) == stream_open
+            release.set()
+            status, body = await asyncio.wait_for(request, 10)
+            assert (status, body["served_by"]) == (200, "slow")
+    finally:
+        release.set()
+        await runner.cleanup()
 
 
 @needs_envoy
