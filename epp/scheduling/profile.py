@@ -34,6 +34,32 @@ class WeightedScorer:
         return bool(getattr(self.scorer, "BOUNDED", False))
 
 
+def weighted_sum(lists: list[list[float]], weights: list[float], n: int) -> list[float]:
+    """Σ weight × score per endpoint, in one pass for up to five scorers (the hot path)."""
+    k = len(lists)
+    if k == 0:
+        return [0.0] * n
+    if k == 1:
+        w0 = weights[0]
+        return [w0 * a for a in lists[0]]
+    if k == 2:
+        w0, w1 = weights
+        return [w0 * a + w1 * b for a, b in zip(*lists, strict=True)]
+    if k == 3:
+        w0, w1, w2 = weights
+        return [w0 * a + w1 * b + w2 * c for a, b, c in zip(*lists, strict=True)]
+    if k == 4:
+        w0, w1, w2, w3 = weights
+        return [w0 * a + w1 * b + w2 * c + w3 * d for a, b, c, d in zip(*lists, strict=True)]
+    if k == 5:
+        w0, w1, w2, w3, w4 = weights
+        return [w0 * a + w1 * b + w2 * c + w3 * d + w4 * e for a, b, c, d, e in zip(*lists, strict=True)]
+    totals = weighted_sum(lists[:5], weights[:5], n)
+    for s, w in zip(lists[5:], weights[5:], strict=True):
+        totals = [t + w * x for t, x in zip(totals, s, strict=True)]
+    return totals
+
+
 class ProfileScheduler:
     """Runs one profile per request; forwards routing events to the plugins that keep state."""
 
@@ -85,7 +111,8 @@ class ProfileScheduler:
             return SchedulingResult([], "no candidate endpoints")
         if len(endpoints) == 1:
             return SchedulingResult([endpoints[0]])
-        totals: list[float] | None = None
+        lists: list[list[float]] = []
+        weights: list[float] = []
         lora: bool | None = None
         for score, w, only_with_lora, bounded in self._plan:
             if only_with_lora:
@@ -94,15 +121,11 @@ class ProfileScheduler:
                 if not lora:
                     continue
             s = score(cycle, endpoints)
-            if bounded:  # in 0..1 by construction: skip the clamp on the hot path
-                totals = [w * x for x in s] if totals is None else [t + w * x for t, x in zip(totals, s, strict=True)]
-            elif totals is None:  # clamp to 0..1; NaN fails both comparisons and becomes 0
-                totals = [w * (x if 0.0 <= x <= 1.0 else (1.0 if x > 1.0 else 0.0)) for x in s]
-            else:
-                totals = [t + w * (x if 0.0 <= x <= 1.0 else (1.0 if x > 1.0 else 0.0))
-                          for t, x in zip(totals, s, strict=True)]
-        if totals is None:
-            totals = [0.0] * len(endpoints)
+            if not bounded:  # clamp to 0..1; NaN fails both comparisons and becomes 0
+                s = [x if 0.0 <= x <= 1.0 else (1.0 if x > 1.0 else 0.0) for x in s]
+            lists.append(s)
+            weights.append(w)
+        totals = weighted_sum(lists, weights, len(endpoints))
         return SchedulingResult(self.picker.pick(cycle, endpoints, totals))
 
     def on_routed(self, request: SchedulingRequest, endpoint: Endpoint) -> None:

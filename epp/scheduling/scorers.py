@@ -13,27 +13,33 @@ from epp.datastore import Endpoint
 from epp.scheduling.cycle import Cycle
 from epp.scheduling.registry import SCORER, BuildContext, NoParams, Params, register
 
+_BIG = 1e300  # bigger counts are garbage; with NaN and negatives they are treated like stale values
+
 
 def low_is_better(values: list[float | None]) -> list[float]:
-    """Min-max normalisation (max − v) / (max − min) over known values; 1 when all equal; None → 0."""
-    known = [v for v in values if v is not None]
+    """Min-max normalisation (max − v) / (max − min) over valid values; 1 when all equal.
+
+    None (stale), NaN, negative and infinite values score 0, so the result is always in 0..1."""
+    known = [v for v in values if v is not None and 0.0 <= v < _BIG]
     if not known:
         return [0.0] * len(values)
     lo, hi = min(known), max(known)
-    if len(known) == len(values):  # the usual case: every pod fresh
+    if len(known) == len(values):  # the usual case: every pod fresh and sane
         if hi == lo:
             return [1.0] * len(values)
         span = hi - lo
         return [(hi - v) / span for v in known]
     if hi == lo:
-        return [0.0 if v is None else 1.0 for v in values]
+        return [1.0 if v is not None and 0.0 <= v < _BIG else 0.0 for v in values]
     span = hi - lo
-    return [0.0 if v is None else (hi - v) / span for v in values]
+    return [(hi - v) / span if v is not None and 0.0 <= v < _BIG else 0.0 for v in values]
 
 
 @register("queue-scorer", SCORER)
 class QueueScorer(NoParams):
     """Shorter waiting queue is better: (maxQ − q) / (maxQ − minQ) over the candidates."""
+
+    BOUNDED = True  # low_is_better() always returns 0..1
 
     def __init__(self, name: str, params: None, ctx: BuildContext) -> None:
         self.name = name
@@ -46,6 +52,8 @@ class QueueScorer(NoParams):
 class RunningRequestsScorer(NoParams):
     """Smaller running batch is better: min-max over the candidates like the queue scorer."""
 
+    BOUNDED = True  # low_is_better() always returns 0..1
+
     def __init__(self, name: str, params: None, ctx: BuildContext) -> None:
         self.name = name
 
@@ -55,13 +63,23 @@ class RunningRequestsScorer(NoParams):
 
 @register("kv-cache-utilization-scorer", SCORER)
 class KVCacheUtilizationScorer(NoParams):
-    """Free KV cache is better: 1 − kv use."""
+    """Free KV cache is better: 1 − kv use (kv outside 0..1 or NaN is clamped; NaN counts as full)."""
+
+    BOUNDED = True
 
     def __init__(self, name: str, params: None, ctx: BuildContext) -> None:
         self.name = name
 
     def score(self, cycle: Cycle, endpoints: Sequence[Endpoint]) -> list[float]:
-        return [0.0 if m is None else 1.0 - m.kv_usage for m in cycle.fresh(endpoints)]  # clamped by the profile
+        out: list[float] = []
+        append = out.append
+        for m in cycle.fresh(endpoints):
+            if m is None:
+                append(0.0)
+            else:
+                k = m.kv_usage
+                append(1.0 - k if 0.0 <= k <= 1.0 else (1.0 if k < 0.0 else 0.0))
+        return out
 
 
 LORA_RUNNING, LORA_FREE_SLOT, LORA_WAITING = 1.0, 0.8, 0.6

@@ -111,3 +111,11 @@ def test_metric_scorers_in_range(eps, model):
         assert len(out) == len(eps) and all(0.0 <= x <= 1.0 and not math.isnan(x) for x in out), cls
     out = InflightLoadScorer("i", 1024.0, CTX).score(c, eps)
     assert all(0.0 < x <= 1.0 for x in out) and max(out) == 1.0
+
+
+def test_garbage_metric_values_score_worst():
+    nan, inf = float("nan"), float("inf")
+    assert low_is_better([nan, 2.0, 4.0, -1.0, inf, None]) == [0.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    assert low_is_better([nan, 3.0]) == [0.0, 1.0]
+    eps = [ep(1, kv=1.5), ep(2, kv=-0.2), ep(3, kv=nan)]
+    assert KVCacheUtilizationScorer("kv", None, CTX).score(cycle(), eps) == [0.0, 1.0, 0.0]
