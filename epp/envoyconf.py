@@ -415,6 +415,10 @@ def bootstrap(
         raise ValueError(f"default pool {default_pool!r} is not one of the pools")
     if retries < 0:
         raise ValueError("retries must not be negative")
+    if multi:
+        for p in pools:
+            if not p.models and p.name != default_pool:
+                raise ValueError(f"pool {p.name}: no model names route to it (give it models, or make it the default)")
 
     modes = _MODES[profile]
     first = pools[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 import socket
@@ -44,6 +45,7 @@ def _clusters(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 POOL = PoolSpec(name="p", target_ports=(8000,), endpoints=("10.0.0.1:8000", "10.0.0.2:8000"))
+POOL_A = dataclasses.replace(POOL, models=("llama",))
 POOL_B = PoolSpec(name="q", target_ports=(8000,), models=("qwen",), picker="127.0.0.1:9102",
                   endpoints_dns="q-pods.default.svc.cluster.local")  # fmt: skip
 
@@ -130,7 +132,7 @@ def test_original_dst_routing() -> None:
 
 
 def test_override_host_routing() -> None:
-    config = bootstrap([POOL, POOL_B], routing="override-host", bbr_picker="127.0.0.1:9200")
+    config = bootstrap([POOL_A, POOL_B], routing="override-host", bbr_picker="127.0.0.1:9200")
     clusters = _clusters(config)
     static = clusters["pool.default.p"]
     assert static["type"] == "STATIC"
@@ -193,6 +195,7 @@ def test_multi_pool_chain() -> None:
         ({"pools": [POOL, POOL]}, "distinct"),
         ({"pools": []}, "no pools"),
         ({"pools": [POOL, POOL_B], "bbr_picker": "127.0.0.1:1", "default_pool": "zz"}, "default pool"),
+        ({"pools": [POOL, POOL_B], "bbr_picker": "127.0.0.1:1"}, "no model names route to it"),
     ],
 )
 def test_bad_arguments(kwargs: dict[str, Any], message: str) -> None:
@@ -320,7 +323,7 @@ MATRIX = list(itertools.product(envoyconf.PROFILES, envoyconf.ROUTINGS, ("tls", 
 
 
 def _matrix_config(profile: str, routing: str, tls: str, layout: str) -> dict[str, Any]:
-    pools = [POOL] if layout == "one" else [POOL, POOL_B]
+    pools = [POOL] if layout == "one" else [POOL_A, POOL_B]
     return bootstrap(
         pools,
         profile,
