@@ -354,10 +354,13 @@ def test_standalone_wiring(case: str, rendered: dict[tuple[str, str], Rendered])
     volumes = {v["name"]: v for v in deploy["spec"]["template"]["spec"]["volumes"]}
     assert volumes["envoy-config"]["configMap"]["name"] == cm["metadata"]["name"]
     svc = out.get("Service")
-    assert {p["name"]: p["targetPort"] for p in svc["spec"]["ports"]} == {
-        "http": "http",
-        "http-metrics": "http-metrics",
-    }
+    svc_ports = {p["name"]: p["targetPort"] for p in svc["spec"]["ports"]}
+    expected_ports = {"http": "http", "http-metrics": "http-metrics"}
+    if pool_values.get("create"):  # the pool's endpointPickerRef names the picker's port on this Service
+        expected_ports["grpc-ext-proc"] = "grpc-ext-proc"
+        ref_port = out.get("InferencePool")["spec"]["extensionRef"]["portNumber"]
+        assert next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc-ext-proc") == ref_port
+    assert svc_ports == expected_ports
     assert expand_rules(out.get("Role")["rules"]) == expected_calls(leader_election=False)
 
 
