@@ -1,14 +1,15 @@
 """CPU of the whole metrics poller: N endpoints polled every INTERVAL over real HTTP on loopback.
 
     .venv/bin/python bench/metrics_poller.py [--endpoints 100] [--interval 0.05] [--seconds 10]
-                                              [--mode filtered|full|both] [--profile]
+                                              [--mode filtered|full|both] [--profile] [--no-pin]
 
 The model servers run in a separate process (a minimal keep-alive HTTP/1.1 server on N ports
 serving the 40 KB vLLM-shaped page of ../shared/bench-floor/vllm_page.py), so the CPU figures are
-the poller process's only. `filtered`: the servers honour `?name[]=` like vLLM's prometheus_client
-(replies ~1 KB); `full`: they ignore it and every poll reads the whole 40 KB page. Prints the
-poller's CPU as % of one core, polls/s achieved against the target, CPU per poll, and (with
---profile) where the time goes. No assertions.
+the poller process's only; the poller is pinned to the first CPU, the servers to the second.
+`filtered`: the servers honour `?name[]=` like vLLM's prometheus_client (replies ~1 KB); `full`:
+they ignore it and every poll reads the whole 40 KB page. Prints the poller's CPU as % of one
+core, polls/s achieved against the target, CPU per poll, and (with --profile) where the time
+goes. No assertions.
 """
 
 from __future__ import annotations
@@ -116,7 +117,8 @@ async def measure(ports: list[int], interval: float, seconds: float, server_pid:
 
 def run(mode: str, args: argparse.Namespace) -> None:
     server = subprocess.Popen(
-        [sys.executable, __file__, "--serve", str(args.endpoints), "--honour", "1" if mode == "filtered" else "0"],
+        [sys.executable, __file__, "--serve", str(args.endpoints), "--honour", "1" if mode == "filtered" else "0",
+         *([] if args.pin else ["--no-pin"])],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
     try:
@@ -148,12 +150,18 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--mode", choices=["filtered", "full", "both"], default="both")
     ap.add_argument("--profile", action="store_true", help="print the poller's top functions by own time")
+    ap.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin poller and servers to CPUs")
     ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--honour", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    pin = args.pin and len(os.sched_getaffinity(0)) >= 2
     if args.serve:
+        if pin:
+            os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[1]})
         serve(args.serve, bool(args.honour))
         return
+    if pin:  # the poller on one core, the servers on another (other load on the machine still counts)
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     for mode in (["filtered", "full"] if args.mode == "both" else [args.mode]):
         run(mode, args)
 

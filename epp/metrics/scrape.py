@@ -108,8 +108,11 @@ class Scraper:
         rng: random.Random | None = None,
     ) -> None:
         """`port`/`path`/`scheme` override where a model server's metrics are read (default: the
-        endpoint's own port, /metrics, http). `jitter` is the per-cycle spread as a fraction of the
-        interval. `name_filter=False` never tries `?name[]=`."""
+        endpoint's own port, /metrics, http); `ssl` is passed to aiohttp for https (False: do not
+        verify). `jitter` is the per-cycle spread as a fraction of the interval. `max_concurrency`
+        bounds polls in flight: a poll to a silent pod holds its slot until `timeout`, so keep it
+        well above the number of pods that may hang at once. `name_filter=False` never tries
+        `?name[]=`."""
         if interval <= 0 or timeout <= 0 or max_concurrency < 1:
             raise ValueError("interval and timeout must be positive, max_concurrency at least 1")
         self.datastore = datastore
@@ -125,6 +128,7 @@ class Scraper:
         self.name_filter = name_filter
         self._rng = rng or random.Random()
         self._targets: dict[str, _Target] = {}
+        self._retiring: set[asyncio.Task[None]] = set()  # cancelled with their endpoint, still unwinding
         self._session: aiohttp.ClientSession | None = None
         self._sem: asyncio.Semaphore | None = None
         self._running = False
@@ -165,7 +169,7 @@ class Scraper:
         self._running = False
         targets = list(self._targets.values())
         self._targets.clear()
-        tasks = [t.task for t in targets if t.task is not None]
+        tasks = [t.task for t in targets if t.task is not None] + list(self._retiring)
         for t in targets:
             t.stopped = True
         for task in tasks:
@@ -187,20 +191,24 @@ class Scraper:
             target = self._targets.get(ep.address)
             if target is not None and target.endpoint is ep:
                 del self._targets[ep.address]
-                target.stopped = True  # a poll in flight writes nothing after this
-                if target.task is not None:
-                    target.task.cancel()
+                self._retire(target)
         for ep in added:
             self._add(ep)
+
+    def _retire(self, target: _Target) -> None:
+        target.stopped = True  # a poll in flight writes nothing after this
+        task = target.task
+        if task is not None and not task.done():
+            task.cancel()
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
 
     def _add(self, ep: Endpoint) -> None:
         old = self._targets.get(ep.address)
         if old is not None:
             if old.endpoint is ep:
                 return
-            old.stopped = True
-            if old.task is not None:
-                old.task.cancel()
+            self._retire(old)
         target = _Target(ep)
         self._targets[ep.address] = target
         target.task = asyncio.get_running_loop().create_task(self._run(target), name=f"scrape {ep.address}")
