@@ -52,26 +52,21 @@ class LoadGuard:
         return False
 
 
-    def apply(self, cycle: Cycle, endpoints: Sequence[Endpoint], scores: list[float]) -> None:
-        """Zero, in place, the affinity scores of overloaded endpoints."""
-        if not self.enabled or len(endpoints) < 2:
-            return
-        hot = [i for i, v in enumerate(scores) if v > 0.0]
-        if not hot:
-            return
+    def apply(self, cycle: Cycle, endpoints: Sequence[Endpoint], scores: list[float]) -> list[float]:
+        """The affinity scores with those of overloaded endpoints set to 0."""
+        if not self.enabled or len(endpoints) < 2 or not any(scores):
+            return scores
         min_wait, min_inflight = self.baseline(cycle, endpoints)
-        queue_gap, inflight_gap, ratio = self.queue_gap, self.inflight_gap, self.inflight_ratio
-        fresh = cycle.fresh(endpoints) if queue_gap > 0 and min_wait is not None else None
-        for i in hot:
-            if fresh is not None:
-                m = fresh[i]
-                if m is not None and m.waiting - min_wait >= queue_gap:  # type: ignore[operator]
-                    scores[i] = 0.0
-                    continue
-            if inflight_gap > 0:
-                n = endpoints[i].inflight
-                if n - min_inflight >= inflight_gap and n >= ratio * min_inflight:
-                    scores[i] = 0.0
+        big = float("inf")
+        # Both in-flight conditions folded into one threshold; a disabled test gets an infinite one.
+        ilim = big
+        if self.inflight_gap > 0:
+            ilim = max(min_inflight + self.inflight_gap, self.inflight_ratio * min_inflight)
+        wlim = min_wait + self.queue_gap if self.queue_gap > 0 and min_wait is not None else big
+        if wlim == big:
+            return [0.0 if s > 0.0 and ep.inflight >= ilim else s for s, ep in zip(scores, endpoints, strict=True)]
+        return [0.0 if s > 0.0 and (ep.inflight >= ilim or (m is not None and m.waiting >= wlim)) else s
+                for s, ep, m in zip(scores, endpoints, cycle.fresh(endpoints), strict=True)]
 
 
 DISABLED = LoadGuard(enabled=False)

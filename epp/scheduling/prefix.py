@@ -26,6 +26,8 @@ import heapq
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import accumulate, islice, repeat
+from operator import and_
 
 import xxhash
 
@@ -142,43 +144,43 @@ class PrefixIndex:
         """Leading blocks each endpoint holds, times `scale` (aligned with `endpoints`)."""
         n = len(endpoints)
         where = self._where
+        if not where:
+            return [0.0] * n
+        get = where.get
         lazy: PromptBlocks | None = None
         if isinstance(blocks, PromptBlocks):
             lazy, total = blocks, blocks.count
-            hs = blocks.upto(16)
+            hs = blocks.upto(4)  # a cold prompt stops here: hash the rest only on demand
         else:
             hs = list(blocks)
             total = len(hs)
-        if not total or not where:
+        if not total or not get(hs[0], 0):
             return [0.0] * n
-        alive = where.get(hs[0], 0)
-        if not alive:
-            return [0.0] * n
-        steps: list[tuple[int, float]] = []  # (slots that stopped matching, their score)
-        i = 1
-        while i < total:
-            if i >= len(hs) and lazy is not None:
-                hs = lazy.upto(i + 16)
-            m = where.get(hs[i], 0) & alive
-            if m != alive:
-                steps.append((alive & ~m, i * scale))
-                alive = m
-                if not alive:
-                    break
-            i += 1
-        if alive:
-            steps.append((alive, total * scale))
+        # acc[i] = slots holding blocks 0..i (the AND of the masks); the loops run in C.
+        acc = list(accumulate(map(get, hs, repeat(0)), and_))
+        while acc[-1] and len(acc) < total and lazy is not None:
+            have = len(acc)
+            hs = lazy.upto(2 * have)
+            acc.extend(islice(accumulate(map(get, islice(hs, have, None), repeat(0)), and_, initial=acc[-1]), 1, None))
+        # Masks only lose bits as i grows: each distinct value's successor first appears where its
+        # dropped slots stopped matching.
+        distinct = list(dict.fromkeys(acc))
+        steps: list[tuple[int, float]] = []  # (slots that matched exactly `count` blocks, count × scale)
+        for j, mask in enumerate(distinct):
+            if not mask:
+                break
+            if j + 1 < len(distinct):
+                nxt = distinct[j + 1]
+                steps.append((mask & ~nxt, acc.index(nxt) * scale))
+            else:
+                steps.append((mask, len(acc) * scale))
         bits = self._bits(endpoints)
         if len(steps) == 1:
             d, v = steps[0]
             return [v if b & d else 0.0 for b in bits]
         out = [0.0] * n
-        for k, b in enumerate(bits):
-            if b:
-                for d, v in steps:
-                    if d & b:
-                        out[k] = v
-                        break
+        for d, v in steps:  # a few steps; each pass is a comprehension rather than a nested loop
+            out = [v if b & d else o for b, o in zip(bits, out, strict=True)]
         return out
 
     def _bits(self, endpoints: Sequence[Endpoint]) -> list[int]:
@@ -394,7 +396,7 @@ class PrefixCacheScorer:
         else:
             out = self.index.match(blocks, endpoints, 1.0 / blocks.count)
         if self.guard is not None:
-            self.guard.apply(cycle, endpoints, out)
+            out = self.guard.apply(cycle, endpoints, out)
         return out
 
     def on_routed(self, request: SchedulingRequest, endpoint: Endpoint) -> None:

@@ -67,7 +67,8 @@ class SessionAffinityScorer:
             return out
         for i, ep in enumerate(endpoints):
             if ep.address == address:
-                if self.guard is None or not self.guard.overloaded(cycle, endpoints, i):
-                    out[i] = 1.0
+                out[i] = 1.0
                 break
-        return out
+        else:
+            return out
+        return out if self.guard is None else self.guard.apply(cycle, endpoints, out)
