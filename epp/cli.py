@@ -86,6 +86,15 @@ def _selector(text: str) -> dict[str, str]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _base_models(text: str) -> dict[str, str]:
+    from epp.bbr import parse_base_models
+
+    try:
+        return parse_base_models(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _positive_int(text: str) -> int:
     try:
         v = int(text)
@@ -126,6 +135,8 @@ class Options:
     log_level: str = "info"
     log_format: str = "json"
     bind_address: str = "0.0.0.0"
+    mode: str = "epp"
+    base_models: dict[str, str] = field(default_factory=dict)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,6 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--log-level", "--v", dest="log_level", default="info",
                     help="debug, info, warning or error; numeric --v levels map onto these (default info)")
     lg.add_argument("--log-format", choices=["json", "text"], default="json", help="(default %(default)s)")
+    md = p.add_argument_group("mode")
+    md.add_argument("--mode", choices=["epp", "bbr"], default="epp",
+                    help="epp: pick endpoints for one pool (default). bbr: body-based routing, the first of two "
+                         "callouts: copy the body's model into x-gateway-model-name (and its base model into "
+                         "x-gateway-base-model-name) so HTTPRoute header matches choose the pool; needs no pool")
+    md.add_argument("--base-model", type=_base_models, default={}, metavar="ADAPTER=BASE,...",
+                    help="bbr mode: base model of each LoRA adapter (default: the model itself)")
     p.add_argument("--version", action="version", version=f"epp {__version__}")
     return p
 
@@ -211,7 +229,7 @@ def parse_args(argv: list[str]) -> Options:
     """Parse and cross-check flags; exits with status 2 and a clear message on bad input."""
     p = build_parser()
     a = p.parse_args(argv)
-    if not a.pool_name:
+    if not a.pool_name and a.mode == "epp":
         p.error("--pool-name is required")
     if bool(a.endpoint_selector) != bool(a.endpoint_target_ports):
         p.error("--endpoint-selector and --endpoint-target-ports must be given together")
@@ -257,4 +275,6 @@ def parse_args(argv: list[str]) -> Options:
         log_level=level,
         log_format=a.log_format,
         bind_address=a.bind_address,
+        mode=a.mode,
+        base_models=a.base_model,
     )

@@ -95,8 +95,8 @@ class RequestContext:
 class Routed:
     """A successful decision: where to send, and the body to send (None = unchanged)."""
 
-    ctx: RequestContext
-    destination: str  # "ip:port[,ip:port...]", primary first
+    ctx: RequestContext | None  # None: nothing to follow on the response path (body-based routing)
+    destination: str  # "ip:port[,ip:port...]", primary first; "" = no destination (no envoy.lb metadata)
     body: bytes | None
     set_headers: list[tuple[str, str]]
 

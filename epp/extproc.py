@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -37,7 +37,6 @@ from epp.director import (
     CONFORMANCE_SELECT_HEADER,
     CONFORMANCE_SERVED_HEADER,
     DEST_HEADER,
-    Director,
     Rejected,
     RequestContext,
     Routed,
@@ -86,7 +85,9 @@ def immediate(error: Rejected) -> ep.ProcessingResponse:
     ))
 
 
-def _metadata(destination: str) -> struct_pb2.Struct:
+def _metadata(destination: str) -> struct_pb2.Struct | None:
+    if not destination:
+        return None
     md = struct_pb2.Struct()
     md.fields[LB_NAMESPACE].struct_value.fields[DEST_HEADER].string_value = destination
     return md
@@ -135,6 +136,19 @@ def _struct_value(md: Any, namespace: str, key: str) -> object:
     return None
 
 
+class Decider(Protocol):
+    """What the servicer asks for each request: the endpoint picker's Director, or the body router."""
+
+    max_body_bytes: int
+
+    def decide(self, headers: dict[str, str], body: bytes | None, subset_hint: object = None,
+               started: float | None = None) -> Routed | Rejected: ...
+
+    def served_by(self, ctx: RequestContext, address: str) -> None: ...
+
+    def finish(self, ctx: RequestContext | None) -> None: ...
+
+
 class _Stream:
     """Per-stream state. Slots keep it small: one per in-flight HTTP request."""
 
@@ -164,7 +178,7 @@ class _Stream:
 class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
     """envoy.service.ext_proc.v3.ExternalProcessor/Process on grpc.aio."""
 
-    def __init__(self, director: Director, default_body_mode: int = DUPLEX,
+    def __init__(self, director: Decider, default_body_mode: int = DUPLEX,
                  default_response_mode: int = DUPLEX) -> None:
         self.director = director
         self.default_body_mode = default_body_mode

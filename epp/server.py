@@ -17,10 +17,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from epp import tls
+from epp.bbr import BodyRouter
 from epp.cli import Options
 from epp.datastore import Datastore
 from epp.director import Director
-from epp.extproc import BUFFERED, DUPLEX, ExtProcServicer
+from epp.extproc import BUFFERED, DUPLEX, Decider, ExtProcServicer
 from epp.resources import pool_from_flags
 from epp.scheduling.framework import LeastInflightScheduler, Scheduler
 from epp.telemetry import Telemetry
@@ -50,7 +51,10 @@ class App:
         self.director = Director(self.datastore, self.scheduler, telemetry=self.telemetry,
                                  max_body_bytes=opts.max_request_body_bytes)
         mode = BUFFERED if opts.default_body_mode == "buffered" else DUPLEX
-        self.servicer = ExtProcServicer(self.director, default_body_mode=mode, default_response_mode=mode)
+        decider: Decider = self.director
+        if opts.mode == "bbr":
+            decider = BodyRouter(opts.base_models, opts.max_request_body_bytes)
+        self.servicer = ExtProcServicer(decider, default_body_mode=mode, default_response_mode=mode)
         self.health = HealthServicer()
         self.is_leader = not opts.ha_enable_leader_election
         self.sources: list[Source] = []
@@ -71,7 +75,9 @@ class App:
         if o.endpoint_selector:
             pool_override = pool_from_flags(o.pool_name, o.pool_namespace, o.endpoint_selector,
                                             o.endpoint_target_ports)
-        if o.manifests:
+        if o.mode == "bbr":
+            pass  # body-based routing reads no pool
+        elif o.manifests:
             from epp.sources.files import FileSource
 
             self.sources.append(FileSource(self.datastore, o.manifests, pool_override=pool_override,
@@ -151,7 +157,7 @@ class App:
     async def _update_readiness(self) -> None:
         # every replica serves ext_proc once the pool is loaded; `readiness` (what Kubernetes uses to
         # send traffic) also requires leadership when leader election is on, as the reference does
-        loaded = self.datastore.ready
+        loaded = self.opts.mode == "bbr" or self.datastore.ready
         state = (loaded, loaded and self.is_leader)
         if state == self._ready:
             return
