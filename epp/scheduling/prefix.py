@@ -69,14 +69,14 @@ class PromptBlocks:
         self._hashes: list[int] = []
 
     def upto(self, n: int) -> list[int]:
-        """The list of hashes, holding at least min(n, count) of them (computed in chunks).
+        """The list of hashes, holding at least min(n, count) of them.
 
         The same list object grows in place, so a caller may keep it and call upto() again."""
         hs = self._hashes
         have = len(hs)
         if have >= n or have >= self.count:
             return hs
-        n = min(self.count, max(n, have + 16))
+        n = min(self.count, n)
         h = hs[-1] if hs else self._seed
         data, size = self._data, self._size
         append = hs.append
@@ -299,8 +299,11 @@ def rendezvous_home(key: int, endpoints: Sequence[Endpoint], loads: Sequence[flo
         return -1
     cap = math.ceil((1.0 + epsilon) * (sum(loads) + 1.0) / n)
     weights = [_xxh64(ep.address.encode(), key) for ep in endpoints]
+    best = max(range(n), key=weights.__getitem__)
+    if loads[best] + 1.0 <= cap:  # the usual case: the home has room, no sort needed
+        return best
     order = sorted(range(n), key=weights.__getitem__, reverse=True)
-    for i in order:
+    for i in order[1:]:
         if loads[i] + 1.0 <= cap:
             return i
     return -1
