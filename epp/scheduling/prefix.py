@@ -336,6 +336,12 @@ class PrefixCacheScorer:
         self.index = PrefixIndex(params.max_entries, params.purge_after)
         self.guard: LoadGuard | None = ctx.guard if params.load_guard and ctx.guard.enabled else None
         self._key = f"prefix:{name}"
+        self._scores_key = f"prefix-scores:{name}"
+        # Totals for telemetry: requests routed with a prompt, their blocks, blocks the chosen
+        # endpoint already held (rendezvous: all blocks when sent to the prefix's home).
+        self.routed_requests = 0
+        self.routed_blocks = 0
+        self.hit_blocks = 0
 
     @classmethod
     def parse(cls, p: Params) -> PrefixParams:
@@ -398,16 +404,34 @@ class PrefixCacheScorer:
                 out[home] = 1.0
         else:
             out = self.index.match(blocks, endpoints, 1.0 / blocks.count)
+        cycle.request.scratch[self._scores_key] = (endpoints, out)  # before the guard: for hit stats
         if self.guard is not None:
             out = self.guard.apply(cycle, endpoints, out)
         return out
 
     def on_routed(self, request: SchedulingRequest, endpoint: Endpoint) -> None:
-        if self.p.mode != "index":
-            return
         blocks = self.blocks(request, (endpoint,))
-        if blocks.count:
+        if not blocks.count:
+            return
+        self.routed_requests += 1
+        self.routed_blocks += blocks.count
+        seen = request.scratch.get(self._scores_key)
+        if seen is not None:
+            eps, ratios = seen
+            for i, e in enumerate(eps):
+                if e is endpoint:
+                    self.hit_blocks += round(ratios[i] * blocks.count)
+                    break
+        if self.p.mode == "index":
             self.index.insert(endpoint.address, blocks, self.capacity_for(endpoint))
+
+    def stats(self) -> dict[str, float]:
+        """Index size and hit ratio since start, for the EPP's own metrics."""
+        return {
+            "prefix_index_entries": float(self.index.entries),
+            "prefix_routed_requests": float(self.routed_requests),
+            "prefix_hit_ratio": self.hit_blocks / self.routed_blocks if self.routed_blocks else 0.0,
+        }
 
     def capacity_for(self, endpoint: Endpoint) -> int:
         m = endpoint.metrics

@@ -88,6 +88,7 @@ class ProfileScheduler:
         self._finished = [p.on_finished for p in plugins if hasattr(p, "on_finished")]
         self._forget = [p.forget for p in plugins if hasattr(p, "forget")]
         self._sweepers = [p.sweep for p in plugins if hasattr(p, "sweep")]
+        self._stats = [p.stats for p in plugins if hasattr(p, "stats")]
         self._next_sweep = clock() + SWEEP_INTERVAL
         self._widest: Sequence[Endpoint] = ()  # the largest candidate set seen since the last sweep
 
@@ -145,6 +146,13 @@ class ProfileScheduler:
         """Datastore listener (Datastore.subscribe): forget removed endpoints at once."""
         for ep in removed:
             self.forget(ep.address)
+
+    def stats(self) -> dict[str, float]:
+        """Counters from stateful plugins (prefix index size, hit ratio), for telemetry gauges."""
+        out: dict[str, float] = {}
+        for stats in self._stats:
+            out.update(stats())
+        return out
 
     def _sweep(self, now: float) -> None:
         self._next_sweep = now + SWEEP_INTERVAL

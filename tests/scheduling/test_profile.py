@@ -140,3 +140,15 @@ def test_default_profile_picks_only_candidates(eps):
     assert len(res.endpoints) == 1 and any(res.endpoints[0] is e for e in eps)
     sched.on_routed(r, res.endpoints[0])
     sched.on_finished(r, res.endpoints[0])
+
+
+def test_prefix_stats():
+    sched = build_scheduler(load_config(None), rng=random.Random(7))
+    eps = [ep(1), ep(2)]
+    system = text(64 * 8, 0)
+    route(sched, req(system + text(64 * 8, 1)), eps)  # cold: 0 of 16 blocks
+    route(sched, req(system + text(64 * 8, 2)), eps)  # 8 of 16 blocks held by the chosen pod
+    st = sched.stats()
+    assert st["prefix_routed_requests"] == 2
+    assert st["prefix_hit_ratio"] == 8 / 32
+    assert st["prefix_index_entries"] == 24
