@@ -14,9 +14,15 @@ log = logging.getLogger("epp")
 
 
 async def _serve(opts: Options) -> int:
+    from epp.resources import ResourceError
+    from epp.scheduling.config import ConfigError
     from epp.server import App
 
-    app = App(opts)
+    try:
+        app = App(opts)
+    except (ConfigError, ResourceError, OSError) as e:
+        print(f"epp: error: config: {e}", file=sys.stderr)
+        return 2
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

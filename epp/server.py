@@ -22,8 +22,12 @@ from epp.cli import Options
 from epp.datastore import Datastore
 from epp.director import Director
 from epp.extproc import BUFFERED, DUPLEX, Decider, ExtProcServicer
+from epp.metrics.engines import apply_overrides
+from epp.metrics.scrape import Scraper
 from epp.resources import pool_from_flags
-from epp.scheduling.framework import LeastInflightScheduler, Scheduler
+from epp.scheduling.config import PickerConfig, build_admission, build_scheduler, describe, load_config
+from epp.scheduling.framework import Scheduler
+from epp.scheduling.scorers import pool_serves_adapters
 from epp.telemetry import Telemetry
 
 log = logging.getLogger("epp.server")
@@ -40,16 +44,35 @@ class Source(Protocol):
     async def stop(self) -> None: ...
 
 
+def config_text(opts: Options) -> str | None:
+    """The EndpointPickerConfig YAML from --config-text or --config-file (None: the defaults)."""
+    if opts.config_text:
+        return opts.config_text
+    if opts.config_file:
+        with open(opts.config_file, encoding="utf-8") as f:
+            return f.read()
+    return None
+
+
 class App:
     """One picker process: everything started by start() is stopped by stop()."""
 
     def __init__(self, opts: Options, *, scheduler: Scheduler | None = None) -> None:
+        """Build everything that needs no I/O; raises ConfigError / ResourceError for a bad config."""
         self.opts = opts
+        self.config: PickerConfig = load_config(config_text(opts))
+        self.engines = apply_overrides(self.config.engine_metrics)
         self.datastore = Datastore(opts.pool_name, opts.pool_namespace)
-        self.scheduler: Scheduler = scheduler or LeastInflightScheduler()
+        self.scheduler: Scheduler = scheduler or build_scheduler(
+            self.config, has_lora=lambda: pool_serves_adapters(self.datastore.candidates))
+        forget = getattr(self.scheduler, "on_endpoints_changed", None)
+        if forget is not None:
+            self.datastore.subscribe(forget)
         self.telemetry = Telemetry(pool_name=opts.pool_name)
         self.director = Director(self.datastore, self.scheduler, telemetry=self.telemetry,
+                                 admission=build_admission(self.config),
                                  max_body_bytes=opts.max_request_body_bytes)
+        self.scraper: Scraper | None = None
         mode = BUFFERED if opts.default_body_mode == "buffered" else DUPLEX
         decider: Decider = self.director
         if opts.mode == "bbr":
@@ -88,6 +111,10 @@ class App:
             self.sources.append(self._kube_source(pool_override))
         for src in self.sources:
             await src.start()
+        if o.mode == "epp":
+            self.scraper = Scraper(self.datastore, interval=o.refresh_metrics_interval, engines=self.engines)
+            self.scraper.start()
+            log.info("scheduling profile", extra={"profile": describe(self.config)})
 
         for svc in HEALTH_SERVICES:
             await self.health.set(svc, _NOT_SERVING)
@@ -142,6 +169,8 @@ class App:
         for src in self.sources:
             with contextlib.suppress(Exception):
                 await src.stop()
+        if self.scraper is not None:
+            await self.scraper.stop()
         self.telemetry.close()
         log.info("picker stopped")
 

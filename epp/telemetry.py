@@ -180,17 +180,17 @@ class Telemetry:
         """Recompute pool averages from scrapes younger than `staleness` seconds."""
         now = time.monotonic() if now is None else now
         name = self.pool_name or ds.pool_name
-        fresh = [e for e in ds.endpoints.values() if e.metrics is not None and now - e.metrics.updated <= staleness]
+        fresh = [(e.address, m) for e in ds.endpoints.values()
+                 if (m := e.metrics) is not None and now - m.updated <= staleness]
         self.pool_ready.labels(name).set(len(ds.endpoints))
         if fresh:
             n = len(fresh)
-            self.pool_kv.labels(name).set(sum(e.metrics.kv_usage for e in fresh) / n)  # type: ignore[union-attr]
-            self.pool_queue.labels(name).set(sum(e.metrics.waiting for e in fresh) / n)  # type: ignore[union-attr]
-            self.pool_running.labels(name).set(sum(e.metrics.running for e in fresh) / n)  # type: ignore[union-attr]
-        pods = set()
-        for e in fresh:
-            pods.add(e.address)
-            self.per_pod_queue.labels(name, e.address).set(e.metrics.waiting)  # type: ignore[union-attr]
+            self.pool_kv.labels(name).set(sum(m.kv_usage for _, m in fresh) / n)
+            self.pool_queue.labels(name).set(sum(m.waiting for _, m in fresh) / n)
+            self.pool_running.labels(name).set(sum(m.running for _, m in fresh) / n)
+        for addr, m in fresh:
+            self.per_pod_queue.labels(name, addr).set(m.waiting)
+        pods = {addr for addr, _ in fresh}
         for gone in self._served_pods - pods:
             with contextlib.suppress(KeyError):
                 self.per_pod_queue.remove(name, gone)

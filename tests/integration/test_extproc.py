@@ -222,6 +222,11 @@ async def test_model_rewrite_header_and_objective_priority(start_picker, tmp_pat
     write(tmp_path / "m.yaml", """
         apiVersion: inference.networking.x-k8s.io/v1alpha2
         kind: InferenceObjective
+        metadata: {name: interactive}
+        spec: {priority: 5, poolRef: {name: pool}}
+        ---
+        apiVersion: inference.networking.x-k8s.io/v1alpha2
+        kind: InferenceObjective
         metadata: {name: batch}
         spec: {priority: -5, poolRef: {name: pool}}
         """)
@@ -230,10 +235,16 @@ async def test_model_rewrite_header_and_objective_priority(start_picker, tmp_pat
     orig = app.scheduler.schedule
     app.scheduler.schedule = lambda req, c: (seen.append(req), orig(req, c))[1]  # type: ignore[method-assign]
     replies = await exchange(ch, [request_headers(extra={"x-gateway-model-name-rewrite": "forced",
-                                                         "x-gateway-inference-objective": "batch"}),
+                                                         "x-gateway-inference-objective": "interactive"}),
                                   *body_chunks(chat("m"))])
     assert json.loads(streamed_body(replies)[0])["model"] == "forced"
-    assert seen[0].priority == -5 and seen[0].model == "forced" and seen[0].client_model == "m"
+    assert seen[0].priority == 5 and seen[0].model == "forced" and seen[0].client_model == "m"
+
+    # a sheddable objective while no pod has fresh metrics (counted as saturated): 429 with the reason
+    replies = await exchange(ch, [request_headers(extra={"x-gateway-inference-objective": "batch"}),
+                                  *body_chunks(chat("m"))])
+    ir = replies[0].immediate_response
+    assert ir.status.code == 429 and ir.body.startswith(b"inference error: ResourceExhausted - ")
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,139 @@
+"""Scheduling through the real ext_proc server, with signals scraped from real HTTP metric endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+from aiohttp import web
+
+from tests.extproc_client import body_chunks, chat, exchange, request_headers, set_headers
+
+
+def vllm_page(waiting: float = 0, running: float = 0, kv: float = 0.0, loras: str = "", max_lora: int = 0) -> str:
+    page = (
+        "# TYPE vllm:num_requests_waiting gauge\n"
+        f'vllm:num_requests_waiting{{model_name="base"}} {waiting}\n'
+        "# TYPE vllm:num_requests_running gauge\n"
+        f'vllm:num_requests_running{{model_name="base"}} {running}\n'
+        "# TYPE vllm:kv_cache_usage_perc gauge\n"
+        f'vllm:kv_cache_usage_perc{{model_name="base"}} {kv}\n'
+    )
+    if max_lora:
+        page += ("# TYPE vllm:lora_requests_info gauge\n"
+                 f'vllm:lora_requests_info{{max_lora="{max_lora}",running_lora_adapters="{loras}",'
+                 f'waiting_lora_adapters=""}} {time.time()}\n')
+    return page
+
+
+class MetricServers:
+    """N aiohttp servers on loopback whose /metrics pages the test sets."""
+
+    def __init__(self) -> None:
+        self.pages: dict[str, str] = {}
+        self.runners: list[web.AppRunner] = []
+
+    async def add(self, page: str) -> str:
+        app = web.Application()
+        runner = web.AppRunner(app)
+        holder: dict[str, str] = {}
+
+        async def metrics(_: web.Request) -> web.Response:
+            return web.Response(text=self.pages[holder["addr"]], content_type="text/plain")
+
+        app.router.add_get("/metrics", metrics)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        addr = f"127.0.0.1:{port}"
+        holder["addr"] = addr
+        self.pages[addr] = page
+        self.runners.append(runner)
+        return addr
+
+    async def close(self) -> None:
+        for r in self.runners:
+            await r.cleanup()
+
+
+@pytest.fixture
+async def servers():
+    s = MetricServers()
+    yield s
+    await s.close()
+
+
+async def fresh(app, n: int) -> None:
+    """Wait until every endpoint has been scraped after the pages were set."""
+    t = time.monotonic()
+    for _ in range(200):
+        eps = list(app.datastore.endpoints.values())
+        if len(eps) == n and all(e.metrics is not None and e.metrics.updated > t for e in eps):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("endpoints were not scraped")
+
+
+async def pick(ch, model="m", content="hello", headers=None) -> str:
+    replies = await exchange(ch, [request_headers(extra=headers or {}), *body_chunks(chat(model, content))])
+    r = replies[0]
+    if r.WhichOneof("response") == "immediate_response":
+        return f"{r.immediate_response.status.code}"
+    return set_headers(r)["x-gateway-destination-endpoint"]
+
+
+async def test_shortest_queue_wins(start_picker, servers):
+    a = await servers.add(vllm_page(waiting=9, kv=0.2))
+    b = await servers.add(vllm_page(waiting=0, kv=0.2))
+    c = await servers.add(vllm_page(waiting=4, kv=0.2))
+    app, ch = await start_picker(endpoints=[a, b, c], refresh_metrics_interval=0.02)
+    await fresh(app, 3)
+    # distinct prompts so prefix affinity plays no part; in-flight accounting ends with each exchange
+    assert [await pick(ch, content=f"q{i}") for i in range(5)] == [b] * 5
+
+
+async def test_lora_adapter_wins_despite_higher_kv(start_picker, servers):
+    with_adapter = await servers.add(vllm_page(kv=0.6, loras="sql-lora", max_lora=2))
+    without = await servers.add(vllm_page(kv=0.1, loras="other-a,other-b", max_lora=2))
+    app, ch = await start_picker(endpoints=[with_adapter, without], refresh_metrics_interval=0.02)
+    await fresh(app, 2)
+    assert await pick(ch, model="sql-lora") == with_adapter
+    # an adapter loaded nowhere, both pods with a free slot: LoRA affinity ties, lower KV wins
+    servers.pages[without] = vllm_page(kv=0.1, loras="other-a", max_lora=2)
+    await fresh(app, 2)
+    assert await pick(ch, model="new-lora") == without
+
+
+async def test_shared_prefix_returns_to_its_pod(start_picker, servers):
+    addrs = [await servers.add(vllm_page(kv=0.1)) for _ in range(4)]
+    app, ch = await start_picker(endpoints=addrs, refresh_metrics_interval=0.02)
+    await fresh(app, 4)
+    system = "You are a meticulous assistant. " * 40  # long shared prefix, many 64-char blocks
+    first = await pick(ch, content=system + "question one")
+    later = [await pick(ch, content=system + f"question {i}") for i in range(2, 8)]
+    assert later == [first] * 6
+
+
+async def test_saturated_pool_sheds_sheddable_but_routes_critical(start_picker, servers, tmp_path):
+    (tmp_path / "m.yaml").write_text(json.dumps({
+        "apiVersion": "inference.networking.x-k8s.io/v1alpha2", "kind": "InferenceModel",
+        "metadata": {"name": "crit"}, "spec": {"modelName": "crit", "criticality": "Critical",
+                                               "poolRef": {"name": "pool"}}}) + "\n---\n" + json.dumps({
+        "apiVersion": "inference.networking.x-k8s.io/v1alpha2", "kind": "InferenceObjective",
+        "metadata": {"name": "batch"}, "spec": {"priority": -1, "poolRef": {"name": "pool"}}}))
+    a = await servers.add(vllm_page(waiting=12, kv=0.95))
+    b = await servers.add(vllm_page(waiting=7, kv=0.85))
+    app, ch = await start_picker(endpoints=[a, b], manifests=[str(tmp_path)], refresh_metrics_interval=0.02)
+    await fresh(app, 2)
+    assert await pick(ch, headers={"x-gateway-inference-objective": "batch"}) == "429"
+    assert await pick(ch, model="crit") in (a, b)
+    assert await pick(ch, model="standard") in (a, b)  # priority 0 is never shed
+
+    # headroom again: the same sheddable request is routed
+    servers.pages[a] = vllm_page(waiting=0, kv=0.1)
+    servers.pages[b] = vllm_page(waiting=1, kv=0.2)
+    await fresh(app, 2)
+    assert await pick(ch, headers={"x-gateway-inference-objective": "batch"}) in (a, b)
