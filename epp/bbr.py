@@ -60,5 +60,8 @@ class BodyRouter:
     def served_by(self, ctx: RequestContext, address: str) -> None:
         return None
 
+    def response_headers(self, ctx: RequestContext, served: str | None) -> list[tuple[str, str]]:
+        return []
+
     def finish(self, ctx: RequestContext | None) -> None:
         return None

@@ -19,6 +19,7 @@ from epp.datastore import Datastore, Endpoint
 from epp.models import NoValidTarget
 from epp.resources import CRITICAL_PRIORITY
 from epp.scheduling.framework import Scheduler, SchedulingRequest
+from epp.scheduling.session import encode_session_token
 
 log = logging.getLogger("epp.director")
 
@@ -130,10 +131,12 @@ class Director:
         *,
         admission: Admission | None = None,
         telemetry: Telemetry | None = None,
+        session_header: str | None = None,
         max_body_bytes: int = 16 * 1024 * 1024,
         rng: random.Random | None = None,
     ) -> None:
         self.datastore = datastore
+        self.session_header = session_header
         self.scheduler = scheduler
         self.admission = admission
         self.telemetry = telemetry
@@ -278,6 +281,16 @@ class Director:
             return
         self._release(ctx)
         self._account(ctx, ep)
+
+    def response_headers(self, ctx: RequestContext, served: str | None) -> list[tuple[str, str]]:
+        """Headers to add to the response: the session token, the conformance echo."""
+        out: list[tuple[str, str]] = []
+        address = served or (ctx.served.address if ctx.served is not None else "")
+        if self.session_header and address:
+            out.append((self.session_header, encode_session_token(address.split(",", 1)[0])))
+        if CONFORMANCE_SELECT_HEADER in ctx.sched.headers:
+            out.append((CONFORMANCE_SERVED_HEADER, address))
+        return out
 
     def finish(self, ctx: RequestContext | None) -> None:
         """The request ended (response complete, error, or the stream went away). Idempotent."""

@@ -34,8 +34,6 @@ from google.protobuf import struct_pb2
 
 from epp import openai
 from epp.director import (
-    CONFORMANCE_SELECT_HEADER,
-    CONFORMANCE_SERVED_HEADER,
     DEST_HEADER,
     Rejected,
     RequestContext,
@@ -145,6 +143,8 @@ class Decider(Protocol):
                started: float | None = None) -> Routed | Rejected: ...
 
     def served_by(self, ctx: RequestContext, address: str) -> None: ...
+
+    def response_headers(self, ctx: RequestContext, served: str | None) -> list[tuple[str, str]]: ...
 
     def finish(self, ctx: RequestContext | None) -> None: ...
 
@@ -333,8 +333,8 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
         if ctx.rewritten:
             st.restorer = openai.ModelRestorer(ctx.target_model, ctx.client_model)
             remove.append("content-length")  # the restored body may differ in length
-        if st.headers.get(CONFORMANCE_SELECT_HEADER) is not None:
-            set_headers.append(_hvo(CONFORMANCE_SERVED_HEADER, served or (ctx.served.address if ctx.served else "")))
+        for k, v in self.director.response_headers(ctx, served):
+            set_headers.append(_hvo(k, v))
         if rh.end_of_stream:
             self.director.finish(ctx)
         if not set_headers and not remove:

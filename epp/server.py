@@ -28,6 +28,7 @@ from epp.resources import pool_from_flags
 from epp.scheduling.config import PickerConfig, build_admission, build_scheduler, describe, load_config
 from epp.scheduling.framework import Scheduler
 from epp.scheduling.scorers import pool_serves_adapters
+from epp.scheduling.session import SessionAffinityScorer
 from epp.telemetry import Telemetry
 
 log = logging.getLogger("epp.server")
@@ -42,6 +43,14 @@ class Source(Protocol):
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
+
+
+def session_header(scheduler: Scheduler) -> str | None:
+    """The request header a configured session-affinity scorer reads (the response sets it)."""
+    for ws in getattr(scheduler, "scorers", ()):
+        if isinstance(ws.scorer, SessionAffinityScorer):
+            return str(ws.scorer.header)
+    return None
 
 
 def config_text(opts: Options) -> str | None:
@@ -71,6 +80,7 @@ class App:
         self.telemetry = Telemetry(pool_name=opts.pool_name)
         self.director = Director(self.datastore, self.scheduler, telemetry=self.telemetry,
                                  admission=build_admission(self.config),
+                                 session_header=session_header(self.scheduler),
                                  max_body_bytes=opts.max_request_body_bytes)
         self.scraper: Scraper | None = None
         mode = BUFFERED if opts.default_body_mode == "buffered" else DUPLEX
@@ -141,7 +151,8 @@ class App:
         self.metrics_port = self.telemetry.serve(o.metrics_port, o.bind_address)
         self._tasks.append(asyncio.create_task(self._readiness_loop(), name="readiness"))
         self._tasks.append(asyncio.create_task(self.telemetry.run_pool_refresh(
-            self.datastore, o.refresh_prometheus_metrics_interval, o.metrics_staleness_threshold), name="pool-gauges"))
+            self.datastore, o.refresh_prometheus_metrics_interval, o.metrics_staleness_threshold,
+            prefix_stats=getattr(self.scheduler, "stats", None)), name="pool-gauges"))
         await self._update_readiness()
         log.info("picker started", extra={
             "pool": f"{o.pool_namespace}/{o.pool_name}", "grpc_port": self.grpc_port,

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from epp import __version__
 from epp.datastore import Datastore
 from epp.director import Rejected, RequestContext
+from epp.scheduling.prefix import PREFIX_HIT_BYTES, PREFIX_HIT_RATIO
 
 log = logging.getLogger("epp.telemetry")
 
@@ -144,6 +145,12 @@ class Telemetry:
             c.req_size.observe(ctx.request_size)
         self._sched_ok.inc()
         self.sched_e2e.observe(ctx.sched_seconds)
+        scratch = ctx.sched.scratch
+        if scratch:
+            ratio = scratch.get(PREFIX_HIT_RATIO)
+            if ratio is not None:
+                self.prefix_hit_ratio.observe(ratio)
+                self.prefix_hit_bytes.observe(scratch.get(PREFIX_HIT_BYTES, 0))
         if ctx.rewrite_source != "none" and ctx.client_model != ctx.target_model:
             self.rewrite_decisions.labels(ctx.rewrite_rule, ctx.client_model, ctx.target_model).inc()
 
@@ -176,7 +183,7 @@ class Telemetry:
 
     # ---- pool gauges ------------------------------------------------------------------------
     def refresh_pool(self, ds: Datastore, staleness: float, now: float | None = None,
-                     prefix_stats: Callable[[], int] | None = None) -> None:
+                     prefix_stats: Callable[[], Mapping[str, float]] | None = None) -> None:
         """Recompute pool averages from scrapes younger than `staleness` seconds."""
         now = time.monotonic() if now is None else now
         name = self.pool_name or ds.pool_name
@@ -196,10 +203,10 @@ class Telemetry:
                 self.per_pod_queue.remove(name, gone)
         self._served_pods = pods
         if prefix_stats is not None:
-            self.prefix_size.set(prefix_stats())
+            self.prefix_size.set(prefix_stats().get("prefix_index_entries", 0.0))
 
     async def run_pool_refresh(self, ds: Datastore, interval: float, staleness: float,
-                               prefix_stats: Callable[[], int] | None = None) -> None:
+                               prefix_stats: Callable[[], Mapping[str, float]] | None = None) -> None:
         while True:
             try:
                 self.refresh_pool(ds, staleness, prefix_stats=prefix_stats)

@@ -53,6 +53,10 @@ _xxh64 = xxhash.xxh64_intdigest
 _MISSING = object()
 
 
+PREFIX_HIT_RATIO = "prefix_hit_ratio"  # request.scratch keys set when a routed request was matched
+PREFIX_HIT_BYTES = "prefix_hit_bytes"
+
+
 class PromptBlocks:
     """A prompt's chained block hashes, computed on demand: matching usually stops early, and the
     rest is only needed when the request is routed (index insert)."""
@@ -420,7 +424,11 @@ class PrefixCacheScorer:
             eps, ratios = seen
             for i, e in enumerate(eps):
                 if e is endpoint:
-                    self.hit_blocks += round(ratios[i] * blocks.count)
+                    hit = round(ratios[i] * blocks.count)
+                    self.hit_blocks += hit
+                    # per-request figures for the picker's own metrics (telemetry reads them)
+                    request.scratch[PREFIX_HIT_RATIO] = ratios[i]
+                    request.scratch[PREFIX_HIT_BYTES] = hit * blocks._size
                     break
         if self.p.mode == "index":
             self.index.insert(endpoint.address, blocks, self.capacity_for(endpoint))

@@ -137,3 +137,63 @@ async def test_saturated_pool_sheds_sheddable_but_routes_critical(start_picker, 
     servers.pages[b] = vllm_page(waiting=1, kv=0.2)
     await fresh(app, 2)
     assert await pick(ch, headers={"x-gateway-inference-objective": "batch"}) in (a, b)
+
+
+SESSION_CONFIG = """
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: session-affinity-scorer
+- type: max-score-picker
+  parameters: {maxNumOfEndpoints: 2}
+schedulingProfiles:
+- name: default
+  plugins:
+  - {pluginRef: queue-scorer, weight: 1}
+  - {pluginRef: session-affinity-scorer, weight: 5}
+  - {pluginRef: max-score-picker}
+"""
+
+
+async def test_session_token_set_on_response_and_followed(start_picker, servers):
+    from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+
+    from tests.extproc_client import response_headers
+
+    addrs = [await servers.add(vllm_page()) for _ in range(3)]
+    app, ch = await start_picker(endpoints=addrs, refresh_metrics_interval=0.02, config_text=SESSION_CONFIG)
+    await fresh(app, 3)
+    call = ep_grpc.ExternalProcessorStub(ch).Process()
+    await call.write(request_headers())
+    for m in body_chunks(chat()):
+        await call.write(m)
+    first = set_headers(await call.read())["x-gateway-destination-endpoint"].split(",")
+    assert len(first) == 2  # maxNumOfEndpoints from the config: a fallback follows the primary
+    await call.read()
+    await call.write(response_headers())
+    token = {h.header.key: h.header.raw_value.decode()
+             for h in (await call.read()).response_headers.response.header_mutation.set_headers}["x-session-token"]
+    await call.done_writing()
+    await call.read()
+    # the session's pod gets a longer queue, yet the token keeps the session there
+    servers.pages[first[0]] = vllm_page(waiting=3)
+    await fresh(app, 3)
+    for i in range(4):
+        dest = await pick(ch, content=f"turn {i}", headers={"x-session-token": token})
+        assert dest.split(",")[0] == first[0]
+
+
+async def test_prefix_hit_metrics_observed(start_picker, servers):
+    addrs = [await servers.add(vllm_page()) for _ in range(2)]
+    app, ch = await start_picker(endpoints=addrs, refresh_metrics_interval=0.02)
+    await fresh(app, 2)
+    prompt = "shared system prompt " * 30
+    for i in range(3):
+        await pick(ch, content=prompt + str(i))
+    h = app.telemetry.prefix_hit_ratio.collect()[0]
+    count = [s.value for s in h.samples if s.name.endswith("_count")][0]
+    total = [s.value for s in h.samples if s.name.endswith("_sum")][0]
+    assert count == 3 and total > 1.0  # the 2nd and 3rd requests matched most of their blocks
+    app.telemetry.refresh_pool(app.datastore, 2.0, prefix_stats=app.scheduler.stats)
+    assert app.telemetry.prefix_size.collect()[0].samples[0].value > 0
