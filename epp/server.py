@@ -121,6 +121,15 @@ class App:
             self.sources.append(self._kube_source(pool_override))
         for src in self.sources:
             await src.start()
+        if o.ha_enable_leader_election and o.mode == "epp":
+            from epp.sources.leader import LeaderElector, lease_name
+
+            # followers keep watching, scraping and serving ext_proc, so a failover starts warm;
+            # only `readiness` follows leadership
+            lease = lease_name(o.pool_name, o.pool_namespace)
+            self.sources.append(LeaderElector(namespace=o.pool_namespace, name=lease, on_change=self.set_leader,
+                                              kubeconfig=o.kubeconfig or None))
+            await self.sources[-1].start()
         if o.mode == "epp":
             self.scraper = Scraper(self.datastore, interval=o.refresh_metrics_interval, engines=self.engines)
             self.scraper.start()
