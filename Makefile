@@ -3,25 +3,62 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+STAMP := $(VENV)/.installed
 
-.PHONY: install test lint typecheck run demo bench bench-full clean
+.PHONY: install test lint typecheck run demo demo-rr bench bench-full generate check-generated clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-install: $(BIN)/python
+# reinstall only when the dependency list changes
+$(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check epp tests bench
+	$(BIN)/ruff check epp tests bench deploy
 	$(BIN)/mypy epp
 
+typecheck: install
+	$(BIN)/mypy epp
+
+# the picker alone on the embedded no-cluster example (plaintext ext_proc on :9002)
 run: install
 	$(BIN)/python -m epp --pool-name demo-pool --manifests deploy/examples/no-cluster.yaml --secure-serving=false
+
+# 4 simulated model servers + the picker + a real Envoy, ~30 s of mixed traffic, then a report
+demo: install
+	$(BIN)/python -m epp.demo --seconds 30
+
+demo-rr: install
+	$(BIN)/python -m epp.demo --seconds 30 --policy round-robin
+
+bench: install
+	$(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/python bench/routing_quality.py --quick
+	$(BIN)/python bench/extproc_cost.py 3
+
+bench-full: install
+	$(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/python bench/routing_quality.py
+	$(BIN)/python bench/extproc_cost.py 6 --repeat 3
+	$(BIN)/python bench/sched_decision.py
+	$(BIN)/python bench/metrics_parse.py
+
+# regenerate committed artefacts (CRDs, the standalone chart's Envoy configs); check = verify only
+generate: install
+	$(BIN)/python deploy/crds/generate.py
+	$(BIN)/python deploy/charts/standalone/generate.py
+
+check-generated: install
+	$(BIN)/python deploy/crds/generate.py --check
+	$(BIN)/python deploy/charts/standalone/generate.py --check
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
