@@ -143,7 +143,22 @@ class App:
         ep_grpc.add_ExternalProcessorServicer_to_server(self.servicer, main)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, main)
         addr = f"{o.bind_address}:{o.grpc_port}"
-        if o.secure_serving:
+        if o.secure_serving and o.enable_cert_reload and o.cert_path:
+            reloader = tls.ReloadingCert(o.cert_path)
+            self.cert = reloader.current
+
+            def fetch() -> grpc.ServerCertificateConfiguration | None:
+                pair = reloader.fetch()
+                if pair is None:
+                    return None
+                self.cert = pair
+                log.info("serving certificate reloaded", extra={"path": o.cert_path})
+                return grpc.ssl_server_certificate_configuration([(pair.key, pair.cert)])
+
+            creds = grpc.dynamic_ssl_server_credentials(
+                grpc.ssl_server_certificate_configuration([(self.cert.key, self.cert.cert)]), fetch)
+            self.grpc_port = main.add_secure_port(addr, creds)
+        elif o.secure_serving:
             self.cert = (tls.load_dir(o.cert_path) if o.cert_path else None) or tls.self_signed()
             creds = grpc.ssl_server_credentials([(self.cert.key, self.cert.cert)])
             self.grpc_port = main.add_secure_port(addr, creds)

@@ -60,3 +60,35 @@ def load_dir(path: str) -> KeyPair | None:
         return None
     with open(crt, "rb") as f1, open(key, "rb") as f2:
         return KeyPair(cert=f1.read(), key=f2.read())
+
+
+class ReloadingCert:
+    """Serves tls.crt/tls.key from a directory, re-read when either file changes (cert-manager
+    or a rotated Secret); gRPC asks at each new TLS handshake, so open streams are unaffected."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._stamp = self._mtimes()
+        pair = load_dir(path)
+        if pair is None:
+            raise FileNotFoundError(f"{path}: tls.crt and tls.key are required for certificate reload")
+        self.current = pair
+
+    def _mtimes(self) -> tuple[int, int]:
+        try:
+            return (os.stat(os.path.join(self.path, "tls.crt")).st_mtime_ns,
+                    os.stat(os.path.join(self.path, "tls.key")).st_mtime_ns)
+        except OSError:
+            return (0, 0)
+
+    def fetch(self) -> KeyPair | None:
+        """The new pair when the files changed and load cleanly, else None (keep the current one)."""
+        stamp = self._mtimes()
+        if stamp == self._stamp:
+            return None
+        pair = load_dir(self.path)
+        if pair is None:
+            return None
+        self._stamp = stamp
+        self.current = pair
+        return pair
