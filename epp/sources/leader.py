@@ -15,6 +15,7 @@ was leader). Lease API calls run in threads with short timeouts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -105,6 +106,8 @@ class LeaderElector:
         self._observed_at = 0.0
         self._lock = threading.Lock()  # one Lease round-trip at a time (a timed-out one may still run)
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._wake = asyncio.Event()  # set by stop() to cut a retry-period sleep short
         self._state = ""
         self._leases: Any = None  # CoordinationV1Api; raw dict bodies and responses
 
@@ -121,6 +124,8 @@ class LeaderElector:
 
     async def stop(self, release: bool = True) -> None:
         """Stop campaigning; as leader, release the Lease (unless `release` is False) and step down."""
+        self._stopping = True
+        self._wake.set()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -134,17 +139,27 @@ class LeaderElector:
             self._set(False)
 
     # ---- the campaign ------------------------------------------------------------------------
+    async def _attempt(self) -> tuple[bool, bool]:
+        """One Lease round-trip in a thread, bounded by half the renew deadline."""
+        fut = asyncio.ensure_future(asyncio.to_thread(self._try))
+        # asyncio.wait, not wait_for: on 3.11 wait_for can swallow a cancellation that races completion.
+        done, _ = await asyncio.wait({fut}, timeout=self.timing.renew_deadline / 2)
+        if fut not in done:
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieve it later, quietly
+            self._log_state("timeout", logging.WARNING, "lease request timed out")
+            return False, False
+        try:
+            return fut.result()
+        except Exception as e:  # never let the campaign die
+            self._log_state(f"error:{type(e).__name__}", logging.WARNING, "lease request failed", error=str(e))
+            return False, False
+
     async def _run(self) -> None:
         t = self.timing
-        while True:
-            try:
-                ok, other = await asyncio.wait_for(asyncio.to_thread(self._try), t.renew_deadline / 2)
-            except TimeoutError:
-                ok, other = False, False
-                self._log_state("timeout", logging.WARNING, "lease request timed out")
-            except Exception as e:  # never let the campaign die
-                ok, other = False, False
-                self._log_state(f"error:{type(e).__name__}", logging.WARNING, "lease request failed", error=str(e))
+        while not self._stopping:
+            ok, other = await self._attempt()
+            if self._stopping:
+                break
             now = time.monotonic()
             if ok:
                 self._last_renew = now
@@ -159,7 +174,8 @@ class LeaderElector:
                 )
                 self._set(False)
             delay = t.retry_period if self._leader else t.retry_period * random.uniform(1.0, 1.2)
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
 
     def _set(self, leader: bool) -> None:
         if leader == self._leader:

@@ -498,6 +498,10 @@ class ApiServer:
         with self.lock:
             self._injected.append([method.upper(), re.compile(path_regex), status, times, reason])
 
+    def clear_injected(self) -> None:
+        with self.lock:
+            self._injected.clear()
+
     def watch_count(self, path_contains: str = "") -> int:
         with self.lock:
             return sum(1 for w in self.watchers if path_contains in w.path)
