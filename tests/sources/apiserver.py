@@ -183,6 +183,24 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return out
 
 
+def strategic_merge(target: Any, patch: Any) -> Any:
+    """Merge patch where `conditions` lists merge by `type`, as strategic merge does for them."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = dict(target) if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        elif k == "conditions" and isinstance(v, list) and isinstance(out.get(k), list):
+            merged = {c.get("type"): dict(c) for c in out[k] if isinstance(c, dict)}
+            for c in v:
+                merged[c.get("type")] = {**merged.get(c.get("type"), {}), **c}
+            out[k] = list(merged.values())
+        else:
+            out[k] = strategic_merge(out.get(k), v)
+    return out
+
+
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -245,11 +263,15 @@ class ApiServer:
         token: str = "test-token",
         watch_410_as_http: bool = False,
         bookmark_interval: float | None = None,
+        kubelet: bool = False,
     ) -> None:
         self.types = {(t.group, t.plural): t for t in types}
         self.token = token
         self.watch_410_as_http = watch_410_as_http  # answer a too-old watch RV with HTTP 410 instead of an event
         self.bookmark_interval = bookmark_interval
+        self.kubelet = kubelet  # pods created over HTTP get an IP; Ready follows their readiness gates
+        self._next_ip = 0
+        self.namespaces: set[str] = {"default"}
         self.lock = threading.RLock()
         self.rv = 1
         self.compacted_rv = 0
@@ -525,6 +547,18 @@ class ApiServer:
             return None
 
 
+def _kubelet_ready(pod: dict[str, Any]) -> None:
+    """Ready = every readiness gate's condition is True (the containers are taken to be ready)."""
+    status = pod.setdefault("status", {}) or {}
+    pod["status"] = status
+    conds = [c for c in status.get("conditions") or [] if c.get("type") != "Ready"]
+    by_type = {c.get("type"): c.get("status") for c in conds}
+    gates = [g.get("conditionType") for g in (pod.get("spec") or {}).get("readinessGates") or []]
+    ready = all(by_type.get(g) == "True" for g in gates)
+    conds.append({"type": "Ready", "status": "True" if ready else "False"})
+    status["conditions"] = conds
+
+
 def _bookmark(w: _Watcher, rv: int) -> dict[str, Any]:
     return {
         "type": "BOOKMARK",
@@ -566,6 +600,7 @@ def _translate(w: _Watcher, ch: _Change) -> dict[str, Any] | None:
     return {"type": typ, "object": _served(ch.new, w.rtype, w.version)}
 
 
+_NAMESPACES = re.compile(r"^/api/v1/namespaces(?:/([^/]+))?$")
 _CORE = re.compile(r"^/api/v1/namespaces/([^/]+)/([^/]+)(?:/([^/]+))?(?:/([^/]+))?$")
 _GROUP = re.compile(r"^/apis/([^/]+)/([^/]+)/namespaces/([^/]+)/([^/]+)(?:/([^/]+))?(?:/([^/]+))?$")
 
@@ -594,10 +629,45 @@ def _make_handler(api: ApiServer) -> type[BaseHTTPRequestHandler]:
         def _error(self, code: int, reason: str, message: str) -> None:
             self._send_json(code, status_body(code, reason, message))
 
-        def _body(self) -> Any:
+        def _read_body(self) -> Any:
             n = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(n) if n else b""
             return json.loads(raw) if raw else None
+
+        def _body(self) -> Any:
+            return self._req_body
+
+        def _namespaces(self, method: str, name: str | None) -> None:
+            """Namespaces, enough for a test to make and remove its own (deleting removes its objects)."""
+            if method == "POST" and name is None:
+                ns = (self._body() or {}).get("metadata", {}).get("name")
+                if not ns:
+                    self._error(422, "Invalid", "metadata.name: Required value")
+                    return
+                with api.lock:
+                    if ns in api.namespaces:
+                        self._error(409, "AlreadyExists", f'namespaces "{ns}" already exists')
+                        return
+                    api.namespaces.add(ns)
+                body = {
+                    "apiVersion": "v1",
+                    "kind": "Namespace",
+                    "metadata": {"name": ns},
+                    "status": {"phase": "Active"},
+                }
+                self._send_json(201, body)
+            elif method == "DELETE" and name is not None:
+                with api.lock:
+                    api.namespaces.discard(name)
+                    for (group, plural), store in api.objects.items():
+                        rtype = api.types[(group, plural)]
+                        for key, obj in list(store.items()):
+                            if key[0] == name:
+                                api._commit(rtype, "DELETED", obj, copy.deepcopy(obj))
+                body = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+                self._send_json(200, body)
+            else:
+                self._error(405, "MethodNotAllowed", f"{method} is not supported here")
 
         def _route(self) -> tuple[ResourceType, str, str, str | None, str | None] | None:
             path = urlsplit(self.path).path
@@ -626,17 +696,23 @@ def _make_handler(api: ApiServer) -> type[BaseHTTPRequestHandler]:
             query = parse_qs(parts.query)
             with api.lock:
                 api.requests.append((method, parts.path, query))
+            try:  # read any body first (DELETE carries DeleteOptions): keep-alive needs it consumed
+                self._req_body = self._read_body()
+            except ValueError:
+                self._error(400, "BadRequest", "request body is not JSON")
+                return
             if self.headers.get("Authorization") != f"Bearer {api.token}":
                 self._error(401, "Unauthorized", "Unauthorized")
                 return
             inj = api._take_injected(method, parts.path)
             if inj is not None:
-                self._body() if method in ("POST", "PUT", "PATCH") else None
                 self._error(inj[0], inj[1], f"injected {inj[0]}")
+                return
+            if _NAMESPACES.match(parts.path):
+                self._namespaces(method, _NAMESPACES.match(parts.path).group(1))  # type: ignore[union-attr]
                 return
             route = self._route()
             if route is None:
-                self._body() if method in ("POST", "PUT", "PATCH") else None
                 self._error(404, "NotFound", "the server could not find the requested resource")
                 return
             rtype, version, ns, name, sub = route
@@ -846,6 +922,12 @@ def _make_handler(api: ApiServer) -> type[BaseHTTPRequestHandler]:
                 return
             body["metadata"]["namespace"] = ns
             body["apiVersion"], body["kind"] = rtype.api_version(version), rtype.kind
+            if api.kubelet and rtype.plural == "pods":
+                with api.lock:
+                    api._next_ip += 1
+                    n = api._next_ip
+                body["status"] = {"phase": "Running", "podIP": f"10.244.{n >> 8}.{n & 255}", "conditions": []}
+                _kubelet_ready(body)
             try:
                 created = api.create(body)
             except KeyError:
@@ -881,10 +963,16 @@ def _make_handler(api: ApiServer) -> type[BaseHTTPRequestHandler]:
                         "and try again",
                     )
                     return
-                new = merge_patch(cur, body) if method == "PATCH" else copy.deepcopy(body)
+                if method == "PATCH":
+                    merge = strategic_merge if ctype == "application/strategic-merge-patch+json" else merge_patch
+                    new = merge(cur, body)
+                else:
+                    new = copy.deepcopy(body)
                 new.setdefault("metadata", {})
                 new["metadata"]["name"], new["metadata"]["namespace"] = name, ns
                 new["apiVersion"], new["kind"] = cur["apiVersion"], rtype.kind
+                if api.kubelet and rtype.plural == "pods":
+                    _kubelet_ready(new)
                 out = api.update(new, status=status)
             self._send_json(200, _served(out, rtype, version))
 
@@ -1000,3 +1088,29 @@ def iter_pods(
 ) -> Iterator[dict[str, Any]]:
     for i in range(n):
         yield pod(f"{prefix}-{i}", f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}", labels, namespace=namespace)
+
+
+def main() -> None:
+    """Serve the emulator until interrupted: `python -m tests.sources.apiserver KUBECONFIG [--kubelet]`.
+
+    Handy for pointing the opt-in real-cluster suite at it (EPP_TEST_KUBECONFIG=KUBECONFIG), which
+    checks that suite's own code paths; it is no substitute for a real cluster.
+    """
+    import sys
+
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    if not args:
+        raise SystemExit("usage: python -m tests.sources.apiserver KUBECONFIG [--kubelet]")
+    api = ApiServer(kubelet="--kubelet" in sys.argv)
+    api.start()
+    api.write_kubeconfig(Path(args[0]))
+    print(f"serving {api.url}; kubeconfig {args[0]}", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        api.stop()
+
+
+if __name__ == "__main__":
+    main()
