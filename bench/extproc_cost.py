@@ -1,8 +1,11 @@
 """Server CPU per routed request of the picker, side by side with the do-nothing floor, in one run.
 
-The picker runs as `python -m epp` (plaintext, N static endpoints, least-in-flight scheduler) in a
-child pinned to CPU 0; this process drives it from CPU 1 over real gRPC with the same message plan
-as ../shared/bench-floor/floor_profiles.py, and reads the child's CPU time from /proc.
+The picker runs as `python -m epp` (plaintext, N static endpoints, the default scheduling profile)
+in a child pinned to CPU 0; this process drives it from CPU 1 over real gRPC with the same message
+plan as ../shared/bench-floor/floor_profiles.py, and reads the child's CPU time from /proc.
+The endpoints are N ports of one small metrics server on 127.0.0.1 (a vLLM-shaped page), so the
+picker scrapes and scores as in production. The scraper's steady cost is measured with no traffic
+first and reported apart ("scrape"); "net" is the CPU per request above it.
   duplex  : request headers, 1 KB chat body (EoS), response headers (SSE), 4 response chunks
   buffered: request headers (answered at once), body (answered with the route), response headers
   lean    : request headers, body; no response phases (envoyconf's lean profile)
@@ -107,13 +110,46 @@ def wait_port(port: int, timeout: float = 20) -> None:
     raise RuntimeError("picker did not start")
 
 
-def measure(profile: str, secs: float, endpoints: int, prompt_bytes: int, conc: int) -> tuple[float, float]:
+METRICS_SERVER = r'''
+import asyncio, sys
+from aiohttp import web
+PAGE = ("# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{model_name=\"m\"} 1\n"
+        "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name=\"m\"} 3\n"
+        "# TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc{model_name=\"m\"} 0.3\n")
+async def main():
+    app = web.Application()
+    app.router.add_get("/metrics", lambda r: web.Response(text=PAGE))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    ports = []
+    for _ in range(int(sys.argv[1])):
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+    print(",".join(str(a[1]) for a in runner.addresses), flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main())
+'''
+
+
+def metrics_server(n: int) -> tuple[subprocess.Popen[str], list[str]]:
+    """N loopback ports serving a vLLM-shaped /metrics page, in a child on CPU 1."""
+    p = subprocess.Popen(["taskset", "-c", "1", sys.executable, "-c", METRICS_SERVER, str(n)],
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None
+    ports = p.stdout.readline().strip().split(",")
+    return p, [f"127.0.0.1:{port}" for port in ports]
+
+
+def measure(profile: str, secs: float, endpoints: int, prompt_bytes: int, conc: int) -> tuple[float, float, float]:
+    """(req/s, CPU µs per request above the scraper's idle cost, scraper CPU share of a core)."""
     port = free_port()
-    eps = ",".join(f"10.0.{i // 250}.{i % 250 + 1}:8000" for i in range(endpoints))
+    ms, addrs = metrics_server(endpoints)
+    eps = ",".join(addrs)
     cmd = ["taskset", "-c", "0", sys.executable, "-m", "epp", "--pool-name", "bench", "--endpoints", eps,
            "--secure-serving=false", "--grpc-port", str(port), "--grpc-health-port", "0", "--metrics-port", "0",
            "--bind-address", "127.0.0.1", "--log-level", "warning"]
     p = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+    hz = os.sysconf("SC_CLK_TCK")
     try:
         wait_port(port)
         os.sched_setaffinity(0, {1})
@@ -121,12 +157,17 @@ def measure(profile: str, secs: float, endpoints: int, prompt_bytes: int, conc: 
         steps = plan(profile, prompt_bytes)
         asyncio.run(drive(addr, steps, 0.5, 4))  # warm-up
         t0, c0 = time.perf_counter(), ticks(p.pid)
+        time.sleep(min(3.0, secs))  # no traffic: what scraping alone costs
+        idle = (ticks(p.pid) - c0) / hz / (time.perf_counter() - t0)
+        t0, c0 = time.perf_counter(), ticks(p.pid)
         n = asyncio.run(drive(addr, steps, secs, conc))
-        el, cpu = time.perf_counter() - t0, (ticks(p.pid) - c0) / os.sysconf("SC_CLK_TCK")
+        el, cpu = time.perf_counter() - t0, (ticks(p.pid) - c0) / hz
     finally:
         p.terminate()
         p.wait()
-    return n / el, cpu / max(n, 1) * 1e6
+        ms.terminate()
+        ms.wait()
+    return n / el, max(0.0, cpu - idle * el) / max(n, 1) * 1e6, idle
 
 
 def main() -> None:
@@ -140,7 +181,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1)
     a = ap.parse_args()
     floor: dict[str, tuple[float, float]] = {}
-    ours: dict[str, tuple[float, float]] = {}
+    ours: dict[str, tuple[float, float, float]] = {}
     profiles = a.profiles.split(",")
     for _ in range(max(1, a.repeat)):
         if not a.no_floor and os.path.exists(FLOOR):
@@ -150,18 +191,19 @@ def main() -> None:
                 if m and (m.group(1) not in floor or float(m.group(3)) < floor[m.group(1)][1]):
                     floor[m.group(1)] = (float(m.group(2)), float(m.group(3)))
         for profile in profiles:
-            rps, us = measure(profile, a.seconds, a.endpoints, a.prompt_bytes, a.concurrency)
+            rps, us, idle = measure(profile, a.seconds, a.endpoints, a.prompt_bytes, a.concurrency)
             if profile not in ours or us < ours[profile][1]:
-                ours[profile] = (rps, us)
+                ours[profile] = (rps, us, idle)
     for name, (rps, us) in floor.items():
         print(f"floor  {name:9s} req/s {rps:6.0f}  server cpu-us/request {us:5.0f}  req/s per core {1e6 / us:6.0f}")
     floor_for = {"duplex": "duplex", "buffered": "buffered", "lean": "buffered"}
     for profile in profiles:
-        rps, us = ours[profile]
+        rps, us, idle = ours[profile]
         ref = floor.get(floor_for[profile])
         ratio = f"  = {us / ref[1]:4.2f}x floor({floor_for[profile]})" if ref else ""
-        print(f"epp    {profile:9s} req/s {rps:6.0f}  server cpu-us/request {us:5.0f}  "
-              f"req/s per core {1e6 / us:6.0f}{ratio}  ({a.endpoints} endpoints, {a.prompt_bytes} B prompt)")
+        print(f"epp    {profile:9s} req/s {rps:6.0f}  server cpu-us/request {us:5.0f} net  "
+              f"req/s per core {1e6 / us:6.0f}{ratio}  (scrape {idle * 100:.1f}% of a core; "
+              f"{a.endpoints} endpoints, {a.prompt_bytes} B prompt)")
 
 
 if __name__ == "__main__":
