@@ -66,7 +66,7 @@ def serve() -> None:
             obj = api.set_pod_ready(cmd["name"], cmd["ready"])
             key = (cmd["name"], obj["metadata"]["resourceVersion"])
             with cond:
-                cond.wait_for(lambda: key in sent, timeout=10)
+                cond.wait_for(lambda key=key: key in sent, timeout=10)
                 reply["sent_ns"] = sent.pop(key, None)
         elif cmd["cmd"] == "burst":
             for i in range(cmd["pool"]):
@@ -95,7 +95,7 @@ def rss_kib() -> int:
 
 def pct(values: list[float], p: float) -> float:
     s = sorted(values)
-    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
 
 
 class Child:

@@ -75,6 +75,8 @@ class Item:
 
 def convert(raw: dict[str, Any], namespace: str) -> Item:
     """Parse one raw object; never raises (a bad object becomes an Item with `error`)."""
+    if not isinstance(raw, dict):
+        return Item("?", "", None, ResourceError("", f"expected an object, got {type(raw).__name__}"))
     md_raw = raw.get("metadata")
     md: dict[str, Any] = md_raw if isinstance(md_raw, dict) else {}
     key = f"{md.get('namespace') or namespace}/{md.get('name') or ''}"

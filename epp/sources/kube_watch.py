@@ -68,10 +68,22 @@ class WatchTiming:
     absent_retry: float = 60.0  # 404: how often to look again for a resource that is not served
 
 
+def _chunks(resp: Any) -> Iterator[bytes]:
+    """Bytes of a watch response as they arrive (not when a buffer fills)."""
+    if getattr(resp, "chunked", True) or not hasattr(resp, "read1"):
+        yield from resp.stream(amt=None, decode_content=False)  # one HTTP chunk at a time
+        return
+    while True:  # no chunked encoding (a proxy in between): whatever the socket has
+        data = resp.read1(65536)
+        if not data:
+            return
+        yield data
+
+
 def _lines(resp: Any) -> Iterator[bytes]:
-    """Lines of a chunked watch response as they arrive."""
+    """Lines of a watch response as they arrive."""
     buf = b""
-    for chunk in resp.stream(amt=None, decode_content=False):
+    for chunk in _chunks(resp):
         buf += chunk
         while True:
             i = buf.find(b"\n")

@@ -269,6 +269,7 @@ class ApiServer:
         self.token = token
         self.watch_410_as_http = watch_410_as_http  # answer a too-old watch RV with HTTP 410 instead of an event
         self.bookmark_interval = bookmark_interval
+        self.chunked_watch = True  # False: watch bodies end by closing the connection (no chunking)
         self.kubelet = kubelet  # pods created over HTTP get an IP; Ready follows their readiness gates
         self._next_ip = 0
         self.namespaces: set[str] = {"default"}
@@ -861,9 +862,14 @@ def _make_handler(api: ApiServer) -> type[BaseHTTPRequestHandler]:
                     api.watchers.discard(w)
 
         def _stream(self, w: _Watcher, timeout: float) -> None:
+            chunked = api.chunked_watch
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
-            self.send_header("Transfer-Encoding", "chunked")
+            if chunked:
+                self.send_header("Transfer-Encoding", "chunked")
+            else:  # a body delimited by closing the connection, as some proxies relay it
+                self.send_header("Connection", "close")
+                self.close_connection = True
             self.end_headers()
             self.wfile.flush()
             deadline = time.monotonic() + timeout
@@ -897,7 +903,7 @@ def _make_handler(api: ApiServer) -> type[BaseHTTPRequestHandler]:
                     break
                 data = (json.dumps(item) + "\n").encode()
                 try:
-                    self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
                     self.wfile.flush()
                 except OSError:
                     self.close_connection = True
@@ -905,7 +911,8 @@ def _make_handler(api: ApiServer) -> type[BaseHTTPRequestHandler]:
                 if api.on_sent is not None:
                     api.on_sent(item["type"], item["object"], time.perf_counter())
             with suppress(OSError):
-                self.wfile.write(b"0\r\n\r\n")
+                if chunked:
+                    self.wfile.write(b"0\r\n\r\n")
                 self.wfile.flush()
 
         def _client_gone(self) -> bool:

@@ -199,6 +199,16 @@ async def test_pool_from_flags_watches_no_pool(api: ApiServer, make_source: Make
     assert not api.requests_to("/inferencepools")
 
 
+async def test_events_flow_without_chunked_encoding(api: ApiServer, make_source: Make) -> None:
+    # a proxy may relay the watch body unchunked: events must still arrive one by one, not at the end
+    api.chunked_watch = False
+    api.create(pool_v1(POOL, SEL, [8000]))
+    api.create(pod("a", "10.0.0.1", SEL))
+    _, ds = await make_source()
+    api.set_pod_ready("a", False)
+    await wait_for(lambda: not ds.endpoints, timeout=3, what="event seen before the stream ends")
+
+
 # ---- watch robustness ----------------------------------------------------------------------------
 async def test_watch_dropped_mid_stream_resumes_without_losing_events(api: ApiServer, make_source: Make) -> None:
     api.create(pool_v1(POOL, SEL, [8000]))
