@@ -162,7 +162,8 @@ async def gateway(tmp_path: Path, start_picker: Any) -> AsyncIterator[GatewayFac
 
     Keyword arguments: `sims` (a count, or a list of SimServerConfig), `scheduler` (default
     least-in-flight, one endpoint), `manifests` (YAML text for the picker's --manifests),
-    `endpoints` (what the picker is told, default the simulators' addresses), `envoy_endpoints`
+    `endpoints` (what the picker is told, default the simulators' addresses), `extra_endpoints`
+    (addresses put first in that list, e.g. a dead pod), `envoy_endpoints`
     (the pool's static endpoints in Envoy, for override_host), `failure_mode`, `profile`, `routing`,
     `picker_tls`, `config_edit` (a function given the bootstrap dict to change before Envoy starts).
     """
@@ -175,6 +176,7 @@ async def gateway(tmp_path: Path, start_picker: Any) -> AsyncIterator[GatewayFac
             scheduler: Scheduler | None = None,
             manifests: str | None = None,
             endpoints: Sequence[str] | None = None,
+            extra_endpoints: Sequence[str] = (),
             envoy_endpoints: Sequence[str] | None = None,
             failure_mode: str = "FailClose",
             profile: str = "duplex",
@@ -187,7 +189,7 @@ async def gateway(tmp_path: Path, start_picker: Any) -> AsyncIterator[GatewayFac
                 if isinstance(sims, int) else list(sims)
             )
             servers = [await stack.enter_async_context(SimServer(cfg)) for cfg in configs]
-            addrs = list(endpoints) if endpoints is not None else [s.address for s in servers]
+            addrs = list(extra_endpoints) + (list(endpoints) if endpoints is not None else [s.address for s in servers])
             recording = Recording(scheduler or LeastInflightScheduler())
             kw: dict[str, Any] = {"endpoints": addrs, "secure_serving": picker_tls}
             if manifests is not None:
