@@ -10,7 +10,7 @@ import pytest
 
 from epp.datastore import Endpoint
 from epp.scheduling.framework import SchedulingRequest, SchedulingResult
-from tests.e2e.conftest import MODEL, E2E, GatewayFactory, free_port, needs_envoy
+from tests.e2e.conftest import E2E, MODEL, GatewayFactory, free_port, needs_envoy
 from tests.e2e.test_routing import chat
 
 pytestmark = [pytest.mark.envoy, needs_envoy]
