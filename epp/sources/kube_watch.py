@@ -68,6 +68,17 @@ class WatchTiming:
     absent_retry: float = 60.0  # 404: how often to look again for a resource that is not served
 
 
+def _socket_of(resp: Any) -> socket.socket | None:
+    """The socket under a streaming urllib3 response, to shut it down from another thread."""
+    if resp is None:
+        return None
+    sock = getattr(getattr(resp, "connection", None), "sock", None)
+    if sock is None:  # a `Connection: close` body: http.client left the socket only with the response
+        raw = getattr(getattr(getattr(resp, "_fp", None), "fp", None), "raw", None)
+        sock = getattr(raw, "_sock", None)
+    return sock if isinstance(sock, socket.socket) else None
+
+
 def _chunks(resp: Any) -> Iterator[bytes]:
     """Bytes of a watch response as they arrive (not when a buffer fills)."""
     if getattr(resp, "chunked", True) or not hasattr(resp, "read1"):
@@ -129,13 +140,10 @@ class Reflector(Generic[T]):
         """Stop delivering now and make the thread end promptly (its socket is shut down)."""
         self._stopped = True
         self._stop_evt.set()
-        resp = self._resp
-        if resp is not None:
-            conn = getattr(resp, "connection", None)
-            sock = getattr(conn, "sock", None)
-            if sock is not None:
-                with suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+        sock = _socket_of(self._resp)
+        if sock is not None:
+            with suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def join(self, timeout: float) -> bool:
         self._thread.join(timeout)

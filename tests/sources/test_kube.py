@@ -204,9 +204,12 @@ async def test_events_flow_without_chunked_encoding(api: ApiServer, make_source:
     api.chunked_watch = False
     api.create(pool_v1(POOL, SEL, [8000]))
     api.create(pod("a", "10.0.0.1", SEL))
-    _, ds = await make_source()
+    src, ds = await make_source()
     api.set_pod_ready("a", False)
     await wait_for(lambda: not ds.endpoints, timeout=3, what="event seen before the stream ends")
+    threads = [*src._reflectors]
+    await src.stop()  # the socket is found and shut down here too, so the threads end at once
+    assert all(r.join(0) for r in threads)
 
 
 # ---- watch robustness ----------------------------------------------------------------------------
