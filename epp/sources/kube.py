@@ -71,6 +71,7 @@ class Item:
     api_version: str = ""
     generation: int = 0
     conditions: tuple[dict[str, Any], ...] = ()  # status.conditions, kept for InferenceModel
+    kind: str = ""
 
 
 def convert(raw: dict[str, Any], namespace: str) -> Item:
@@ -84,7 +85,7 @@ def convert(raw: dict[str, Any], namespace: str) -> Item:
     try:
         obj = parse_object(raw, default_namespace=namespace)
     except ResourceError as e:
-        return Item(key, rv, None, e, str(raw.get("apiVersion") or ""))
+        return Item(key, rv, None, e, str(raw.get("apiVersion") or ""), kind=str(raw.get("kind") or ""))
     conditions: tuple[dict[str, Any], ...] = ()
     if isinstance(obj, InferenceModel):
         status = raw.get("status")
@@ -92,7 +93,8 @@ def convert(raw: dict[str, Any], namespace: str) -> Item:
         if isinstance(conds, list):
             conditions = tuple(c for c in conds if isinstance(c, dict))
     gen = md.get("generation")
-    return Item(key, rv, obj, None, obj.meta.api_version, gen if isinstance(gen, int) else 0, conditions)
+    generation = gen if isinstance(gen, int) else 0
+    return Item(key, rv, obj, None, obj.meta.api_version, generation, conditions, obj.meta.kind)
 
 
 @dataclass(slots=True)
@@ -161,6 +163,8 @@ class KubeSource:
         self._timing = timing or WatchTiming()
         self._models_grace = models_grace
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._core: Any = None  # CoreV1Api, CustomObjectsApi once started
+        self._custom: Any = None
         self._reflectors: list[Reflector[Item]] = []
         self._retired: list[Reflector[Item]] = []
         self._pods: Reflector[Item] | None = None
@@ -174,7 +178,7 @@ class KubeSource:
         self._gate_pending: set[str] = set()
         self._gate_timer: asyncio.TimerHandle | None = None
         self._synced = asyncio.Event()
-        self._invalid_seen: dict[str, str] = {}
+        self._invalid_seen: dict[tuple[str, str], str] = {}  # (kind, key) -> resourceVersion logged
         self._status_sent: dict[str, tuple[str, str, str]] = {}
         self._status_inflight: set[str] = set()
         self._status_scheduled = False
@@ -294,13 +298,14 @@ class KubeSource:
         return r
 
     def _log_invalid(self, item: Item) -> None:
-        if self._invalid_seen.get(item.key) == item.resource_version:
-            return  # logged already (a relist hands the same object again)
-        self._invalid_seen[item.key] = item.resource_version
+        if self._invalid_seen.get((item.kind, item.key)) == item.resource_version:
+            return  # logged already (a relist, or the other version of the CRD, hands the same object again)
+        self._invalid_seen[(item.kind, item.key)] = item.resource_version
         err = item.error
         log.warning(
             "invalid object skipped",
             extra={
+                "kind": item.kind,
                 "object": item.key,
                 "api_version": item.api_version,
                 "field": err.field if err else "",
@@ -312,7 +317,7 @@ class KubeSource:
         if item.obj is None:
             self._log_invalid(item)
             return False
-        self._invalid_seen.pop(item.key, None)
+        self._invalid_seen.pop((item.kind, item.key), None)
         return True
 
     # ---- pool --------------------------------------------------------------------------------
