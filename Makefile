@@ -50,6 +50,7 @@ bench-full: install
 	$(BIN)/python bench/extproc_cost.py 6 --repeat 3
 	$(BIN)/python bench/sched_decision.py
 	$(BIN)/python bench/metrics_parse.py
+	$(BIN)/python bench/kube_latency.py
 
 # regenerate committed artefacts (CRDs, the standalone chart's Envoy configs); check = verify only
 generate: install

@@ -83,6 +83,7 @@ class App:
                                  session_header=session_header(self.scheduler),
                                  max_body_bytes=opts.max_request_body_bytes)
         self.scraper: Scraper | None = None
+        self.kube: Any = None  # the KubeSource, when watching a cluster
         mode = BUFFERED if opts.default_body_mode == "buffered" else DUPLEX
         decider: Decider = self.director
         if opts.mode == "bbr":
@@ -185,9 +186,11 @@ class App:
     def _kube_source(self, pool_override: Any) -> Source:
         from epp.sources.kube import KubeSource  # the kubernetes client is only needed in a cluster
 
-        return KubeSource(self.datastore, pool_name=self.opts.pool_name, namespace=self.opts.pool_namespace,
-                          pool_group=self.opts.pool_group, kubeconfig=self.opts.kubeconfig or None,
-                          pool_override=pool_override)
+        # with leader election only the leader writes InferenceModel status (set_leader switches it)
+        self.kube = KubeSource(self.datastore, pool_name=self.opts.pool_name, namespace=self.opts.pool_namespace,
+                               pool_group=self.opts.pool_group, kubeconfig=self.opts.kubeconfig or None,
+                               pool_override=pool_override, write_status=not self.opts.ha_enable_leader_election)
+        return self.kube
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking new streams, let open ones finish within `grace`, then stop everything."""
@@ -216,6 +219,8 @@ class App:
     def set_leader(self, leader: bool) -> None:
         """Leader election callback: readiness follows leadership."""
         self.is_leader = leader
+        if self.kube is not None:
+            self.kube.set_status_writer(leader)
         asyncio.get_running_loop().create_task(self._update_readiness())
 
     async def _update_readiness(self) -> None:
