@@ -11,6 +11,9 @@ Datastore" timestamp are on one clock.
    RSS growth and CPU for start + initial list, then for a burst of updates (every pool pod: two
    annotation changes, NotReady, Ready; plus one update of every non-pool pod, which the server's
    selector filters out).
+3. failover: two LeaderElectors; the leader dies without releasing the Lease (a crash) → time from
+   its last successful renewal to the follower leading, over several trials, against the lease
+   duration (scaled-down timings: lease 3 s, renew deadline 2 s, retry 0.5 s).
 Prints figures; asserts nothing.
 usage: python bench/kube_latency.py [--trials 50] [--pods 1000] [--pool 200]
 """
@@ -203,6 +206,25 @@ async def main(args: argparse.Namespace) -> None:
         cpu_burst, wall_burst, rss_burst = time.process_time() - cpu1, time.monotonic() - wall1, rss_kib() - rss1
         events = args.pool * 4 + 1
         await src.stop()
+
+        # 3. failover after a crash
+        from epp.sources.leader import LeaderElector, LeaseTiming
+
+        timing_l = LeaseTiming(lease_duration=3, renew_deadline=2, retry_period=0.5)
+        failover: list[float] = []
+        for trial in range(args.failovers):
+            lease = f"bench-{trial}"
+            a = LeaderElector(namespace="default", name=lease, identity="a", kubeconfig=kc, timing=timing_l)
+            b = LeaderElector(namespace="default", name=lease, identity="b", kubeconfig=kc, timing=timing_l)
+            await a.start()
+            await until(lambda a=a: a.is_leader, 30)
+            await b.start()
+            await asyncio.sleep(1.0 + trial * 0.37 % 0.5)  # b observes a renewing, at varied phases
+            await a.stop(release=False)  # a crash: the Lease still names a
+            last = a._last_renew
+            await until(lambda b=b: b.is_leader, 30)
+            failover.append(time.monotonic() - last)
+            await b.stop()
     finally:
         child.close()
 
@@ -221,6 +243,9 @@ async def main(args: argparse.Namespace) -> None:
         f"({cpu_burst / events * 1e6:.0f} µs/event), RSS +{rss_burst / 1024:.1f} MiB"
     )
     print(f"  RSS now {rss_kib() / 1024:.1f} MiB (process total, incl. interpreter and kubernetes client)")
+    if failover:
+        print(f"  failover after a leader crash, {len(failover)} trials: min {min(failover):.2f} s  "
+              f"max {max(failover):.2f} s from its last renewal (lease duration 3 s, retry 0.5 s)")
 
 
 if __name__ == "__main__":
@@ -231,5 +256,6 @@ if __name__ == "__main__":
     ap.add_argument("--trials", type=int, default=50)
     ap.add_argument("--pods", type=int, default=1000)
     ap.add_argument("--pool", type=int, default=200)
+    ap.add_argument("--failovers", type=int, default=5)
     os.environ.setdefault("PYTHONHASHSEED", "0")
     asyncio.run(main(ap.parse_args()))

@@ -62,8 +62,8 @@ class LeaseTiming:
     retry_period: float = 2.0
 
     def __post_init__(self) -> None:
-        if not (self.lease_duration > self.renew_deadline > self.retry_period > 0):
-            raise ValueError("need lease_duration > renew_deadline > retry_period > 0")
+        if not (self.lease_duration - self.retry_period > self.renew_deadline > self.retry_period > 0):
+            raise ValueError("need lease_duration - retry_period > renew_deadline > retry_period > 0")
 
 
 def _finish(resp: Any) -> bytes:
@@ -104,6 +104,8 @@ class LeaderElector:
         self._last_renew = 0.0
         self._observed: tuple[Any, ...] | None = None
         self._observed_at = 0.0
+        self._last_read = 0.0  # monotonic time of the previous Lease read
+        self._expires_at = 0.0  # when the observed holder's lease runs out, on our clock
         self._lock = threading.Lock()  # one Lease round-trip at a time (a timed-out one may still run)
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -174,6 +176,9 @@ class LeaderElector:
                 )
                 self._set(False)
             delay = t.retry_period if self._leader else t.retry_period * random.uniform(1.0, 1.2)
+            if not self._leader and self._expires_at > now:
+                # wake exactly when the holder's lease runs out rather than up to a period later
+                delay = min(delay, self._expires_at - now + 0.01)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
 
@@ -256,8 +261,16 @@ class LeaderElector:
             record = (holder, spec.get("renewTime"), spec.get("leaseTransitions"), md.get("resourceVersion"))
             mono = time.monotonic()
             if record != self._observed:
-                self._observed, self._observed_at = record, mono
+                # a change seen now was written after our previous read: count from that read, so a
+                # dead leader is replaced within lease_duration of its last renewal, not one retry
+                # period later (safe: a leader steps down after renew_deadline < lease_duration -
+                # retry_period without a successful renewal)
+                first = self._observed is None
+                self._observed = record
+                self._observed_at = mono if first or not self._last_read else self._last_read
+            self._last_read = mono
             duration = spec.get("leaseDurationSeconds") or self.timing.lease_duration
+            self._expires_at = self._observed_at + float(duration)
             if holder and holder != self.identity and mono < self._observed_at + float(duration):
                 self._log_state("follower", logging.DEBUG, "lease held by another replica", holder=holder)
                 return False, True
