@@ -47,6 +47,15 @@ def main(argv: list[str] | None = None) -> int:
         return envoyconf.main(args[1:])
     opts = parse_args(args)
     logs.setup(opts.log_level, opts.log_format)
+    if opts.event_loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if opts.event_loop == "uvloop":
+                print("epp: error: --event-loop uvloop: uvloop is not installed", file=sys.stderr)
+                return 2
+        else:
+            return uvloop.run(_serve(opts))
     return asyncio.run(_serve(opts))
 
 
