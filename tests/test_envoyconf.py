@@ -14,13 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import grpc
 import pytest
 import yaml
 from aiohttp import web
-from envoy.config.core.v3 import base_pb2
-from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 from epp import envoyconf, resources
 from epp.datastore import Endpoint
@@ -429,43 +425,11 @@ async def model_servers() -> AsyncIterator[Callable[[str], Any]]:
         await r.cleanup()
 
 
-class BodyRouter(ep_grpc.ExternalProcessorServicer):
-    """A stand-in for the picker's body-based-routing mode (the first callout of seed 003), so the
-    two-callout Envoy config can be checked now: copies the body's model into X-Gateway-Model-Name
-    and clears the route cache (FULL_DUPLEX_STREAMED request body)."""
-
-    async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
-        parts: list[bytes] = []
-        while True:
-            req = await context.read()
-            if req is grpc.aio.EOF:
-                return
-            kind = req.WhichOneof("request")
-            if kind == "request_body":
-                parts.append(req.request_body.body)
-                if not req.request_body.end_of_stream:
-                    continue
-                body = b"".join(parts)
-                model = str(json.loads(body).get("model", ""))
-                mutation = ep.HeaderMutation(set_headers=[base_pb2.HeaderValueOption(
-                    header=base_pb2.HeaderValue(key="x-gateway-model-name", raw_value=model.encode()))])  # fmt: skip
-                await context.write(ep.ProcessingResponse(request_headers=ep.HeadersResponse(
-                    response=ep.CommonResponse(header_mutation=mutation, clear_route_cache=True))))  # fmt: skip
-                await context.write(ep.ProcessingResponse(request_body=ep.BodyResponse(
-                    response=ep.CommonResponse(body_mutation=ep.BodyMutation(
-                        streamed_response=ep.StreamedBodyResponse(body=body, end_of_stream=True))))))  # fmt: skip
-            elif kind == "request_trailers":
-                await context.write(ep.ProcessingResponse(request_trailers=ep.TrailersResponse()))
-
-
 @pytest.fixture
-async def body_router() -> AsyncIterator[str]:
-    server = grpc.aio.server()
-    ep_grpc.add_ExternalProcessorServicer_to_server(BodyRouter(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    yield f"127.0.0.1:{port}"
-    await server.stop(0)
+async def body_router(start_picker: Any) -> str:
+    """The picker itself in body-based-routing mode (--mode bbr): the first of the two callouts."""
+    app, _ = await start_picker(mode="bbr", pool_name="")
+    return f"127.0.0.1:{app.grpc_port}"
 
 
 async def _post(session: aiohttp.ClientSession, url: str, model: str, **headers: str) -> tuple[int, Any]:
