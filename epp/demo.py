@@ -53,6 +53,9 @@ from epp.sim.config import DEFAULT_MODEL
 POOL = "demo-pool"
 PODS = 4
 LORAS = ("sql-lora", "tweet-lora")  # served by the last simulator only
+# 4096 blocks x 16 tokens = 64k tokens of KV cache per simulator (a smaller GPU than the 8B-on-H100
+# default): the workload's shared prompts (~72k tokens) do not fit on every pod, so routing matters
+KV_BLOCKS = 4096
 _ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 
 
@@ -232,6 +235,7 @@ class Stack:
     pods: int = PODS
     listen_port: int = 0
     sim_args: Sequence[str] = ()
+    picker_args: Sequence[str] = ()
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="epp-demo-")))
     children: list[Child] = field(default_factory=list)
     endpoints: list[Pod] = field(default_factory=list)
@@ -261,7 +265,8 @@ class Stack:
             (self.workdir / "manifests").mkdir(exist_ok=True)
             argv = [py, "-m", "epp", "--pool-name", POOL, "--grpc-port", "0", "--grpc-health-port", "0",
                     "--metrics-port", "0", "--bind-address", "127.0.0.1", "--secure-serving=true",
-                    "--shutdown-grace", "1s", "--log-format", "json", "--manifests", str(self.workdir / "manifests")]
+                    "--shutdown-grace", "1s", "--log-format", "json", "--manifests", str(self.workdir / "manifests"),
+                    *self.picker_args]
             if aliases:
                 pods = [(p.name, p.address.rsplit(":", 1)[0]) for p in self.endpoints]
                 (self.workdir / "manifests" / "pool.yaml").write_text(manifests(pods, aliases[1]))
@@ -357,7 +362,8 @@ _WORDS = ("model", "latency", "token", "cache", "prefix", "server", "request", "
           "queue", "adapter", "memory", "kernel", "tensor", "stream", "score", "replica", "pool", "policy")  # fmt: skip
 
 
-def _text(rng: random.Random, words: int) -> str:
+def filler_text(rng: random.Random, words: int) -> str:
+    """`words` words drawn from a small vocabulary."""
     return " ".join(rng.choice(_WORDS) for _ in range(words))
 
 
@@ -380,7 +386,7 @@ class Workload:
     """The mixed request shapes and their shares."""
 
     seed: int = 0
-    system_prompts: int = 4  # shared prefixes: a few long system prompts
+    system_prompts: int = 48  # shared prefixes: long system prompts, ~72k tokens together
     system_words: int = 1200  # ~1500 tokens each
     shares: tuple[tuple[str, float], ...] = (("shared-prefix", 0.5), ("multi-turn", 0.2), ("lora", 0.1),
                                              ("completion", 0.2))  # fmt: skip
@@ -389,11 +395,12 @@ class Workload:
 
     def __post_init__(self) -> None:
         rng = random.Random(self.seed)
-        self.systems = [f"You are assistant {i} of the {_WORDS[i]} team. " + _text(rng, self.system_words)
-                        for i in range(self.system_prompts)]  # fmt: skip
+        self.systems = [f"You are assistant {i} of the {_WORDS[i % len(_WORDS)]} team. "
+                        + filler_text(rng, self.system_words) for i in range(self.system_prompts)]
 
 
-async def _one(session: aiohttp.ClientSession, url: str, path: str, body: dict[str, Any], kind: str) -> Result:
+async def send_one(session: aiohttp.ClientSession, url: str, path: str, body: dict[str, Any], kind: str) -> Result:
+    """POST one request, reading a stream to its end; TTFT is the first generated text."""
     stream = bool(body.get("stream"))
     t0 = time.perf_counter()
     res = Result(kind, 0, stream=stream)
@@ -453,16 +460,16 @@ async def run_workload(url: str, seconds: float, concurrency: int, workload: Wor
                 extra["stream_options"] = {"include_usage": True}
             if kind == "shared-prefix":
                 messages = [{"role": "system", "content": rng.choice(wl.systems)},
-                            {"role": "user", "content": _text(rng, rng.randint(10, 60))}]  # fmt: skip
-                keep(await _one(session, url, "/v1/chat/completions",
+                            {"role": "user", "content": filler_text(rng, rng.randint(10, 60))}]  # fmt: skip
+                keep(await send_one(session, url, "/v1/chat/completions",
                                 {"model": DEFAULT_MODEL, "messages": messages, **extra}, kind))  # fmt: skip
             elif kind == "multi-turn":
-                messages = [{"role": "system", "content": "You are a helpful assistant. " + _text(rng, 100)}]
+                messages = [{"role": "system", "content": "You are a helpful assistant. " + filler_text(rng, 100)}]
                 for _ in range(rng.randint(2, 4)):
                     if loop.time() >= deadline:
                         break
-                    messages.append({"role": "user", "content": _text(rng, rng.randint(20, 80))})
-                    got = keep(await _one(session, url, "/v1/chat/completions",
+                    messages.append({"role": "user", "content": filler_text(rng, rng.randint(20, 80))})
+                    got = keep(await send_one(session, url, "/v1/chat/completions",
                                           {"model": DEFAULT_MODEL, "messages": messages, **extra}, kind))  # fmt: skip
                     if got.status != 200:
                         break
@@ -470,11 +477,12 @@ async def run_workload(url: str, seconds: float, concurrency: int, workload: Wor
                     got.answer = ""
             elif kind == "lora":
                 adapter = rng.choice(LORAS)
-                prompt = f"[{adapter}] " + wl.systems[0][:2000] + " " + _text(rng, 40)
-                keep(await _one(session, url, "/v1/completions", {"model": adapter, "prompt": prompt, **extra}, kind))
+                prompt = f"[{adapter}] " + wl.systems[0][:2000] + " " + filler_text(rng, 40)
+                body = {"model": adapter, "prompt": prompt, **extra}
+                keep(await send_one(session, url, "/v1/completions", body, kind))
             else:
-                keep(await _one(session, url, "/v1/completions",
-                                {"model": DEFAULT_MODEL, "prompt": _text(rng, rng.randint(50, 400)), **extra},
+                keep(await send_one(session, url, "/v1/completions",
+                                {"model": DEFAULT_MODEL, "prompt": filler_text(rng, rng.randint(50, 400)), **extra},
                                 kind))  # fmt: skip
 
     connector = aiohttp.TCPConnector(limit=concurrency)
@@ -583,7 +591,9 @@ def format_report(rep: dict[str, Any], policy: str) -> str:
 
 
 async def demo(args: argparse.Namespace) -> int:
-    stack = Stack(policy=args.policy, time_scale=args.time_scale, listen_port=args.port)
+    stack = Stack(policy=args.policy, time_scale=args.time_scale, listen_port=args.port,
+                  sim_args=["--num-gpu-blocks", str(args.kv_blocks)],
+                  picker_args=["--config-file", args.picker_config] if args.picker_config else [])
     code = 0
     report: dict[str, Any] | None = None
     t0 = time.perf_counter()
@@ -614,7 +624,8 @@ async def demo(args: argparse.Namespace) -> int:
             if pods and code != 1:
                 after = await prefix_counters(pods)
                 report = summarize(results, pods, elapsed, before, after)
-                print(format_report(report, args.policy), flush=True)
+                label = args.policy + (f" (picker config {args.picker_config})" if args.picker_config else "")
+                print(format_report(report, label), flush=True)
         finally:
             await stack.stop()
             if args.report_json:
@@ -635,6 +646,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=16, help="requests in flight at most (default %(default)s)")
     p.add_argument("--time-scale", type=float, default=1.0,
                    help="simulator wall seconds per simulated second (default %(default)s: real time)")
+    p.add_argument("--kv-blocks", type=int, default=KV_BLOCKS,
+                   help="KV-cache blocks per simulator (default %(default)s x 16 tokens: less than the shared "
+                        "prompts need, so where requests go decides the prefix-cache hit rate)")
+    p.add_argument("--picker-config", default="", metavar="FILE", help="EndpointPickerConfig for the picker")
     p.add_argument("--port", type=int, default=0, help="Envoy's listen port (default: any free port)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report-json", default="", metavar="FILE", help="also write the report (and child pids) here")
