@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import math
 import random
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -393,10 +394,12 @@ def build_scheduler(
     *,
     has_lora: bool | Callable[[], bool] = False,
     rng: random.Random | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> ProfileScheduler:
     """A Scheduler running the config's profile. `has_lora` (a value, or a callable asked once per
     request that needs it) switches on scorers marked `enabledWhen: poolServesAdapters`; see
-    epp.scheduling.scorers.pool_serves_adapters for a ready-made test over the candidates."""
+    epp.scheduling.scorers.pool_serves_adapters for a ready-made test over the candidates.
+    `clock` is what metric staleness is judged against (the simulator passes its virtual clock)."""
     ctx = BuildContext(rng=rng or random.Random(), detector=cfg.saturation, guard=cfg.load_guard)
     built: dict[str, Any] = {}
     for spec in cfg.plugins:
@@ -424,7 +427,7 @@ def build_scheduler(
             return value
 
     return ProfileScheduler(cfg.profile.name, filters, scorers, picker,
-                            stale_after=cfg.saturation.stale_after, has_lora=lora_fn)
+                            stale_after=cfg.saturation.stale_after, has_lora=lora_fn, clock=clock)
 
 
 def build_admission(cfg: PickerConfig) -> Admission:

@@ -36,6 +36,7 @@ class SimRequest:
     max_tokens: int | None = None
     model: str = ""
     data: Any = None  # anything the caller wants back in the result
+    priority: int = 0  # < 0: sheddable (a router's admission check may refuse it)
 
 
 @dataclass(slots=True)
@@ -43,7 +44,7 @@ class RequestResult:
     """What happened to one request (virtual seconds). `error` is set when the server refused it."""
 
     request_id: str
-    server: int  # index into Cluster.servers
+    server: int  # index into Cluster.servers; -1 when the policy refused the request
     server_name: str
     model: str
     arrival: float
@@ -118,7 +119,8 @@ class Cluster:
 
     `servers` is a count (all with `engine`) or one EngineConfig per server. `policy` is an object with
     `choose(request, endpoints) -> index` (and optionally `on_complete(result)`), or a bare callable;
-    default round-robin.
+    default round-robin. A policy may refuse a request by raising SimError (e.g. a router's 429): the
+    request then completes at once with that status and `server` -1.
     """
 
     def __init__(self, servers: int | Sequence[EngineConfig] = 1, policy: Policy | ChooseFn | None = None, *,
@@ -233,7 +235,12 @@ class Cluster:
         if self.poll_interval is None:
             for s in self.servers:
                 s.endpoint.metrics = s.snapshot(now)
-        idx = self._choose(req, self.endpoints)
+        try:
+            idx = self._choose(req, self.endpoints)
+        except SimError as e:  # the router refused it (admission): never reaches a server
+            self._complete(RequestResult(req.request_id, -1, "", req.model, now, status=e.status,
+                                         error=e.message, request=req))
+            return
         if not isinstance(idx, int) or not 0 <= idx < len(self.servers):
             raise ValueError(f"policy chose {idx!r}, not a server index (0..{len(self.servers) - 1})")
         server = self.servers[idx]
@@ -297,7 +304,8 @@ def summarize(results: Sequence[RequestResult]) -> dict[str, Any]:
     span = (max((r.finished or 0.0) for r in ok) - min(r.arrival for r in ok)) if ok else 0.0
     per_server: dict[str, int] = {}
     for r in results:
-        per_server[r.server_name] = per_server.get(r.server_name, 0) + 1
+        if r.server >= 0:  # (refused by the policy: no server)
+            per_server[r.server_name] = per_server.get(r.server_name, 0) + 1
     out: dict[str, Any] = {"requests": len(results), "errors": len(results) - len(ok)}
     for name, vals in (("ttft", ttft), ("e2e", e2e), ("queue", queue)):
         out[f"{name}_mean"] = sum(vals) / len(vals) if vals else 0.0
