@@ -12,17 +12,18 @@ asks only for the phases its features need):
 |----------|-------------|----------------------|--------------|--------------|----------------------|---------------|
 | duplex   | SEND        | FULL_DUPLEX_STREAMED | SEND         | SEND         | FULL_DUPLEX_STREAMED | SEND          |
 | buffered | SEND        | BUFFERED             | SKIP         | SEND         | NONE                 | SKIP          |
-| lean     | SEND        | FULL_DUPLEX_STREAMED | SEND         | SKIP         | NONE                 | SKIP          |
+| lean     | SEND        | FULL_DUPLEX_STREAMED | SEND         | SKIP         | NONE                 | SEND          |
 
 - Picking, model rewrite and the request-side objective/fairness headers need the request headers
   and body: every profile.
 - Usage (token counts), token metrics and restoring the client's model name in the response body
   need the response body: duplex only.
-- The served endpoint (fallback feedback), the conformance echo header, time to first byte and the
-  end of in-flight accounting need the response headers: duplex and buffered. With lean Envoy
-  half-closes the ext_proc stream as soon as the request body has been answered (measured on
-  Envoy 1.40: ~10 ms into a 2 s request), so the picker's in-flight counts end at dispatch and
-  scheduling relies on the scraped queue metrics.
+- The served endpoint (fallback feedback), the conformance echo header and time to first byte need
+  the response headers: duplex and buffered. The end of in-flight accounting needs the ext_proc
+  stream to stay open until the exchange ends: with a FULL_DUPLEX_STREAMED request body Envoy 1.40
+  closes it as soon as no phase is left to send, so lean asks for response trailers, which keeps
+  it open to the end at no cost (a response without trailers sends no message); without them the
+  stream closed ~10 ms into a 2 s request and in-flight counts ended at dispatch.
 - BUFFERED makes Envoy hold the whole request body (up to `buffer_limit_bytes`, else 413);
   FULL_DUPLEX_STREAMED streams it and needs request trailers SEND (Envoy rejects the config otherwise).
 
@@ -60,6 +61,7 @@ from epp import resources
 PROFILES = ("duplex", "buffered", "lean")
 ROUTINGS = ("original_dst", "override_host")
 DEST_HEADER = "x-gateway-destination-endpoint"
+SERVED_HEADER = "x-gateway-destination-endpoint-served"  # stamped by the router on the response
 MODEL_HEADER = "x-gateway-model-name"
 LB_NAMESPACE = "envoy.lb"
 EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
@@ -104,7 +106,10 @@ _MODES: dict[str, dict[str, str]] = {
         "request_body_mode": "FULL_DUPLEX_STREAMED",
         "response_body_mode": "NONE",
         "request_trailer_mode": "SEND",
-        "response_trailer_mode": "SKIP",
+        # trailers SEND keeps the ext_proc stream open until the exchange ends (HTTP/1 and most
+        # HTTP/2 responses have no trailers, so no message is sent): in-flight accounting then lasts
+        # to completion at no cost; with SKIP Envoy closes the stream right after the request
+        "response_trailer_mode": "SEND",
     },
 }
 
@@ -442,6 +447,11 @@ def bootstrap(
     )
     filters.append({"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}})
 
+    # Envoy 1.40 reports no served endpoint to ext_proc; the router can stamp the upstream it really
+    # used (a fallback after a retry) on the response, where the picker reads and removes it
+    served = ({"response_headers_to_add": [{"header": {"key": SERVED_HEADER, "value": "%UPSTREAM_REMOTE_ADDRESS%"},
+                                            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]}
+              if modes["response_header_mode"] == "SEND" else {})
     routes: list[dict[str, Any]] = []
     for pool in pools:
         clusters.append(picker_cluster(f"epp.{pool.key}", pool.picker, picker_tls))
@@ -456,6 +466,7 @@ def bootstrap(
                     "match": {"prefix": "/", "headers": [{"name": MODEL_HEADER, "string_match": {"exact": model}}]},
                     "route": action,
                     "typed_per_filter_config": _per_route_picker(pool),
+                    **served,
                 }
             )
     if not multi:
@@ -464,6 +475,7 @@ def bootstrap(
                 "name": first.key,
                 "match": {"prefix": "/"},
                 "route": _route_action(first, routing, retries, route_timeout_s),
+                **served,
             }
         )
     elif default_pool is not None:
@@ -474,6 +486,7 @@ def bootstrap(
                 "match": {"prefix": "/"},
                 "route": _route_action(pool, routing, retries, route_timeout_s),
                 "typed_per_filter_config": _per_route_picker(pool),
+                **served,
             }
         )
     else:

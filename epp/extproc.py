@@ -339,15 +339,22 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
             v = _struct_value(req.metadata_context, LB_NAMESPACE, SERVED_KEY)
             if isinstance(v, str) and v:
                 served = v
-                self.director.served_by(ctx, v)
         set_headers: list[base_pb2.HeaderValueOption] = []
         remove: list[str] = []
         status = content_type = ""
         for h in rh.headers.headers:
-            if h.key == ":status":
+            key = h.key
+            if key == ":status":
                 status = (h.raw_value.decode() if h.raw_value else h.value)
-            elif h.key == "content-type":
+            elif key == "content-type":
                 content_type = (h.raw_value.decode() if h.raw_value else h.value)
+            elif key == SERVED_KEY:
+                # stamped by the route (envoyconf) with the upstream really used; never shown to clients
+                remove.append(SERVED_KEY)
+                if served is None:
+                    served = h.raw_value.decode() if h.raw_value else h.value
+        if served:
+            self.director.served_by(ctx, served)
         ctx.status = status
         st.resp_sse = "text/event-stream" in content_type
         if st.resp_sse:

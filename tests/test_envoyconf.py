@@ -54,7 +54,7 @@ POOL_B = PoolSpec(name="q", target_ports=(8000,), models=("qwen",), picker="127.
     [
         ("duplex", ("SEND", "FULL_DUPLEX_STREAMED", "SEND", "SEND", "FULL_DUPLEX_STREAMED", "SEND")),
         ("buffered", ("SEND", "BUFFERED", "SKIP", "SEND", "NONE", "SKIP")),
-        ("lean", ("SEND", "FULL_DUPLEX_STREAMED", "SEND", "SKIP", "NONE", "SKIP")),
+        ("lean", ("SEND", "FULL_DUPLEX_STREAMED", "SEND", "SKIP", "NONE", "SEND")),
     ],
 )
 def test_processing_mode_per_profile(profile: str, expect: tuple[str, ...]) -> None:
@@ -525,13 +525,13 @@ async def test_live_original_dst_takes_one_endpoint_only(tmp_path: Path, start_p
 
 @needs_envoy
 @pytest.mark.envoy
-@pytest.mark.parametrize(("profile", "stream_open"), [("duplex", True), ("buffered", True), ("lean", False)])
+@pytest.mark.parametrize(("profile", "stream_open"), [("duplex", True), ("buffered", True), ("lean", True)])
 async def test_live_picker_stream_lifetime_per_profile(
     profile: str, stream_open: bool, tmp_path: Path, start_picker: Any
 ) -> None:
-    """What each profile means for the picker: with response phases (duplex, buffered) the ext_proc
-    stream is still open while the model server works; with lean Envoy has already closed it, so
-    the picker's in-flight accounting ends at dispatch (see the envoyconf module doc)."""
+    """What each profile means for the picker: the ext_proc stream is still open while the model
+    server works in every shipped profile (lean keeps it with response trailers SEND), so the
+    picker's in-flight accounting lasts until the response ends (see the envoyconf module doc)."""
     arrived, release = asyncio.Event(), asyncio.Event()
 
     async def slow(request: web.Request) -> web.Response:

@@ -100,9 +100,13 @@ async def test_dead_pod_first_envoy_retries_the_fallback(gateway: GatewayFactory
         assert primary == dead
         assert r.headers["x-sim-server"] == e2e.sim_at(fallback).name
         assert e2e.served_on(rid) == [e2e.sim_at(fallback).name]
+        assert "x-gateway-destination-endpoint-served" not in r.headers  # read by the picker, then removed
     stats = await e2e.envoy.stats("cluster.pool.default.pool.")
     assert stats["cluster.pool.default.pool.upstream_cx_connect_fail"] >= 6
     assert stats["cluster.pool.default.pool.upstream_rq_retry_success"] >= 6
-    # the accounting still completes (Envoy 1.40 does not report the served endpoint to the
-    # picker, so the request stays attributed to the primary until it ends)
+    # the route stamps the upstream really used on the response; the picker moved each request's
+    # accounting to the fallback that served it, and the accounting completes
     assert await e2e.inflight_settles() == dict.fromkeys(e2e.picker.datastore.endpoints, 0)
+    for i in range(6):
+        ctx = e2e.finished.contexts[f"fb-{i}"]
+        assert ctx.served is not None and ctx.served.address == e2e.picks[f"fb-{i}"][1]

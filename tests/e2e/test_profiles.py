@@ -131,13 +131,13 @@ LIFETIME = {
     "resp-headers-SEND+body-NONE": (
         {**DUPLEX_REQ, "response_header_mode": "SEND", "response_body_mode": "NONE", "response_trailer_mode": "SKIP"},
         True, False),
-    "resp-headers-SKIP+body-NONE (lean)": (
+    "resp-headers-SKIP+body-NONE+trailers-SKIP": (
         {**DUPLEX_REQ, "response_header_mode": "SKIP", "response_body_mode": "NONE", "response_trailer_mode": "SKIP"},
         False, False),
     "resp-headers-SEND+body-NONE+trailers-SEND": (
         {**DUPLEX_REQ, "response_header_mode": "SEND", "response_body_mode": "NONE", "response_trailer_mode": "SEND"},
         True, True),
-    "resp-headers-SKIP+body-NONE+trailers-SEND": (
+    "resp-headers-SKIP+body-NONE+trailers-SEND (lean)": (
         {**DUPLEX_REQ, "response_header_mode": "SKIP", "response_body_mode": "NONE", "response_trailer_mode": "SEND"},
         True, True),
     "BUFFERED request, resp-headers-SKIP+body-NONE": (
@@ -152,9 +152,9 @@ async def test_stream_lifetime_without_the_response_body(
 ) -> None:
     """Does Envoy keep the ext_proc stream (and so the picker's in-flight count) open until the
     HTTP exchange ends when the response body is not sent? With a FULL_DUPLEX_STREAMED request
-    body it closes the stream once no phase is left to send: right after the request (lean) or
-    after the response headers; response_trailer_mode SEND keeps it open to the end even when no
-    trailers come. With a BUFFERED request body it stays open to the end."""
+    body it closes the stream once no phase is left to send: right after the request or after the
+    response headers; response_trailer_mode SEND (what the lean profile uses) keeps it open to the
+    end even when no trailers come. With a BUFFERED request body it stays open to the end."""
     modes, open_while_working, open_while_streaming = LIFETIME[name]
     held, addr = held_server
     e2e = await gateway(sims=0, endpoints=[addr], picker_tls=False, config_edit=processing_mode(**modes))
