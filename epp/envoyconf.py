@@ -757,6 +757,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def fail_open_warnings(pools: Sequence[PoolSpec], profile: str, routing: str) -> list[str]:
+    """Why FailOpen will not fail open with this profile and routing (measured on Envoy 1.40, see
+    docs/envoy-profiles.md): a streamed request body is already on its way to the dead picker when
+    Envoy notices, and ORIGINAL_DST has no destination without the picker's header."""
+    routing = routing.replace("-", "_")
+    out = []
+    for pool in pools:
+        if pool.failure_mode != "FailOpen":
+            continue
+        if profile != "buffered":
+            out.append(f"pool {pool.name}: FailOpen needs the buffered profile; with {profile} Envoy answers 500 "
+                       "while the picker is down")
+        if routing != "override_host":
+            out.append(f"pool {pool.name}: FailOpen needs override_host routing; with {routing} Envoy answers 503 "
+                       "while the picker is down (no destination)")
+    return out
+
+
 def main(argv: list[str]) -> int:
     """`python -m epp envoy-config ...`: write the bootstrap; 2 on bad input."""
     p = build_parser()
@@ -784,6 +802,8 @@ def main(argv: list[str]) -> int:
     except (ValueError, OSError, resources.ResourceError) as e:
         print(f"epp envoy-config: error: {e}", file=sys.stderr)
         return 2
+    for warning in fail_open_warnings(pools, a.profile, a.routing):
+        print(f"epp envoy-config: warning: {warning}", file=sys.stderr)
     text = dumps(config, a.format)
     if a.output == "-":
         sys.stdout.write(text)

@@ -254,7 +254,10 @@ def test_cli_single_pool_from_flags(tmp_path: Path, capsys: pytest.CaptureFixtur
                          "--profile", "buffered", "--no-picker-tls", "--listen-port", "9999",
                          "--admin-port", "9998", "--failure-mode", "FailOpen"])  # fmt: skip
     assert rc == 0
-    config = yaml.safe_load(capsys.readouterr().out)
+    out = capsys.readouterr()
+    config = yaml.safe_load(out.out)
+    # FailOpen with ORIGINAL_DST cannot fail open (no destination without the picker): said on stderr
+    assert "FailOpen needs override_host routing" in out.err and "buffered profile" not in out.err
     assert config["admin"]["address"]["socket_address"]["port_value"] == 9998
     assert config["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] == 9999
     ext = _filters(config)[envoyconf.EPP_FILTER]
