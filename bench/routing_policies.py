@@ -186,14 +186,30 @@ def _index(doc: dict[str, Any]) -> None:
     _plugin(doc, "prefix-cache-scorer").setdefault("parameters", {})["mode"] = "index"
 
 
-def _guard_off(doc: dict[str, Any]) -> None:
-    doc.setdefault("loadGuard", {})["enabled"] = False
+def _other_prefix_mode(doc: dict[str, Any]) -> None:
+    params = _plugin(doc, "prefix-cache-scorer").setdefault("parameters", {})
+    params["mode"] = "index" if params.get("mode", "index") == "rendezvous" else "rendezvous"
+
+
+def _guard_toggled(doc: dict[str, Any]) -> None:
+    guard = doc.setdefault("loadGuard", {})
+    guard["enabled"] = not guard.get("enabled", True)
 
 
 def _inflight_off(doc: dict[str, Any]) -> None:
     doc["plugins"] = [p for p in doc["plugins"] if p["type"] != "inflight-load-scorer"]
     prof = doc["schedulingProfiles"][0]
     prof["plugins"] = [e for e in prof["plugins"] if e["pluginRef"] != "inflight-load-scorer"]
+
+
+def default_prefix_mode() -> str:
+    """The prefix-cache-scorer mode of our default preset."""
+    params = _plugin(_doc(DEFAULT_CONFIG_TEXT), "prefix-cache-scorer").get("parameters") or {}
+    return str(params.get("mode", "index"))
+
+
+def default_guard_enabled() -> bool:
+    return bool((_doc(DEFAULT_CONFIG_TEXT).get("loadGuard") or {}).get("enabled", True))
 
 
 def _reference() -> PickerConfig:
@@ -216,6 +232,9 @@ def picker_spec(name: str, config: Callable[[], PickerConfig], note: str) -> Pol
                       picker=True, note=note, config=config)
 
 
+_OTHER_MODE = "rendezvous" if default_prefix_mode() == "index" else "index"
+_GUARD = "load guard off" if default_guard_enabled() else "load guard on"
+
 POLICIES: tuple[PolicySpec, ...] = (
     PolicySpec("random", lambda seed, _r: RandomChoice(seed), note="uniform random (a Kubernetes Service)"),
     PolicySpec("round-robin", lambda seed, _r: RoundRobin(), note="servers in turn"),
@@ -223,9 +242,10 @@ POLICIES: tuple[PolicySpec, ...] = (
                note="Envoy LEAST_REQUEST, choice_count 2, on active requests"),
     picker_spec("reference", _reference, "the reference default profile (queue 2, KV 2, prefix 3, max-score)"),
     picker_spec("default", _variant(lambda d: None), "our default preset"),
-    picker_spec("default+rendezvous", _variant(_rendezvous), "our default, prefix mode rendezvous"),
-    picker_spec("default-guard", _variant(_guard_off), "our default, load guard off"),
-    picker_spec("default-inflight", _variant(_inflight_off), "our default, in-flight load scorer off"),
+    picker_spec(f"default, {_OTHER_MODE}", _variant(_other_prefix_mode),
+                f"our default with prefix mode {_OTHER_MODE}"),
+    picker_spec(f"default, {_GUARD}", _variant(_guard_toggled), f"our default with the {_GUARD}"),
+    picker_spec("default, no in-flight", _variant(_inflight_off), "our default without the in-flight load scorer"),
 )
 
 # For the replica study: both prefix strategies (and the reference) whatever the default's mode is.

@@ -149,8 +149,10 @@ DEFAULT_CONFIG_TEXT = f"""\
 apiVersion: {API_VERSION}
 kind: {KIND}
 # The reference default plus: LoRA affinity when the pool serves adapters (adapter residency is a
-# cache like the prefix, same weight), the in-flight load scorer (spreads bursts between scrapes,
-# weight 1: a tie-breaker that never outvotes measured load), and the load guard on affinity.
+# cache like the prefix, same weight) and the in-flight load scorer (spreads bursts between scrapes,
+# weight 1: a tie-breaker that never outvotes measured load). The load guard on affinity is off: in
+# the routing-quality benchmark (docs/benchmarks.md) it cost prefix hits, and so TTFT, under bursts
+# while the soft load scorers already kept popular prefixes from piling up.
 plugins:
 - type: queue-scorer
 - type: kv-cache-utilization-scorer
@@ -173,6 +175,8 @@ schedulingProfiles:
   - pluginRef: inflight-load-scorer
     weight: 1
   - pluginRef: max-score-picker
+loadGuard:
+  enabled: false
 """
 
 PRESETS: dict[str, str] = {"default": DEFAULT_CONFIG_TEXT, "reference": REFERENCE_CONFIG_TEXT}

@@ -30,7 +30,7 @@ def test_no_config_is_the_default_preset():
         assert entries(cfg) == [
             ("queue-scorer", 2, False), ("kv-cache-utilization-scorer", 2, False), ("prefix-cache-scorer", 3, False),
             ("lora-affinity-scorer", 3, True), ("inflight-load-scorer", 1, False), ("max-score-picker", 1, False)]
-        assert cfg.load_guard.enabled and cfg.saturation.headroom_guard
+        assert not cfg.load_guard.enabled and cfg.saturation.headroom_guard  # guard: see docs/benchmarks.md
         s = cfg.saturation
         assert (s.queue_threshold, s.kv_threshold, s.stale_after) == (5, 0.8, 0.2)
     assert load_config(DEFAULT_CONFIG_TEXT).plugins == load_config(None).plugins
@@ -66,9 +66,11 @@ featureGates: [dataLayer]
 
 
 def test_only_tunables_keeps_default_profile():
-    cfg = load_config(HEAD + "saturationDetector: {metricsStalenessThreshold: 2}\nloadGuard: {queueGap: 3}\n")
+    cfg = load_config(HEAD + "saturationDetector: {metricsStalenessThreshold: 2}\n"
+                      "loadGuard: {enabled: true, queueGap: 3}\n")
     assert cfg.preset == "default" and cfg.saturation.stale_after == 2.0
     assert cfg.load_guard.queue_gap == 3 and cfg.load_guard.enabled
+    assert not load_config(HEAD + "loadGuard: {queueGap: 3}\n").load_guard.enabled  # the preset's value
 
 
 def test_full_reference_style_config():

@@ -65,7 +65,8 @@ def test_equal_pods_burst_spreads_evenly():
 
 
 def test_load_guard_caps_a_hot_prefix():
-    sched = build_scheduler(load_config(None), rng=random.Random(4))
+    # the guard is off in the default preset (docs/benchmarks.md); switched on, it caps the herd
+    sched = build_scheduler(load_config(HEAD + "loadGuard: {enabled: true}\n"), rng=random.Random(4))
     eps = [ep(i) for i in range(1, 5)]
     system = text(64 * 40, 0)
     for i in range(60):
