@@ -138,7 +138,8 @@ class SimServer:
         return app
 
     async def start(self) -> SimServer:
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        # in-flight handlers wait on the engine: give them a short grace on stop, not aiohttp's 60 s
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
         self._site = web.TCPSite(self._runner, self.cfg.host, self.port, reuse_address=True)
         await self._site.start()
@@ -154,10 +155,11 @@ class SimServer:
     async def stop(self) -> None:
         if self._refuse_task is not None:
             self._refuse_task.cancel()
-        await self.driver.stop()
+        # close the listener and the open requests first (they wait on the engine), then the engine
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        await self.driver.stop()
 
     async def __aenter__(self) -> SimServer:
         return await self.start()

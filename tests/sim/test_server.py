@@ -381,3 +381,19 @@ async def test_client_disconnect_aborts(make_sim: Make, http: aiohttp.ClientSess
         await asyncio.sleep(0.01)
     assert not sim.engine.has_work and sim.engine.kv.usage == 0.0
     assert sim.served[-1].outcome == "client_gone"
+
+
+async def test_stop_with_requests_in_flight_does_not_hang(http: aiohttp.ClientSession) -> None:
+    # a slow server (1 s of simulated time per step, real time) holding a streaming request
+    sim = SimServer(SimServerConfig(name="slow", time_scale=1.0, faults=Faults(extra_latency_ms=30_000)))
+    await sim.start()
+    req = asyncio.create_task(http.post(f"{sim.url}/v1/completions",
+                                        json={"model": sim.cfg.engine.model, "prompt": "x", "max_tokens": 50,
+                                              "stream": True}))
+    for _ in range(100):
+        if sim.engine.waiting or sim.engine.running or req.done():
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.wait_for(sim.stop(), 10)  # aiohttp's default would wait 60 s for the handler
+    req.cancel()
+    await asyncio.gather(req, return_exceptions=True)
