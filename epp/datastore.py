@@ -37,6 +37,7 @@ class Metrics:
     lora_max: int = 0  # max adapters at once, 0 = unknown / no LoRA
     lora_running: frozenset[str] = frozenset()
     lora_waiting: frozenset[str] = frozenset()
+    models: frozenset[str] = frozenset()  # base model(s) served (the `model_name` label), empty = unknown
     updated: float = 0.0  # time.monotonic() when scraped
 
 

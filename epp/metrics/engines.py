@@ -292,6 +292,7 @@ def read_metrics(spec: EngineSpec, page: str | bytes, now: float) -> Metrics:
         kv_usage=sum(kv_values) / len(kv_values),
         block_size=_count(p, spec.block_size),
         num_blocks=_count(p, spec.num_blocks),
+        models=frozenset(m for s in waiting[1] if (m := s.labels.get("model_name"))),
         updated=now,
     )
     if spec.lora is not None:

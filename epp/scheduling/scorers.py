@@ -87,7 +87,10 @@ LORA_RUNNING, LORA_FREE_SLOT, LORA_WAITING = 1.0, 0.8, 0.6
 
 @register("lora-affinity-scorer", SCORER)
 class LoraAffinityScorer(NoParams):
-    """1.0 adapter loaded; 0.8 a free adapter slot (running + waiting < max); 0.6 adapter queued; else 0."""
+    """1.0 adapter loaded; 0.8 a free adapter slot (running + waiting < max); 0.6 adapter queued; else 0.
+
+    A request for a pod's base model (its metrics' `model_name` label) is not an adapter request:
+    pods serving that base model score 1.0, others 0, whatever their adapter slots."""
 
     BOUNDED = True  # scores are constants or ratios in 0..1 by construction
 
@@ -97,7 +100,12 @@ class LoraAffinityScorer(NoParams):
     def score(self, cycle: Cycle, endpoints: Sequence[Endpoint]) -> list[float]:
         model = cycle.request.model
         out: list[float] = []
-        for m in cycle.fresh(endpoints):
+        fresh = cycle.fresh(endpoints)
+        if any(m is not None and model in m.models for m in fresh):
+            # a base-model request, not an adapter: adapter slots say nothing about it (scoring free
+            # slots here herded base-model traffic onto the pods with the fewest adapters loaded)
+            return [1.0 if m is not None and model in m.models else 0.0 for m in fresh]
+        for m in fresh:
             if m is None:
                 out.append(0.0)
             elif model in m.lora_running:

@@ -111,7 +111,7 @@ class VirtualServer:
                        lora_max=cfg.max_loras if has_lora else 0,
                        lora_running=frozenset(e.running_adapters()) if has_lora else frozenset(),
                        lora_waiting=frozenset(e.waiting_adapters()) if has_lora else frozenset(),
-                       updated=now)
+                       models=frozenset((cfg.model,)), updated=now)
 
 
 class Cluster:

@@ -197,3 +197,14 @@ async def test_prefix_hit_metrics_observed(start_picker, servers):
     assert count == 3 and total > 1.0  # the 2nd and 3rd requests matched most of their blocks
     app.telemetry.refresh_pool(app.datastore, 2.0, prefix_stats=app.scheduler.stats)
     assert app.telemetry.prefix_size.collect()[0].samples[0].value > 0
+
+
+async def test_base_model_requests_not_herded_onto_the_lora_pod(start_picker, servers):
+    # the LoRA pod has free adapter slots; base-model traffic must still spread by load
+    lora = await servers.add(vllm_page(kv=0.1, loras="sql-lora", max_lora=4))
+    plain = await servers.add(vllm_page(kv=0.1))
+    app, ch = await start_picker(endpoints=[lora, plain], refresh_metrics_interval=0.02)
+    await fresh(app, 2)
+    picks = [await pick(ch, model="base", content=f"unique prompt {i}") for i in range(20)]
+    assert picks.count(plain) >= 5 and picks.count(lora) >= 5, picks
+    assert await pick(ch, model="sql-lora") == lora

@@ -23,6 +23,7 @@ def test_vllm_current_kv_name() -> None:
     assert (m.waiting, m.running, m.kv_usage) == (2, 5, 0.25)
     assert (m.block_size, m.num_blocks) == (16, 31250)
     assert m.updated == 12.5
+    assert m.models == {pages.MODEL}  # the served base model, from the model_name label
 
 
 def test_vllm_older_kv_name_detected() -> None:

@@ -56,6 +56,16 @@ def test_kv_scorer():
     assert KVCacheUtilizationScorer("kv", None, CTX).score(cycle(), eps) == [0.75, 0.0, 1.0, 0.0]
 
 
+def test_lora_scorer_is_neutral_for_base_model_requests():
+    # the base model is served everywhere: free adapter slots must not attract it
+    eps = [ep(1, lora_max=4, lora_running={"a"}, models={"llama"}),
+           ep(2, lora_max=0, models={"llama"}),
+           ep(3, lora_max=4, models={"qwen"})]  # serves another base model
+    assert LoraAffinityScorer("l", None, CTX).score(cycle(req(model="llama")), eps) == [1.0, 1.0, 0.0]
+    # an adapter request still prefers the free slot
+    assert LoraAffinityScorer("l", None, CTX).score(cycle(req(model="new-lora")), eps) == [0.8, 0.0, 0.8]
+
+
 def test_lora_scorer_levels():
     eps = [
         ep(1, lora_max=2, lora_running={"a"}),  # running → 1.0

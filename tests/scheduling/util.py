@@ -15,7 +15,8 @@ from epp.scheduling.framework import SchedulingRequest
 def ep(n: int, *, waiting: float = 0, running: float = 0, kv: float = 0.0, lora_max: int = 0,
        lora_running: Iterable[str] = (), lora_waiting: Iterable[str] = (), inflight: int = 0,
        inflight_tokens: int = 0, labels: dict[str, str] | None = None, age: float = 0.0,
-       metrics: bool = True, scrape_ok: bool = True, block_size: int = 0, num_blocks: int = 0) -> Endpoint:
+       metrics: bool = True, scrape_ok: bool = True, block_size: int = 0, num_blocks: int = 0,
+       models: Iterable[str] = ()) -> Endpoint:
     """Endpoint 10.0.0.<n>:8000; metrics scraped `age` seconds ago (None with metrics=False).
 
     age=0 stamps the metrics an hour ahead, so they stay fresh however slowly a test runs."""
@@ -24,7 +25,8 @@ def ep(n: int, *, waiting: float = 0, running: float = 0, kv: float = 0.0, lora_
     if metrics:
         m = Metrics(waiting=waiting, running=running, kv_usage=kv, lora_max=lora_max,
                     lora_running=frozenset(lora_running), lora_waiting=frozenset(lora_waiting),
-                    block_size=block_size, num_blocks=num_blocks, updated=now + 3600 if age == 0 else now - age)
+                    block_size=block_size, num_blocks=num_blocks, models=frozenset(models),
+                    updated=now + 3600 if age == 0 else now - age)
     ip = f"10.0.0.{n}"
     return Endpoint(address=f"{ip}:8000", ip=ip, port=8000, pod=f"default/pod-{n}", labels=labels or {},
                     metrics=m, scrape_ok=scrape_ok, inflight=inflight, inflight_tokens=inflight_tokens)
