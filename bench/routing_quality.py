@@ -331,6 +331,7 @@ class Report:
 def goals(data: dict[str, Any], servers: int, loads: Sequence[int]) -> list[list[str]]:
     """The issue's goals for our default, checked per workload: rows for a markdown table."""
     runs = data["runs"][str(servers)]
+    runs = {w: runs[w] for w in _ordered(list(runs), [w.name for w in (*WORKLOADS, MILD)])}
     rows: list[list[str]] = []
     for wname, by_load in runs.items():
         if "85" in by_load:
@@ -348,7 +349,8 @@ def goals(data: dict[str, Any], servers: int, loads: Sequence[int]) -> list[list
                          "met" if ratio >= 1.5 else "**missed**"])
     worse = []
     for wname, by_load in runs.items():
-        for load, m in by_load.items():
+        for load in _loads(by_load):
+            m = by_load[load]
             for key in REGRESSION_KEYS:
                 d = m["default"][key] / m["reference"][key] - 1.0
                 if d > 0.03:
@@ -440,6 +442,94 @@ def plot(data: dict[str, Any], out: Path, names: Sequence[str]) -> list[Path]:
 
 
 # ---- main --------------------------------------------------------------------------------------
+def _ordered(keys: Sequence[str], order: Sequence[str]) -> list[str]:
+    """`keys` in `order` (names missing from it last, sorted): JSON files sort their keys."""
+    known = [k for k in order if k in keys]
+    return known + sorted(k for k in keys if k not in order)
+
+
+def _loads(by_load: dict[str, Any]) -> list[str]:
+    return sorted(by_load, key=int)
+
+
+def render(data: dict[str, Any]) -> list[str]:
+    """Markdown sections for a run's data (also for a saved JSON file: --report)."""
+    order = [p.name for p in POLICIES]
+    wl_order = [w.name for w in (*WORKLOADS, MILD)]
+    n = data["requests_per_8"]
+    sizes = sorted(data["runs"], key=int)
+    out = [f"Routing quality: {', '.join(sizes)} servers, seed {data['seed']}, {n} measured requests per run per "
+           f"8 servers after {int(n * data['warmup_share'])} warm-up requests at half the rate (the first "
+           f"{data['settle']:.0%} of the measured ones also left out), metrics polled every "
+           f"{data['poll_interval'] * 1000:.0f} ms. Latencies in virtual time."]
+    notes = {w.name: w.note for w in (*WORKLOADS, MILD)}
+    for size in sizes:
+        caps = data["capacity"][size]
+        runs_n = data.get("capacity_runs", {}).get(size, {})
+        prec = data.get("precision")
+        rows = [[w, f"{caps[w]:.1f}", f"{caps[w] / int(size):.2f}", str(runs_n.get(w, "–")), notes.get(w, "")]
+                for w in _ordered(list(caps), wl_order)]
+        within = f", within {prec:.0%}" if prec else ""
+        out.append(f"### Capacity, {size} servers (highest rate round-robin sustains{within})\n\n"
+                   + table(["workload", "req/s", "per server", "runs", "requests"], rows))
+        runs = data["runs"][size]
+        wls = _ordered(list(runs), wl_order)
+        # one compact view: p90 TTFT by load, every workload
+        parts = []
+        for w in wls:
+            loads = _loads(runs[w])
+            names = _ordered(list(runs[w][loads[0]]), order)
+            rows = [[p, *(_ms(runs[w][ld][p]["ttft_p90"]) for ld in loads)] for p in names]
+            parts.append(f"**{w}** (p90 TTFT, ms)\n\n" + table(["policy", *(f"{ld}%" for ld in loads)], rows))
+        out.append(f"### p90 TTFT by load, {size} servers\n\n" + "\n\n".join(parts))
+        for w in wls:
+            parts = []
+            for ld in _loads(runs[w]):
+                m = runs[w][ld]
+                rate = caps[w] * int(ld) / 100
+                parts.append(f"**{w}, {size} servers, {ld}% ({rate:.1f} req/s)**\n\n"
+                             + table(COLUMNS, [_row(p, m[p]) for p in _ordered(list(m), order)]))
+            out.append(f"### {w}, {size} servers\n\n" + "\n\n".join(parts))
+        any_load = next(iter(runs.values()))
+        some = next(iter(any_load.values()))
+        if {"default", "round-robin", "reference"} <= set(some):
+            loads = sorted({int(ld) for w in runs.values() for ld in w})
+            out.append(f"### Goals, {size} servers (our default)\n\n"
+                       + table(["goal", "measured", ""], goals(data, int(size), loads)))
+    rep_data = data.get("replicas") or {}
+    if rep_data:
+        size = str(data.get("replica_servers", sizes[0]))
+        load = data.get("replica_load", 85)
+        for w in _ordered(list(rep_data), wl_order):
+            rows = []
+            for pname in _ordered(list(rep_data[w]), [p.name for p in REPLICA_POLICIES]):
+                per = rep_data[w][pname]
+                counts = sorted(per, key=int)
+                base = per[counts[0]]
+                for r in counts:
+                    m = per[r]
+                    rows.append([pname, r, _ms(m["ttft_p50"]), _ms(m["ttft_p90"]), _ms(m["ttft_p99"]),
+                                 f"{m['hit_rate'] * 100:.1f}", f"{(m['ttft_p90'] / base['ttft_p90'] - 1) * 100:+.0f}%",
+                                 _s(m["e2e_p90"]), f"{m['busy_cv']:.2f}"])
+            out.append(f"### Picker replicas: {w}, {size} servers, {load}% load\n\n"
+                       + table(["policy", "replicas", "TTFT p50 ms", "p90", "p99", "hit %", "p90 vs 1 replica",
+                                "e2e p90 s", "busy CV"], rows))
+    adm = data.get("admission") or {}
+    if adm:
+        rows = []
+        for key in sorted(adm, key=lambda k: (int(k.split("/")[0]), order.index(k.split("/", 1)[1]))):
+            ld, pname = key.split("/", 1)
+            m, mc = adm[key]["all"], adm[key]["critical"]
+            rows.append([f"{ld}%", pname, f"{m['rate_429'] * 100:.1f}", _ms(m["ttft_p90"]), _ms(mc["ttft_p50"]),
+                         _ms(mc["ttft_p90"]), _ms(mc["ttft_p99"]), _s(mc["e2e_p90"])])
+        out.append(f"### Admission: bursty, 30% of requests sheddable, {sizes[0]} servers\n\n"
+                   + table(["load", "policy", "429 % (all)", "TTFT p90 ms (served)", "critical: TTFT p50", "p90",
+                            "p99", "e2e p90 s"], rows))
+    if "wall_s" in data:
+        out.append(f"(ran in {data['wall_s']:.0f} s wall, {data['cpu_s']:.0f} s CPU)")
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the `make bench` subset (8 servers, fewer requests)")
@@ -453,10 +543,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--plots-dir", type=Path, help="default bench/plots (full), bench/plots/quick (--quick)")
-    ap.add_argument("--json", type=Path)
-    ap.add_argument("--markdown", type=Path)
+    ap.add_argument("--json", type=Path, help="write every figure here")
+    ap.add_argument("--markdown", type=Path, help="write the tables here")
+    ap.add_argument("--report", type=Path, help="no runs: render the tables (and plots) of a saved --json file")
     args = ap.parse_args(argv)
 
+    if args.report:
+        data = json.loads(args.report.read_text())
+    else:
+        data = run(args)
+    rep = Report()
+    for section in render(data):
+        rep.add(section)
+    if not args.no_plots:
+        plots_dir = args.plots_dir or (PLOTS / "quick" if args.quick or args.tiny else PLOTS)
+        names = _ordered(list(next(iter(next(iter(next(iter(data["runs"].values())).values())).values()))),
+                         [p.name for p in POLICIES])
+        for path in plot(data, plots_dir, names):
+            print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+    if args.json and not args.report:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(data, indent=1, sort_keys=True))
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(rep.text())
+    return 0
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Every run the arguments ask for; returns all figures (what --json writes)."""
     if args.tiny:
         servers, loads, n, precision = [4], [85], 240, 0.3
         wls = [workload("shared-prefix"), workload("lora")]
@@ -478,28 +593,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     wls = [workload(x) for x in args.workloads] if args.workloads else wls
     replicas = args.replicas or replicas
     pols = [p for p in POLICIES if not args.policies or p.name in args.policies]
-    names = [p.name for p in pols]
     seed = args.seed
 
     t_start, cpu_start = time.perf_counter(), time.process_time()
-    rep = Report()
-    rep.add(f"Routing quality: {', '.join(map(str, servers))} servers, loads {', '.join(f'{x}%' for x in loads)} "
-            f"of capacity, {n} measured requests per run per 8 servers after {n_warm(n)} warm-up requests, "
-            f"seed {seed}, metrics polled every {POLL_INTERVAL * 1000:.0f} ms.")
     data: dict[str, Any] = {"seed": seed, "requests_per_8": n, "loads": loads, "warmup_share": WARMUP_SHARE,
-                            "settle": SETTLE, "poll_interval": POLL_INTERVAL, "capacity": {}, "runs": {},
-                            "replicas": {}, "admission": {}}
+                            "settle": SETTLE, "poll_interval": POLL_INTERVAL, "precision": precision,
+                            "capacity": {}, "capacity_runs": {}, "runs": {}, "replicas": {}, "admission": {}}
+
+    def progress(msg: str) -> None:
+        print(f"[{time.perf_counter() - t_start:5.0f} s] {msg}", file=sys.stderr, flush=True)
+
     for size in servers:
         reqs = n * size // 8
         data["capacity"][str(size)] = {}
+        data["capacity_runs"][str(size)] = {}
         data["runs"][str(size)] = {}
-        caps = []
         for w in wls:
             cap, runs = capacity(w, size, reqs, seed, precision)
             data["capacity"][str(size)][w.name] = cap
-            caps.append([w.name, f"{cap:.1f}", f"{cap / size:.2f}", str(runs), w.note])
-        rep.add(f"### Capacity, {size} servers (highest rate round-robin sustains, within {precision:.0%})\n\n"
-                + table(["workload", "req/s", "per server", "runs", "requests"], caps))
+            data["capacity_runs"][str(size)][w.name] = runs
+            progress(f"capacity {w.name}, {size} servers: {cap:.1f} req/s")
         size_loads = loads if size == servers[0] else big_loads
         for w in wls:
             by_load: dict[str, dict[str, dict[str, float]]] = {}
@@ -511,78 +624,38 @@ def main(argv: Sequence[str] | None = None) -> int:
                     results, busy, _ = simulate(w, size, rate, reqs, seed, spec)
                     by_load[str(load)][spec.name] = measure(results, busy, size)
             data["runs"][str(size)][w.name] = by_load
-            rows = [_row(p, by_load[str(ld)][p]) for ld in size_loads for p in names]
-            head = [f"{w.name}, {size} servers, {ld}% ({cap * ld / 100:.1f} req/s)" for ld in size_loads]
-            parts = []
-            for k in range(len(size_loads)):
-                parts.append(f"**{head[k]}**\n\n" + table(COLUMNS, rows[k * len(names):(k + 1) * len(names)]))
-            rep.add(f"### {w.name}, {size} servers\n\n" + "\n\n".join(parts))
-        if "default" in names and "round-robin" in names and "reference" in names:
-            rep.add(f"### Goals, {size} servers (our default)\n\n"
-                    + table(["goal", "measured", ""], goals(data, size, size_loads)))
+            progress(f"{w.name}, {size} servers done")
 
     # several picker replicas: each sees part of the traffic and keeps its own state
     size = servers[0]
     reqs = n * size // 8
     load = 85 if 85 in loads else loads[-1]
+    data["replica_servers"], data["replica_load"] = size, load
     study = [w for w in wls if w.name in replica_wls]
     if len(replicas) > 1 and study:
         for w in study:
             rate = data["capacity"][str(size)][w.name] * load / 100.0
             data["replicas"][w.name] = {}
-            rows = []
             for spec in REPLICA_POLICIES:
-                per: dict[str, dict[str, float]] = {}
-                for r in replicas:
-                    results, busy, _ = simulate(w, size, rate, reqs, seed, spec, replicas=r)
-                    per[str(r)] = measure(results, busy, size)
-                data["replicas"][w.name][spec.name] = per
-                base = per[str(replicas[0])]
-                for r in replicas:
-                    m = per[str(r)]
-                    rows.append([spec.name, str(r), _ms(m["ttft_p50"]), _ms(m["ttft_p90"]), _ms(m["ttft_p99"]),
-                                 f"{m['hit_rate'] * 100:.1f}", f"{(m['ttft_p90'] / base['ttft_p90'] - 1) * 100:+.0f}%",
-                                 f"{m['busy_cv']:.2f}"])
-            rep.add(f"### Picker replicas: {w.name}, {size} servers, {load}% load\n\n"
-                    + table(["policy", "replicas", "TTFT p50 ms", "p90", "p99", "hit %", "p90 vs 1 replica",
-                             "busy CV"], rows))
+                data["replicas"][w.name][spec.name] = {
+                    str(r): measure(*simulate(w, size, rate, reqs, seed, spec, replicas=r)[:2], size) for r in replicas}
+            progress(f"replicas, {w.name} done")
 
-    # admission: bursty arrivals with sheddable requests, overloaded
+    # admission: bursty arrivals with sheddable requests, at and beyond capacity
     w = workload("bursty")
     if w in wls and not args.tiny:
-        size = servers[0]
-        reqs = n * size // 8
         cap = data["capacity"][str(size)][w.name]
-        rows = []
         for ld in (95, 110):
             rate = cap * ld / 100.0
             for spec in (policy("round-robin"), policy("reference"), policy("default")):
-                stream = _bursty(reqs, rate, size, seed, sheddable=0.3)
+                stream = _bursty(reqs + n_warm(reqs), rate, size, seed, sheddable=0.3)
                 results, busy, _ = simulate(w, size, rate, reqs, seed, spec, stream=stream)
-                m = measure(results, busy, size)
                 crit = [r for r in results if r.request is not None and r.request.priority >= 0]
-                mc = measure(crit, busy, size)
-                data["admission"][f"{ld}/{spec.name}"] = {"all": m, "critical": mc}
-                rows.append([f"{ld}%", spec.name, f"{m['rate_429'] * 100:.1f}", _ms(m["ttft_p90"]),
-                             _ms(mc["ttft_p90"]), _ms(mc["ttft_p99"]), _s(mc["e2e_p90"])])
-        rep.add(f"### Admission: bursty, 30% of requests sheddable, {size} servers\n\n"
-                + table(["load", "policy", "429 % (all)", "TTFT p90 ms (served)", "critical: p90", "p99",
-                         "e2e p90 s"], rows))
-
-    wall, cpu = time.perf_counter() - t_start, time.process_time() - cpu_start
-    data["wall_s"], data["cpu_s"] = wall, cpu
-    rep.add(f"(ran in {wall:.0f} s wall, {cpu:.0f} s CPU)")
-    if not args.no_plots:
-        plots_dir = args.plots_dir or (PLOTS / "quick" if args.quick or args.tiny else PLOTS)
-        for path in plot(data, plots_dir, names):
-            print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(data, indent=1, sort_keys=True))
-    if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(rep.text())
-    return 0
+                data["admission"][f"{ld}/{spec.name}"] = {"all": measure(results, busy, size),
+                                                          "critical": measure(crit, busy, size)}
+        progress("admission done")
+    data["wall_s"], data["cpu_s"] = time.perf_counter() - t_start, time.process_time() - cpu_start
+    return data
 
 
 if __name__ == "__main__":
