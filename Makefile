@@ -32,12 +32,14 @@ typecheck: install
 run: install
 	$(BIN)/python -m epp --pool-name demo-pool --manifests deploy/examples/no-cluster.yaml --secure-serving=false
 
-# 4 simulated model servers + the picker + a real Envoy, ~30 s of mixed traffic, then a report
+# 4 simulated model servers + the picker + a real Envoy, ~30 s of mixed traffic, then a report;
+# `make demo DEMO_ARGS="--policy round-robin"` (or `make demo-rr`) for Envoy round-robin without the picker
+DEMO_ARGS ?=
 demo: install
-	$(BIN)/python -m epp.demo --seconds 30
+	$(BIN)/python -m epp.demo --seconds 30 $(DEMO_ARGS)
 
 demo-rr: install
-	$(BIN)/python -m epp.demo --seconds 30 --policy round-robin
+	$(BIN)/python -m epp.demo --seconds 30 --policy round-robin $(DEMO_ARGS)
 
 bench: install
 	$(BIN)/pip install -q -e '.[test,bench]'
