@@ -78,15 +78,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def drive(addr: str, steps: list[tuple[ep.ProcessingRequest, int]], secs: float, conc: int) -> int:
+async def drive(addr: str, steps: list[tuple[ep.ProcessingRequest, int]], secs: float, conc: int,
+                count: int | None = None) -> int:
+    """Closed loop over `conc` streams for `secs` seconds (or exactly `count` requests); returns the count."""
     done = 0
+    left = count if count is not None else -1
     async with grpc.aio.insecure_channel(addr) as ch:
         stub = ep_grpc.ExternalProcessorStub(ch)
         stop = time.perf_counter() + secs
 
         async def worker() -> None:
-            nonlocal done
-            while time.perf_counter() < stop:
+            nonlocal done, left
+            while (left > 0) if count is not None else (time.perf_counter() < stop):
+                left -= 1
                 call = stub.Process()
                 for msg, replies in steps:
                     await call.write(msg)
@@ -187,15 +191,29 @@ def measure_lean_floor(secs: float, prompt_bytes: int, conc: int) -> tuple[float
     return n / el, cpu / max(n, 1) * 1e6
 
 
+def scrape_plan(endpoints: int, interval: str | None) -> tuple[str, list[str]]:
+    """The scrape interval and extra picker flags for `endpoints`. Default: 50 ms up to 16 endpoints,
+    then slower so the scraper stays near 320 polls/s (at 50 ms, 256 endpoints would need more than
+    a core for scraping alone), with the staleness threshold raised to match so scores see fresh
+    metrics, as an operator of a large pool would configure it."""
+    if interval is not None:
+        return interval, []
+    secs = max(0.05, endpoints / 320)
+    cfg = ("apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n"
+           f"saturationDetector:\n  metricsStalenessThreshold: {max(0.2, 4 * secs):.2f}s\n")
+    return f"{secs:.3f}s", ["--config-text", cfg]
+
+
 def measure(profile: str, secs: float, endpoints: int, prompt_bytes: int, conc: int,
-            scrape_interval: str = "50ms") -> tuple[float, float, float]:
+            scrape_interval: str | None = None) -> tuple[float, float, float]:
     """(req/s, CPU µs per request above the scraper's idle cost, scraper CPU share of a core)."""
     port = free_port()
     ms, addrs = metrics_server(endpoints)
     eps = ",".join(addrs)
+    interval, extra = scrape_plan(endpoints, scrape_interval)
     cmd = ["taskset", "-c", "0", sys.executable, "-m", "epp", "--pool-name", "bench", "--endpoints", eps,
            "--secure-serving=false", "--grpc-port", str(port), "--grpc-health-port", "0", "--metrics-port", "0",
-           "--bind-address", "127.0.0.1", "--log-level", "warning", "--refresh-metrics-interval", scrape_interval]
+           "--bind-address", "127.0.0.1", "--log-level", "warning", "--refresh-metrics-interval", interval, *extra]
     p = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
     hz = os.sysconf("SC_CLK_TCK")
     try:
@@ -227,8 +245,14 @@ def main() -> None:
     ap.add_argument("--profiles", default="duplex,buffered,lean")
     ap.add_argument("--no-floor", action="store_true")
     ap.add_argument("--repeat", type=int, default=1)
-    ap.add_argument("--scrape-interval", default="50ms", help="the picker's --refresh-metrics-interval")
+    ap.add_argument("--scrape-interval", default=None,
+                    help="the picker's --refresh-metrics-interval (default: 50 ms, slower past 16 endpoints)")
+    ap.add_argument("--matrix", action="store_true",
+                    help="every profile x 1 KB / 200 KB prompts x 8 / 64 / 256 endpoints (one table)")
     a = ap.parse_args()
+    if a.matrix:
+        run_matrix(a)
+        return
     floor: dict[str, tuple[float, float]] = {}
     ours: dict[str, tuple[float, float, float]] = {}
     profiles = a.profiles.split(",")
@@ -258,6 +282,30 @@ def main() -> None:
         print(f"epp    {profile:9s} req/s {rps:6.0f}  server cpu-us/request {us:5.0f} net  "
               f"req/s per core {1e6 / us:6.0f}{ratio}  (scrape {idle * 100:.1f}% of a core; "
               f"{a.endpoints} endpoints, {a.prompt_bytes} B prompt)")
+
+
+def run_matrix(a: argparse.Namespace) -> None:
+    """The issue's matrix in one run, next to floor_profiles.py (1 KB) and the lean floor (both sizes)."""
+    floor: dict[str, float] = {}
+    if os.path.exists(FLOOR):
+        out = subprocess.run([sys.executable, FLOOR, str(a.seconds)], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            m = re.match(r"(\w+)\s+req/s\s+(\d+).*cpu-us/request\s+(\d+)", line)
+            if m:
+                floor[f"{m.group(1)}/1000"] = float(m.group(3))
+        for size in (1000, 200_000):
+            floor[f"lean/{size}"] = measure_lean_floor(a.seconds, size, a.concurrency)[1]
+    print("| profile | prompt | endpoints | req/s | CPU µs/request (net of scraping) | req/s per core | "
+          "floor µs | × floor | scraping (% of a core) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for profile in ("duplex", "buffered", "lean"):
+        for size in (1000, 200_000):
+            for n in (8, 64, 256):
+                rps, us, idle = measure(profile, a.seconds, n, size, a.concurrency, a.scrape_interval)
+                ref = floor.get(f"{profile}/{size}")
+                rel = f"{us / ref:.2f}" if ref else "–"
+                print(f"| {profile} | {size // 1000} KB | {n} | {rps:.0f} | {us:.0f} | {1e6 / us:.0f} | "
+                      f"{ref or 0:.0f} | {rel} | {idle * 100:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
