@@ -25,9 +25,11 @@ hit rate (prompt tokens the engines found cached), 429 rate (admission; only req
 sheddable can be refused, and the main workloads mark none), and load spread (the coefficient of
 variation of per-server busy time, and of requests per server).
 
-Writes: markdown tables on stdout (and `--markdown`), all numbers as JSON (`--json`), PNG plots in
-bench/plots/ (full run; --quick: bench/plots/quick/, so a quick run never replaces the figures
-docs/benchmarks.md shows) with matplotlib (the `bench` extra; skipped with a note when missing).
+Writes: markdown tables on stdout and to bench/results/routing_quality.md, every figure to
+bench/results/routing_quality.json (`--report` renders a saved one again), PNG plots to
+bench/plots/ with matplotlib (the `bench` extra; skipped with a note when missing). A --quick run
+writes to bench/results/quick/ and bench/plots/quick/ instead, so it never replaces the figures
+docs/benchmarks.md shows.
 The full run takes 32 servers only at the 85% and 95% loads (each run costs 4×).
 """
 
@@ -59,6 +61,7 @@ SETTLE = 0.05  # share of the measured requests, first by arrival, also left out
 POLL_INTERVAL = 0.05  # s: the picker's and the reference's metrics refresh
 ADAPTERS = tuple(f"adapter-{i:02d}" for i in range(15))
 PLOTS = ROOT / "bench" / "plots"
+RESULTS = ROOT / "bench" / "results"
 ROUND_ROBIN = policy("round-robin")
 STABLE_GROWTH = 0.05  # backlog growth per second, as a share of the arrival rate, that counts as falling behind
 
@@ -377,29 +380,36 @@ def plot(data: dict[str, Any], out: Path, names: Sequence[str]) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     styles = {"random": ":", "round-robin": ":", "least-request-p2c": "--", "reference": "-"}
+    wl_order = [w.name for w in (*WORKLOADS, MILD)]
     for servers, runs in data["runs"].items():
-        wl = list(runs)
-        fig, axes = plt.subplots(1, len(wl), figsize=(4.2 * len(wl), 3.8), squeeze=False)
-        for ax, wname in zip(axes[0], wl, strict=True):
+        wl = _ordered(list(runs), wl_order)
+        cols = min(3, len(wl))
+        rows_n = -(-len(wl) // cols)
+        fig, axes = plt.subplots(rows_n, cols, figsize=(4.6 * cols, 3.4 * rows_n + 0.8), squeeze=False)
+        flat = [ax for row in axes for ax in row]
+        for ax, wname in zip(flat, wl, strict=False):
             loads = sorted(runs[wname], key=int)
             for pname in names:
                 ys = [runs[wname][ld][pname]["ttft_p90"] * 1000 for ld in loads]
                 ax.plot([int(ld) for ld in loads], ys, styles.get(pname, "-"), marker="o", ms=3, label=pname,
-                        lw=2.2 if pname == "default" else 1.2)
+                        lw=2.4 if pname == "default" else 1.2)
             ax.set_yscale("log")
             ax.set_title(wname)
             ax.set_xlabel("load, % of capacity")
+            ax.set_ylabel("p90 TTFT (ms, log)")
             ax.grid(True, which="both", alpha=0.3)
-        axes[0][0].set_ylabel("p90 TTFT (ms, log)")
-        axes[0][-1].legend(fontsize=7)
+        for ax in flat[len(wl):]:
+            ax.axis("off")
+        handles, labels = flat[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=min(8, len(names)), fontsize=8)
         fig.suptitle(f"p90 time to first token, {servers} servers")
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.06, 1, 1))
         path = out / f"routing_ttft_p90_{servers}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
 
-        at = [w for w in wl if "85" in runs[w]]
+        at = [w for w in wl if "85" in runs[w]]  # (in workload order)
         if at:
             fig, ax = plt.subplots(figsize=(9, 3.8))
             width = 0.8 / len(names)
@@ -420,10 +430,11 @@ def plot(data: dict[str, Any], out: Path, names: Sequence[str]) -> list[Path]:
 
     rep = data.get("replicas")
     if rep:
-        wl = list(rep)
+        wl = _ordered(list(rep), wl_order)
         fig, axes = plt.subplots(1, len(wl), figsize=(4.5 * len(wl), 3.6), squeeze=False)
         for ax, wname in zip(axes[0], wl, strict=True):
-            for pname, by_n in rep[wname].items():
+            for pname in _ordered(list(rep[wname]), [p.name for p in REPLICA_POLICIES]):
+                by_n = rep[wname][pname]
                 ns = sorted(by_n, key=int)
                 ax.plot([int(x) for x in ns], [by_n[x]["ttft_p90"] * 1000 for x in ns], marker="o", label=pname)
             ax.set_xticks([int(x) for x in sorted(next(iter(rep[wname].values())), key=int)])
@@ -543,8 +554,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--plots-dir", type=Path, help="default bench/plots (full), bench/plots/quick (--quick)")
-    ap.add_argument("--json", type=Path, help="write every figure here")
-    ap.add_argument("--markdown", type=Path, help="write the tables here")
+    ap.add_argument("--json", type=Path, help="figures (default bench/results[/quick]/routing_quality.json)")
+    ap.add_argument("--markdown", type=Path, help="tables (default bench/results[/quick]/routing_quality.md)")
     ap.add_argument("--report", type=Path, help="no runs: render the tables (and plots) of a saved --json file")
     args = ap.parse_args(argv)
 
@@ -552,6 +563,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = json.loads(args.report.read_text())
     else:
         data = run(args)
+        if not args.tiny:  # results kept next to the plots: full in bench/results, quick in bench/results/quick
+            results = RESULTS / "quick" if args.quick else RESULTS
+            args.json = args.json or results / "routing_quality.json"
+            args.markdown = args.markdown or results / "routing_quality.md"
     rep = Report()
     for section in render(data):
         rep.add(section)
