@@ -501,6 +501,7 @@ def render(data: dict[str, Any]) -> list[str]:
                 parts.append(f"**{w}, {size} servers, {ld}% ({rate:.1f} req/s)**\n\n"
                              + table(COLUMNS, [_row(p, m[p]) for p in _ordered(list(m), order)]))
             out.append(f"### {w}, {size} servers\n\n" + "\n\n".join(parts))
+        out.extend(_ablation(runs, wls, order, size))
         any_load = next(iter(runs.values()))
         some = next(iter(any_load.values()))
         if {"default", "round-robin", "reference"} <= set(some):
@@ -539,6 +540,27 @@ def render(data: dict[str, Any]) -> list[str]:
     if "wall_s" in data:
         out.append(f"(ran in {data['wall_s']:.0f} s wall, {data['cpu_s']:.0f} s CPU)")
     return out
+
+
+def _ablation(runs: dict[str, Any], wls: Sequence[str], order: Sequence[str], size: str) -> list[str]:
+    """Each picker variant (and the reference) against our default: p90 TTFT and e2e p90 ratios."""
+    others = [p for p in order if p == "reference" or (p.startswith("default, "))]
+    rows = []
+    for w in wls:
+        for ld in _loads(runs[w]):
+            if int(ld) < 85:
+                continue
+            m = runs[w][ld]
+            if "default" not in m:
+                return []
+            base = m["default"]
+            cells = [f"{m[p]['ttft_p90'] / base['ttft_p90']:.2f} / {m[p]['e2e_p90'] / base['e2e_p90']:.2f}"
+                     if p in m else "–" for p in others]
+            rows.append([f"{w} {ld}%", *cells])
+    if not rows:
+        return []
+    return [f"### Variants against our default, {size} servers (p90 TTFT / e2e p90, as a multiple of the "
+            f"default's; > 1 is worse)\n\n" + table(["workload, load", *others], rows)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
