@@ -237,7 +237,8 @@ class Director:
             request_size=len(body) if body is not None else 0,
             started=started,
             routed_at=t1,
-            prompt_tokens_est=len(sched.prompt) // 4,
+            # ~4 bytes a token; the body, since the prompt text is cut at openai.PROMPT_LIMIT
+            prompt_tokens_est=(len(body) if body is not None else 0) // 4,
             rewrite_source=source,
             rewrite_rule=rule,
             sched_seconds=t1 - t0,

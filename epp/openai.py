@@ -76,15 +76,34 @@ def parse_request(raw: bytes, path: str) -> ParsedBody:
     return ParsedBody(api=api, model=model, body=body, stream=stream)
 
 
-def prompt_text(parsed: ParsedBody) -> str:
-    """The text whose prefix identifies cached KV blocks (chat: the messages in order)."""
+PROMPT_LIMIT = 64 * 1024  # characters: prefix matching reads at most 256 blocks (16 KB by default)
+
+
+def _dumps(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def prompt_text(parsed: ParsedBody, limit: int = PROMPT_LIMIT) -> str:
+    """The leading text (at least `limit` characters when there are that many) whose prefix identifies
+    cached KV blocks; chat: the messages in order, as compact JSON. Stopping early keeps a long
+    conversation from being re-encoded whole just to hash its first blocks."""
     b = parsed.body
     if parsed.api == "chat":
-        return json.dumps(b.get("messages"), separators=(",", ":"), ensure_ascii=False)
+        messages = b.get("messages")
+        if not isinstance(messages, list):
+            return _dumps(messages)
+        parts, size = [], 1
+        for m in messages:
+            piece = _dumps(m)
+            parts.append(piece)
+            size += len(piece) + 1
+            if size >= limit:
+                return "[" + ",".join(parts)  # a prefix of the full JSON list
+        return "[" + ",".join(parts) + "]"
     value = b.get("prompt") if parsed.api == "completions" else b.get("input") or b.get("items")
     if isinstance(value, str):
-        return value
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+        return value[:limit]
+    return _dumps(value)[:limit]
 
 
 def rewrite_model(parsed: ParsedBody, target: str) -> bytes:

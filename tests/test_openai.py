@@ -89,3 +89,14 @@ def test_restorer_does_not_delay_complete_events():
     r = openai.ModelRestorer("t", "c")
     event = b'data: {"model":"t","choices":[{"finish_reason":null}]}\n\n'
     assert r.feed(event, False) == event.replace(b'"t"', b'"c"')
+
+
+def test_prompt_text_is_a_prefix_of_the_full_encoding_when_cut():
+    msgs = [{"role": "user", "content": f"message {i} " + "x" * 500} for i in range(400)]
+    p = openai.parse_request(json.dumps({"model": "m", "messages": msgs}).encode(), "/v1/chat/completions")
+    full = json.dumps(msgs, separators=(",", ":"), ensure_ascii=False)
+    cut = openai.prompt_text(p, limit=10_000)
+    assert 10_000 <= len(cut) < 11_000 and full.startswith(cut)
+    assert openai.prompt_text(p, limit=10**9) == full
+    p = openai.parse_request(json.dumps({"model": "m", "prompt": "y" * 100_000}).encode(), "/v1/completions")
+    assert openai.prompt_text(p) == "y" * openai.PROMPT_LIMIT
