@@ -94,6 +94,13 @@ def prompt_text(parsed: ParsedBody, limit: int = PROMPT_LIMIT) -> str:
             return _dumps(messages)
         parts, size = [], 1
         for m in messages:
+            remaining = limit - size
+            if isinstance(m, dict) and any(isinstance(v, str) and len(v) > remaining for v in m.values()):
+                # one huge message: encode only the start of its long strings, then cut the artificial
+                # ending off (an escaped string's prefix is the prefix of its escape)
+                m = {k: v[:remaining] if isinstance(v, str) else v for k, v in m.items()}
+                parts.append(_dumps(m))
+                return ("[" + ",".join(parts))[:limit]
             piece = _dumps(m)
             parts.append(piece)
             size += len(piece) + 1

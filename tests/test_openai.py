@@ -100,3 +100,11 @@ def test_prompt_text_is_a_prefix_of_the_full_encoding_when_cut():
     assert openai.prompt_text(p, limit=10**9) == full
     p = openai.parse_request(json.dumps({"model": "m", "prompt": "y" * 100_000}).encode(), "/v1/completions")
     assert openai.prompt_text(p) == "y" * openai.PROMPT_LIMIT
+
+
+def test_prompt_text_cuts_inside_one_huge_message():
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": 'q "é"\n' * 30_000}]
+    p = openai.parse_request(json.dumps({"model": "m", "messages": msgs}).encode(), "/v1/chat/completions")
+    full = json.dumps(msgs, separators=(",", ":"), ensure_ascii=False)
+    cut = openai.prompt_text(p, limit=5000)
+    assert len(cut) == 5000 and full.startswith(cut)
