@@ -43,6 +43,18 @@ def test_tiny_run_produces_tables_and_json(tmp_path: Path) -> None:
     assert data["capacity"]["4"]["shared-prefix"] > 0
     assert set(data["replicas"]["shared-prefix"]["default (index)"]) == {"1", "2"}
 
+    # the doc refresher fills marked blocks from the JSON and leaves the prose alone
+    doc = tmp_path / "doc.md"
+    doc.write_text("intro\n<!-- routing:goals-4 -->\nold\n<!-- /routing -->\nmiddle\n"
+                   "<!-- routing:detail85-4 -->\n<!-- /routing -->\nend\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "routing_doc.py"), str(out_json), str(doc)],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    filled = doc.read_text()
+    assert filled.startswith("intro\n") and "\nmiddle\n" in filled and filled.endswith("end\n")
+    assert "old" not in filled and "| goal | measured |" in filled
+    assert "**shared-prefix, 4 servers, 85% (" in filled and "**lora, 4 servers, 85% (" in filled
+
 
 def test_picker_policy_accounts_like_the_director() -> None:
     sys.path.insert(0, str(ROOT / "bench"))
