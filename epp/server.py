@@ -78,6 +78,8 @@ class App:
         if forget is not None:
             self.datastore.subscribe(forget)
         self.telemetry = Telemetry(pool_name=opts.pool_name)
+        if hasattr(self.scheduler, "plugin_timer"):
+            self.scheduler.plugin_timer = self.telemetry.plugin_observed
         self.director = Director(self.datastore, self.scheduler, telemetry=self.telemetry,
                                  admission=build_admission(self.config),
                                  session_header=session_header(self.scheduler),

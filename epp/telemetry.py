@@ -111,6 +111,7 @@ class Telemetry:
                                     "Routed reply to the response headers reaching the picker (queue + prefill).",
                                     MODEL_LABELS, buckets=_LATENCY_BUCKETS, registry=r)
         self._children: dict[tuple[str, str], _Children] = {}
+        self._plugin_children: dict[tuple[str, str, str], Any] = {}
         self._served_pods: set[str] = set()
         self._sched_ok = self.sched_attempts.labels("success")
         self._sched_fail = self.sched_attempts.labels("failure")
@@ -153,6 +154,14 @@ class Telemetry:
                 self.prefix_hit_bytes.observe(scratch.get(PREFIX_HIT_BYTES, 0))
         if ctx.rewrite_source != "none" and ctx.client_model != ctx.target_model:
             self.rewrite_decisions.labels(ctx.rewrite_rule, ctx.client_model, ctx.target_model).inc()
+
+    def plugin_observed(self, point: str, plugin_type: str, plugin_name: str, seconds: float) -> None:
+        """One timed plugin call (the scheduler samples one request in N)."""
+        key = (point, plugin_type, plugin_name)
+        child = self._plugin_children.get(key)
+        if child is None:
+            child = self._plugin_children[key] = self.plugin_duration.labels(*key)
+        child.observe(seconds)
 
     def rejected(self, ctx: RequestContext | None, model: str, target: str, error: Rejected) -> None:
         self.request_error_total.labels(model, target, error.code).inc()

@@ -38,7 +38,7 @@ spec:
   poolRef: {name: pool}
   rules: [{matches: [{model: {value: a}}], targets: [{modelRewrite: b}]}]
 """)
-    app, ch = await start_picker(endpoints=["127.0.0.1:8000"], manifests=[str(tmp_path)])
+    app, ch = await start_picker(endpoints=["127.0.0.1:8000", "127.0.0.2:8000"], manifests=[str(tmp_path)])
     resp = json.dumps({"model": "b", "usage": {"prompt_tokens": 10, "completion_tokens": 20}}).encode()
     for _ in range(3):
         await exchange(ch, [request_headers(), *body_chunks(chat("a")), response_headers(),
@@ -58,6 +58,13 @@ spec:
     assert value(m, "inference_extension_picker_added_latency_seconds_count") == 3
     assert value(m, "inference_extension_response_first_byte_seconds_count", model_name="a") == 3
     assert value(m, "inference_extension_info") == 1
+    app.scheduler.timing_sample = 1  # time every decision from now on
+    await exchange(ch, [request_headers(), *body_chunks(chat("a"))])
+    m = scrape(app.metrics_port)
+    assert value(m, "inference_extension_plugin_duration_seconds_count", extension_point="Scorer",
+                 plugin_type="queue-scorer") == 1
+    assert value(m, "inference_extension_plugin_duration_seconds_count", extension_point="Picker",
+                 plugin_type="max-score-picker") == 1
     for name in ("inference_objective_request_duration_seconds_bucket", "inference_objective_request_sizes_bucket",
                  "inference_objective_response_sizes_bucket"):
         assert name in m

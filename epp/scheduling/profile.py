@@ -15,7 +15,7 @@ from typing import Any
 from epp.datastore import Endpoint
 from epp.scheduling.cycle import Cycle
 from epp.scheduling.framework import SchedulingRequest, SchedulingResult
-from epp.scheduling.registry import Filter, Picker, Scorer
+from epp.scheduling.registry import Filter, Picker, Scorer, type_name_of
 
 log = logging.getLogger("epp.scheduling")
 
@@ -91,6 +91,11 @@ class ProfileScheduler:
         self._stats = [p.stats for p in plugins if hasattr(p, "stats")]
         self._next_sweep = clock() + SWEEP_INTERVAL
         self._widest: Sequence[Endpoint] = ()  # the largest candidate set seen since the last sweep
+        # plugin_timer(extension_point, plugin_type, plugin_name, seconds), for the EPP's own metrics
+        self.plugin_timer: Callable[[str, str, str, float], None] | None = None
+        self.timing_sample = 16
+        self._count = 0
+        self._type_names: dict[int, str] = {}
 
     @property
     def max_endpoints(self) -> int:
@@ -102,10 +107,18 @@ class ProfileScheduler:
             self._widest = candidates
         if now >= self._next_sweep:
             self._sweep(now)
+        timer = None
+        if self.plugin_timer is not None:
+            self._count += 1
+            if self._count % self.timing_sample == 0:  # time one request in N: the timing costs too
+                timer = time.perf_counter
         cycle = Cycle(request, now, self.stale_after)
         endpoints: Sequence[Endpoint] = candidates
         for f in self.filters:
+            t0 = timer() if timer else 0.0
             endpoints = f.filter(cycle, list(endpoints))
+            if timer:
+                self._report("Filter", f, timer() - t0)
             if not endpoints:
                 return SchedulingResult([], f"no endpoint passed filter {f.name}")
         if not endpoints:
@@ -115,19 +128,33 @@ class ProfileScheduler:
         lists: list[list[float]] = []
         weights: list[float] = []
         lora: bool | None = None
-        for score, w, only_with_lora, bounded in self._plan:
+        for (score, w, only_with_lora, bounded), ws in zip(self._plan, self.scorers, strict=True):
             if only_with_lora:
                 if lora is None:
                     lora = self.has_lora()
                 if not lora:
                     continue
+            t0 = timer() if timer else 0.0
             s = score(cycle, endpoints)
+            if timer:
+                self._report("Scorer", ws.scorer, timer() - t0)
             if not bounded:  # clamp to 0..1; NaN fails both comparisons and becomes 0
                 s = [x if 0.0 <= x <= 1.0 else (1.0 if x > 1.0 else 0.0) for x in s]
             lists.append(s)
             weights.append(w)
         totals = weighted_sum(lists, weights, len(endpoints))
-        return SchedulingResult(self.picker.pick(cycle, endpoints, totals))
+        t0 = timer() if timer else 0.0
+        picked = self.picker.pick(cycle, endpoints, totals)
+        if timer:
+            self._report("Picker", self.picker, timer() - t0)
+        return SchedulingResult(picked)
+
+    def _report(self, point: str, plugin: Any, seconds: float) -> None:
+        names = self._type_names.get(id(plugin))
+        if names is None:
+            names = self._type_names[id(plugin)] = type_name_of(plugin)
+        assert self.plugin_timer is not None
+        self.plugin_timer(point, names, getattr(plugin, "name", names), seconds)
 
     def on_routed(self, request: SchedulingRequest, endpoint: Endpoint) -> None:
         for hook in self._routed:

@@ -97,6 +97,14 @@ def register(type_name: str, kind: str) -> Callable[[C], C]:
     return deco
 
 
+def type_name_of(plugin: object) -> str:
+    """The registered type name of a plugin instance (its class name when not registered)."""
+    for pt in REGISTRY.values():
+        if type(plugin) is pt.cls:
+            return pt.type_name
+    return type(plugin).__name__
+
+
 def plugin_type(type_name: str) -> PluginType | None:
     """The registered type for a name, loading the built-in plugin modules first."""
     _load_builtins()
