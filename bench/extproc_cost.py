@@ -207,17 +207,20 @@ def scrape_plan(endpoints: int, interval: str | None) -> tuple[str, list[str]]:
     return f"{secs:.3f}s", ["--config-text", cfg]
 
 
+def picker_cmd(port: int, addrs: list[str], scrape_interval: str | None = None) -> list[str]:
+    """`python -m epp` pinned to CPU 0, plaintext on `port`, the endpoints `addrs`."""
+    interval, extra = scrape_plan(len(addrs), scrape_interval)
+    return ["taskset", "-c", "0", sys.executable, "-m", "epp", "--pool-name", "bench", "--endpoints", ",".join(addrs),
+            "--secure-serving=false", "--grpc-port", str(port), "--grpc-health-port", "0", "--metrics-port", "0",
+            "--bind-address", "127.0.0.1", "--log-level", "warning", "--refresh-metrics-interval", interval, *extra]
+
+
 def measure(profile: str, secs: float, endpoints: int, prompt_bytes: int, conc: int,
             scrape_interval: str | None = None) -> tuple[float, float, float]:
     """(req/s, CPU µs per request above the scraper's idle cost, scraper CPU share of a core)."""
     port = free_port()
     ms, addrs = metrics_server(endpoints)
-    eps = ",".join(addrs)
-    interval, extra = scrape_plan(endpoints, scrape_interval)
-    cmd = ["taskset", "-c", "0", sys.executable, "-m", "epp", "--pool-name", "bench", "--endpoints", eps,
-           "--secure-serving=false", "--grpc-port", str(port), "--grpc-health-port", "0", "--metrics-port", "0",
-           "--bind-address", "127.0.0.1", "--log-level", "warning", "--refresh-metrics-interval", interval, *extra]
-    p = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(picker_cmd(port, addrs, scrape_interval), stderr=subprocess.DEVNULL)
     hz = os.sysconf("SC_CLK_TCK")
     try:
         wait_port(port)

@@ -26,7 +26,7 @@ import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from extproc_cost import drive, free_port, metrics_server, plan, scrape_plan, wait_port
+from extproc_cost import drive, free_port, metrics_server, picker_cmd, plan, wait_port
 
 
 def rss_mib(pid: int) -> float:
@@ -91,11 +91,7 @@ def main() -> None:
 
     port = free_port()
     ms, addrs = metrics_server(a.endpoints)
-    interval, extra = scrape_plan(a.endpoints, None)
-    cmd = ["taskset", "-c", "0", sys.executable, "-m", "epp", "--pool-name", "bench", "--endpoints", ",".join(addrs),
-           "--secure-serving=false", "--grpc-port", str(port), "--grpc-health-port", "0", "--metrics-port", "0",
-           "--bind-address", "127.0.0.1", "--log-level", "warning", "--refresh-metrics-interval", interval, *extra]
-    p = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(picker_cmd(port, addrs), stderr=subprocess.DEVNULL)
     addr = f"127.0.0.1:{port}"
     try:
         wait_port(port)
