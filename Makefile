@@ -49,7 +49,10 @@ bench: install
 bench-full: install
 	$(BIN)/pip install -q -e '.[test,bench]'
 	$(BIN)/python bench/routing_quality.py
+	$(BIN)/python bench/routing_doc.py
 	$(BIN)/python bench/extproc_cost.py 6 --repeat 3
+	$(BIN)/python bench/extproc_cost.py 3 --matrix
+	$(BIN)/python bench/picker_latency.py --profile duplex --requests 1000000
 	$(BIN)/python bench/sched_decision.py
 	$(BIN)/python bench/metrics_parse.py
 	$(BIN)/python bench/kube_latency.py
