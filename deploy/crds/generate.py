@@ -79,6 +79,17 @@ def array(items: Schema, desc: str = "", **extra: Any) -> Schema:
     return node
 
 
+def picker_ref_fields() -> dict[str, Any]:
+    """group/kind/name of the endpoint picker reference (v1 endpointPickerRef, v1alpha2 extensionRef)."""
+    return {
+        "group": string("API group of the picker object; empty for core.", default="", maxLength=253,
+                        pattern=GROUP_PATTERN),
+        "kind": string("Kind of the picker object.", default="Service", minLength=1, maxLength=63,
+                       pattern=KIND_PATTERN),
+        "name": string("Name of the picker object.", minLength=1, maxLength=253),
+    }
+
+
 def port_number(desc: str) -> Schema:
     return integer(desc, minimum=1, maximum=65535)
 
@@ -193,20 +204,7 @@ def pool_v1_schema() -> Schema:
             "appProtocol": string("Protocol the model servers speak.", enum=["http", "kubernetes.io/h2c"]),
             "endpointPickerRef": obj(
                 {
-                    "group": string(
-                        "API group of the picker object; empty for core.",
-                        default="",
-                        maxLength=253,
-                        pattern=GROUP_PATTERN,
-                    ),
-                    "kind": string(
-                        "Kind of the picker object.",
-                        default="Service",
-                        minLength=1,
-                        maxLength=63,
-                        pattern=KIND_PATTERN,
-                    ),
-                    "name": string("Name of the picker object.", minLength=1, maxLength=253),
+                    **picker_ref_fields(),
                     "port": obj(
                         {"number": port_number("Port the picker serves ext_proc on.")},
                         ["number"],
@@ -252,20 +250,7 @@ def pool_v1alpha2_schema() -> Schema:
             "targetPortNumber": port_number("Port on each selected pod that serves traffic."),
             "extensionRef": obj(
                 {
-                    "group": string(
-                        "API group of the picker object; empty for core.",
-                        default="",
-                        maxLength=253,
-                        pattern=GROUP_PATTERN,
-                    ),
-                    "kind": string(
-                        "Kind of the picker object.",
-                        default="Service",
-                        minLength=1,
-                        maxLength=63,
-                        pattern=KIND_PATTERN,
-                    ),
-                    "name": string("Name of the picker object.", minLength=1, maxLength=253),
+                    **picker_ref_fields(),
                     "portNumber": port_number("Port the picker serves ext_proc on (default 9002)."),
                     "port": port_number("Older spelling of portNumber."),
                     "failureMode": failure_mode(),
