@@ -80,6 +80,7 @@ class RequestContext:
     prompt_tokens_est: int = 0
     usage_prompt: int = 0
     usage_completion: int = 0
+    usage_cached: int = 0  # usage.prompt_tokens_details.cached_tokens, when the engine reports it
     response_size: int = 0
     status: str = ""  # response :status
     rewrite_source: str = "none"

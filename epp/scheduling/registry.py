@@ -23,7 +23,12 @@ if TYPE_CHECKING:
     from epp.scheduling.saturation import SaturationDetector
 
 FILTER, SCORER, PICKER, HANDLER = "filter", "scorer", "picker", "handler"
-KINDS = (FILTER, SCORER, PICKER, HANDLER)
+# plugin families outside one profile's filter/scorer/picker chain
+PARSER, REQUEST_CONTROL, PRODUCER, DECIDER = "parser", "request-control", "producer", "decider"
+DATA_SOURCE, EXTRACTOR, ADMITTER, SATURATION = "data-source", "extractor", "admitter", "saturation-detector"
+FLOW_POLICY = "flow-control-policy"
+KINDS = (FILTER, SCORER, PICKER, HANDLER, PARSER, REQUEST_CONTROL, PRODUCER, DECIDER, DATA_SOURCE, EXTRACTOR,
+         ADMITTER, SATURATION, FLOW_POLICY)
 
 
 class ConfigError(ValueError):
@@ -111,9 +116,27 @@ def plugin_type(type_name: str) -> PluginType | None:
     return REGISTRY.get(type_name)
 
 
+# Modules whose import registers plugin types; each plugin family adds its modules here.
+BUILTIN_MODULES: list[str] = [
+    "epp.scheduling.filters",
+    "epp.scheduling.pickers",
+    "epp.scheduling.prefix",
+    "epp.scheduling.scorers",
+    "epp.scheduling.session",
+]
+_loaded = False
+
+
 def _load_builtins() -> None:
     # Imported lazily: the plugin modules import this one to register themselves.
-    from epp.scheduling import filters, pickers, prefix, scorers, session  # noqa: F401
+    global _loaded
+    if _loaded:
+        return
+    import importlib
+
+    for mod in BUILTIN_MODULES:
+        importlib.import_module(mod)
+    _loaded = True
 
 
 # ---- parameter reading ---------------------------------------------------------------------------

@@ -1,0 +1,8 @@
+"""Request-control plugins: run around a routed request, outside scheduling.
+
+Declared in the config's `plugins:` list (kind REQUEST_CONTROL); the reference activates them by
+being declared. One module a plugin type:
+- `destination-endpoint-served-verifier` (conformance): echoes the served endpoint on the response.
+- `request-attribute-reporter`: request attributes (e.g. `x-gateway-inference-request-cost`) in
+  `envoy.lb` metadata on the last request-body reply, for Envoy rate limiting.
+"""
