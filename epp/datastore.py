@@ -39,6 +39,9 @@ class Metrics:
     lora_waiting: frozenset[str] = frozenset()
     models: frozenset[str] = frozenset()  # base model(s) served (the `model_name` label), empty = unknown
     updated: float = 0.0  # time.monotonic() when scraped
+    # custom endpoint attributes (core-metrics-extractor `customMetrics`: attribute key -> value),
+    # read by endpoint-attribute-filter/-scorer
+    custom: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(slots=True, eq=False)
@@ -51,6 +54,7 @@ class Endpoint:
     pod: str  # "namespace/name" of the pod, or the address for static endpoints
     labels: Mapping[str, str] = field(default_factory=dict)
     engine: str = "vllm"
+    role: str = ""  # the pod's llm-d.ai/role label (prefill, decode, ...), "" when unlabelled
     metrics: Metrics | None = None  # None until the first good scrape
     scrape_ok: bool = True  # False while the last scrape failed
     inflight: int = 0  # requests this picker routed here and has not seen finish
@@ -124,7 +128,7 @@ class Datastore:
         if addrs == self._pod_endpoints.get(key) and all(a in self.endpoints for a in addrs):
             for a in addrs:  # same endpoints: refresh labels/engine in place, keep metrics
                 ep = self.endpoints[a]
-                ep.labels, ep.engine = pod.labels, pod.engine
+                ep.labels, ep.engine, ep.role = pod.labels, pod.engine, pod.role
             return
         self._pod_endpoints[key] = addrs
         self._rebuild_endpoints()
@@ -213,7 +217,7 @@ class Datastore:
                 self.endpoints[a] = ep
                 added.append(ep)
             if pod is not None:
-                ep.labels, ep.engine, ep.pod = pod.labels, pod.engine, owner
+                ep.labels, ep.engine, ep.role, ep.pod = pod.labels, pod.engine, pod.role, owner
         self.candidates = tuple(self.endpoints.values())
         if added or removed:
             log.info(

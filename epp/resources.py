@@ -14,8 +14,11 @@ from typing import Any
 GROUP_V1 = "inference.networking.k8s.io"
 GROUP_X = "inference.networking.x-k8s.io"
 GROUPS = (GROUP_V1, GROUP_X)
+# llm-d's own group: it serves InferenceObjective and InferenceModelRewrite (v1alpha2), not pools.
+GROUP_LLMD = "llm-d.ai"
 
 ENGINE_LABELS = ("inference.networking.k8s.io/engine-type", "llm-d.ai/engine-type")
+ROLE_LABEL = "llm-d.ai/role"  # prefill / decode / prefill-decode / encode (P/D disaggregation)
 ACTIVE_PORTS_ANNOTATION = "inference.networking.k8s.io/active-ports"
 
 # Criticality (InferenceModel) mapped onto the integer priority of InferenceObjective.
@@ -157,6 +160,11 @@ class Pod:
                 return value
         return "vllm"
 
+    @property
+    def role(self) -> str:
+        """The `llm-d.ai/role` label ("" when absent), kept for P/D disaggregation."""
+        return self.labels.get(ROLE_LABEL, "")
+
     def active_ports(self) -> frozenset[int] | None:
         """Ports named by the active-ports annotation, or None when the annotation is absent."""
         raw = self.annotations.get(ACTIVE_PORTS_ANNOTATION)
@@ -176,8 +184,8 @@ Resource = InferencePool | InferenceModel | InferenceModelRewrite | InferenceObj
 KINDS: dict[str, tuple[str, ...]] = {
     "InferencePool": (f"{GROUP_V1}/v1", f"{GROUP_X}/v1alpha2", f"{GROUP_X}/v1alpha1"),
     "InferenceModel": (f"{GROUP_X}/v1alpha1", f"{GROUP_X}/v1alpha2"),
-    "InferenceModelRewrite": (f"{GROUP_X}/v1alpha2", f"{GROUP_V1}/v1alpha2"),
-    "InferenceObjective": (f"{GROUP_X}/v1alpha2", f"{GROUP_V1}/v1alpha2"),
+    "InferenceModelRewrite": (f"{GROUP_X}/v1alpha2", f"{GROUP_V1}/v1alpha2", f"{GROUP_LLMD}/v1alpha2"),
+    "InferenceObjective": (f"{GROUP_X}/v1alpha2", f"{GROUP_V1}/v1alpha2", f"{GROUP_LLMD}/v1alpha2"),
     "Pod": ("v1",),
 }
 

@@ -7,7 +7,8 @@ Watches (each a list-then-watch thread, see `kube_watch`), all in the pool's nam
 - Pods, with the pool's selector as a server-side label selector; when the selector changes the pod
   watch restarts with the new one and the datastore is reconciled with its fresh list;
 - InferenceModel (x-k8s.io v1alpha2 and v1alpha1), InferenceModelRewrite and InferenceObjective (both
-  groups). A version or CRD that is not installed (404) is treated as empty and looked for again slowly.
+  inference groups and llm-d.ai v1alpha2). A version or CRD that is not installed (404) is treated as
+  empty and looked for again slowly.
 Objects are parsed with `epp.resources.parse_object`; an invalid object is logged with the bad field
 and treated as absent (the pool keeps its last valid version instead, so routing goes on).
 
@@ -36,6 +37,7 @@ from kubernetes.client.exceptions import ApiException
 
 from epp.datastore import Datastore
 from epp.resources import (
+    GROUP_LLMD,
     GROUP_V1,
     GROUP_X,
     InferenceModel,
@@ -234,8 +236,10 @@ class KubeSource:
             self._add(target, self._on_pool_sync, self._on_pool_event)
         kinds: list[tuple[_Kind, list[tuple[str, str]], str]] = [
             (self._models, [(GROUP_X, "v1alpha2"), (GROUP_X, "v1alpha1")], "inferencemodels"),
-            (self._rewrites, [(GROUP_V1, "v1alpha2"), (GROUP_X, "v1alpha2")], "inferencemodelrewrites"),
-            (self._objectives, [(GROUP_V1, "v1alpha2"), (GROUP_X, "v1alpha2")], "inferenceobjectives"),
+            (self._rewrites, [(GROUP_V1, "v1alpha2"), (GROUP_X, "v1alpha2"), (GROUP_LLMD, "v1alpha2")],
+             "inferencemodelrewrites"),
+            (self._objectives, [(GROUP_V1, "v1alpha2"), (GROUP_X, "v1alpha2"), (GROUP_LLMD, "v1alpha2")],
+             "inferenceobjectives"),
         ]
         for kind, versions, plural in kinds:
             for group, version in versions:
