@@ -7,6 +7,11 @@ Routes:
   (`prompt_tokens_details.cached_tokens` carries the prefix-cache hit tokens).
 - `GET /v1/models` (base model and adapters), `GET /health`, `GET /version`,
   `GET /metrics` (`?name[]=` filter), `POST /v1/load_lora_adapter`, `POST /v1/unload_lora_adapter`.
+- What routers call besides inference (answered as vLLM and SGLang do, tokens from epp.sim.tokens):
+  `POST /tokenize` (`prompt` or `messages`), `POST /detokenize`, `POST /v1/completions/render`
+  (a list of `{token_ids}`, one per prompt), `POST /v1/chat/completions/render` (`{token_ids}`),
+  `GET /server_info` and `/get_server_info` (vLLM's `vllm_config` and SGLang's flat server args in
+  one object), `GET /get_model_info` and `/model_info`, `GET /get_load` and `/load`.
 - `GET /sim/served[?since=N]` (what this server served), `DELETE /sim/served`, `GET /sim/state`,
   `GET|POST /sim/faults` (read / change the fault knobs), `POST /sim/refuse {"seconds": S}`.
 Every response carries `x-sim-server: <name>` and echoes `x-request-id`.
@@ -34,7 +39,7 @@ from epp.sim.config import EngineConfig, Faults
 from epp.sim.engine import DONE, Engine, Seq, SimError
 from epp.sim.exposition import ENGINE_KINDS, make_registry, render
 from epp.sim.live import LiveDriver
-from epp.sim.tokens import chat_prompt, completion_prompt, output_piece, output_text
+from epp.sim.tokens import chat_prompt, completion_prompt, detokenize, output_piece, output_text, token_ids
 
 log = logging.getLogger("epp.sim.server")
 
@@ -128,6 +133,16 @@ class SimServer:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_post("/v1/load_lora_adapter", self._load_lora)
         app.router.add_post("/v1/unload_lora_adapter", self._unload_lora)
+        app.router.add_post("/tokenize", self._tokenize)
+        app.router.add_post("/detokenize", self._detokenize)
+        app.router.add_post("/v1/completions/render", self._render_completions)
+        app.router.add_post("/v1/chat/completions/render", self._render_chat)
+        for path in ("/server_info", "/get_server_info"):
+            app.router.add_get(path, self._server_info)
+        for path in ("/get_model_info", "/model_info"):
+            app.router.add_get(path, self._model_info)
+        for path in ("/get_load", "/load"):
+            app.router.add_get(path, self._load)
         app.router.add_get("/sim/served", self._served)
         app.router.add_delete("/sim/served", self._clear_served)
         app.router.add_get("/sim/state", self._state)
@@ -429,6 +444,108 @@ class SimServer:
             return _error(404, f"The lora adapter '{name}' cannot be found.", "NotFoundError")
         self.unload_adapter(name)
         return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
+
+    # ---- what routers call: tokens, server and model info, load -----------------------------
+    def _tokens(self, text: str) -> list[int]:
+        return token_ids(text, self.cfg.engine.chars_per_token)
+
+    @staticmethod
+    def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+            raise SimError(400, "messages must be a non-empty list of message objects")
+        return messages
+
+    async def _tokenize(self, request: web.Request) -> web.Response:
+        """vLLM's /tokenize: `prompt` (completions) or `messages` (chat template applied)."""
+        body = await self._json_body(request)
+        try:
+            if "messages" in body:
+                text = chat_prompt(self._messages(body))
+            else:
+                prompt = body.get("prompt")
+                if not isinstance(prompt, str):
+                    raise SimError(400, "prompt must be a string (or give messages)")
+                text = prompt
+        except SimError as e:
+            return _error(e.status, e.message, e.kind)
+        ids = self._tokens(text)
+        return web.json_response({"count": len(ids), "max_model_len": self.cfg.engine.max_model_len,
+                                  "tokens": ids, "token_strs": None})
+
+    async def _detokenize(self, request: web.Request) -> web.Response:
+        body = await self._json_body(request)
+        ids = body.get("tokens")
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            return _error(400, "tokens must be a list of integers", "BadRequestError")
+        return web.json_response({"prompt": detokenize(ids)})
+
+    def _prompt_texts(self, prompt: Any) -> list[str]:
+        """Each prompt of a completions request's `prompt`: a string, token ids, or a list of either."""
+        def ids_ok(v: Any) -> bool:
+            return isinstance(v, list) and bool(v) and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+        if isinstance(prompt, str):
+            return [prompt]
+        if ids_ok(prompt):
+            return [detokenize(prompt)]
+        if isinstance(prompt, list) and prompt and all(isinstance(p, str) or ids_ok(p) for p in prompt):
+            return [p if isinstance(p, str) else detokenize(p) for p in prompt]
+        raise SimError(400, "prompt must be a string, token ids, or a non-empty list of either")
+
+    async def _render_completions(self, request: web.Request) -> web.Response:
+        """vLLM's /v1/completions/render: the request in, one `{token_ids}` per prompt out (no inference)."""
+        body = await self._json_body(request)
+        try:
+            texts = self._prompt_texts(body.get("prompt"))
+        except SimError as e:
+            return _error(e.status, e.message, e.kind)
+        return web.json_response([{"token_ids": self._tokens(t)} for t in texts])
+
+    async def _render_chat(self, request: web.Request) -> web.Response:
+        """vLLM's /v1/chat/completions/render: the chat request in, its templated prompt's `{token_ids}` out."""
+        body = await self._json_body(request)
+        try:
+            text = chat_prompt(self._messages(body))
+        except SimError as e:
+            return _error(e.status, e.message, e.kind)
+        return web.json_response({"token_ids": self._tokens(text)})
+
+    def server_info(self) -> dict[str, Any]:
+        """What /server_info answers: vLLM's `vllm_config` (model, block size) and, in the same object,
+        the flat server arguments SGLang's /get_server_info has (routers read one or the other)."""
+        e = self.cfg.engine
+        return {
+            "vllm_config": {"model_config": {"model": e.model, "served_model_name": e.model,
+                                             "max_model_len": e.max_model_len},
+                            "cache_config": {"block_size": e.block_size, "num_gpu_blocks": e.num_gpu_blocks,
+                                             "enable_prefix_caching": True},
+                            "scheduler_config": {"max_num_seqs": e.max_num_seqs,
+                                                 "max_num_batched_tokens": e.max_num_batched_tokens}},
+            "model_path": e.model, "served_model_name": e.model, "tokenizer_path": None,
+            "page_size": e.block_size, "max_total_num_tokens": e.num_gpu_blocks * e.block_size,
+            "max_running_requests": e.max_num_seqs, "context_length": e.max_model_len,
+            "dp_size": 1, "tp_size": 1, "version": "0.0.0+sim",
+        }
+
+    async def _server_info(self, request: web.Request) -> web.Response:
+        return web.json_response(self.server_info())
+
+    async def _model_info(self, request: web.Request) -> web.Response:
+        """SGLang's /get_model_info. No tokenizer path: the simulator's tokenizer is not a file to load."""
+        e = self.cfg.engine
+        return web.json_response({"model_path": e.model, "tokenizer_path": None, "served_model_name": e.model,
+                                  "is_generation": True, "max_model_len": e.max_model_len,
+                                  "weight_version": "default"})
+
+    def load(self) -> dict[str, Any]:
+        """The engine's load as SGLang's /get_load reports it (one data-parallel rank)."""
+        e = self.engine
+        return {"dp_rank": 0, "num_reqs": len(e.running) + len(e.waiting), "num_running_reqs": len(e.running),
+                "num_waiting_reqs": len(e.waiting), "num_tokens": e.kv.used_count * e.cfg.block_size,
+                "kv_usage": e.kv.usage}
+
+    async def _load(self, request: web.Request) -> web.Response:
+        return web.json_response([self.load()])
 
     async def _served(self, request: web.Request) -> web.Response:
         try:

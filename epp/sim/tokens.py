@@ -8,6 +8,8 @@ from the base model's.
 
 from __future__ import annotations
 
+import array
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -81,3 +83,41 @@ def output_piece(index: int) -> str:
 def output_text(n: int) -> str:
     """The full text of `n` output tokens."""
     return "".join(output_piece(i) for i in range(n))
+
+
+# ---- token ids (the /tokenize and /render endpoints routers call) ------------------------------------
+VOCAB_SIZE = 128256  # Llama-3's vocabulary: ids are in 0..VOCAB_SIZE-1, as a real tokenizer's would be
+
+
+def _ascii_id(word: int) -> int:
+    return (word * 2654435761 & 0xFFFFFFFF) % VOCAB_SIZE  # Knuth's multiplicative mix, into the vocabulary
+
+
+def token_ids(text: str, chars_per_token: int = 4) -> list[int]:
+    """The ids of `text`'s tokens: one per 4 characters (the last one may be shorter), each a function
+    of its own characters only, so equal prefixes give equal leading ids (what a router's token-prefix
+    tree relies on) and `len(token_ids(t)) == count_tokens(t)`. An ASCII piece's id mixes its bytes
+    read as one little-endian 32-bit word (fast: no per-token hashing); any other piece's is a hash."""
+    if chars_per_token != 4:
+        raise ValueError("token ids are defined for 4 characters per token")
+    if text.isascii():
+        data = text.encode()
+        words = array.array("I", data + b"\0" * (-len(data) % 4))
+        if sys.byteorder != "little":
+            words.byteswap()
+        return [_ascii_id(w) for w in words]
+    out = []
+    for i in range(0, len(text), 4):
+        piece = text[i:i + 4]
+        raw = piece.encode("utf-8", "surrogatepass")
+        if piece.isascii():
+            out.append(_ascii_id(int.from_bytes(raw.ljust(4, b"\0"), "little")))
+        else:
+            out.append(xxhash.xxh32_intdigest(raw) % VOCAB_SIZE)
+    return out
+
+
+def detokenize(ids: Sequence[int]) -> str:
+    """Text for token ids, as the simulator reads a prompt given as ids (see completion_prompt): the
+    hash in token_ids cannot be undone, so each id becomes 4 hex characters (one token again)."""
+    return "".join(f"{t & 0xFFFF:04x}" for t in ids)

@@ -397,3 +397,105 @@ async def test_stop_with_requests_in_flight_does_not_hang(http: aiohttp.ClientSe
     await asyncio.wait_for(sim.stop(), 10)  # aiohttp's default would wait 60 s for the handler
     req.cancel()
     await asyncio.gather(req, return_exceptions=True)
+
+
+# ---- what routers call besides inference (vLLM's and SGLang's routers) ----------------------------------
+def test_token_ids_follow_the_text() -> None:
+    from epp.sim.tokens import VOCAB_SIZE, count_tokens, detokenize, token_ids
+
+    text = "You are a helpful assistant. " * 20
+    ids = token_ids(text)
+    assert len(ids) == count_tokens(text) and all(0 <= t < VOCAB_SIZE for t in ids)
+    # equal prefixes give equal leading ids; a change in the text changes the ids from there on
+    longer = token_ids(text + "and one more question")
+    assert longer[:len(ids)] == ids and len(longer) > len(ids)
+    other = token_ids("Xou" + text[3:])
+    assert other[0] != ids[0] and other[1:] == ids[1:]
+    # a piece's id depends on its own characters only, ASCII or not
+    mixed = "héllo wörld " + text
+    assert token_ids(mixed)[3:] == token_ids("hello world " + text)[3:]
+    assert len(token_ids(mixed)) == count_tokens(mixed)
+    assert token_ids("") == []
+    assert detokenize([1, 0x1ABCD]) == "0001abcd"
+    with pytest.raises(ValueError):
+        token_ids("abc", chars_per_token=3)
+
+
+async def test_tokenize_and_detokenize(make_sim: Make, http: aiohttp.ClientSession) -> None:
+    from epp.sim.tokens import chat_prompt, token_ids
+
+    sim = await make_sim()
+    async with http.post(f"{sim.url}/tokenize", json={"model": "m", "prompt": "hello simulator"}) as r:
+        assert r.status == 200
+        data = await r.json()
+    assert data == {"count": 4, "max_model_len": sim.cfg.engine.max_model_len,
+                    "tokens": token_ids("hello simulator"), "token_strs": None}
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    async with http.post(f"{sim.url}/tokenize", json={"messages": messages}) as r:
+        data = await r.json()
+    assert data["tokens"] == token_ids(chat_prompt(messages)) and data["count"] == len(data["tokens"])
+    async with http.post(f"{sim.url}/detokenize", json={"tokens": [10, 11]}) as r:
+        assert (r.status, await r.json()) == (200, {"prompt": "000a000b"})
+    for path, bad in (("/tokenize", {"prompt": 5}), ("/tokenize", {"messages": []}),
+                      ("/detokenize", {"tokens": ["a"]}), ("/detokenize", {})):
+        async with http.post(f"{sim.url}{path}", json=bad) as r:
+            assert r.status == 400, (path, bad)
+            assert "error" in await r.json()
+    async with http.post(f"{sim.url}/tokenize", data=b"not json") as r:
+        assert r.status == 400
+
+
+async def test_render_endpoints(make_sim: Make, http: aiohttp.ClientSession) -> None:
+    from epp.sim.tokens import chat_prompt, token_ids
+
+    sim = await make_sim()
+    body = {"model": sim.cfg.engine.model, "prompt": "a shared prefix then more", "max_tokens": 3, "stream": True}
+    async with http.post(f"{sim.url}/v1/completions/render", json=body) as r:
+        assert r.status == 200
+        assert await r.json() == [{"token_ids": token_ids(body["prompt"])}]
+    body["prompt"] = ["first prompt", "second one"]
+    async with http.post(f"{sim.url}/v1/completions/render", json=body) as r:
+        assert await r.json() == [{"token_ids": token_ids("first prompt")}, {"token_ids": token_ids("second one")}]
+    body["prompt"] = [7, 8, 9]  # token ids in: read as the simulator reads them (one token each)
+    async with http.post(f"{sim.url}/v1/completions/render", json=body) as r:
+        assert len((await r.json())[0]["token_ids"]) == 3
+    messages = [{"role": "user", "content": "render me"}]
+    async with http.post(f"{sim.url}/v1/chat/completions/render", json={"messages": messages}) as r:
+        assert r.status == 200
+        assert await r.json() == {"token_ids": token_ids(chat_prompt(messages))}
+    for path, bad in (("/v1/completions/render", {"prompt": None}), ("/v1/completions/render", {"prompt": []}),
+                      ("/v1/completions/render", {"prompt": [1, "x"]}),
+                      ("/v1/chat/completions/render", {"messages": "hi"})):
+        async with http.post(f"{sim.url}{path}", json=bad) as r:
+            assert r.status == 400, (path, bad)
+    # rendering is not inference: nothing was served
+    assert sim.served_total == 0
+
+
+async def test_server_model_info_and_load(make_sim: Make, http: aiohttp.ClientSession) -> None:
+    sim = await make_sim(time_scale=1.0, block_size=16, num_gpu_blocks=1000, max_model_len=8192)
+    model = sim.cfg.engine.model
+    for path in ("/server_info", "/get_server_info"):
+        async with http.get(f"{sim.url}{path}") as r:
+            assert r.status == 200
+            info = await r.json()
+        assert info["vllm_config"]["model_config"]["model"] == model
+        assert info["vllm_config"]["cache_config"]["block_size"] == 16
+        assert (info["model_path"], info["page_size"], info["max_total_num_tokens"]) == (model, 16, 16000)
+    for path in ("/get_model_info", "/model_info"):
+        async with http.get(f"{sim.url}{path}") as r:
+            info = await r.json()
+        assert info["model_path"] == model and info["is_generation"] is True and info["tokenizer_path"] is None
+    async with http.get(f"{sim.url}/get_load") as r:
+        assert r.status == 200
+        idle = await r.json()
+    assert idle == [{"dp_rank": 0, "num_reqs": 0, "num_running_reqs": 0, "num_waiting_reqs": 0, "num_tokens": 0,
+                     "kv_usage": 0.0}]
+    # a long request in flight shows up in the load
+    body = {"model": model, "prompt": "x" * 4000, "max_tokens": 2000, "stream": True}
+    async with http.post(f"{sim.url}/v1/completions", json=body) as r:
+        await r.content.readline()  # the first token is out: the request is running
+        async with http.get(f"{sim.url}/load") as lr:
+            busy = (await lr.json())[0]
+    assert busy["num_reqs"] == 1 and busy["num_running_reqs"] == 1 and busy["num_tokens"] >= 1000
+    assert busy["kv_usage"] > 0
