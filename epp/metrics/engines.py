@@ -42,10 +42,11 @@ timestamp) wins.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
-from typing import Any
+from typing import Any, Protocol
 
 from epp.datastore import Metrics
 from epp.metrics.parse import Sample, scan
@@ -92,7 +93,12 @@ class LoraSource:
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """Where one engine exposes each signal. Each tuple lists alternatives, first present wins."""
+    """Where one engine exposes each signal. Each tuple lists alternatives, first present wins.
+
+    `scheme`, `path` and `port` say where the page is: `port` None means the endpoint's own
+    (serving) port. `insecure_skip_verify` turns off certificate checks for https (the
+    reference's default is on, as model servers mostly use self-signed certificates).
+    """
 
     name: str
     waiting: tuple[Source, ...]
@@ -101,6 +107,10 @@ class EngineSpec:
     block_size: tuple[Source, ...] = ()
     num_blocks: tuple[Source, ...] = ()
     lora: LoraSource | None = None
+    scheme: str = "http"
+    path: str = "/metrics"
+    port: int | None = None
+    insecure_skip_verify: bool = True
 
     @cached_property
     def names(self) -> tuple[str, ...]:
@@ -134,6 +144,7 @@ def _src(name: str, label: str = "", **match: str) -> tuple[Source, ...]:
     return (Source(name, tuple(match.items()), label),)
 
 
+TRITON_METRICS_PORT = 8002
 _TRITON_REQ = "nv_trt_llm_request_metrics"
 _TRITON_KV = "nv_trt_llm_kv_cache_block_metrics"
 
@@ -152,8 +163,9 @@ ENGINES: dict[str, EngineSpec] = {
         waiting=_src("sglang:num_queue_reqs"),
         running=_src("sglang:num_running_reqs"),
         kv_usage=_src("sglang:token_usage"),
-        block_size=_src("sglang:cache_config_info", label="page_size"),
-        num_blocks=_src("sglang:cache_config_info", label="num_pages"),
+        # SGLang >= 0.5.11 exports plain gauges; older releases an info metric with labels
+        block_size=_src("sglang:page_size") + _src("sglang:cache_config_info", label="page_size"),
+        num_blocks=_src("sglang:num_pages") + _src("sglang:cache_config_info", label="num_pages"),
     ),
     "trtllm-serve": EngineSpec(
         name="trtllm-serve",
@@ -162,6 +174,7 @@ ENGINES: dict[str, EngineSpec] = {
         kv_usage=_src("trtllm_kv_cache_utilization"),
         block_size=_src("trtllm_kv_cache_tokens_per_block"),
         num_blocks=_src("trtllm_kv_cache_max_blocks"),
+        path="/prometheus/metrics",  # its /metrics answers JSON iteration stats
     ),
     "triton-tensorrt-llm": EngineSpec(
         name="triton-tensorrt-llm",
@@ -170,6 +183,7 @@ ENGINES: dict[str, EngineSpec] = {
         kv_usage=_src(_TRITON_KV, kv_cache_block_type="fraction"),
         block_size=_src(_TRITON_KV, kv_cache_block_type="tokens_per"),
         num_blocks=_src(_TRITON_KV, kv_cache_block_type="max"),
+        port=TRITON_METRICS_PORT,  # Triton serves metrics on their own port, not the inference one
     ),
 }
 
@@ -273,6 +287,16 @@ def _csv(text: str | None) -> frozenset[str]:
     return frozenset(p for p in (x.strip() for x in text.split(",")) if p)
 
 
+def _totals(samples: list[Sample]) -> list[Sample]:
+    """The series to add up. With priority scheduling SGLang exports a `priority=""` total beside
+    one series per priority: the total alone counts (adding them all counts each request twice).
+    Without a total the per-priority series are the parts and are added."""
+    if any("priority" in s.labels for s in samples):
+        total = [s for s in samples if not s.labels.get("priority")]
+        return total or samples
+    return samples
+
+
 def read_metrics(spec: EngineSpec, page: str | bytes, now: float) -> Metrics:
     """The signals on one /metrics page, stamped `updated=now`. Raises MissingMetrics when a
     required signal (waiting, running, KV use) has no series."""
@@ -285,10 +309,10 @@ def read_metrics(spec: EngineSpec, page: str | bytes, now: float) -> Metrics:
         hits = (("waiting", waiting), ("running", running), ("kv_usage", kv))
         missing = [n for n, hit in hits if hit is None]
         raise MissingMetrics(spec.name, missing)
-    kv_values = [s.value for s in kv[1]]
+    kv_values = [s.value for s in _totals(kv[1])]
     metrics = Metrics(
-        waiting=sum(s.value for s in waiting[1]),
-        running=sum(s.value for s in running[1]),
+        waiting=sum(s.value for s in _totals(waiting[1])),
+        running=sum(s.value for s in _totals(running[1])),
         kv_usage=sum(kv_values) / len(kv_values),
         block_size=_count(p, spec.block_size),
         num_blocks=_count(p, spec.num_blocks),
@@ -302,7 +326,9 @@ def read_metrics(spec: EngineSpec, page: str | bytes, now: float) -> Metrics:
             newest = max(reversed(lora), key=lambda s: s.value if s.value == s.value else float("-inf"))
             metrics.lora_max = _number(newest.labels.get(spec.lora.max_label))
             metrics.lora_running = _csv(newest.labels.get(spec.lora.running_label))
-            metrics.lora_waiting = _csv(newest.labels.get(spec.lora.waiting_label))
+            # vLLM lists an adapter with requests in flight under both labels; it holds one slot,
+            # so it counts as running only (free slots = max - running - waiting stays right)
+            metrics.lora_waiting = _csv(newest.labels.get(spec.lora.waiting_label)) - metrics.lora_running
     return metrics
 
 
@@ -424,15 +450,156 @@ def apply_overrides(
     return specs
 
 
+# ---- the reference's command-line flags and the config's data layer ---------------------------
+
+_SPEC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_SPEC_LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^",}\s]*))\s*(,|})')
+
+
+def parse_spec(text: str, path: str = "metric") -> Source:
+    """A metric in the reference's flag syntax: `name` or `name{label=value,label2="value"}`
+    (PromQL selector with equality matchers; quotes optional). Raises ResourceError."""
+    spec = text.strip()
+    if len(spec) >= 2 and spec[0] == spec[-1] and spec[0] in "'\"":
+        spec = spec[1:-1].strip()  # the chart renders `--flag="name"`: the quotes reach the value
+    m = _SPEC_NAME.match(spec)
+    if m is None:
+        raise ResourceError(path, f"{text!r} is not a metric name or name{{label=value}}")
+    name, rest = m.group(0), spec[m.end():].strip()
+    match: list[tuple[str, str]] = []
+    if rest:
+        if not rest.startswith("{") or not rest.endswith("}"):
+            raise ResourceError(path, f"{text!r}: expected {{label=value,...}} after the name")
+        i, body = 1, rest
+        if body[1:].strip() != "}":
+            while True:
+                lm = _SPEC_LABEL.match(body, i)
+                if lm is None:
+                    raise ResourceError(path, f"{text!r}: malformed label matcher at {body[i:]!r}")
+                value = lm.group(2) if lm.group(2) is not None else lm.group(3)
+                match.append((lm.group(1), value.replace('\\"', '"').replace("\\\\", "\\")))
+                i = lm.end()
+                if lm.group(4) == "}":
+                    break
+            if body[i:].strip():
+                raise ResourceError(path, f"{text!r}: text after the closing brace")
+    return Source(name, tuple(match))
+
+
+def _cache_info(source: Source, current: EngineSpec) -> tuple[tuple[Source, ...], tuple[Source, ...]]:
+    """Block size and count read from the labels of info metric `source`; the label names are those
+    a built-in engine reads from a metric of that name (sglang: page_size/num_pages), else vLLM's.
+    The current spec's plain gauges stay as later alternatives."""
+    size_label, count_label = "block_size", "num_gpu_blocks"
+    for spec in ENGINES.values():
+        size = next((s for s in spec.block_size if s.name == source.name and s.label), None)
+        count = next((s for s in spec.num_blocks if s.name == source.name and s.label), None)
+        if size is not None and count is not None:
+            size_label, count_label = size.label, count.label
+            break
+    size_src = (replace(source, label=size_label), *(s for s in current.block_size if not s.label))
+    count_src = (replace(source, label=count_label), *(s for s in current.num_blocks if not s.label))
+    return size_src, count_src
+
+
+def apply_flag_overrides(
+    engines: Mapping[str, EngineSpec],
+    *,
+    scheme: str | None = None,
+    path: str | None = None,
+    port: int | None = None,
+    insecure_skip_verify: bool | None = None,
+    queued: str | None = None,
+    running: str | None = None,
+    kv: str | None = None,
+    lora: str | None = None,
+    cache_info: str | None = None,
+    engine: str = DEFAULT_ENGINE,
+) -> dict[str, EngineSpec]:
+    """Engine specs with the reference's metric flags applied; None means "flag not given".
+
+    `scheme`/`path`/`port`/`insecure_skip_verify` (`--model-server-metrics-*`) apply to every
+    engine: the reference has one setting for the pool. The signal flags
+    (`--total-queued-requests-metric`, `--total-running-requests-metric`,
+    `--kv-cache-usage-percentage-metric`, `--lora-info-metric`, `--cache-info-metric`) take the
+    reference's syntax `name{label=value}` and change the `engine` spec (default vllm: what pods
+    without an engine-type label read, which is where the reference applies them); `lora=""` and
+    `cache_info=""` switch those signals off. Raises ResourceError naming the flag.
+    """
+    if scheme is not None and scheme not in ("http", "https"):
+        raise ResourceError("--model-server-metrics-scheme", f"must be http or https, not {scheme!r}")
+    if port is not None and not 0 < port < 65536:
+        raise ResourceError("--model-server-metrics-port", f"must be 1..65535, not {port}")
+    if path is not None:
+        path = path.strip() or "/metrics"
+        path = path if path.startswith("/") else "/" + path
+    specs = dict(engines)
+    where: dict[str, Any] = {k: v for k, v in (("scheme", scheme), ("path", path), ("port", port),
+                                               ("insecure_skip_verify", insecure_skip_verify)) if v is not None}
+    if where:
+        specs = {name: replace(spec, **where) for name, spec in specs.items()}
+    changes: dict[str, Any] = {}
+    for value, attr, flag in ((queued, "waiting", "--total-queued-requests-metric"),
+                              (running, "running", "--total-running-requests-metric"),
+                              (kv, "kv_usage", "--kv-cache-usage-percentage-metric")):
+        if value is not None:
+            if not value.strip():
+                raise ResourceError(flag, "is required and cannot be empty")
+            changes[attr] = (parse_spec(value, flag),)
+    current = specs.get(engine) or specs[DEFAULT_ENGINE]
+    if lora is not None:
+        if lora.strip():
+            src = parse_spec(lora, "--lora-info-metric")
+            changes["lora"] = LoraSource(src.name) if current.lora is None else replace(current.lora, name=src.name)
+        else:
+            changes["lora"] = None
+    if cache_info is not None:
+        if cache_info.strip():
+            changes["block_size"], changes["num_blocks"] = _cache_info(
+                parse_spec(cache_info, "--cache-info-metric"), current)
+        else:
+            changes["block_size"], changes["num_blocks"] = (), ()
+    if changes:
+        specs[current.name] = replace(current, **changes)
+    return specs
+
+
+class DataLayerLike(Protocol):
+    """Where the config's `metrics-data-source` reads pages (None or absent: unset)."""
+
+    scheme: str | None
+    path: str | None
+    port: int | None
+    insecure_skip_verify: bool | None
+
+
+def apply_data_layer(engines: Mapping[str, EngineSpec], data_layer: DataLayerLike | None) -> dict[str, EngineSpec]:
+    """Engine specs with the config's data-layer scheme/path/port/insecure applied to every engine."""
+    if data_layer is None:
+        return dict(engines)
+    return apply_flag_overrides(
+        engines,
+        scheme=getattr(data_layer, "scheme", None) or None,
+        path=getattr(data_layer, "path", None) or None,
+        port=getattr(data_layer, "port", None) or None,
+        insecure_skip_verify=getattr(data_layer, "insecure_skip_verify", None),
+    )
+
+
 __all__ = [
     "ALIASES",
     "DEFAULT_ENGINE",
     "ENGINES",
+    "TRITON_METRICS_PORT",
+    "DataLayerLike",
     "EngineSpec",
     "LoraSource",
     "MissingMetrics",
     "Source",
+    "apply_data_layer",
+    "apply_flag_overrides",
     "apply_overrides",
+    "parse_spec",
     "read_metrics",
     "resolve_engine",
 ]

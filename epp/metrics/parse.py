@@ -19,6 +19,12 @@ from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import NamedTuple
 
+MAX_SERIES = 4096  # lines of one wanted name per page; a real page has a handful (LoRA: tens)
+
+
+class TooManySeries(ValueError):
+    """A wanted name has more lines than the cap: the page is hostile or broken."""
+
 
 class Sample(NamedTuple):
     """One series of a wanted name."""
@@ -199,7 +205,8 @@ def _next_sample_line(text: str, i: int, limit: int) -> int:
     return -1
 
 
-def scan(page: str | bytes, names: Iterable[str], grouped: bool = True) -> dict[str, list[Sample]]:
+def scan(page: str | bytes, names: Iterable[str], grouped: bool = True,
+         max_series: int = MAX_SERIES) -> dict[str, list[Sample]]:
     """The series of each wanted sample name found on `page`, in page order.
 
     Names absent from the page are absent from the result. `names` are sample names as they
@@ -208,6 +215,9 @@ def scan(page: str | bytes, names: Iterable[str], grouped: bool = True) -> dict[
     `grouped`: the format requires all lines of a metric to form one group, so by default the
     scan stops at the end of the first group of each name (an absent name still costs one pass
     over the page). With False, the whole page is searched for stray lines of each name.
+
+    Raises TooManySeries when one name has more than `max_series` lines: parsing each costs
+    microseconds, and a page of a million lines must not cost the picker a second.
     """
     text = page if isinstance(page, str) else bytes(page).decode("utf-8", "replace")
     limit = text.rfind("\n") + 1  # everything after the last line feed is an incomplete line
@@ -231,6 +241,8 @@ def scan(page: str | bytes, names: Iterable[str], grouped: bool = True) -> dict[
                 sample = parse_series(text[j:eol])
                 if sample is not None:
                     out.append(sample)
+                    if len(out) > max_series:
+                        raise TooManySeries(f"{name}: more than {max_series} series")
                 nxt = _next_sample_line(text, eol + 1, limit)
                 # (a bare `name` line is malformed but still part of the group)
                 if nxt < 0 or not text.startswith(name, nxt) or text[nxt + size] not in "{ \t\r\n":

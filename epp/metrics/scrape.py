@@ -14,6 +14,15 @@ A good poll replaces `endpoint.metrics` (stamped with time.monotonic()) and sets
 failed one (HTTP error, timeout, refused, not a metrics page, cut short) clears `scrape_ok` and
 keeps the old snapshot, whose growing age makes scheduling treat it as stale (epp.metrics.is_stale).
 A change between working and failing is logged once each way, never per poll.
+
+A model server cannot make the picker pay for its page: the body is read incrementally and the
+poll aborted (connection dropped) past `max_page_bytes` (4 MiB; a vLLM page is ~40 KB), and a page
+carrying more than `MAX_SERIES` lines of one wanted name fails (parse cost per poll is bounded by
+both). A failing endpoint is polled less and less often: the delay doubles from the interval up
+to `max_backoff` seconds and returns to the interval with the first good poll.
+
+Where a page lives comes from the endpoint's engine (EngineSpec.scheme/path/port: trtllm-serve
+on /prometheus/metrics, Triton on port 8002) unless the Scraper is given scheme/path/port itself.
 """
 
 from __future__ import annotations
@@ -32,12 +41,15 @@ from yarl import URL
 
 from epp.datastore import Datastore, Endpoint, Metrics
 from epp.metrics.engines import ENGINES, EngineSpec, MissingMetrics, read_metrics, resolve_engine
+from epp.metrics.parse import TooManySeries
 
 log = logging.getLogger("epp.metrics.scrape")
 
 DEFAULT_INTERVAL = 0.05
 DEFAULT_TIMEOUT = 1.0
 DEFAULT_CONCURRENCY = 128
+DEFAULT_MAX_PAGE_BYTES = 4 << 20
+DEFAULT_MAX_BACKOFF = 2.0
 
 # The classic text format (not OpenMetrics), uncompressed: on a LAN gzip costs both sides CPU for nothing.
 _HEADERS = {"Accept": "text/plain;version=0.0.4;q=1,*/*;q=0.1", "Accept-Encoding": "identity"}
@@ -45,6 +57,10 @@ _HEADERS = {"Accept": "text/plain;version=0.0.4;q=1,*/*;q=0.1", "Accept-Encoding
 
 class ScrapeError(Exception):
     """A poll that produced no usable snapshot; the message says why."""
+
+
+class PageTooLarge(ScrapeError):
+    """The page passed the size cap; the rest was not read."""
 
 
 @dataclass(eq=False)
@@ -57,7 +73,10 @@ class _Target:
     plain_url: URL | None = None
     filtered_url: URL | None = None
     use_filter: bool | None = None  # None: not yet known; True: honoured; False: plain URL only
+    ssl: ssl_lib.SSLContext | bool = True
     failing: bool = False
+    backoff: float = 0.0  # the current delay after a failed poll (0 while polls succeed)
+    polls: int = 0  # polls attempted (tests and benchmarks watch the backoff through it)
     stopped: bool = False
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
@@ -100,30 +119,35 @@ class Scraper:
         max_concurrency: int = DEFAULT_CONCURRENCY,
         engines: Mapping[str, EngineSpec] = ENGINES,
         port: int | None = None,
-        path: str = "/metrics",
-        scheme: str = "http",
-        ssl: ssl_lib.SSLContext | bool = True,
+        path: str | None = None,
+        scheme: str | None = None,
+        ssl: ssl_lib.SSLContext | bool | None = None,
         jitter: float = 0.1,
         name_filter: bool = True,
         rng: random.Random | None = None,
+        max_page_bytes: int = DEFAULT_MAX_PAGE_BYTES,
+        max_backoff: float = DEFAULT_MAX_BACKOFF,
     ) -> None:
-        """`port`/`path`/`scheme` override where a model server's metrics are read (default: the
-        endpoint's own port, /metrics, http); `ssl` is passed to aiohttp for https (False: do not
-        verify). `jitter` is the per-cycle spread as a fraction of the interval. `max_concurrency`
-        bounds polls in flight: a poll to a silent pod holds its slot until `timeout`, so keep it
-        well above the number of pods that may hang at once. `name_filter=False` never tries
-        `?name[]=`."""
-        if interval <= 0 or timeout <= 0 or max_concurrency < 1:
-            raise ValueError("interval and timeout must be positive, max_concurrency at least 1")
+        """`port`/`path`/`scheme` override where every model server's metrics are read (default:
+        the engine's, see EngineSpec); `ssl` is passed to aiohttp for https (False: do not verify;
+        default: the engine's `insecure_skip_verify`). `jitter` is the per-cycle spread as a
+        fraction of the interval. `max_concurrency` bounds polls in flight: a poll to a silent pod
+        holds its slot until `timeout`, so keep it well above the number of pods that may hang at
+        once. `name_filter=False` never tries `?name[]=`. `max_page_bytes` caps one page;
+        `max_backoff` caps the delay between polls of a failing endpoint (at least the interval)."""
+        if interval <= 0 or timeout <= 0 or max_concurrency < 1 or max_page_bytes < 1:
+            raise ValueError("interval, timeout, max_page_bytes must be positive, max_concurrency at least 1")
         self.datastore = datastore
         self.interval = interval
         self.timeout = timeout
         self.max_concurrency = max_concurrency
         self.engines = engines
         self.port = port
-        self.path = path if path.startswith("/") else "/" + path
+        self.path = path if not path or path.startswith("/") else "/" + path
         self.scheme = scheme
         self.ssl = ssl
+        self.max_page_bytes = max_page_bytes
+        self.max_backoff = max(max_backoff, interval)
         self.jitter = min(max(jitter, 0.0), 0.9)
         self.name_filter = name_filter
         self._rng = rng or random.Random()
@@ -145,7 +169,6 @@ class Scraper:
         self._sem = asyncio.Semaphore(self.max_concurrency)
         connector = aiohttp.TCPConnector(
             limit=self.max_concurrency * 2,  # a poll may hold two connections (filter probe, then plain)
-            ssl=self.ssl,
             use_dns_cache=True,
             keepalive_timeout=max(30.0, self.interval * 4),
         )
@@ -221,7 +244,13 @@ class Scraper:
         next_at = loop.time()
         while not target.stopped:
             await self.poll_once(target)
-            next_at += interval * (1.0 + rng.uniform(-jitter, jitter))
+            if target.failing:
+                # back off a failing endpoint: a broken or hostile server costs less and less
+                target.backoff = min(max(target.backoff * 2, interval * 2), self.max_backoff)
+                next_at += target.backoff
+            else:
+                target.backoff = 0.0
+                next_at += interval * (1.0 + rng.uniform(-jitter, jitter))
             now = loop.time()
             if next_at < now:  # the poll overran (timeouts): start the next one now, not a burst
                 next_at = now
@@ -230,11 +259,12 @@ class Scraper:
     async def poll_once(self, target: _Target) -> None:
         """One poll of one endpoint: fetch, parse, record the outcome."""
         assert self._sem is not None
+        target.polls += 1
         async with self._sem:
             try:
                 async with asyncio.timeout(self.timeout):
                     metrics = await self._scrape(target)
-            except (ScrapeError, MissingMetrics) as err:
+            except (ScrapeError, MissingMetrics, TooManySeries) as err:
                 self._failed(target, str(err))
             except TimeoutError:
                 self._failed(target, f"timed out after {self.timeout:g}s")
@@ -253,19 +283,34 @@ class Scraper:
                 target.use_filter = None if self.name_filter else False
             target.spec, target.engine_label = spec, ep.engine
             host = f"[{ep.ip}]" if ":" in ep.ip else ep.ip
-            base = f"{self.scheme}://{host}:{self.port or ep.port}{self.path}"
+            scheme = self.scheme or spec.scheme
+            base = f"{scheme}://{host}:{self.port or spec.port or ep.port}{self.path or spec.path}"
+            target.ssl = self.ssl if self.ssl is not None else not spec.insecure_skip_verify
             query = "&".join(f"name%5B%5D={quote(n, safe='')}" for n in spec.names)
             target.plain_url = URL(base, encoded=True)
             target.filtered_url = URL(f"{base}?{query}", encoded=True)
         return target.spec
 
-    async def _fetch(self, url: URL) -> str:
+    async def _fetch(self, url: URL, ssl: ssl_lib.SSLContext | bool = True) -> str:
         assert self._session is not None
-        async with self._session.get(url, allow_redirects=False) as resp:
-            body = await resp.read()
+        limit = self.max_page_bytes
+        async with self._session.get(url, allow_redirects=False, ssl=ssl) as resp:
             if resp.status != 200:
+                resp.close()  # an error page is not worth reading; the connection goes with it
                 raise ScrapeError(f"HTTP {resp.status}")
-        return body.decode("utf-8", "replace")
+            if resp.content_length is not None and resp.content_length > limit:
+                resp.close()
+                raise PageTooLarge(f"page of {resp.content_length} bytes is over the {limit}-byte cap")
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in resp.content.iter_any():
+                size += len(chunk)
+                if size > limit:
+                    # an endless or huge stream: stop reading and drop the connection
+                    resp.close()
+                    raise PageTooLarge(f"page passed the {limit}-byte cap")
+                chunks.append(chunk)
+        return b"".join(chunks).decode("utf-8", "replace")
 
     async def _scrape(self, target: _Target) -> Metrics:
         spec = self._resolve(target)
@@ -273,28 +318,30 @@ class Scraper:
         if target.use_filter:
             # Honoured when probed: trusted from then on (no per-poll check). A reply that lacks
             # the families sends the endpoint back to probing, and this poll to the full page.
-            text = await self._fetch(target.filtered_url)
+            text = await self._fetch(target.filtered_url, target.ssl)
             try:
                 return read_metrics(spec, text, time.monotonic())
             except MissingMetrics:
                 target.use_filter = None
                 log.info("metrics name filter reply lacks the families, probing again",
                          extra={"endpoint": target.endpoint.address})
-                return read_metrics(spec, await self._fetch(target.plain_url), time.monotonic())
+                return read_metrics(spec, await self._fetch(target.plain_url, target.ssl), time.monotonic())
         if target.use_filter is None:
             probe: str | None
             try:
-                probe = await self._fetch(target.filtered_url)
+                probe = await self._fetch(target.filtered_url, target.ssl)
+            except PageTooLarge:
+                raise
             except ScrapeError:
                 probe = None  # some servers reject unknown query parameters: try the plain URL
             if probe is not None and only_requested(probe, frozenset(spec.names)) and _has_required(probe, spec):
                 metrics = read_metrics(spec, probe, time.monotonic())
                 target.use_filter = True
                 return metrics
-            metrics = read_metrics(spec, await self._fetch(target.plain_url), time.monotonic())
+            metrics = read_metrics(spec, await self._fetch(target.plain_url, target.ssl), time.monotonic())
             target.use_filter = False  # only once the full page proved good
             return metrics
-        return read_metrics(spec, await self._fetch(target.plain_url), time.monotonic())
+        return read_metrics(spec, await self._fetch(target.plain_url, target.ssl), time.monotonic())
 
     def _succeeded(self, target: _Target, metrics: Metrics) -> None:
         if target.stopped:

@@ -8,6 +8,7 @@ import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -222,15 +223,23 @@ def messages(caplog: pytest.LogCaptureFixture, text: str) -> int:
 
 
 async def test_scrapes_every_engine(servers: Any, scrapers: Any) -> None:
-    srv = {name: await servers(make()) for name, make in pages.PAGES.items()}
-    ds = datastore(*(s.address for s in srv.values()))
+    # each engine's page where that engine serves it: trtllm-serve on /prometheus/metrics, Triton
+    # on its own metrics port (8002 in real life; the test's port stands in for it)
+    srv = {name: await servers(make(), path=ENGINES[name].path) for name, make in pages.PAGES.items()}
+    triton = srv["triton-tensorrt-llm"]
+    ds = datastore(*(s.address if n != "triton-tensorrt-llm" else "127.0.0.1:1" for n, s in srv.items()))
     for name, s in srv.items():
-        ds.endpoints[s.address].engine = name
+        if name != "triton-tensorrt-llm":
+            ds.endpoints[s.address].engine = name
+    ds.endpoints["127.0.0.1:1"].engine = "triton"
     ds.endpoints[srv["trtllm-serve"].address].engine = "trtllm"  # an alias
-    scrapers(ds)
-    eps = [ds.endpoints[s.address] for s in srv.values()]
+    engines = dict(ENGINES, **{"triton-tensorrt-llm": replace(ENGINES["triton-tensorrt-llm"], port=triton.port)})
+    srv["triton-tensorrt-llm"] = triton
+    scrapers(ds, engines=engines)
+    addr = {n: s.address if n != "triton-tensorrt-llm" else "127.0.0.1:1" for n, s in srv.items()}
+    eps = [ds.endpoints[a] for a in addr.values()]
     await until(lambda: all(e.metrics is not None for e in eps))
-    got = {name: ds.endpoints[s.address].metrics for name, s in srv.items()}
+    got = {name: ds.endpoints[a].metrics for name, a in addr.items()}
     assert got["vllm"] is not None and (got["vllm"].waiting, got["vllm"].kv_usage) == (2, 0.25)
     assert got["vllm"].lora_running == frozenset({"sql-lora", "food-review"})
     assert got["sglang"] is not None and (got["sglang"].waiting, got["sglang"].block_size) == (3, 64)
