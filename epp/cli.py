@@ -1,7 +1,12 @@
 """Command-line flags: the reference picker's names and defaults, plus the no-cluster mode.
 
 Boolean flags take `--flag`, `--flag=true|false` (the form the reference's charts pass) and
-`--flag false`. Durations take Go-style values (`50ms`, `5s`, `1m30s`) or plain seconds.
+`--flag false`. Durations take Go-style values (`50ms`, `5s`, `1m30s`) or plain seconds; sizes take
+bytes or Kubernetes quantities (`10Mi`, `25MB`).
+
+Every flag of the reference binaries (GIE v1.5 and llm-d router v0.10) is accepted. A flag that has
+no effect here is listed in `Options.notices` (the server logs each once at start) instead of
+being an error, so the reference's charts and scripts run unchanged.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,6 +111,87 @@ def _positive_int(text: str) -> int:
     return v
 
 
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*(Ki|Mi|Gi|Ti|Pi|Ei|k|K|M|G|T|P|E)?$")
+_SIZE_UNITS = {None: 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+               "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+_MAX_MSG = 2**31 - 1  # gRPC's message-size options are C ints
+
+
+def parse_size(text: str) -> int:
+    """Bytes from `10485760`, `10Mi`, `10MiB`, `25MB` or `1.5Gi` (llm-d's --grpc-max-*-msg-size forms)."""
+    t = text.strip()
+    if len(t) > 1 and t[-1] in "Bb":  # 10MiB = 10Mi, 25MB = 25M, 100B = 100
+        t = t[:-1]
+    m = _SIZE.match(t)
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (use bytes or e.g. 10Mi, 25MB)")
+    value = int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+    if value > _MAX_MSG:
+        raise argparse.ArgumentTypeError(f"size {text!r} is larger than gRPC allows ({_MAX_MSG} bytes)")
+    return value
+
+
+def parse_level(value: str) -> str:
+    """Our level name from `debug|info|warning|error|panic` or a klog/zap verbosity number.
+
+    The reference logs its routine messages at verbosity 2 and debug detail at 4 and above, so a
+    number of 4 or more is `debug` and smaller numbers are `info`."""
+    v = value.strip().lower()
+    if v.lstrip("-").isdigit():
+        return "debug" if int(v) >= 4 else "info"
+    v = {"warn": "warning", "panic": "error", "dpanic": "error", "fatal": "error"}.get(v, v)
+    if v not in ("debug", "info", "warning", "error"):
+        raise argparse.ArgumentTypeError(f"invalid log level {value!r} (debug, info, warning, error or a number)")
+    return v
+
+
+def _verbosity(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--v takes a number, got {text!r}") from None
+
+
+def _metric_spec(text: str) -> str:
+    """A reference metric spec `name` or `name{label=value,...}`, validated, kept as text ('' = off)."""
+    from epp.metrics.engines import parse_spec
+
+    if text.strip():
+        try:
+            parse_spec(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+_DEPLOYMENT = re.compile(r"^(.+)-[a-z0-9]+-[a-z0-9]+$")
+
+
+def standalone_pool_name(pod_name: str) -> str:
+    """The pool name the reference derives in standalone mode: the Deployment of this pod
+    (`POD_NAME` minus its ReplicaSet and pod suffixes); the whole name when it has no such suffix."""
+    m = _DEPLOYMENT.match(pod_name)
+    return m.group(1) if m else pod_name
+
+
+RECV_MARGIN = 1 << 20  # bytes of ext_proc message beyond the body cap: headers, trailers, framing
+
+METRIC_FLAGS = ("total-queued-requests-metric", "total-running-requests-metric", "kv-cache-usage-percentage-metric",
+                "lora-info-metric", "cache-info-metric")
+
+# flags of the reference accepted for compatibility that change nothing here, and why
+NO_EFFECT = {
+    "health-checking": "gRPC health is always served, on the health port and on the ext_proc port",
+    "emit-endpoint-scores": "endpoint scores are not sent in dynamic metadata (they are on the tracing span)",
+    "tls-min-version": "gRPC's TLS defaults apply (TLS 1.2 and 1.3)",
+    "tls-cipher-suites": "gRPC's TLS cipher suites apply",
+    "metrics-cert-dir": "/metrics is served over plain HTTP (use --metrics-endpoint-auth)",
+    "metrics-client-ca-file": "/metrics is served over plain HTTP (use --metrics-endpoint-auth)",
+    "enable-grpc-stream-metrics": "the ext_proc stream metrics are not implemented",
+    "allow-experimental-plugins": "every built-in plugin is available",
+}
+
+
 @dataclass(slots=True)
 class Options:
     """Everything the server needs, parsed and validated."""
@@ -138,6 +225,32 @@ class Options:
     mode: str = "epp"
     event_loop: str = "auto"
     base_models: dict[str, str] = field(default_factory=dict)
+    # the reference's process flags (GIE v1.5, llm-d router v0.10)
+    standalone: bool = False  # --endpoint-selector without --pool-name: pool name from POD_NAME
+    tracing: bool = False
+    enable_pprof: bool = True
+    metrics_endpoint_auth: bool = True
+    disable_endpoint_subset_filter: bool = False
+    drain_timeout: float = 30.0
+    grpc_max_recv_msg_size: int = 0  # 0: max_request_body_bytes + RECV_MARGIN
+    grpc_max_send_msg_size: int = 0  # 0: gRPC's default
+    # --model-server-metrics-* (None: not given; the engine map's setting applies)
+    model_server_metrics_scheme: str | None = None
+    model_server_metrics_path: str | None = None
+    model_server_metrics_port: int | None = None
+    model_server_metrics_insecure: bool | None = None
+    metric_flags: dict[str, str] = field(default_factory=dict)  # metric-name flags given: flag -> spec
+    log_stacktrace_level: str = ""  # "": no stacks added (exceptions still carry theirs)
+    log_time_encoding: str = ""  # "": ISO-8601 with milliseconds
+    notices: list[str] = field(default_factory=list)  # flags accepted without effect, logged at start
+
+    @property
+    def grpc_recv_limit(self) -> int:
+        """The ext_proc server's receive limit: a message larger than the body cap is refused
+        before it is read whole (the margin covers headers and framing)."""
+        if self.grpc_max_recv_msg_size > 0:
+            return self.grpc_max_recv_msg_size
+        return min(self.max_request_body_bytes + RECV_MARGIN, _MAX_MSG)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     B: dict[str, Any] = dict(nargs="?", const=True, type=parse_bool, metavar="BOOL")
     pool = p.add_argument_group("pool")
-    pool.add_argument("--pool-name", default="", help="name of the InferencePool this picker serves (required)")
+    pool.add_argument("--pool-name", default="",
+                      help="name of the InferencePool this picker serves (required, unless --endpoint-selector "
+                           "is given: then the pool is named after this pod's Deployment, from env POD_NAME)")
     pool.add_argument("--pool-namespace", default=os.environ.get("NAMESPACE", "default"),
                       help="namespace of the pool (env NAMESPACE; default %(default)s)")
     pool.add_argument("--pool-group", default=GROUP_V1, choices=[GROUP_V1, GROUP_X],
@@ -192,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--event-loop", choices=["auto", "uvloop", "asyncio"], default="auto",
                      help="auto: uvloop when installed (about 8%% less CPU per request), else asyncio")
     srv.add_argument("--shutdown-grace", type=parse_duration, default=30.0,
-                     help="on SIGTERM, how long open streams may finish (default 30s)")
+                     help="on SIGTERM, after --drain-timeout, how long open streams may finish (default 30s)")
 
     sch = p.add_argument_group("scheduling and metrics")
     sch.add_argument("--config-file", default="", help="EndpointPickerConfig YAML file")
@@ -204,10 +319,64 @@ def build_parser() -> argparse.ArgumentParser:
     sch.add_argument("--metrics-staleness-threshold", type=parse_duration, default=2.0,
                      help="scrapes older than this are left out of pool averages (default 2s)")
 
-    lg = p.add_argument_group("logging")
-    lg.add_argument("--log-level", "--v", dest="log_level", default="info",
-                    help="debug, info, warning or error; numeric --v levels map onto these (default info)")
-    lg.add_argument("--log-format", choices=["json", "text"], default="json", help="(default %(default)s)")
+    srv.add_argument("--drain-timeout", type=parse_duration, default=30.0,
+                     help="on SIGTERM: readiness turns NOT_SERVING at once and new streams are still "
+                          "served this long, so the proxy's endpoint list catches up; then open streams get "
+                          "--shutdown-grace to finish (default 30s, llm-d's)")
+    srv.add_argument("--grpc-max-recv-msg-size", type=parse_size, default=0, metavar="SIZE",
+                     help="largest ext_proc message read (e.g. 20Mi); default --max-request-body-bytes + 1 MiB, "
+                          "so an oversized buffered body is refused before it is read whole")
+    srv.add_argument("--grpc-max-send-msg-size", type=parse_size, default=0, metavar="SIZE",
+                     help="largest ext_proc message sent (default gRPC's)")
+    srv.add_argument("--metrics-endpoint-auth", default=True, **B,
+                     help="/metrics (and the debug routes) need a bearer token that a Kubernetes TokenReview "
+                          "accepts and a SubjectAccessReview allows `get` on the /metrics URL (default true; "
+                          "off, with a log line, when there is no cluster)")
+    srv.add_argument("--enable-pprof", default=True, **B,
+                     help="debug routes on the metrics port: /debug/pprof/ (asyncio tasks, tracemalloc heap "
+                          "top, a cProfile CPU profile for ?seconds=N) (default true)")
+    srv.add_argument("--tracing", default=False, **B,
+                     help="OpenTelemetry spans, one per decision, exported by OTLP as the OTEL_* environment "
+                          "variables say; the W3C traceparent goes to the model server (default false)")
+    srv.add_argument("--disable-endpoint-subset-filter", default=False, **B,
+                     help="ignore the proxy's x-gateway-destination-endpoint-subset hint")
+
+    ms = p.add_argument_group("model-server metrics (the reference's flags; the config file's engineMetrics "
+                              "is the newer way)")
+    ms.add_argument("--model-server-metrics-scheme", choices=["http", "https"], default=None,
+                    help="scheme of the model servers' metrics URL (default http)")
+    ms.add_argument("--model-server-metrics-path", default=None, help="(default /metrics)")
+    ms.add_argument("--model-server-metrics-port", type=_port, default=None,
+                    help="port of the model servers' metrics (default: each endpoint's own port)")
+    ms.add_argument("--model-server-metrics-https-insecure-skip-verify", default=None, **B,
+                    help="with https, do not verify the model servers' certificates (default true)")
+    for name in METRIC_FLAGS:
+        ms.add_argument(f"--{name}", type=_metric_spec, default=None, metavar="NAME{LABEL=V,...}",
+                        help="metric read from pods without an engine-type label (vLLM's map)"
+                             + (" (empty: off)" if name in ("lora-info-metric", "cache-info-metric") else ""))
+
+    lg = p.add_argument_group("logging (the reference's zap/klog flags map onto these)")
+    lg.add_argument("--log-level", default=None, help="debug, info, warning or error (default info)")
+    lg.add_argument("--log-format", choices=["json", "text"], default=None, help="(default json)")
+    lg.add_argument("--v", "-v", dest="v", type=_verbosity, default=None, metavar="N",
+                    help="klog verbosity: 4 or more is debug, less is info")
+    lg.add_argument("--zap-log-level", default=None, metavar="LEVEL",
+                    help="debug, info, error, panic or a verbosity number (wins over --v)")
+    lg.add_argument("--zap-encoder", choices=["json", "console"], default=None,
+                    help="json, or console (= --log-format text)")
+    lg.add_argument("--zap-devel", default=None, **B, help="text format unless an encoder is given")
+    lg.add_argument("--zap-stacktrace-level", choices=["info", "error", "panic"], default=None,
+                    help="add the call stack to records at this level and above")
+    lg.add_argument("--zap-time-encoding", default=None,
+                    choices=["epoch", "millis", "nano", "iso8601", "rfc3339", "rfc3339nano"],
+                    help="format of the ts field (default ISO-8601 with milliseconds)")
+
+    ref = p.add_argument_group("accepted for compatibility, no effect here (logged once at start)")
+    for name, why in NO_EFFECT.items():
+        if name in ("tls-cipher-suites", "tls-min-version", "metrics-cert-dir", "metrics-client-ca-file"):
+            ref.add_argument(f"--{name}", default=None, help=why)
+        else:
+            ref.add_argument(f"--{name}", default=None, **B, help=why)
     md = p.add_argument_group("mode")
     md.add_argument("--mode", choices=["epp", "bbr"], default="epp",
                     help="epp: pick endpoints for one pool (default). bbr: body-based routing, the first of two "
@@ -219,23 +388,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _level(value: str) -> str:
-    if value.isdigit():  # the reference's klog-style --v=N
-        return "debug" if int(value) >= 4 else "info"
-    v = value.lower()
-    if v not in ("debug", "info", "warning", "error"):
-        raise argparse.ArgumentTypeError(f"invalid log level {value!r}")
-    return v
+def _logging(a: argparse.Namespace) -> tuple[str, str]:
+    """(level, format): --zap-log-level, then --log-level, then --v; --zap-encoder, then --log-format,
+    then --zap-devel (the reference's development mode writes console text)."""
+    if a.zap_log_level is not None:
+        level = parse_level(a.zap_log_level)
+    elif a.log_level is not None:
+        level = parse_level(a.log_level)
+    elif a.v is not None:
+        level = parse_level(str(a.v))
+    else:
+        level = "info"
+    if a.zap_encoder is not None:
+        fmt = "text" if a.zap_encoder == "console" else "json"
+    elif a.log_format is not None:
+        fmt = a.log_format
+    else:
+        fmt = "text" if a.zap_devel else "json"
+    return level, fmt
 
 
 def parse_args(argv: list[str]) -> Options:
     """Parse and cross-check flags; exits with status 2 and a clear message on bad input."""
     p = build_parser()
     a = p.parse_args(argv)
+    standalone = False
     if not a.pool_name and a.mode == "epp":
-        p.error("--pool-name is required")
+        if not a.endpoint_selector:
+            p.error("--pool-name is required (or --endpoint-selector with --endpoint-target-ports)")
+        # the reference's standalone mode: the pool is named after this picker's Deployment
+        a.pool_name = standalone_pool_name(os.environ.get("POD_NAME") or socket.gethostname() or "epp")
+        standalone = True
     if bool(a.endpoint_selector) != bool(a.endpoint_target_ports):
         p.error("--endpoint-selector and --endpoint-target-ports must be given together")
+    if len(a.endpoint_target_ports) > 8:
+        p.error("--endpoint-target-ports takes 1 to 8 ports")
+    a.endpoint_target_ports = list(dict.fromkeys(a.endpoint_target_ports))
     if a.config_file and a.config_text:
         p.error("give --config-file or --config-text, not both")
     if a.config_file and not os.path.isfile(a.config_file):
@@ -246,11 +434,18 @@ def parse_args(argv: list[str]) -> Options:
     if a.cert_path and not os.path.isdir(a.cert_path):
         p.error(f"--cert-path {a.cert_path!r} is not a directory")
     try:
-        level = _level(a.log_level)
+        level, fmt = _logging(a)
     except argparse.ArgumentTypeError as e:
         p.error(str(e))
     if a.refresh_metrics_interval <= 0:
         p.error("--refresh-metrics-interval must be positive")
+    notices = [f"--{name} has no effect here: {why}" for name, why in NO_EFFECT.items()
+               if getattr(a, name.replace("-", "_")) is not None]
+    if a.zap_devel is not None and (a.zap_encoder is not None or a.log_format is not None):
+        notices.append("--zap-devel has no effect here: the encoder given wins, and levels come from "
+                       "--zap-log-level/--v")
+    metric_flags = {name: getattr(a, name.replace("-", "_")) for name in METRIC_FLAGS
+                    if getattr(a, name.replace("-", "_")) is not None}
     return Options(
         pool_name=a.pool_name,
         pool_namespace=a.pool_namespace,
@@ -276,9 +471,25 @@ def parse_args(argv: list[str]) -> Options:
         default_body_mode=a.default_body_mode,
         shutdown_grace=a.shutdown_grace,
         log_level=level,
-        log_format=a.log_format,
+        log_format=fmt,
         bind_address=a.bind_address,
         mode=a.mode,
         event_loop=a.event_loop,
         base_models=a.base_model,
+        standalone=standalone,
+        tracing=a.tracing,
+        enable_pprof=a.enable_pprof,
+        metrics_endpoint_auth=a.metrics_endpoint_auth,
+        disable_endpoint_subset_filter=a.disable_endpoint_subset_filter,
+        drain_timeout=a.drain_timeout,
+        grpc_max_recv_msg_size=a.grpc_max_recv_msg_size,
+        grpc_max_send_msg_size=a.grpc_max_send_msg_size,
+        model_server_metrics_scheme=a.model_server_metrics_scheme,
+        model_server_metrics_path=a.model_server_metrics_path,
+        model_server_metrics_port=a.model_server_metrics_port or None,  # 0: the reference's "unset"
+        model_server_metrics_insecure=a.model_server_metrics_https_insecure_skip_verify,
+        metric_flags=metric_flags,
+        log_stacktrace_level=a.zap_stacktrace_level or "",
+        log_time_encoding=a.zap_time_encoding or "",
+        notices=notices,
     )
