@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $(STAMP)
 
 install: $(STAMP)
+	@# generated protobuf modules (setup.py) missing or older than their .proto: rebuild them
+	@test epp/_gen/vllm_engine_pb2.py -nt protos/vllm_engine.proto || $(BIN)/pip install -q --no-deps -e .
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -123,6 +123,7 @@ BUILTIN_MODULES: list[str] = [
     "epp.scheduling.prefix",
     "epp.scheduling.scorers",
     "epp.scheduling.session",
+    "epp.parsers.vllmgrpc",
 ]
 _loaded = False
 
