@@ -1,0 +1,806 @@
+"""Live peer benchmark: our picker behind Envoy against SGLang's and vLLM's Rust routers, same servers.
+
+    .venv/bin/python bench/peers.py --quick        # < 3 min: 3 workloads at 90%, cache-aware peers, 1 repeat
+    .venv/bin/python bench/peers.py                # `make bench-peers`: the whole matrix, ~25 min
+    options: --workloads shared-prefix ...  --loads 70 90  --policies ours envoy-rr ...  --repeats 2
+             --seconds 10  --warmup 3  --config-text NAME=YAML (our picker with another profile, repeatable)
+             --json PATH  --markdown PATH  --no-plots  --report PATH (tables of a saved run)
+             --des-variants (our profile variants on the same workloads in the discrete-event twin)
+
+Every cell (workload x load x policy x repeat) gets fresh processes: 4 simulated vLLM servers
+(`python -m epp.sim`, Llama-3.1-8B on one H100 in real time, 4096 KV blocks = 65,536 tokens each, as
+`make demo` runs them) and the router under test:
+
+  ours            Envoy + our picker, the config `python -m epp envoy-config` generates (epp.demo.Stack:
+                  duplex ext_proc over TLS, ORIGINAL_DST), the default profile unless --config-text;
+  envoy-rr        the same Envoy with the picker taken out (STATIC cluster, ROUND_ROBIN);
+  sglang-cache    `python -m sglang_router.launch_router --policy cache_aware` (defaults: cache_threshold 0.3,
+                  balance_abs_threshold 64, balance_rel_threshold 1.5: character radix tree over the text);
+  sglang-rr       the same router, --policy round_robin;
+  vllm-cache      `vllm-router --policy cache_aware` (same thresholds; its tree is over token ids it gets
+                  from each request's /v1/{chat/}completions/render call to a server);
+  vllm-rr         the same router, --policy round_robin.
+
+Load: open-loop arrivals (times fixed in advance by the workload's generator, Poisson unless the
+workload is bursty or multi-turn) at 70% / 90% of round-robin capacity. Capacity is measured in the
+discrete-event twin of the same servers and workload (bench/routing_quality.capacity: the highest rate
+round-robin keeps up with, within 10%), because a live search would cost more than the whole run;
+it is cached in bench/results/peers_capacity.json (--recompute-capacity). Every request is a
+streaming chat completion (`stream_options.include_usage`); a warm-up of --warmup seconds at half
+the rate comes first and is left out.
+
+Figures per cell, over the measured requests: TTFT p50/p90/p99 (client: to the first content
+chunk), e2e p50/p90/p99, output tokens/s, prefix-cache hit rate (vllm:prefix_cache_hits_total /
+queries_total deltas from the simulators' /metrics), per-pod spread (requests each simulator served:
+coefficient of variation), errors, CPU per request of the router's processes (utime + stime from
+/proc/<pid>/stat of the router's process group, Envoy included for ours and envoy-rr, less the idle
+rate measured just before the traffic) and /proc/loadavg at the start and the end (the machine is
+shared: the noise is stated with every figure). Repeats are interleaved (policy order rotates per
+repeat); tables show medians over repeats and the spread of p90 TTFT ((max - min) / median).
+
+LoRA: the servers all serve the same 8 adapters (2 GPU slots each); our picker routes by adapter
+residency, the peers route the text only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import heapq
+import json
+import math
+import os
+import socket
+import statistics
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from epp.demo import Child, Stack, spawn, stop_child, wait_for_line  # noqa: E402
+from epp.sim.config import DEFAULT_MODEL, EngineConfig  # noqa: E402
+from epp.sim.des import SimRequest  # noqa: E402
+from epp.sim.workload import bursty, long_context, lora_mix, multi_turn, poisson, shared_prefix  # noqa: E402
+
+PODS = 4
+KV_BLOCKS = 4096  # 65,536 tokens per server (epp.demo's): the shared prompts do not fit on every pod
+ADAPTERS = tuple(f"adapter-{i:02d}" for i in range(8))
+MAX_LORAS = 2
+RESULTS = ROOT / "bench" / "results"
+PLOTS = ROOT / "bench" / "plots"
+CAPACITY_FILE = RESULTS / "peers_capacity.json"
+POLICY_ORDER = ("ours", "envoy-rr", "sglang-cache", "sglang-rr", "vllm-cache", "vllm-rr")
+CACHE_AWARE = ("ours", "sglang-cache", "vllm-cache")
+
+Stream = Iterator[tuple[float, SimRequest]]
+
+
+# ---- workloads ---------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class LiveWorkload:
+    """A request mix for 4 live servers: `make(n, rate, seed)` yields (arrival s, SimRequest)."""
+
+    name: str
+    note: str
+    adapters: tuple[str, ...] = ()
+
+    def make(self, n: int, rate: float, seed: int) -> Stream:
+        return _STREAMS[self.name](n, rate, seed)
+
+    def engine(self) -> EngineConfig:
+        return EngineConfig(num_gpu_blocks=KV_BLOCKS, loras=self.adapters, max_loras=MAX_LORAS)
+
+
+def _mixed(n: int, rate: float, seed: int) -> Stream:
+    # 70% chat over 48 shared system prompts (~72k tokens together), 30% unrelated prompts, merged by time
+    a = shared_prefix(n, rate * 0.7, groups=48, prefix_chars=6000, suffix_chars=800, max_tokens=64, seed=seed)
+    b = poisson(n, rate * 0.3, prompt_chars=1600, max_tokens=64, seed=seed + 7)
+    merged = heapq.merge(a, b, key=lambda item: item[0])
+    for i, (t, req) in enumerate(merged):
+        if i >= n:
+            return
+        req.request_id = f"req-{i}"
+        yield t, req
+
+
+_STREAMS = {
+    "shared-prefix": lambda n, rate, seed: shared_prefix(n, rate, groups=16, prefix_chars=24000, suffix_chars=1200,
+                                                         max_tokens=64, zipf=1.0, seed=seed),
+    "multi-turn": lambda n, rate, seed: multi_turn(n, rate, systems=16, system_chars=8000, zipf=1.0,
+                                                   user_chars=(200, 1600), reply_tokens=(32, 128), turns=6.0,
+                                                   think_s=3.0, max_context_chars=60000, seed=seed),
+    "mixed": _mixed,
+    "long-context": lambda n, rate, seed: long_context(n, rate, long_share=0.02, long_chars=126976,
+                                                       short_chars=4096, max_tokens=64, long_max_tokens=128,
+                                                       seed=seed),
+    "bursty": lambda n, rate, seed: bursty(n, rate, period=4.0, on_fraction=0.25, groups=16, zipf=1.0,
+                                           prefix_chars=8192, suffix_chars=2048, max_tokens=64, seed=seed),
+    "lora": lambda n, rate, seed: lora_mix(n, rate, adapters=ADAPTERS, zipf=1.0, base_share=0.0,
+                                           template_chars=2048, prompt_chars=2048, max_tokens=64, seed=seed),
+}
+
+WORKLOADS: tuple[LiveWorkload, ...] = (
+    LiveWorkload("shared-prefix", "16 groups, Zipf(1); 6,000-token shared prefix + 300 tokens; 64 output tokens"),
+    LiveWorkload("multi-turn", "chats over 16 Zipf(1) system prompts of 2,000 tokens, ~6 turns, 3 s think time; "
+                               "each turn repeats the conversation + 50-400 tokens; 32-128 output tokens"),
+    LiveWorkload("mixed", "70% chat over 48 shared 1,500-token system prompts (+200 tokens), 30% unrelated "
+                          "400-token prompts; 64 output tokens"),
+    LiveWorkload("long-context", "2% 31,744-token documents (128 output tokens), the rest 1,024-token prompts "
+                                 "(64 output tokens); nothing shared"),
+    LiveWorkload("bursty", "on/off: all arrivals in the first second of every 4 s; 16 Zipf(1) groups of 2,048 "
+                           "tokens + 512; 64 output tokens"),
+    LiveWorkload("lora", f"{len(ADAPTERS)} adapters, Zipf(1), {MAX_LORAS} GPU slots per server; 512-token "
+                         "per-adapter template + 512 tokens; 64 output tokens", adapters=ADAPTERS),
+)
+
+
+def workload(name: str) -> LiveWorkload:
+    for w in WORKLOADS:
+        if w.name == name:
+            return w
+    raise KeyError(name)
+
+
+def schedule(w: LiveWorkload, rate: float, seconds: float, warmup: float,
+             seed: int) -> list[tuple[float, bool, SimRequest]]:
+    """(send time s, measured?, request): the stream's first requests spread over `warmup` seconds
+    (half the rate: caches fill without a backlog), then `seconds` of it at `rate`."""
+    n_warm = max(1, round(rate * 0.5 * warmup)) if warmup > 0 else 0
+    n = max(1, round(rate * seconds))
+    items = list(w.make(n_warm + n, rate, seed))
+    warm, meas = items[:n_warm], items[n_warm:]
+    out = [(t * 2.0, False, req) for t, req in warm]
+    base = warm[-1][0] * 2.0 + 1.0 / rate if warm else 0.0
+    first = meas[0][0] if meas else 0.0
+    out += [(base + t - first, True, req) for t, req in meas]
+    return out
+
+
+# ---- capacity (discrete-event twin) ------------------------------------------------------------------
+def des_capacity(w: LiveWorkload, seed: int, n: int = 1500, precision: float = 0.1) -> float:
+    """Round-robin's capacity (req/s) on 4 such servers, from bench/routing_quality's search."""
+    import routing_quality as rq
+
+    def make(n_: int, rate: float, _servers: int, seed_: int) -> Stream:
+        return w.make(n_, rate, seed_)
+
+    twin = rq.Workload(w.name, make, w.note, engine=w.engine())
+    cap, _ = rq.capacity(twin, PODS, n, seed, precision)
+    return cap
+
+
+def capacities(names: Sequence[str], seed: int, recompute: bool) -> dict[str, float]:
+    cached: dict[str, float] = {}
+    if CAPACITY_FILE.exists() and not recompute:
+        cached = json.loads(CAPACITY_FILE.read_text()).get("capacity", {})
+    missing = [n for n in names if n not in cached]
+    for name in missing:
+        t0 = time.perf_counter()
+        cached[name] = des_capacity(workload(name), seed)
+        log(f"capacity {name}: {cached[name]:.1f} req/s (discrete-event twin, {time.perf_counter() - t0:.0f} s)")
+    if missing:
+        CAPACITY_FILE.parent.mkdir(parents=True, exist_ok=True)
+        CAPACITY_FILE.write_text(json.dumps({"seed": seed, "servers": PODS, "kv_blocks": KV_BLOCKS,
+                                             "capacity": cached}, indent=1, sort_keys=True))
+    return cached
+
+
+# ---- processes ---------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def sim_args(w: LiveWorkload) -> list[str]:
+    args = ["--num-gpu-blocks", str(KV_BLOCKS), "--max-loras", str(MAX_LORAS)]
+    if w.adapters:
+        args += ["--lora", ",".join(w.adapters)]
+    return args
+
+
+class PickerStack(Stack):
+    """epp.demo's stack with every simulator serving the workload's adapters (the demo gives two
+    adapters to its last pod only)."""
+
+    adapters: tuple[str, ...] = ()
+
+    async def _start_sim(self, name: str, argv: list[str], loras: tuple[str, ...]) -> Any:
+        clean: list[str] = []
+        skip = False
+        for a in argv:
+            if skip:
+                skip = False
+                continue
+            if a == "--lora":
+                skip = True
+                continue
+            clean.append(a)
+        if self.adapters:
+            clean += ["--lora", ",".join(self.adapters)]
+        return await super()._start_sim(name, clean, self.adapters)
+
+
+@dataclass
+class Running:
+    """The processes of one cell: the router's URL, the simulators' URLs, and what to measure CPU of."""
+
+    url: str
+    sims: list[str]
+    router_pids: list[int]
+    stop: Any  # async () -> None
+    workdir: Path | None = None
+
+
+async def _wait_http(url: str, child: Child | None, timeout: float = 30.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    body = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "warm up"}], "max_tokens": 1}
+    last = ""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        while loop.time() < deadline:
+            if child is not None and child.proc.returncode is not None:
+                raise RuntimeError(f"{child.name} exited with {child.proc.returncode}:\n{child.tail()}")
+            try:
+                async with session.post(f"{url}/v1/chat/completions", json=body) as r:
+                    if r.status == 200:
+                        await r.read()
+                        return
+                    last = f"{r.status} {(await r.text())[:200]}"
+            except (aiohttp.ClientError, TimeoutError) as e:
+                last = str(e)
+            await asyncio.sleep(0.2)
+    raise RuntimeError(f"no request got through {url} in {timeout:g} s (last: {last})")
+
+
+async def start_sims(w: LiveWorkload, workdir: Path) -> list[Child]:
+    py = sys.executable
+    children = await asyncio.gather(*(spawn(f"pod-{i}", [py, "-m", "epp.sim", "--host", "127.0.0.1", "--port", "0",
+                                                          "--name", f"pod-{i}", "--seed", str(i), *sim_args(w)],
+                                            workdir) for i in range(PODS)))
+    return list(children)
+
+
+async def sim_urls(children: Sequence[Child]) -> list[str]:
+    import re
+
+    pattern = re.compile(r"SIM READY name=\S+ url=(http://\S+)")
+    return [(await wait_for_line(c, pattern, 30)).group(1) for c in children]
+
+
+def peer_argv(policy: str, port: int, metrics_port: int, workers: Sequence[str]) -> list[str]:
+    """The command line of a peer router (see the module docstring)."""
+    kind, mode = policy.split("-", 1)
+    pol = "cache_aware" if mode == "cache" else "round_robin"
+    common = ["--host", "127.0.0.1", "--port", str(port), "--worker-urls", *workers, "--policy", pol,
+              "--prometheus-port", str(metrics_port), "--prometheus-host", "127.0.0.1",
+              "--worker-startup-check-interval", "1"]
+    if kind == "sglang":
+        return [sys.executable, "-m", "sglang_router.launch_router", *common, "--log-level", "warn"]
+    script = Path(sys.executable).parent / "vllm-router"
+    head = [str(script)] if script.exists() else [sys.executable, "-c",
+                                                   "import sys; from vllm_router.launch_router import main; "
+                                                   "sys.exit(main())"]
+    return [*head, *common, "--log-level", "warning"]
+
+
+def peer_installed(policy: str) -> bool:
+    import importlib.util
+
+    module = "sglang_router" if policy.startswith("sglang") else "vllm_router"
+    return importlib.util.find_spec(module) is not None
+
+
+async def start_cell(policy: str, w: LiveWorkload, picker_config: str = "") -> Running:
+    """Start the simulators and the router for one cell; the caller must `await running.stop()`."""
+    import tempfile
+
+    if policy in ("ours", "envoy-rr") or policy.startswith("ours:"):
+        stack = PickerStack(policy="round-robin" if policy == "envoy-rr" else "default", pods=PODS,
+                            sim_args=sim_args(w),
+                            picker_args=["--config-text", picker_config] if picker_config else [])
+        stack.adapters = w.adapters
+        try:
+            await stack.start()
+        except BaseException:
+            await stack.stop()
+            raise
+        pids = [c.proc.pid for c in stack.children if c.name in ("picker", "envoy")]
+        return Running(stack.url, [p.url for p in stack.endpoints], pids, stack.stop, stack.workdir)
+
+    workdir = Path(tempfile.mkdtemp(prefix="epp-peers-"))
+    children: list[Child] = []
+
+    async def stop() -> None:
+        routers = [c for c in children if not c.name.startswith("pod-")]
+        await asyncio.gather(*(stop_child(c, 5.0) for c in routers), return_exceptions=True)
+        await asyncio.gather(*(stop_child(c, 2.0) for c in children if c not in routers), return_exceptions=True)
+
+    try:
+        children.extend(await start_sims(w, workdir))
+        urls = await sim_urls(children)
+        port = free_port()
+        router = await spawn(policy, peer_argv(policy, port, free_port(), urls), workdir)
+        children.append(router)
+        url = f"http://127.0.0.1:{port}"
+        await _wait_http(url, router)
+    except BaseException:
+        await stop()
+        raise
+    return Running(url, urls, [router.proc.pid], stop, workdir)
+
+
+# ---- CPU ---------------------------------------------------------------------------------------------
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def group_cpu(pgids: Sequence[int]) -> float:
+    """CPU seconds (user + system) of every live process in the process groups `pgids` (each child
+    of the benchmark leads its own group)."""
+    want = set(pgids)
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2:].split()
+        # fields[0] is field 3 (state): pgrp is field 5, utime 14, stime 15
+        if int(fields[2]) in want:
+            total += int(fields[11]) + int(fields[12])
+    return total / _TICK
+
+
+def loadavg() -> float:
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return math.nan
+
+
+# ---- the client --------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class Sent:
+    """One request as the client saw it."""
+
+    measured: bool
+    status: int = 0
+    ttft: float | None = None
+    e2e: float = 0.0
+    tokens: int = 0
+    pod: str = ""
+    error: str = ""
+
+
+async def send_chat(session: aiohttp.ClientSession, url: str, req: SimRequest, measured: bool) -> Sent:
+    """One streaming chat completion; TTFT is the first content chunk."""
+    body = {"model": req.model or DEFAULT_MODEL, "messages": [{"role": "user", "content": req.prompt}],
+            "max_tokens": req.max_tokens, "stream": True, "stream_options": {"include_usage": True}}
+    res = Sent(measured)
+    t0 = time.perf_counter()
+    try:
+        async with session.post(f"{url}/v1/chat/completions", json=body) as r:
+            res.status = r.status
+            res.pod = r.headers.get("x-sim-server", "")
+            if r.status != 200:
+                res.error = (await r.text())[:200]
+            else:
+                async for line in r.content:
+                    if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                        continue
+                    chunk = json.loads(line[6:])
+                    for c in chunk.get("choices") or ():
+                        if (c.get("delta") or {}).get("content"):
+                            if res.ttft is None:
+                                res.ttft = time.perf_counter() - t0
+                            res.tokens += 1
+    except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+        res.status, res.error = res.status or 599, f"{type(e).__name__}: {e}"[:200]
+    res.e2e = time.perf_counter() - t0
+    if res.status == 200 and res.ttft is None:
+        res.status, res.error = 598, "stream ended without content"
+    return res
+
+
+async def sim_counters(session: aiohttp.ClientSession, sims: Sequence[str]) -> list[tuple[float, float, int]]:
+    """Per simulator: (prefix-cache hit tokens, queried tokens, requests served so far)."""
+    names = ("vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total")
+    out = []
+    for url in sims:
+        values = dict.fromkeys(names, 0.0)
+        async with session.get(f"{url}/metrics") as r:
+            text = await r.text()
+        for line in text.splitlines():
+            for n in names:
+                if line.startswith(n) and line[len(n)] in " {":
+                    values[n] += float(line.rsplit(" ", 1)[1])
+        async with session.get(f"{url}/sim/served", params={"since": str(1 << 62)}) as r:
+            total = int((await r.json())["total"])
+        out.append((values[names[0]], values[names[1]], total))
+    return out
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    if not values:
+        return math.nan
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
+
+
+def _cv(values: Sequence[float]) -> float:
+    mean = statistics.fmean(values) if values else 0.0
+    return statistics.pstdev(values) / mean if mean > 0 else 0.0
+
+
+async def run_cell(policy: str, w: LiveWorkload, rate: float, seconds: float, warmup: float, seed: int,
+                   picker_config: str = "") -> dict[str, Any]:
+    """One cell: fresh processes, warm-up, `seconds` of open-loop traffic at `rate`, figures."""
+    plan = schedule(w, rate, seconds, warmup, seed)
+    running = await start_cell(policy, w, picker_config)
+    load0 = loadavg()
+    try:
+        results: list[Sent] = []
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                         timeout=aiohttp.ClientTimeout(total=120)) as session:
+            idle0 = group_cpu(running.router_pids)
+            await asyncio.sleep(1.0)
+            idle_rate = group_cpu(running.router_pids) - idle0  # CPU s per s with no traffic
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            tasks: list[asyncio.Task[Sent]] = []
+            before: list[tuple[float, float, int]] | None = None
+            cpu0 = 0.0
+            t_measure = 0.0
+            for at, measured, req in plan:
+                if measured and before is None:
+                    delay = at - (loop.time() - start)
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    # the warm-up's requests are still draining; counters from here on are the measured window's
+                    before = await sim_counters(session, running.sims)
+                    cpu0 = group_cpu(running.router_pids)
+                    t_measure = loop.time()
+                delay = at - (loop.time() - start)
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(send_chat(session, running.url, req, measured)))
+            sent_for = loop.time() - t_measure
+            results = list(await asyncio.gather(*tasks))
+            window = loop.time() - t_measure
+            cpu = group_cpu(running.router_pids) - cpu0
+            after = await sim_counters(session, running.sims)
+        load1 = loadavg()
+    finally:
+        await running.stop()
+        if running.workdir is not None:
+            import shutil
+
+            shutil.rmtree(running.workdir, ignore_errors=True)
+    measured = [r for r in results if r.measured]
+    ok = [r for r in measured if r.status == 200]
+    assert before is not None
+    hits = sum(a[0] - b[0] for a, b in zip(after, before, strict=True))
+    queries = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))
+    per_pod = [a[2] - b[2] for a, b in zip(after, before, strict=True)]
+    ttft = [r.ttft for r in ok if r.ttft is not None]
+    e2e = [r.e2e for r in ok]
+    busy_cpu = max(0.0, cpu - idle_rate * window)
+    return {
+        "policy": policy, "workload": w.name, "rate": rate, "seconds": seconds, "sent_rate": len(measured) / sent_for
+        if sent_for > 0 else 0.0, "requests": len(measured), "ok": len(ok),
+        "errors": len(measured) - len(ok), "error_samples": sorted({r.error for r in measured if r.error})[:3],
+        "ttft_p50": _pct(ttft, 0.5), "ttft_p90": _pct(ttft, 0.9), "ttft_p99": _pct(ttft, 0.99),
+        "e2e_p50": _pct(e2e, 0.5), "e2e_p90": _pct(e2e, 0.9), "e2e_p99": _pct(e2e, 0.99),
+        "output_tok_s": sum(r.tokens for r in ok) / window if window > 0 else 0.0,
+        "hit_rate": hits / queries if queries else 0.0,
+        "per_pod": per_pod, "pod_cv": _cv([float(p) for p in per_pod]),
+        "cpu_ms_per_req": 1000.0 * busy_cpu / len(ok) if ok else math.nan,
+        "cpu_idle_pct": 100.0 * idle_rate, "loadavg": [load0, load1],
+    }
+
+
+# ---- the matrix ------------------------------------------------------------------------------------
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Plan:
+    workloads: list[str]
+    loads: list[int]
+    policies: list[str]
+    repeats: int
+    seconds: float
+    warmup: float
+    seed: int
+    configs: dict[str, str] = field(default_factory=dict)  # extra "ours:NAME" policies -> picker config
+
+
+async def run_matrix(plan: Plan, caps: dict[str, float], out_json: Path | None) -> dict[str, Any]:
+    data: dict[str, Any] = {"plan": asdict(plan), "capacity": {w: caps[w] for w in plan.workloads}, "cells": [],
+                            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": os.cpu_count()}
+    t0 = time.perf_counter()
+    policies = list(plan.policies)
+    for rep in range(plan.repeats):
+        for wname in plan.workloads:
+            w = workload(wname)
+            for load in plan.loads:
+                rate = caps[wname] * load / 100.0
+                k = rep % len(policies)  # rotate the order: no policy always runs first (or last)
+                for policy in policies[k:] + policies[:k]:
+                    cfg = plan.configs.get(policy.split(":", 1)[1], "") if policy.startswith("ours:") else ""
+                    try:
+                        cell = await run_cell(policy, w, rate, plan.seconds, plan.warmup, plan.seed + rep, cfg)
+                    except RuntimeError as e:
+                        log(f"{wname} {load}% {policy} rep {rep}: FAILED {e}")
+                        cell = {"policy": policy, "workload": wname, "failed": str(e)[:500]}
+                    cell.update(load=load, repeat=rep)
+                    data["cells"].append(cell)
+                    if "failed" not in cell:
+                        log(f"{wname} {load}% {policy} rep {rep}: TTFT p50/p90 {cell['ttft_p50'] * 1e3:.0f}/"
+                            f"{cell['ttft_p90'] * 1e3:.0f} ms, hit {cell['hit_rate'] * 100:.0f}%, "
+                            f"err {cell['errors']}, cpu {cell['cpu_ms_per_req']:.2f} ms/req, load "
+                            f"{cell['loadavg'][0]:.1f}-{cell['loadavg'][1]:.1f}")
+                    if out_json is not None:  # saved as it goes: an interrupted run keeps its cells
+                        out_json.parent.mkdir(parents=True, exist_ok=True)
+                        out_json.write_text(json.dumps(data, indent=1))
+    data["wall_s"] = time.perf_counter() - t0
+    if out_json is not None:
+        out_json.write_text(json.dumps(data, indent=1))
+    return data
+
+
+# ---- reporting -------------------------------------------------------------------------------------
+KEYS = ("ttft_p50", "ttft_p90", "ttft_p99", "e2e_p50", "e2e_p90", "e2e_p99", "output_tok_s", "hit_rate", "pod_cv",
+        "cpu_ms_per_req", "errors")
+
+
+def aggregate(data: dict[str, Any]) -> dict[tuple[str, int, str], dict[str, float]]:
+    """Medians over repeats per (workload, load, policy), plus the p90 TTFT spread and load averages."""
+    groups: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
+    for c in data["cells"]:
+        if "failed" in c:
+            continue
+        groups.setdefault((c["workload"], int(c["load"]), c["policy"]), []).append(c)
+    out: dict[tuple[str, int, str], dict[str, float]] = {}
+    for key, cells in groups.items():
+        agg = {k: statistics.median(float(c[k]) for c in cells) for k in KEYS}
+        p90 = [c["ttft_p90"] for c in cells]
+        agg["spread"] = (max(p90) - min(p90)) / agg["ttft_p90"] if len(p90) > 1 and agg["ttft_p90"] > 0 else math.nan
+        agg["repeats"] = float(len(cells))
+        agg["load_min"] = min(min(c["loadavg"]) for c in cells)
+        agg["load_max"] = max(max(c["loadavg"]) for c in cells)
+        agg["requests"] = statistics.median(c["requests"] for c in cells)
+        out[key] = agg
+    return out
+
+
+def _ms(v: float) -> str:
+    return "–" if math.isnan(v) else f"{v * 1000:.0f}"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _ordered_policies(names: Sequence[str]) -> list[str]:
+    known = [p for p in POLICY_ORDER if p in names]
+    return known + sorted(p for p in names if p not in POLICY_ORDER)
+
+
+def render(data: dict[str, Any]) -> list[str]:
+    agg = aggregate(data)
+    plan = data["plan"]
+    caps = data["capacity"]
+    out = [f"Live peer run: {PODS} simulated vLLM servers (real time) per cell, {plan['seconds']:g} s measured after "
+           f"{plan['warmup']:g} s warm-up at half the rate, {plan['repeats']} repeat(s) interleaved, seed "
+           f"{plan['seed']}; started {data.get('started', '?')}, {data.get('wall_s', 0):.0f} s wall, "
+           f"{data.get('cpus', '?')} CPUs shared with other work (load average per row)."]
+    rows = [[w, f"{caps[w]:.1f}", *(f"{caps[w] * ld / 100:.1f}" for ld in plan["loads"]), workload(w).note]
+            for w in plan["workloads"]]
+    out.append("Capacity (round-robin, discrete-event twin) and the rates run (req/s):\n\n"
+               + table(["workload", "capacity", *(f"{ld}%" for ld in plan["loads"]), "requests"], rows))
+    header = ["policy", "TTFT p50 ms", "p90", "p99", "e2e p50 ms", "p90", "p99", "out tok/s", "hit %", "pod CV",
+              "router CPU ms/req", "p90 spread", "errors", "load avg"]
+    for wname in plan["workloads"]:
+        for load in plan["loads"]:
+            names = _ordered_policies([p for (w, ld, p) in agg if w == wname and ld == load])
+            if not names:
+                continue
+            rows = []
+            for p in names:
+                m = agg[(wname, load, p)]
+                rows.append([p, _ms(m["ttft_p50"]), _ms(m["ttft_p90"]), _ms(m["ttft_p99"]), _ms(m["e2e_p50"]),
+                             _ms(m["e2e_p90"]), _ms(m["e2e_p99"]), f"{m['output_tok_s']:.0f}",
+                             f"{m['hit_rate'] * 100:.1f}", f"{m['pod_cv']:.2f}", f"{m['cpu_ms_per_req']:.2f}",
+                             "–" if math.isnan(m["spread"]) else f"{m['spread'] * 100:.0f}%",
+                             f"{m['errors']:.0f}", f"{m['load_min']:.1f}–{m['load_max']:.1f}"])
+            rate = caps[wname] * load / 100
+            out.append(f"**{wname}, {load}% ({rate:.1f} req/s)**\n\n" + table(header, rows))
+    # the goal: ours at or below the best peer's p90 TTFT
+    rows = []
+    for wname in plan["workloads"]:
+        for load in plan["loads"]:
+            if (wname, load, "ours") not in agg:
+                continue
+            peers = {p: agg[(wname, load, p)]["ttft_p90"] for p in ("sglang-cache", "vllm-cache")
+                     if (wname, load, p) in agg}
+            if not peers:
+                continue
+            best = min(peers, key=lambda p: peers[p])
+            ours = agg[(wname, load, "ours")]
+            ratio = peers[best] / ours["ttft_p90"]
+            rows.append([f"{wname} {load}%", _ms(ours["ttft_p90"]), f"{best} {_ms(peers[best])}", f"{ratio:.2f}×",
+                         "–" if math.isnan(ours["spread"]) else f"{ours['spread'] * 100:.0f}%",
+                         "met" if ratio >= 1.0 else "**missed**"])
+    if rows:
+        out.append("Our p90 TTFT against the best cache-aware peer (ratio > 1: ours is lower):\n\n"
+                   + table(["cell", "ours p90 ms", "best peer p90 ms", "peer / ours", "our spread", "≤ best peer"],
+                           rows))
+    return out
+
+
+def plot(data: dict[str, Any], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib is not installed: no plot; pip install '.[bench]')", file=sys.stderr)
+        return None
+    agg = aggregate(data)
+    plan = data["plan"]
+    loads = plan["loads"]
+    wls = plan["workloads"]
+    names = _ordered_policies(sorted({p for (_, _, p) in agg}))
+    fig, axes = plt.subplots(1, len(loads), figsize=(5.5 * len(loads) + 1, 4.2), squeeze=False)
+    width = 0.8 / max(1, len(names))
+    for ax, load in zip(axes[0], loads, strict=True):
+        for k, p in enumerate(names):
+            ys = [agg[(w, load, p)]["ttft_p90"] * 1000 if (w, load, p) in agg else 0.0 for w in wls]
+            ax.bar([i + k * width for i in range(len(wls))], ys, width, label=p)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(wls))], wls, rotation=20, fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel("p90 TTFT (ms, log)")
+        ax.set_title(f"{load}% of round-robin capacity")
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle("Live: p90 time to first token, 4 simulated servers (median of repeats)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---- discrete-event variants -------------------------------------------------------------------------
+def des_variants(names: Sequence[str], loads: Sequence[int], caps: dict[str, float], seed: int, n: int,
+                 configs: dict[str, str]) -> list[str]:
+    """Our default, the reference and each --config-text variant on the live workloads in the
+    discrete-event twin (virtual time; no hop, no scrape jitter beyond the twin's 50 ms polling)."""
+    import routing_policies as rp
+    import routing_quality as rq
+
+    from epp.scheduling.config import load_config
+
+    specs = [rp.policy("round-robin"), rp.policy("reference"), rp.policy("default")]
+    for name, text in configs.items():
+        specs.append(rp.picker_spec(f"ours:{name}", lambda t=text: load_config(t), name))
+    rows = []
+    for wname in names:
+        w = workload(wname)
+
+        def make(n_: int, rate: float, _servers: int, seed_: int, _w: LiveWorkload = w) -> Stream:
+            return _w.make(n_, rate, seed_)
+
+        twin = rq.Workload(w.name, make, w.note, engine=w.engine())
+        for load in loads:
+            rate = caps[wname] * load / 100.0
+            row = [f"{wname} {load}%"]
+            for spec in specs:
+                results, busy, _ = rq.simulate(twin, PODS, rate, n, seed, spec)
+                m = rq.measure(results, busy, PODS)
+                row.append(f"{m['ttft_p50'] * 1000:.0f} / {m['ttft_p90'] * 1000:.0f} ({m['hit_rate'] * 100:.0f}%)")
+            rows.append(row)
+            log(f"des {wname} {load}% done")
+    return ["Discrete-event twin: TTFT p50 / p90 ms (hit %), " + str(n) + " requests per run\n\n"
+            + table(["cell", *(s.name for s in specs)], rows)]
+
+
+# ---- main --------------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="< 3 min: 3 workloads at 90%%, cache-aware peers, 1 repeat")
+    ap.add_argument("--workloads", nargs="*", choices=[w.name for w in WORKLOADS])
+    ap.add_argument("--loads", type=int, nargs="*")
+    ap.add_argument("--policies", nargs="*", help=f"from {', '.join(POLICY_ORDER)} and ours:NAME (--config-text)")
+    ap.add_argument("--repeats", type=int)
+    ap.add_argument("--seconds", type=float, help="measured seconds per cell")
+    ap.add_argument("--warmup", type=float, help="warm-up seconds per cell (half the rate)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--config-text", action="append", default=[], metavar="NAME=YAML",
+                    help="also run our picker with this EndpointPickerConfig as policy ours:NAME")
+    ap.add_argument("--recompute-capacity", action="store_true")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--markdown", type=Path)
+    ap.add_argument("--plot", type=Path)
+    ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--report", type=Path, help="no runs: the tables (and plot) of a saved --json file")
+    ap.add_argument("--des-variants", action="store_true", help="discrete-event twin only: our profile variants")
+    ap.add_argument("--des-requests", type=int, default=1500)
+    args = ap.parse_args(argv)
+
+    configs: dict[str, str] = {}
+    for item in args.config_text:
+        name, sep, text = item.partition("=")
+        if not sep or not name or not text.strip():
+            ap.error("--config-text takes NAME=YAML")
+        if text.startswith("@"):
+            text = Path(text[1:]).read_text()
+        configs[name] = text
+    if args.quick:
+        wls, loads, repeats, seconds, warmup = ["shared-prefix", "multi-turn", "mixed"], [90], 1, 8.0, 3.0
+        policies = ["ours", "envoy-rr", "sglang-cache", "vllm-cache"]
+    else:
+        wls, loads, repeats, seconds, warmup = [w.name for w in WORKLOADS], [70, 90], 2, 8.0, 3.0
+        policies = list(POLICY_ORDER)
+    wls = args.workloads or wls
+    loads = args.loads or loads
+    policies = args.policies or [*policies, *(f"ours:{n}" for n in configs)]
+    for p in policies:
+        if p not in POLICY_ORDER and not (p.startswith("ours:") and p[5:] in configs):
+            ap.error(f"unknown policy {p!r}")
+    missing = [p for p in policies if p.split("-")[0] in ("sglang", "vllm") and not peer_installed(p)]
+    if missing:
+        log(f"not installed, left out: {', '.join(missing)} (pip install '.[bench]')")
+        policies = [p for p in policies if p not in missing]
+    stem = "peers_quick" if args.quick else "peers"
+    out_json = args.json or RESULTS / f"{stem}.json"
+    out_md = args.markdown or RESULTS / f"{stem}.md"
+
+    if args.report:
+        data = json.loads(args.report.read_text())
+    else:
+        caps = capacities(wls, args.seed, args.recompute_capacity)
+        if args.des_variants:
+            parts = des_variants(wls, loads, caps, args.seed, args.des_requests, configs)
+            text = "\n\n".join(parts) + "\n"
+            print(text)
+            if args.markdown:
+                args.markdown.write_text(text)
+            return 0
+        plan = Plan(wls, loads, policies, args.repeats or repeats, args.seconds or seconds,
+                    args.warmup if args.warmup is not None else warmup, args.seed, configs)
+        data = asyncio.run(run_matrix(plan, caps, out_json))
+    parts = render(data)
+    text = "\n\n".join(parts) + "\n"
+    print(text)
+    if not args.report or args.markdown:
+        out_md.parent.mkdir(parents=True, exist_ok=True)
+        out_md.write_text(text)
+    if not args.no_plots:
+        path = plot(data, args.plot or PLOTS / f"{stem}.png")
+        if path is not None:
+            print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+    failed = [c for c in data["cells"] if "failed" in c]
+    return 1 if failed and len(failed) == len(data["cells"]) else 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())
