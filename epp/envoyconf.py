@@ -63,6 +63,20 @@ ROUTINGS = ("original_dst", "override_host")
 DEST_HEADER = "x-gateway-destination-endpoint"
 SERVED_HEADER = "x-gateway-destination-endpoint-served"  # stamped by the router on the response
 MODEL_HEADER = "x-gateway-model-name"
+BASE_MODEL_HEADER = "x-gateway-base-model-name"
+OBJECTIVE_HEADER = "x-gateway-inference-objective"
+FAIRNESS_HEADER = "x-gateway-inference-fairness-id"
+REWRITE_HEADER = "x-gateway-model-name-rewrite"
+CONFORMANCE_HEADER = "test-epp-endpoint-selection"
+# Set only by the picker (or the router) for Envoy and the model servers: a client's copy would
+# choose the destination (ORIGINAL_DST reads the header as given when the picker does not answer)
+# or a disaggregated prefill/encode host. Removed at the edge in every generated config.
+CONTROL_HEADERS = (DEST_HEADER, SERVED_HEADER, "x-prefiller-host-port", "x-encoder-hosts-ports")
+# Routed on in multi-pool configs (set by the body-based-routing callout): removed there.
+ROUTING_HEADERS = (MODEL_HEADER, BASE_MODEL_HEADER)
+# A client's choice of priority, fairness flow, target model or endpoint: removed at the edge unless
+# allowed (`allow_client_headers`, for clients the operator trusts or a gateway that sets them).
+CLIENT_HEADERS = (OBJECTIVE_HEADER, FAIRNESS_HEADER, REWRITE_HEADER, CONFORMANCE_HEADER)
 LB_NAMESPACE = "envoy.lb"
 EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 EPP_FILTER = "envoy.filters.http.ext_proc"  # the per-pool picker callout
@@ -81,6 +95,8 @@ _OVERRIDE_HOST = _T + "envoy.extensions.load_balancing_policies.override_host.v3
 _LEAST_REQUEST = _T + "envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest"
 _MAX_CONN = _T + "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig"
 _STDOUT_LOG = _T + "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"
+_BUFFER = _T + "envoy.extensions.filters.http.buffer.v3.Buffer"
+_EARLY_MUTATION = _T + "envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation"
 
 # processing_mode per profile (see the table above)
 _MODES: dict[str, dict[str, str]] = {
@@ -217,9 +233,51 @@ def _http2_options() -> dict[str, Any]:
     }
 
 
-def picker_cluster(name: str, address: str, tls: bool) -> dict[str, Any]:
-    """The cluster of one picker: HTTP/2 (gRPC), TLS without verification (the picker's certificate
-    is self-signed) or plaintext, and a gRPC health check on the ext_proc service name."""
+@dataclass(frozen=True, slots=True)
+class PickerTLS:
+    """How Envoy checks the pickers it calls: with `ca_file`, their certificate must chain to that CA
+    and carry one of `sans` (default: the picker's host); with `cert_file`/`key_file`, Envoy also
+    presents a client certificate (mTLS). Without a CA the connection is encrypted, not verified
+    (the picker's certificate is self-signed by default)."""
+
+    ca_file: str = ""
+    sans: tuple[str, ...] = ()
+    cert_file: str = ""
+    key_file: str = ""
+
+    def __post_init__(self) -> None:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("a picker client certificate needs both the certificate and the key file")
+        if self.cert_file and not self.ca_file:
+            raise ValueError("a picker client certificate (mTLS) needs the picker's CA too: without it "
+                             "Envoy would present its certificate to whoever answers")
+        if self.sans and not self.ca_file:
+            raise ValueError("picker SANs need the picker's CA file")
+
+    def context(self, host: str) -> dict[str, Any]:
+        """The `common_tls_context` for a picker at `host`."""
+        ctx: dict[str, Any] = {"alpn_protocols": ["h2"]}
+        if not self.ca_file:
+            # empty validation context: encrypt, but accept the picker's self-signed certificate
+            ctx["validation_context"] = {}
+        else:
+            sans = self.sans or (host,)
+            ctx["validation_context"] = {
+                "trusted_ca": {"filename": self.ca_file},
+                "match_typed_subject_alt_names": [
+                    {"san_type": "IP_ADDRESS" if _is_ip(san) else "DNS", "matcher": {"exact": san}} for san in sans
+                ],
+            }
+        if self.cert_file:
+            ctx["tls_certificates"] = [
+                {"certificate_chain": {"filename": self.cert_file}, "private_key": {"filename": self.key_file}}
+            ]
+        return ctx
+
+
+def picker_cluster(name: str, address: str, tls: bool | PickerTLS) -> dict[str, Any]:
+    """The cluster of one picker: HTTP/2 (gRPC), TLS (verified when `tls` names a CA, see
+    PickerTLS) or plaintext, and a gRPC health check on the ext_proc service name."""
     host, port = split_address(address)
     cluster: dict[str, Any] = {
         "name": name,
@@ -245,11 +303,8 @@ def picker_cluster(name: str, address: str, tls: bool) -> dict[str, Any]:
     if not _is_ip(host):
         cluster["dns_lookup_family"] = "V4_PREFERRED"
     if tls:
-        tls_ctx: dict[str, Any] = {
-            "@type": _TLS,
-            # empty validation context: encrypt, but accept the picker's self-signed certificate
-            "common_tls_context": {"validation_context": {}, "alpn_protocols": ["h2"]},
-        }
+        settings = tls if isinstance(tls, PickerTLS) else PickerTLS()
+        tls_ctx: dict[str, Any] = {"@type": _TLS, "common_tls_context": settings.context(host)}
         if not _is_ip(host):
             tls_ctx["sni"] = host
         cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": tls_ctx}
@@ -383,24 +438,38 @@ def bootstrap(
     admin_address: str = "127.0.0.1",
     admin_port: int = 9901,
     health_port: int | None = None,
-    picker_tls: bool = True,
+    picker_tls: bool | PickerTLS = True,
     bbr_picker: str | None = None,
     bbr_failure_open: bool = False,
     default_pool: str | None = None,
-    message_timeout_s: float = 1000.0,
+    message_timeout_s: float = 120.0,
     route_timeout_s: float = 0.0,
     stream_idle_timeout_s: float = 600.0,
+    request_timeout_s: float = 300.0,
+    request_headers_timeout_s: float = 10.0,
+    idle_timeout_s: float = 300.0,
+    max_request_headers_kb: int = 60,
     retries: int = 2,
     buffer_limit_bytes: int = 16 * 1024 * 1024,
     max_downstream_connections: int = 50000,
+    allow_client_headers: Iterable[str] = (),
     access_log: bool = False,
 ) -> dict[str, Any]:
     """A complete Envoy v3 bootstrap routing OpenAI requests to `pools` through their pickers.
 
     One pool: every request goes to it. Several pools: `bbr_picker` (a picker in body-based-routing
     mode) must be given; it sets X-Gateway-Model-Name, and each pool's `models` select its route.
-    Timeouts suit long generations: no route timeout by default (0 = disabled) and a stream idle
-    timeout of minutes; the ext_proc message timeout is long because a picker may queue requests.
+
+    Hardening (docs/security.md): the picker's control headers (CONTROL_HEADERS, and in multi-pool
+    configs ROUTING_HEADERS) are removed from every request before any filter runs, and so are the
+    client-choice headers (CLIENT_HEADERS) not named in `allow_client_headers`; a request body is
+    coalesced (at most `buffer_limit_bytes`, else 413) before it reaches a FULL_DUPLEX_STREAMED
+    callout, so it costs the picker one message however many frames it came in; the admin endpoint
+    must be on a loopback address; FailOpen is refused where it cannot fail open.
+    Timeouts suit long generations: no route timeout by default (0 = disabled), a stream idle timeout
+    of minutes, `request_timeout_s` for the upload (Envoy disarms it once the request is sent upstream
+    or the response starts), `request_headers_timeout_s` for the headers, `idle_timeout_s` for idle
+    connections; the ext_proc message timeout bounds each wait for the picker (it may queue requests).
     """
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}: expected one of {', '.join(PROFILES)}")
@@ -424,11 +493,39 @@ def bootstrap(
         for p in pools:
             if not p.models and p.name != default_pool:
                 raise ValueError(f"pool {p.name}: no model names route to it (give it models, or make it the default)")
+    problems = fail_open_problems(pools, profile, routing)
+    if problems:
+        raise ValueError("; ".join(problems))
+    if not _is_loopback(admin_address):
+        raise ValueError(f"admin address {admin_address!r}: Envoy's admin interface must listen on a loopback "
+                         "address (it can read the config and shut Envoy down)")
+    for t in (message_timeout_s, route_timeout_s, stream_idle_timeout_s, request_timeout_s,
+              request_headers_timeout_s, idle_timeout_s):
+        if t < 0:
+            raise ValueError("timeouts must not be negative")
+    if not 1 <= max_request_headers_kb <= 8192:
+        raise ValueError("max_request_headers_kb must be 1..8192")
+    if buffer_limit_bytes < 1024:
+        raise ValueError("buffer_limit_bytes must be at least 1024")
+    allowed = {h.lower() for h in allow_client_headers}
+    unknown = allowed - set(CLIENT_HEADERS)
+    if unknown:
+        raise ValueError(f"unknown client header(s) {', '.join(sorted(unknown))}: "
+                         f"expected some of {', '.join(CLIENT_HEADERS)}")
+    stripped = [*CONTROL_HEADERS, *(ROUTING_HEADERS if multi else ()),
+                *(h for h in CLIENT_HEADERS if h not in allowed)]
 
     modes = _MODES[profile]
     first = pools[0]
     filters: list[dict[str, Any]] = []
     clusters: list[dict[str, Any]] = []
+    if modes["request_body_mode"] == "FULL_DUPLEX_STREAMED" or (bbr_picker is not None and profile != "buffered"):
+        # A streamed callout gets one message per body chunk Envoy reads: a body sent as 100k tiny
+        # HTTP/2 frames became 100k messages, flooded the one HTTP/2 connection to the picker and
+        # Envoy reset it with every request on it. The picker waits for the whole body before it
+        # picks anyway, so coalescing it here costs no latency and bounds it (413 above the limit).
+        filters.append({"name": "envoy.filters.http.buffer",
+                        "typed_config": {"@type": _BUFFER, "max_request_bytes": buffer_limit_bytes}})
     if bbr_picker is not None:
         filters.append(
             {
@@ -507,8 +604,31 @@ def bootstrap(
         "@type": _HCM,
         "stat_prefix": "inference",
         "codec_type": "AUTO",
-        "request_timeout": "0s",  # whole-request timer off: prompts can upload slowly
+        # the upload (disarmed once the request is upstream or the response starts: generations
+        # may run long), the headers, and idle connections are all bounded
+        "request_timeout": _duration(request_timeout_s),
+        "request_headers_timeout": _duration(request_headers_timeout_s),
         "stream_idle_timeout": _duration(stream_idle_timeout_s),
+        "max_request_headers_kb": max_request_headers_kb,
+        "common_http_protocol_options": {
+            "idle_timeout": _duration(idle_timeout_s),
+            "max_headers_count": 100,
+            # x_gateway_destination_endpoint must not reach a server that folds _ into -
+            "headers_with_underscores_action": "DROP_HEADER",
+        },
+        "http2_protocol_options": {
+            "max_concurrent_streams": 100,
+            "initial_stream_window_size": 1 << 20,
+            "initial_connection_window_size": 16 << 20,
+        },
+        # before route selection and every filter: what only the picker may set, and client
+        # choices the operator did not allow (docs/security.md lists them)
+        "early_header_mutation_extensions": [
+            {
+                "name": "envoy.http.early_header_mutation.header_mutation",
+                "typed_config": {"@type": _EARLY_MUTATION, "mutations": [{"remove": h} for h in stripped]},
+            }
+        ],
         "route_config": {
             "name": "inference",
             "virtual_hosts": [{"name": "inference", "domains": ["*"], "routes": routes}],
@@ -737,7 +857,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--picker-tls",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="TLS to the pickers, certificate not verified (default on)",
+        help="TLS to the pickers (default on); the certificate is verified only with --epp-ca-file",
+    )
+    env.add_argument("--epp-ca-file", default="", metavar="PATH",
+                     help="CA bundle (in Envoy's filesystem) the pickers' certificates must chain to")
+    env.add_argument("--epp-san", action="append", metavar="NAME",
+                     help="subject alt name (DNS name or IP) the picker's certificate must carry; repeatable "
+                          "(default: the picker's host)")
+    env.add_argument("--epp-client-cert", default="", metavar="PATH",
+                     help="client certificate Envoy presents to the pickers (mTLS; with --epp-client-key)")
+    env.add_argument("--epp-client-key", default="", metavar="PATH", help="its private key")
+    env.add_argument(
+        "--allow-client-header",
+        action="append",
+        choices=CLIENT_HEADERS,
+        metavar="NAME",
+        help="let a client-choice header through to the picker (removed at the edge otherwise): "
+        f"{', '.join(CLIENT_HEADERS)}; repeatable",
     )
     env.add_argument(
         "--bbr-picker",
@@ -746,9 +882,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="picker in body-based-routing mode (required with several pools)",
     )
     env.add_argument("--default-pool", default=None, help="pool for models no route matches (several pools)")
-    env.add_argument("--message-timeout", type=float, default=1000.0, metavar="SECONDS")
+    env.add_argument("--message-timeout", type=float, default=120.0, metavar="SECONDS",
+                     help="longest wait for one picker reply (default %(default)s)")
     env.add_argument("--route-timeout", type=float, default=0.0, metavar="SECONDS", help="0 disables (default)")
-    env.add_argument("--stream-idle-timeout", type=float, default=600.0, metavar="SECONDS")
+    env.add_argument("--stream-idle-timeout", type=float, default=600.0, metavar="SECONDS",
+                     help="(default %(default)s)")
+    env.add_argument("--request-timeout", type=float, default=300.0, metavar="SECONDS",
+                     help="longest request upload, until it is sent upstream or the response starts; 0 disables "
+                          "(default %(default)s)")
+    env.add_argument("--request-headers-timeout", type=float, default=10.0, metavar="SECONDS",
+                     help="(default %(default)s)")
+    env.add_argument("--idle-timeout", type=float, default=300.0, metavar="SECONDS",
+                     help="close client connections idle this long (default %(default)s)")
+    env.add_argument("--max-request-headers-kb", type=int, default=60, metavar="KB", help="(default %(default)s)")
+    env.add_argument("--max-request-bytes", type=int, default=16 * 1024 * 1024, metavar="BYTES",
+                     help="largest request body; larger gets 413 (default %(default)s)")
     env.add_argument("--retries", type=int, default=2)
     env.add_argument("--access-log", action="store_true", help="log every request to stdout")
     out = p.add_argument_group("output")
@@ -757,10 +905,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def fail_open_warnings(pools: Sequence[PoolSpec], profile: str, routing: str) -> list[str]:
-    """Why FailOpen will not fail open with this profile and routing (measured on Envoy 1.40, see
+def fail_open_problems(pools: Sequence[PoolSpec], profile: str, routing: str) -> list[str]:
+    """Why FailOpen cannot fail open with this profile and routing (measured on Envoy 1.40, see
     docs/envoy-profiles.md): a streamed request body is already on its way to the dead picker when
-    Envoy notices, and ORIGINAL_DST has no destination without the picker's header."""
+    Envoy notices, and ORIGINAL_DST has no destination without the picker's header (before the
+    edge stripped it, a client's own header became the destination). `bootstrap` refuses these."""
     routing = routing.replace("-", "_")
     out = []
     for pool in pools:
@@ -770,9 +919,28 @@ def fail_open_warnings(pools: Sequence[PoolSpec], profile: str, routing: str) ->
             out.append(f"pool {pool.name}: FailOpen needs the buffered profile; with {profile} Envoy answers 500 "
                        "while the picker is down")
         if routing != "override_host":
-            out.append(f"pool {pool.name}: FailOpen needs override_host routing; with {routing} Envoy answers 503 "
-                       "while the picker is down (no destination)")
+            out.append(f"pool {pool.name}: FailOpen needs override_host routing; with {routing} a request without "
+                       "the picker's header has no safe destination")
     return out
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _picker_tls(a: argparse.Namespace) -> bool | PickerTLS:
+    verify = a.epp_ca_file or a.epp_san or a.epp_client_cert or a.epp_client_key
+    if not verify:
+        return bool(a.picker_tls)
+    if not a.picker_tls:
+        raise ValueError("--epp-ca-file, --epp-san and --epp-client-* need TLS to the pickers (drop --no-picker-tls)")
+    return PickerTLS(ca_file=a.epp_ca_file, sans=tuple(a.epp_san or ()), cert_file=a.epp_client_cert,
+                     key_file=a.epp_client_key)
 
 
 def main(argv: list[str]) -> int:
@@ -790,20 +958,24 @@ def main(argv: list[str]) -> int:
             admin_address=a.admin_address,
             admin_port=a.admin_port,
             health_port=a.health_port,
-            picker_tls=a.picker_tls,
+            picker_tls=_picker_tls(a),
             bbr_picker=a.bbr_picker,
             default_pool=a.default_pool,
             message_timeout_s=a.message_timeout,
             route_timeout_s=a.route_timeout,
             stream_idle_timeout_s=a.stream_idle_timeout,
+            request_timeout_s=a.request_timeout,
+            request_headers_timeout_s=a.request_headers_timeout,
+            idle_timeout_s=a.idle_timeout,
+            max_request_headers_kb=a.max_request_headers_kb,
+            buffer_limit_bytes=a.max_request_bytes,
+            allow_client_headers=a.allow_client_header or (),
             retries=a.retries,
             access_log=a.access_log,
         )
     except (ValueError, OSError, resources.ResourceError) as e:
         print(f"epp envoy-config: error: {e}", file=sys.stderr)
         return 2
-    for warning in fail_open_warnings(pools, a.profile, a.routing):
-        print(f"epp envoy-config: warning: {warning}", file=sys.stderr)
     text = dumps(config, a.format)
     if a.output == "-":
         sys.stdout.write(text)

@@ -86,7 +86,11 @@ def test_failure_mode_from_pool_object() -> None:
     spec = PoolSpec.from_pool(pool)
     assert spec.picker == "llama-epp.ml.svc:9002"
     assert spec.target_ports == (8000, 8001)
-    config = bootstrap([spec])
+    # FailOpen fails open only with the buffered profile and override_host routing: refused otherwise
+    with pytest.raises(ValueError, match="FailOpen needs the buffered profile.*FailOpen needs override_host"):
+        bootstrap([spec])
+    spec = dataclasses.replace(spec, endpoints_dns="llama-pods.ml.svc")
+    config = bootstrap([spec], "buffered", "override_host")
     assert _filters(config)[envoyconf.EPP_FILTER]["failure_mode_allow"] is True
     clusters = _clusters(config)
     picker = clusters["epp.ml.llama"]
@@ -151,12 +155,16 @@ def test_override_host_routing() -> None:
 def test_multi_pool_chain() -> None:
     pools = [
         PoolSpec(name="llama", target_ports=(8000,), models=("llama-3", "llama-lora"), picker="127.0.0.1:9101",
-                 failure_mode="FailOpen"),
-        PoolSpec(name="qwen", target_ports=(8000,), models=("qwen",), picker="127.0.0.1:9102"),
+                 failure_mode="FailOpen", endpoints_dns="llama-pods"),
+        PoolSpec(name="qwen", target_ports=(8000,), models=("qwen",), picker="127.0.0.1:9102",
+                 endpoints_dns="qwen-pods"),
     ]  # fmt: skip
-    config = bootstrap(pools, bbr_picker="127.0.0.1:9100")
+    config = bootstrap(pools, "buffered", "override_host", bbr_picker="127.0.0.1:9100")
     names = [f["name"] for f in _hcm(config)["http_filters"]]
     assert names == [envoyconf.BBR_FILTER, envoyconf.EPP_FILTER, "envoy.filters.http.router"]
+    # the routes match on the model header: a client's own copy is removed before BBR sets it
+    removed = [m["remove"] for m in _hcm(config)["early_header_mutation_extensions"][0]["typed_config"]["mutations"]]
+    assert {"x-gateway-model-name", "x-gateway-base-model-name"} <= set(removed)
     bbr = _filters(config)[envoyconf.BBR_FILTER]
     assert bbr["grpc_service"]["envoy_grpc"]["cluster_name"] == "bbr"
     assert bbr["processing_mode"]["response_header_mode"] == "SKIP"
@@ -176,7 +184,7 @@ def test_multi_pool_chain() -> None:
     assert {"bbr", "epp.default.llama", "epp.default.qwen", "pool.default.llama", "pool.default.qwen"} <= set(
         _clusters(config)
     )
-    with_default = bootstrap(pools, bbr_picker="127.0.0.1:9100", default_pool="qwen")
+    with_default = bootstrap(pools, "buffered", "override_host", bbr_picker="127.0.0.1:9100", default_pool="qwen")
     last = _hcm(with_default)["route_config"]["virtual_hosts"][0]["routes"][-1]
     assert last["route"]["cluster"] == "pool.default.qwen"
 
@@ -192,6 +200,16 @@ def test_multi_pool_chain() -> None:
         ({"pools": []}, "no pools"),
         ({"pools": [POOL, POOL_B], "bbr_picker": "127.0.0.1:1", "default_pool": "zz"}, "default pool"),
         ({"pools": [POOL, POOL_B], "bbr_picker": "127.0.0.1:1"}, "no model names route to it"),
+        ({"admin_address": "0.0.0.0"}, "admin interface must listen on a loopback"),
+        ({"admin_address": "10.1.2.3"}, "loopback"),
+        ({"allow_client_headers": ["x-gateway-destination-endpoint"]}, "unknown client header"),
+        ({"request_timeout_s": -1}, "timeouts"),
+        ({"max_request_headers_kb": 0}, "max_request_headers_kb"),
+        ({"buffer_limit_bytes": 10}, "buffer_limit_bytes"),
+        ({"pools": [dataclasses.replace(POOL, failure_mode="FailOpen")], "profile": "duplex",
+          "routing": "override_host"}, "FailOpen needs the buffered profile"),
+        ({"pools": [dataclasses.replace(POOL, failure_mode="FailOpen")], "profile": "buffered",
+          "routing": "original_dst"}, "FailOpen needs override_host"),
     ],
 )
 def test_bad_arguments(kwargs: dict[str, Any], message: str) -> None:
@@ -250,14 +268,18 @@ spec:
 
 
 def test_cli_single_pool_from_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc = envoyconf.main(["--pool-name", "p", "--endpoint-selector", "app=x", "--endpoint-target-ports", "8000,8001",
-                         "--profile", "buffered", "--no-picker-tls", "--listen-port", "9999",
-                         "--admin-port", "9998", "--failure-mode", "FailOpen"])  # fmt: skip
+    argv = ["--pool-name", "p", "--endpoint-selector", "app=x", "--endpoint-target-ports", "8000,8001",
+            "--profile", "buffered", "--no-picker-tls", "--listen-port", "9999",
+            "--admin-port", "9998", "--failure-mode", "FailOpen"]  # fmt: skip
+    # FailOpen with ORIGINAL_DST cannot fail open safely (no destination without the picker): refused
+    assert envoyconf.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "FailOpen needs override_host routing" in err and "buffered profile" not in err
+    rc = envoyconf.main([*argv, "--routing", "override-host", "--endpoints", "10.0.0.1:8000"])
     assert rc == 0
     out = capsys.readouterr()
     config = yaml.safe_load(out.out)
-    # FailOpen with ORIGINAL_DST cannot fail open (no destination without the picker): said on stderr
-    assert "FailOpen needs override_host routing" in out.err and "buffered profile" not in out.err
+    assert out.err == ""
     assert config["admin"]["address"]["socket_address"]["port_value"] == 9998
     assert config["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] == 9999
     ext = _filters(config)[envoyconf.EPP_FILTER]
@@ -275,7 +297,7 @@ def test_cli_pool_files_json(tmp_path: Path) -> None:
     out = tmp_path / "envoy.json"
     rc = envoyconf.main(["--pool-file", str(tmp_path / "pools.yaml"), "--picker-from-ref", "--bbr-picker",
                          "127.0.0.1:9100", "--routing", "override-host", "--endpoints-dns", "pods.ml.svc",
-                         "--format", "json", "--output", str(out)])  # fmt: skip
+                         "--profile", "buffered", "--format", "json", "--output", str(out)])  # fmt: skip
     assert rc == 0
     config = json.loads(out.read_text())
     routes = _hcm(config)["route_config"]["virtual_hosts"][0]["routes"]
@@ -312,7 +334,8 @@ def test_cli_several_pools_need_pickers(tmp_path: Path, capsys: pytest.CaptureFi
     assert envoyconf.main(["--pool-file", str(tmp_path / "pools.yaml"), "--bbr-picker", "127.0.0.1:1"]) == 2
     assert "--picker llama=" in capsys.readouterr().err
     rc = envoyconf.main(["--pool-file", str(tmp_path / "pools.yaml"), "--bbr-picker", "127.0.0.1:1",
-                         "--picker", "llama=127.0.0.1:2", "--picker", "qwen=127.0.0.1:3"])  # fmt: skip
+                         "--picker", "llama=127.0.0.1:2", "--picker", "qwen=127.0.0.1:3",
+                         "--failure-mode", "FailClose"])  # fmt: skip
     assert rc == 0
 
 
@@ -517,7 +540,7 @@ async def test_live_original_dst_takes_one_endpoint_only(tmp_path: Path, start_p
     app, _ = await start_picker(endpoints=[a, b], scheduler=InOrder([a, b]))
     spec = PoolSpec(name="pool", target_ports=(8000,), picker=f"127.0.0.1:{app.grpc_port}")
     config = bootstrap([spec], "buffered", "original_dst", listen_address="127.0.0.1", listen_port=0,
-                       admin_port=0, picker_tls=False)  # fmt: skip
+                       admin_port=0, picker_tls=False, allow_client_headers=[envoyconf.CONFORMANCE_HEADER])  # fmt: skip
     async with run_envoy(config, tmp_path) as envoy, aiohttp.ClientSession() as session:
         # narrowed to one candidate, the answer is a single endpoint: routed
         status, body = await _post(session, envoy.url, "m", **{"test-epp-endpoint-selection": b})

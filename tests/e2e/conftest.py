@@ -25,7 +25,7 @@ from multidict import CIMultiDict
 
 from epp.datastore import Endpoint
 from epp.director import Rejected, RequestContext
-from epp.envoyconf import PoolSpec, bootstrap
+from epp.envoyconf import PickerTLS, PoolSpec, bootstrap
 from epp.scheduling.framework import LeastInflightScheduler, Scheduler, SchedulingRequest, SchedulingResult
 from epp.server import App
 from epp.sim import EngineConfig, Faults, SimServer, SimServerConfig
@@ -167,7 +167,10 @@ async def gateway(tmp_path: Path, start_picker: Any) -> AsyncIterator[GatewayFac
     `endpoints` (what the picker is told, default the simulators' addresses), `extra_endpoints`
     (addresses put first in that list, e.g. a dead pod), `envoy_endpoints`
     (the pool's static endpoints in Envoy, for override_host), `failure_mode`, `profile`, `routing`,
-    `picker_tls`, `config_edit` (a function given the bootstrap dict to change before Envoy starts).
+    `picker_tls` (a bool, or envoyconf.PickerTLS to verify the picker), `allow_client_headers` (client-choice
+    headers the edge lets through, e.g. the conformance header; none by default), `picker_options`
+    (more fields of the picker's Options), `config_edit` (a function given the bootstrap dict to
+    change before Envoy starts).
     """
     async with contextlib.AsyncExitStack() as stack:
         session = await stack.enter_async_context(aiohttp.ClientSession())
@@ -183,7 +186,9 @@ async def gateway(tmp_path: Path, start_picker: Any) -> AsyncIterator[GatewayFac
             failure_mode: str = "FailClose",
             profile: str = "duplex",
             routing: str = "original_dst",
-            picker_tls: bool = True,
+            picker_tls: bool | PickerTLS = True,
+            allow_client_headers: Sequence[str] = (),
+            picker_options: Mapping[str, Any] | None = None,
             config_edit: Callable[[dict[str, Any]], None] | None = None,
         ) -> E2E:
             configs = (
@@ -193,7 +198,7 @@ async def gateway(tmp_path: Path, start_picker: Any) -> AsyncIterator[GatewayFac
             servers = [await stack.enter_async_context(SimServer(cfg)) for cfg in configs]
             addrs = list(extra_endpoints) + (list(endpoints) if endpoints is not None else [s.address for s in servers])
             recording = Recording(scheduler or LeastInflightScheduler())
-            kw: dict[str, Any] = {"endpoints": addrs, "secure_serving": picker_tls}
+            kw: dict[str, Any] = {"endpoints": addrs, "secure_serving": bool(picker_tls), **(picker_options or {})}
             if manifests is not None:
                 path = tmp_path / "manifests.yaml"
                 path.write_text(manifests)
@@ -206,7 +211,7 @@ async def gateway(tmp_path: Path, start_picker: Any) -> AsyncIterator[GatewayFac
                 endpoints=tuple(envoy_endpoints if envoy_endpoints is not None else addrs),
             )
             config = bootstrap([spec], profile, routing, listen_address="127.0.0.1", listen_port=0, admin_port=0,
-                               picker_tls=picker_tls)  # fmt: skip
+                               picker_tls=picker_tls, allow_client_headers=allow_client_headers)  # fmt: skip
             if config_edit is not None:
                 config_edit(config)
             envoy = await stack.enter_async_context(run_envoy(config, tmp_path))

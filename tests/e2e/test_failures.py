@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
 from epp.datastore import Endpoint
+from epp.envoyconf import EPP_FILTER
 from epp.scheduling.framework import SchedulingRequest, SchedulingResult
 from tests.e2e.conftest import E2E, MODEL, GatewayFactory, free_port, needs_envoy
 from tests.e2e.test_routing import chat
@@ -58,12 +60,22 @@ async def test_picker_stopped_fail_open_requests_still_flow(gateway: GatewayFact
     assert stats["http.inference.ext_proc.failure_mode_allowed"] >= 6
 
 
+def force_fail_open(config: dict[str, Any]) -> None:
+    """Turn on failure_mode_allow in a generated config: envoyconf refuses FailOpen where it cannot
+    fail open, so these tests edit it in to show what Envoy would do."""
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    for f in hcm["http_filters"]:
+        if f["name"] == EPP_FILTER:
+            f["typed_config"]["failure_mode_allow"] = True
+
+
 @pytest.mark.parametrize(("profile", "routing"), [("duplex", "override_host"), ("buffered", "original_dst")])
 async def test_fail_open_cannot_help_in_these_configs(gateway: GatewayFactory, profile: str, routing: str) -> None:
     """Envoy 1.40 cannot fail open once a FULL_DUPLEX_STREAMED body chunk is on its way to the
     picker (it is, before the refused connection is noticed): 500. With ORIGINAL_DST a request
-    without the pick has no destination: 503. docs/envoy-profiles.md explains."""
-    e2e = await gateway(sims=1, failure_mode="FailOpen", profile=profile, routing=routing)
+    without the pick has no destination: 503 (a client's own destination header is stripped at the
+    edge, tests/e2e/test_security.py). envoyconf refuses both; docs/envoy-profiles.md explains."""
+    e2e = await gateway(sims=1, profile=profile, routing=routing, config_edit=force_fail_open)
     await stop_picker(e2e)
     r = await asyncio.wait_for(e2e.post("/v1/completions", PROMPT, timeout=BOUND), BOUND)
     assert r.status == (500 if profile == "duplex" else 503)

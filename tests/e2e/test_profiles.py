@@ -37,7 +37,7 @@ def processing_mode(**modes: str) -> Callable[[dict[str, Any]], None]:
 async def test_profile_routes_streams_and_rewrites(gateway: GatewayFactory, profile: str) -> None:
     """Both profiles honour the pick and pass streams through whole. Neither sends the response
     body to the picker, so a rewritten model name is NOT restored: the client sees the target."""
-    e2e = await gateway(sims=2, profile=profile, manifests=REWRITE)
+    e2e = await gateway(sims=2, profile=profile, manifests=REWRITE, allow_client_headers=[CONFORMANCE_SELECT_HEADER])
     for i in range(6):
         rid = f"{profile}-{i}"
         stream = i % 2 == 0

@@ -52,7 +52,7 @@ async def test_each_request_reaches_the_pod_the_picker_chose(gateway: GatewayFac
 
 
 async def test_conformance_selection_header_pins_the_endpoint(gateway: GatewayFactory) -> None:
-    e2e = await gateway(sims=3)
+    e2e = await gateway(sims=3, allow_client_headers=[CONFORMANCE_SELECT_HEADER])  # stripped by default
     for sim in (e2e.sims[2], e2e.sims[0], e2e.sims[2]):
         r = await e2e.post("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2},
                            **{CONFORMANCE_SELECT_HEADER: sim.address})
@@ -135,7 +135,7 @@ class ShedMarked:
 
 
 async def test_picker_errors_reach_the_client_with_the_reason(gateway: GatewayFactory) -> None:
-    e2e = await gateway(sims=2)
+    e2e = await gateway(sims=2, allow_client_headers=[CONFORMANCE_SELECT_HEADER])
     e2e.picker.director.admission = ShedMarked()
 
     bad = await e2e.post("/v1/chat/completions", b'{"model": ')

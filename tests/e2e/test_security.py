@@ -1,0 +1,116 @@
+"""Attacks through the generated Envoy configs (real Envoy, the picker, simulators, all on 127.0.0.1);
+docs/security.md describes each attack and its fix."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+
+from epp.sim import SimServerConfig
+from tests.e2e.conftest import E2E, MODEL, GatewayFactory, Reply, needs_envoy
+from tests.e2e.h2client import tiny_frames_post
+from tests.e2e.test_routing import chat
+
+pytestmark = [pytest.mark.envoy, needs_envoy]
+
+BOUND = 60.0  # seconds: nothing here may take longer
+FRAMES, FRAME_SIZE = 100000, 2  # a ~200 KB body in 100k DATA frames
+
+
+def _slow_sims(n: int) -> list[SimServerConfig]:
+    # real time (6 ms per decode step): a 300-token answer streams for about two seconds
+    return [SimServerConfig(name=f"sim-{i}", time_scale=1.0, seed=i) for i in range(n)]
+
+
+async def _victim(e2e: E2E, i: int) -> Reply:
+    body = chat(MODEL, f"victim {i}", max_tokens=300, stream=True)
+    try:
+        return await e2e.post("/v1/chat/completions", body, timeout=BOUND)
+    except aiohttp.ClientError as e:  # cut off mid-stream: the attack reached this request
+        return Reply(0, {}, str(e).encode())
+
+
+def _complete(r: Reply) -> bool:
+    return r.status == 200 and r.events()[-1:] == ["[DONE]"]
+
+
+async def _flood_attack(e2e: E2E, frames: int, frame_size: int) -> dict[str, Any]:
+    """Six streaming victims in flight, then one request whose ~200 KB body arrives as `frames`
+    tiny HTTP/2 DATA frames. Returns what happened to each side."""
+    victims = [asyncio.create_task(_victim(e2e, i)) for i in range(6)]
+    await asyncio.sleep(0.3)  # the victims' ext_proc streams are open on the picker connection
+    before = await e2e.envoy.stats("http.inference.ext_proc.")
+    prompt = "x" * (frames * frame_size - 64)
+    body = json.dumps({"model": MODEL, "prompt": prompt, "max_tokens": 1}).encode()
+    port = e2e.envoy.ports["inference"]
+    t0 = time.process_time()
+    attack = await tiny_frames_post("127.0.0.1", port, "/v1/completions", body, frame_size, timeout=BOUND)
+    attack_cpu = time.process_time() - t0
+    replies = await asyncio.gather(*victims)
+    after = await e2e.envoy.stats("http.inference.ext_proc.")
+    sent = "http.inference.ext_proc.stream_msgs_sent"
+    return {
+        "attack": attack,
+        "victims_ok": sum(_complete(r) for r in replies),
+        "victim_statuses": [r.status for r in replies],
+        "msgs": after.get(sent, 0) - before.get(sent, 0),
+        "cpu_s": attack_cpu,
+    }
+
+
+@pytest.mark.parametrize("profile", ["duplex", "lean", "buffered"])
+async def test_tiny_frame_flood_does_not_kill_other_requests(gateway: GatewayFactory, profile: str) -> None:
+    """Attack 1: a ~200 KB body sent as 100k DATA frames of 2 bytes. Envoy used to forward one
+    ext_proc message per frame, trip its HTTP/2 outbound-flood limit on the one connection to the
+    picker and reset it: every request in flight failed (0 of 6 victims). The generated configs
+    coalesce the body before a streamed callout (BUFFERED bodies are whole already)."""
+    e2e = await gateway(sims=_slow_sims(2), profile=profile)
+    # alone, the attack costs the picker a handful of messages, not one per frame
+    sent = "http.inference.ext_proc.stream_msgs_sent"
+    before = (await e2e.envoy.stats(sent)).get(sent, 0)
+    body = json.dumps({"model": MODEL, "prompt": "x" * 1000, "max_tokens": 1}).encode()
+    alone = await tiny_frames_post("127.0.0.1", e2e.envoy.ports["inference"], "/v1/completions", body, 2,
+                                   timeout=BOUND)
+    assert alone.status == 200 and alone.frames_sent >= len(body) // 2
+    assert (await e2e.envoy.stats(sent))[sent] - before <= 7  # duplex: 7 for a whole exchange
+
+    out = await _flood_attack(e2e, frames=FRAMES, frame_size=FRAME_SIZE)
+    print(f"\n{profile}: victims ok {out['victims_ok']}/6 {out['victim_statuses']}, attack "
+          f"status {out['attack'].status} reset {out['attack'].reset} frames {out['attack'].frames_sent}, "
+          f"ext_proc msgs during attack {out['msgs']}, test-process CPU {out['cpu_s']:.2f} s")
+    assert out["attack"].frames_sent >= FRAMES
+    assert not out["attack"].reset and out["attack"].status == 400  # the simulator: prompt too long
+    assert out["victims_ok"] == 6, out["victim_statuses"]
+    stats = await e2e.envoy.stats("cluster.epp.default.pool.")
+    assert stats["cluster.epp.default.pool.http2.outbound_flood"] == 0
+    assert stats["cluster.epp.default.pool.upstream_cx_destroy_local_with_active_rq"] == 0
+
+
+async def test_body_over_the_limit_is_refused_before_the_picker(gateway: GatewayFactory) -> None:
+    """The coalescing buffer is bounded: a body over max_request_bytes gets 413 from Envoy and never
+    reaches the picker."""
+    limit = 64 * 1024
+
+    def small_limit(config: dict[str, Any]) -> None:
+        for f in _hcm(config)["http_filters"]:
+            if f["name"] == "envoy.filters.http.buffer":
+                f["typed_config"]["max_request_bytes"] = limit
+
+    e2e = await gateway(sims=1, config_edit=small_limit)
+    body = json.dumps({"model": MODEL, "prompt": "y" * (2 * limit), "max_tokens": 1}).encode()
+    r = await tiny_frames_post("127.0.0.1", e2e.envoy.ports["inference"], "/v1/completions", body, 1024,
+                               timeout=BOUND)
+    assert r.status == 413
+    assert e2e.sims[0].served_total == 0 and not e2e.picks
+    ok = await e2e.post("/v1/completions", {"model": MODEL, "prompt": "fits", "max_tokens": 1})
+    assert ok.status == 200
+
+
+def _hcm(config: dict[str, Any]) -> dict[str, Any]:
+    hcm: dict[str, Any] = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    return hcm
