@@ -101,4 +101,49 @@ def triton(waiting: float = 6, scheduled: float = 8, fraction: float = 0.125) ->
     ]) + "\n"
 
 
+def vllm_lora_in_flight() -> str:
+    """vLLM as it ships now: an adapter with requests in flight is listed as running AND waiting."""
+    return vllm(lora=False) + "\n".join([
+        "# HELP vllm:lora_requests_info Running stats on lora requests.",
+        "# TYPE vllm:lora_requests_info gauge",
+        'vllm:lora_requests_info{max_lora="2",running_lora_adapters="sql-lora",'
+        'waiting_lora_adapters="sql-lora"} 1.75e+09',
+    ]) + "\n"
+
+
+def sglang_0511(total_waiting: float = 4, total_running: float = 6, usage: float = 0.375,
+                priorities: bool = True) -> str:
+    """SGLang >= 0.5.11: page size and page count as gauges (no cache_config_info); with priority
+    scheduling each queue/running gauge has a `priority=""` total plus one series per priority."""
+    base = f'engine_type="unified",model_name="{MODEL}",pp_rank="0",tp_rank="0"'
+
+    def split(name: str, help_text: str, total: float) -> list[str]:
+        out = [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
+        if priorities:
+            out.append(f'{name}{{{base},priority=""}} {total}')
+            high = total // 2
+            out.append(f'{name}{{{base},priority="0"}} {total - high}')
+            out.append(f'{name}{{{base},priority="10"}} {high}')
+        else:
+            out.append(f"{name}{{{base}}} {total}")
+        return out
+
+    return "\n".join([
+        *split("sglang:num_running_reqs", "The number of running requests.", total_running),
+        *split("sglang:num_queue_reqs", "The number of requests in the waiting queue.", total_waiting),
+        "# HELP sglang:token_usage The token usage.",
+        "# TYPE sglang:token_usage gauge",
+        f"sglang:token_usage{{{base}}} {usage}",
+        "# HELP sglang:page_size The page size of the KV cache.",
+        "# TYPE sglang:page_size gauge",
+        f"sglang:page_size{{{base}}} 32.0",
+        "# HELP sglang:num_pages The number of pages of the KV cache.",
+        "# TYPE sglang:num_pages gauge",
+        f"sglang:num_pages{{{base}}} 16384.0",
+        "# HELP sglang:cache_hit_rate The prefix cache hit rate.",
+        "# TYPE sglang:cache_hit_rate gauge",
+        f"sglang:cache_hit_rate{{{base}}} 0.42",
+    ]) + "\n"
+
+
 PAGES = {"vllm": vllm, "sglang": sglang, "trtllm-serve": trtllm_serve, "triton-tensorrt-llm": triton}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import pytest
 
@@ -10,7 +11,10 @@ from epp.metrics.engines import (
     ENGINES,
     MissingMetrics,
     Source,
+    apply_data_layer,
+    apply_flag_overrides,
     apply_overrides,
+    parse_spec,
     read_metrics,
     resolve_engine,
 )
@@ -183,3 +187,134 @@ def test_names_for_filter_include_every_alternative() -> None:
     assert "vllm:kv_cache_usage_perc" in names and "vllm:gpu_cache_usage_perc" in names
     assert "vllm:lora_requests_info" in names and "vllm:cache_config_info" in names
     assert len(names) == len(set(names))
+
+
+# ---- engines as they ship now (protocol.md §14) ------------------------------------------------
+
+
+def test_vllm_adapter_in_flight_counts_once() -> None:
+    m = read_metrics(ENGINES["vllm"], pages.vllm_lora_in_flight(), now=0)
+    assert m.lora_running == frozenset({"sql-lora"})
+    assert m.lora_waiting == frozenset()  # listed under both labels, holds one slot
+    assert m.lora_max - len(m.lora_running) - len(m.lora_waiting) == 1
+
+
+def test_sglang_0511_page_gauges_and_priority_total() -> None:
+    m = read_metrics(ENGINES["sglang"], pages.sglang_0511(total_waiting=4, total_running=6), now=0)
+    # the priority="" total, not the sum of total and parts (which would be 8 and 12)
+    assert (m.waiting, m.running, m.kv_usage) == (4, 6, 0.375)
+    assert (m.block_size, m.num_blocks) == (32, 16384)
+    assert m.models == {pages.MODEL}
+
+
+def test_sglang_priority_parts_without_total_are_added() -> None:
+    page = pages.sglang_0511(total_waiting=5).replace(
+        'sglang:num_queue_reqs{engine_type="unified",model_name="' + pages.MODEL
+        + '",pp_rank="0",tp_rank="0",priority=""} 5', "")
+    m = read_metrics(ENGINES["sglang"], page, now=0)
+    assert m.waiting == 5  # 3 + 2: the parts of one queue
+
+
+def test_sglang_older_cache_config_info_still_read() -> None:
+    m = read_metrics(ENGINES["sglang"], pages.sglang(), now=0)
+    assert (m.block_size, m.num_blocks) == (64, 8192)
+
+
+def test_where_each_engine_serves_its_page() -> None:
+    assert (ENGINES["vllm"].scheme, ENGINES["vllm"].path, ENGINES["vllm"].port) == ("http", "/metrics", None)
+    assert ENGINES["sglang"].path == "/metrics"
+    assert ENGINES["trtllm-serve"].path == "/prometheus/metrics"  # /metrics is JSON there
+    assert (ENGINES["triton-tensorrt-llm"].path, ENGINES["triton-tensorrt-llm"].port) == ("/metrics", 8002)
+    assert all(spec.insecure_skip_verify for spec in ENGINES.values())  # the reference's default
+
+
+# ---- the reference's flags ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "name", "match"),
+    [
+        ("vllm:num_requests_waiting", "vllm:num_requests_waiting", ()),
+        ("nv_trt_llm_request_metrics{request_type=waiting}", "nv_trt_llm_request_metrics",
+         (("request_type", "waiting"),)),
+        ('x{a="b,c", d = e}', "x", (("a", "b,c"), ("d", "e"))),
+        ('"sglang:num_queue_reqs"', "sglang:num_queue_reqs", ()),  # the chart's --flag="name"
+        ("x{}", "x", ()),
+    ],
+)
+def test_parse_spec(text: str, name: str, match: tuple) -> None:
+    assert parse_spec(text) == Source(name, match)
+
+
+@pytest.mark.parametrize("text", ["", "{a=b}", "x{a=b", "x{a}", "x y", "x{a=b}}", "1x"])
+def test_parse_spec_errors(text: str) -> None:
+    with pytest.raises(ResourceError) as err:
+        parse_spec(text, "--total-queued-requests-metric")
+    assert err.value.field == "--total-queued-requests-metric"
+
+
+def test_flags_as_the_chart_renders_them_for_triton() -> None:
+    """The v1.5 chart's triton-tensorrt-llm args, applied to the default engine, read a Triton page."""
+    specs = apply_flag_overrides(
+        ENGINES,
+        queued="nv_trt_llm_request_metrics{request_type=waiting}",
+        running="nv_trt_llm_request_metrics{request_type=scheduled}",
+        kv="nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=fraction}",
+        lora="",
+    )
+    m = read_metrics(specs["vllm"], pages.triton(waiting=6, scheduled=8, fraction=0.125), now=0)
+    assert (m.waiting, m.running, m.kv_usage) == (6, 8, 0.125)
+    assert specs["vllm"].lora is None
+    assert specs["sglang"] is ENGINES["sglang"]  # engines named by a pod label keep their own map
+    assert ENGINES["vllm"].lora is not None  # built-ins untouched
+
+
+def test_flags_for_sglang_cache_info_read_its_labels() -> None:
+    specs = apply_flag_overrides(ENGINES, queued='"sglang:num_queue_reqs"', running="sglang:num_running_reqs",
+                                 kv="sglang:token_usage", cache_info="sglang:cache_config_info")
+    m = read_metrics(specs["vllm"], pages.sglang(), now=0)
+    assert (m.waiting, m.running, m.block_size, m.num_blocks) == (3, 7, 64, 8192)
+    # an unknown info metric is read with vLLM's label names
+    specs = apply_flag_overrides(ENGINES, cache_info="my:cache_info")
+    page = pages.vllm().replace("vllm:cache_config_info", "my:cache_info")
+    assert read_metrics(specs["vllm"], page, now=0).block_size == 16
+    assert read_metrics(apply_flag_overrides(ENGINES, cache_info="")["vllm"], pages.vllm(), now=0).block_size == 0
+
+
+def test_flags_where_apply_to_every_engine() -> None:
+    specs = apply_flag_overrides(ENGINES, scheme="https", path="prom", port=9400, insecure_skip_verify=False)
+    for spec in specs.values():
+        assert (spec.scheme, spec.path, spec.port, spec.insecure_skip_verify) == ("https", "/prom", 9400, False)
+    untouched = apply_flag_overrides(ENGINES)
+    assert untouched == ENGINES
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "flag"),
+    [
+        ({"scheme": "ftp"}, "--model-server-metrics-scheme"),
+        ({"port": 0}, "--model-server-metrics-port"),
+        ({"port": 70000}, "--model-server-metrics-port"),
+        ({"queued": ""}, "--total-queued-requests-metric"),
+        ({"kv": "bad{"}, "--kv-cache-usage-percentage-metric"),
+        ({"lora": "{x=y}"}, "--lora-info-metric"),
+    ],
+)
+def test_flag_errors_name_the_flag(kwargs: dict, flag: str) -> None:
+    with pytest.raises(ResourceError) as err:
+        apply_flag_overrides(ENGINES, **kwargs)
+    assert err.value.field == flag
+
+
+def test_data_layer_config() -> None:
+    @dataclass
+    class DataLayer:
+        scheme: str | None = None
+        path: str | None = None
+        port: int | None = None
+        insecure_skip_verify: bool | None = None
+
+    specs = apply_data_layer(ENGINES, DataLayer(path="/custom", port=9090))
+    assert (specs["sglang"].path, specs["sglang"].port, specs["sglang"].scheme) == ("/custom", 9090, "http")
+    assert apply_data_layer(ENGINES, DataLayer()) == ENGINES
+    assert apply_data_layer(ENGINES, None) == ENGINES
