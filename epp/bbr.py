@@ -12,7 +12,7 @@ import json
 import logging
 from collections.abc import Mapping
 
-from epp.director import MODEL_REWRITE_HEADER, Rejected, RequestContext, Routed
+from epp.director import MODEL_REWRITE_HEADERS, Rejected, RequestContext, Routed, header_value
 
 log = logging.getLogger("epp.bbr")
 
@@ -43,7 +43,7 @@ class BodyRouter:
 
     def decide(self, headers: Mapping[str, str], body: bytes | None, subset_hint: object = None,
                started: float | None = None) -> Routed | Rejected:
-        model = headers.get(MODEL_REWRITE_HEADER) or ""
+        model = header_value(headers, MODEL_REWRITE_HEADERS)
         if not model and body:
             try:
                 obj = json.loads(body)
@@ -60,8 +60,12 @@ class BodyRouter:
     def served_by(self, ctx: RequestContext, address: str) -> None:
         return None
 
-    def response_headers(self, ctx: RequestContext, served: str | None) -> list[tuple[str, str]]:
+    def response_headers(self, ctx: RequestContext, served: str | None,
+                         lb_metadata: bool = False) -> list[tuple[str, str]]:
         return []
+
+    def response_metadata(self, ctx: RequestContext) -> dict[str, dict[str, float]] | None:
+        return None
 
     def finish(self, ctx: RequestContext | None) -> None:
         return None

@@ -17,6 +17,9 @@ from typing import Protocol
 from epp import openai
 from epp.datastore import Datastore, Endpoint
 from epp.models import NoValidTarget
+from epp.parsers import ParsedRequest, ParseError, RequestParser
+from epp.parsers.openai_parser import OpenAIParser
+from epp.requestcontrol.base import RequestControl, ResponseInfo
 from epp.resources import CRITICAL_PRIORITY
 from epp.scheduling.framework import Scheduler, SchedulingRequest
 from epp.scheduling.session import encode_session_token
@@ -27,9 +30,38 @@ DEST_HEADER = "x-gateway-destination-endpoint"
 OBJECTIVE_HEADER = "x-gateway-inference-objective"
 FAIRNESS_HEADER = "x-gateway-inference-fairness-id"
 MODEL_REWRITE_HEADER = "x-gateway-model-name-rewrite"
+# llm-d's names for the same headers; read first, as llm-d reads them (the x-gateway-* names are its aliases)
+OBJECTIVE_HEADERS = ("x-llm-d-inference-objective", OBJECTIVE_HEADER)
+FAIRNESS_HEADERS = ("x-llm-d-inference-fairness-id", FAIRNESS_HEADER)
+MODEL_REWRITE_HEADERS = ("x-llm-d-model-name-rewrite", MODEL_REWRITE_HEADER)
+DEFAULT_FAIRNESS_ID = "default-flow"
 REQUEST_ID_HEADER = "x-request-id"
+# Conformance hooks: active only through the header-based-testing-filter and the
+# destination-endpoint-served-verifier plugins; the names stay here for tests and tools.
 CONFORMANCE_SELECT_HEADER = "test-epp-endpoint-selection"
 CONFORMANCE_SERVED_HEADER = "x-conformance-test-served-endpoint"
+
+# The reference's fixed error texts (clients and dashboards match on them)
+NO_CANDIDATES = "failed to find endpoint candidates for serving the request"
+SHED = "system saturated, sheddable request dropped"
+NO_PODS = "no pods available in datastore"
+
+# google.rpc codes for requests whose parser speaks gRPC (errors must be gRPC status errors)
+_GRPC_CODE = {400: 3, 404: 5, 413: 8, 429: 8, 500: 13, 503: 14}
+
+
+def header_value(headers: Mapping[str, str], names: Sequence[str]) -> str:
+    """The first non-empty value among `names` ("" when none is set)."""
+    for n in names:
+        v = headers.get(n)
+        if v:
+            return v
+    return ""
+
+
+def fairness_id(headers: Mapping[str, str]) -> str:
+    """The flow-control fairness id of a request (`default-flow` when the client sets none)."""
+    return header_value(headers, FAIRNESS_HEADERS) or DEFAULT_FAIRNESS_ID
 
 
 class Admission(Protocol):
@@ -55,6 +87,8 @@ class Rejected:
     status: int
     code: str  # BadRequest, ResourceExhausted, ServiceUnavailable, NotFound, PayloadTooLarge, Internal
     message: str
+    grpc_status: int | None = None  # set: answer as a gRPC error (HTTP 200, grpc-status/grpc-message)
+    detail: str = ""  # why, for the proxy's logs (ImmediateResponse.details); never shown to clients
 
     @property
     def body(self) -> bytes:
@@ -135,6 +169,8 @@ class Director:
         session_header: str | None = None,
         max_body_bytes: int = 16 * 1024 * 1024,
         rng: random.Random | None = None,
+        parser: RequestParser | None = None,
+        request_control: RequestControl | None = None,
     ) -> None:
         self.datastore = datastore
         self.session_header = session_header
@@ -143,6 +179,8 @@ class Director:
         self.telemetry = telemetry
         self.max_body_bytes = max_body_bytes
         self._rng = rng or random.Random()
+        self.parser: RequestParser = parser if parser is not None else OpenAIParser()
+        self.request_control = request_control or RequestControl()
 
     # ---- request path ---------------------------------------------------------------------
     def decide(
@@ -165,28 +203,41 @@ class Director:
             alt = headers.get("x-original-path") or headers.get("x-forwarded-path")
             path = alt if alt and openai.api_for_path(alt) else path
 
-        parsed: openai.ParsedBody | None = None
+        parsed: ParsedRequest | None = None
         new_body: bytes | None = None
         client_model = target = ""
         priority = 0
         source = rule = "none"
+        grpc = False
         if body is not None:
             if len(body) > self.max_body_bytes:
                 return self._reject(None, "", "", Rejected(413, "PayloadTooLarge",
                                                          f"request body exceeds {self.max_body_bytes} bytes"))
             try:
-                parsed = openai.parse_request(body, path)
-            except openai.BadRequest as e:
-                return self._reject(None, "", "", Rejected(400, "BadRequest", str(e)))
-            client_model = parsed.model
-            try:
-                res = self.datastore.models.resolve(client_model, headers.get(MODEL_REWRITE_HEADER), self._rng)
-            except NoValidTarget as e:
-                return self._reject(None, client_model, "", Rejected(404, "NotFound", str(e)))
-            target, priority, source, rule = res.target, res.priority, res.source, res.rule
-            if target != client_model:
-                new_body = openai.rewrite_model(parsed, target)
-        objective = headers.get(OBJECTIVE_HEADER)
+                parsed = self.parser.parse(headers, body, path)
+            except ParseError as e:
+                return self._reject(None, "", "", Rejected(e.status, e.code, e.message, grpc_status=e.grpc_status))
+            except RecursionError:  # a parser's own walk over a deep body: the body is the problem
+                return self._reject(None, "", "", Rejected(400, "BadRequest", "request body is nested too deeply"))
+            grpc = parsed.grpc
+            client_model = target = parsed.model
+            if client_model:
+                forced = header_value(headers, MODEL_REWRITE_HEADERS) or None
+                try:
+                    res = self.datastore.models.resolve(client_model, forced, self._rng)
+                except NoValidTarget as e:
+                    return self._reject(None, client_model, "", self._error(404, "NotFound", str(e), grpc))
+                priority, source, rule = res.priority, res.source, res.rule
+                if res.target != client_model and parsed.rewrite is not None:
+                    try:
+                        new_body = parsed.rewrite(res.target)
+                    except RecursionError:
+                        return self._reject(None, client_model, "", Rejected(
+                            400, "BadRequest", "request body is nested too deeply"))
+                    target = res.target
+                elif res.target != client_model:
+                    source, rule = "none", ""  # this parser cannot change the body's model
+        objective = header_value(headers, OBJECTIVE_HEADERS)
         if objective:
             p = self.datastore.objective_priority(objective)
             if p is not None:
@@ -198,7 +249,7 @@ class Director:
             client_model=client_model,
             priority=priority,
             headers=headers,
-            prompt=openai.prompt_text(parsed) if parsed is not None else "",
+            prompt=parsed.prompt if parsed is not None else "",
             body=parsed.body if parsed is not None else None,
         )
         candidates: Sequence[Endpoint] = self.datastore.candidates
@@ -206,25 +257,26 @@ class Director:
         if hint is not None:
             hosts = {_host(a) for a in hint}
             candidates = [e for e in candidates if e.ip in hosts]
-        select = headers.get(CONFORMANCE_SELECT_HEADER)
-        if select:
-            wanted = [a.strip() for a in select.split(",") if a.strip()]
-            candidates = [e for e in candidates if e.address in wanted or e.ip in wanted]
         if not candidates:
-            why = "no endpoint in the subset hint is in the pool" if hint is not None else "no ready endpoints"
-            return self._reject(None, client_model, target, Rejected(503, "ServiceUnavailable", why))
+            # the reference: a header-only request finds no pods; a body request no candidates
+            why = NO_PODS if body is None and hint is None else NO_CANDIDATES
+            detail = "no endpoint in the subset hint is in the pool" if hint is not None else "no ready endpoints"
+            return self._reject(None, client_model, target, self._error(503, "ServiceUnavailable", why, grpc,
+                                                                        detail))
 
         if self.admission is not None and priority < CRITICAL_PRIORITY:
             reason = self.admission.check(sched, candidates, time.monotonic())
             if reason:
-                return self._reject(None, client_model, target, Rejected(429, "ResourceExhausted", reason))
+                return self._reject(None, client_model, target, self._error(429, "ResourceExhausted", SHED, grpc,
+                                                                            reason))
 
         t0 = time.perf_counter()
         result = self.scheduler.schedule(sched, candidates)
         t1 = time.perf_counter()
         if not result.endpoints:
-            return self._reject(None, client_model, target, Rejected(
-                429, "ResourceExhausted", result.reason or "no endpoint could be scheduled"))
+            return self._reject(None, client_model, target, self._error(
+                429, "ResourceExhausted",
+                f"failed to find target endpoint: {result.reason or 'no endpoint could be scheduled'}", grpc))
 
         primary = result.endpoints[0]
         ctx = RequestContext(
@@ -246,13 +298,24 @@ class Director:
         )
         self._account(ctx, primary)
         self.scheduler.on_routed(sched, primary)
+        # The decoded body can be several times the size of the bytes; the context lives as long as
+        # the response, so let it go now that scheduling is done (nothing reads it afterwards).
+        sched.body = None
         if self.telemetry is not None:
             self.telemetry.routed(ctx)
         destination = ",".join(e.address for e in result.endpoints)
         set_headers.append((DEST_HEADER, destination))
-        if new_body is not None:
-            set_headers.append(("content-length", str(len(new_body))))
+        # As the reference: every request with a body carries the length of the body sent on
+        # (changed or not), so the proxy never forwards a stale Content-Length.
+        size = len(new_body) if new_body is not None else len(body) if body is not None else 0
+        if size > 0:
+            set_headers.append(("content-length", str(size)))
         return Routed(ctx=ctx, destination=destination, body=new_body, set_headers=set_headers)
+
+    @staticmethod
+    def _error(status: int, code: str, message: str, grpc: bool, detail: str = "") -> Rejected:
+        return Rejected(status, code, message, grpc_status=_GRPC_CODE.get(status, 2) if grpc else None,
+                        detail=detail)
 
     def _reject(self, ctx: RequestContext | None, model: str, target: str, error: Rejected) -> Rejected:
         if self.telemetry is not None:
@@ -284,15 +347,39 @@ class Director:
         self._release(ctx)
         self._account(ctx, ep)
 
-    def response_headers(self, ctx: RequestContext, served: str | None) -> list[tuple[str, str]]:
-        """Headers to add to the response: the session token, the conformance echo."""
+    def response_headers(self, ctx: RequestContext, served: str | None,
+                         lb_metadata: bool = False) -> list[tuple[str, str]]:
+        """Headers to add to the response: the session token, then the request-control plugins'.
+        `served` is the endpoint the proxy reported (None: it reported none); `lb_metadata` whether
+        its message carried an `envoy.lb` metadata namespace."""
         out: list[tuple[str, str]] = []
         address = served or (ctx.served.address if ctx.served is not None else "")
         if self.session_header and address:
             out.append((self.session_header, encode_session_token(address.split(",", 1)[0])))
-        if CONFORMANCE_SELECT_HEADER in ctx.sched.headers:
-            out.append((CONFORMANCE_SERVED_HEADER, address))
+        if self.request_control.response_header:
+            info = ResponseInfo(served=served, lb_metadata=lb_metadata)
+            for plugin in self.request_control.response_header:
+                try:
+                    out.extend(plugin.response_header(ctx, info))
+                except Exception:  # a plugin bug must not fail the response
+                    log.exception("response-header plugin %s failed", plugin.name,
+                                  extra={"request_id": ctx.request_id})
         return out
+
+    def response_metadata(self, ctx: RequestContext) -> dict[str, dict[str, float]] | None:
+        """Dynamic metadata for the last response-body reply (request-control plugins), or None."""
+        if not self.request_control.response_complete:
+            return None
+        out: dict[str, dict[str, float]] = {}
+        for plugin in self.request_control.response_complete:
+            try:
+                md = plugin.response_complete(ctx)
+            except Exception:
+                log.exception("response plugin %s failed", plugin.name, extra={"request_id": ctx.request_id})
+                continue
+            for ns, fields in (md or {}).items():
+                out.setdefault(ns, {}).update(fields)
+        return out or None
 
     def finish(self, ctx: RequestContext | None) -> None:
         """The request ended (response complete, error, or the stream went away). Idempotent."""

@@ -13,9 +13,15 @@ Request side:
 The mode comes from `protocol_config` on the first message (Envoy sends it); without one the
 configured default applies (duplex, as the reference ships).
 
-Response side: SSE bodies are passed through chunk by chunk (with the client's model name restored
-when it was rewritten, and usage read from the stream); other bodies are held to end_of_stream,
-then usage is read and the body returned whole.
+Response side: SSE bodies, and every body of a `"stream": true` request whatever its content type,
+are passed through chunk by chunk (with the client's model name restored when it was rewritten,
+and usage read from the stream); other bodies are held to end_of_stream, then usage is read and the
+body returned whole. A held body that ends with trailers instead is sent on the trailers (body
+reply, end_of_stream false, then the trailers reply), as is a held restorer tail.
+
+Bounds: one request body is capped by the director's `max_body_bytes` (413) and `max_body_chunks`
+messages (413); all bodies held at once share `buffer_budget` bytes (429 for a request that would
+exceed it; a held response that would, or that outgrows `max_body_bytes`, is streamed on instead).
 """
 
 from __future__ import annotations
@@ -69,18 +75,42 @@ def _header_map(hm: Any) -> dict[str, str]:
     return out
 
 
-def _hvo(key: str, value: str) -> base_pb2.HeaderValueOption:
-    return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=key, raw_value=value.encode()))
+def _hvo(key: str, value: str, overwrite: bool = False) -> base_pb2.HeaderValueOption:
+    hv = base_pb2.HeaderValue(key=key, raw_value=value.encode())
+    if overwrite:
+        return base_pb2.HeaderValueOption(
+            header=hv, append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)
+    return base_pb2.HeaderValueOption(header=hv)
 
 
 def immediate(error: Rejected) -> ep.ProcessingResponse:
-    """An ImmediateResponse carrying the director's error."""
+    """An ImmediateResponse carrying the director's error. A gRPC request's error is a gRPC status
+    error: HTTP 200, `grpc-status` / `grpc-message` headers, content-type application/grpc, no body."""
+    details = f"{error.code}: {error.message}" + (f" ({error.detail})" if error.detail else "")
+    if error.grpc_status is not None:
+        return ep.ProcessingResponse(immediate_response=ep.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=200),  # type: ignore[arg-type]
+            # overwrite: Envoy's own local reply to a gRPC request may set them as well
+            headers=ep.HeaderMutation(set_headers=[
+                _hvo("content-type", "application/grpc", overwrite=True),
+                _hvo("grpc-status", str(error.grpc_status), overwrite=True),
+                _hvo("grpc-message", _grpc_message(error.message), overwrite=True),
+            ]),
+            grpc_status=ep.GrpcStatus(status=error.grpc_status),
+            details=details[:200],
+        ))
     return ep.ProcessingResponse(immediate_response=ep.ImmediateResponse(
         status=http_status_pb2.HttpStatus(code=error.status),  # type: ignore[arg-type]
         headers=ep.HeaderMutation(set_headers=[_hvo("content-type", "text/plain; charset=utf-8")]),
         body=error.body,
-        details=f"{error.code}: {error.message}"[:200],
+        details=details[:200],
     ))
+
+
+def _grpc_message(text: str) -> str:
+    """`grpc-message` is percent-encoded (gRPC over HTTP/2): everything outside printable ASCII and '%'."""
+    return "".join(c if " " <= c <= "~" and c != "%" else "".join(f"%{b:02X}" for b in c.encode("utf-8", "replace"))
+                   for c in text[:512])
 
 
 def _metadata(destination: str) -> struct_pb2.Struct | None:
@@ -91,16 +121,27 @@ def _metadata(destination: str) -> struct_pb2.Struct | None:
     return md
 
 
-_ROUTE_REPLIES: dict[tuple[str, str], ep.ProcessingResponse] = {}
+def _numbers_metadata(values: dict[str, dict[str, float]]) -> struct_pb2.Struct:
+    md = struct_pb2.Struct()
+    for ns, fields in values.items():
+        target = md.fields[ns].struct_value
+        for k, v in fields.items():
+            target.fields[k].number_value = v
+    return md
+
+
+_ROUTE_REPLIES: dict[tuple[str, str, str], ep.ProcessingResponse] = {}
 
 
 def _route_reply(kind: str, routed: Routed) -> ep.ProcessingResponse:
     """The routed reply (`kind`: request_headers or request_body). The common case (only the
     destination header, body unchanged) is built once per destination and reused: a reply message
     is never mutated after it is built, and building it is a measurable share of a request's CPU."""
-    simple = routed.body is None and len(routed.set_headers) == 1 and routed.set_headers[0][0] == DEST_HEADER
+    sh = routed.set_headers
+    simple = routed.body is None and 1 <= len(sh) <= 2 and sh[0][0] == DEST_HEADER and (
+        len(sh) == 1 or sh[1][0] == "content-length")
     if simple:
-        key = (kind, routed.destination)
+        key = (kind, routed.destination, sh[1][1] if len(sh) == 2 else "")
         reply = _ROUTE_REPLIES.get(key)
         if reply is not None:
             return reply
@@ -129,7 +170,8 @@ def _common(routed: Routed, body_in_reply: bool) -> ep.CommonResponse:
 
 
 def _streamed_body(kind: str, body: bytes, end: bool) -> list[ep.ProcessingResponse]:
-    """`body` as streamed_response replies of at most CHUNK bytes (an empty body: one message)."""
+    """`body` as streamed_response replies of at most CHUNK bytes (an empty body: one message).
+    (A bytearray or memoryview is accepted too: slices become bytes in the message.)"""
     out = []
     n = len(body)
     pos = 0
@@ -171,17 +213,25 @@ class Decider(Protocol):
 
     def served_by(self, ctx: RequestContext, address: str) -> None: ...
 
-    def response_headers(self, ctx: RequestContext, served: str | None) -> list[tuple[str, str]]: ...
+    def response_headers(self, ctx: RequestContext, served: str | None,
+                         lb_metadata: bool = False) -> list[tuple[str, str]]: ...
+
+    def response_metadata(self, ctx: RequestContext) -> dict[str, dict[str, float]] | None: ...
 
     def finish(self, ctx: RequestContext | None) -> None: ...
+
+
+MAX_BODY_CHUNKS = 16384  # body messages per request: a 16 MiB body at >= 1 KiB a message (TCP-segment sized)
+BUFFER_BUDGET = 256 * 1024 * 1024  # bytes of request and response bodies held at once, all streams together
 
 
 class _Stream:
     """Per-stream state. Slots keep it small: one per in-flight HTTP request."""
 
     __slots__ = (
-        "body_parts", "body_size", "ctx", "decided", "done", "headers", "req_mode", "resp_mode",
-        "resp_parts", "resp_sse", "restorer", "scanner", "started", "subset", "too_large",
+        "body_chunks", "body_parts", "body_size", "ctx", "decided", "done", "headers", "held", "req_mode",
+        "resp_body_seen", "resp_ended", "resp_mode", "resp_parts", "resp_size", "resp_stream", "restorer",
+        "scanner", "started", "subset",
     )
 
     def __init__(self, started: float) -> None:
@@ -190,14 +240,18 @@ class _Stream:
         self.resp_mode = -1
         self.headers: dict[str, str] = {}
         self.subset: object = None
-        self.body_parts: list[bytes] = []
+        self.body_parts: list[bytes] = []  # joined once at the end: linear in the body, whatever the chunking
         self.body_size = 0
+        self.body_chunks = 0
+        self.held = 0  # bytes of this stream counted in the servicer's buffer budget
         self.decided = False
         self.done = False  # an immediate response was sent: nothing more to do
-        self.too_large = False
         self.ctx: RequestContext | None = None
-        self.resp_sse = False
+        self.resp_stream = False  # pass the response body through chunk by chunk
         self.resp_parts: list[bytes] = []
+        self.resp_size = 0
+        self.resp_body_seen = False
+        self.resp_ended = False  # the last response-body reply went out
         self.restorer: openai.ModelRestorer | None = None
         self.scanner: openai.SSEUsageScanner | None = None
 
@@ -206,11 +260,15 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
     """envoy.service.ext_proc.v3.ExternalProcessor/Process on grpc.aio."""
 
     def __init__(self, director: Decider, default_body_mode: int = DUPLEX,
-                 default_response_mode: int = DUPLEX) -> None:
+                 default_response_mode: int = DUPLEX, *, buffer_budget: int = BUFFER_BUDGET,
+                 max_body_chunks: int = MAX_BODY_CHUNKS) -> None:
         self.director = director
         self.default_body_mode = default_body_mode
         self.default_response_mode = default_response_mode
+        self.buffer_budget = buffer_budget
+        self.max_body_chunks = max_body_chunks
         self.open_streams = 0
+        self.buffered = 0  # bytes held right now by all streams (request bodies + held responses)
 
     async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         st = _Stream(time.perf_counter())
@@ -228,7 +286,22 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
                     await context.write(reply)
         finally:
             self.open_streams -= 1
+            self._release(st)
+            st.body_parts = st.resp_parts = []
             self.director.finish(st.ctx)
+
+    # ---- buffer budget ----------------------------------------------------------------------
+    def _hold(self, st: _Stream, n: int) -> bool:
+        """Count n more held bytes for st; False (nothing counted) when the budget would overflow."""
+        if self.buffered + n > self.buffer_budget:
+            return False
+        self.buffered += n
+        st.held += n
+        return True
+
+    def _release(self, st: _Stream) -> None:
+        self.buffered -= st.held
+        st.held = 0
 
     # ---- dispatch ---------------------------------------------------------------------------
     def _handle(self, st: _Stream, req: ep.ProcessingRequest) -> list[ep.ProcessingResponse]:
@@ -250,13 +323,14 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
         if kind == "request_trailers":
             return self._on_request_trailers(st)
         if kind == "response_trailers":
-            self.director.finish(st.ctx)
-            return [_RESP_TRAILERS]
+            return self._on_response_trailers(st)
         return []
 
     def _reject(self, st: _Stream, error: Rejected) -> list[ep.ProcessingResponse]:
         st.done = True
         st.decided = True
+        st.body_parts = []
+        self._release(st)
         return [immediate(error)]
 
     def _decide(self, st: _Stream, body: bytes | None) -> Routed | Rejected:
@@ -293,49 +367,61 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
             if st.req_mode == DUPLEX:
                 return _streamed_body("request_body", b.body, b.end_of_stream)
             return [_EMPTY_REQ_BODY]
-        st.body_size += len(b.body)
-        if st.body_size > self.director.max_body_bytes:
+        chunk = b.body
+        n = len(chunk)
+        st.body_size += n
+        st.body_chunks += 1
+        cap = self.director.max_body_bytes
+        if st.body_size > cap:
+            return self._reject(st, Rejected(413, "PayloadTooLarge", f"request body exceeds {cap} bytes"))
+        if st.body_chunks > self.max_body_chunks:
             return self._reject(st, Rejected(413, "PayloadTooLarge",
-                                             f"request body exceeds {self.director.max_body_bytes} bytes"))
-        st.body_parts.append(b.body)
+                                             f"request body arrives in more than {self.max_body_chunks} messages"))
+        if not self._hold(st, n):
+            return self._reject(st, Rejected(
+                429, "ResourceExhausted", "the picker holds too many request bodies at once; retry later",
+                detail=f"buffer budget of {self.buffer_budget} bytes reached"))
+        if n:
+            st.body_parts.append(chunk)
         final = b.end_of_stream or st.req_mode in (BUFFERED, BUFFERED_PARTIAL)
         if not final:
             return []
-        body = st.body_parts[0] if len(st.body_parts) == 1 else b"".join(st.body_parts)
+        return self._route_body(st, end=b.end_of_stream, trailers=False)
+
+    def _route_body(self, st: _Stream, *, end: bool, trailers: bool) -> list[ep.ProcessingResponse]:
+        """Decide on the body received so far and build the replies (duplex: headers, then body)."""
+        parts = st.body_parts
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
         st.body_parts = []
+        del parts
+        self._release(st)
         result = self._decide(st, body)
         if isinstance(result, Rejected):
             return self._reject(st, result)
         if st.req_mode == DUPLEX:
             out = [_route_reply("request_headers", result)]
-            out += _streamed_body("request_body", result.body if result.body is not None else body,
-                                  b.end_of_stream)
-            return out
-        return [_route_reply("request_body", result)]
+            out += _streamed_body("request_body", result.body if result.body is not None else body, end)
+        else:
+            out = [_route_reply("request_body", result)]
+        if trailers:
+            out.append(_REQ_TRAILERS)
+        return out
 
     def _on_request_trailers(self, st: _Stream) -> list[ep.ProcessingResponse]:
         if st.decided or st.req_mode != DUPLEX:
             return [_REQ_TRAILERS]
-        # the body ended with trailers instead of end_of_stream: decide on what arrived
-        body = b"".join(st.body_parts)
-        st.body_parts = []
-        result = self._decide(st, body)
-        if isinstance(result, Rejected):
-            return self._reject(st, result)
-        out = [_route_reply("request_headers", result)]
-        out += _streamed_body("request_body", result.body if result.body is not None else body, False)
-        out.append(_REQ_TRAILERS)
-        return out
+        # the body ended with trailers instead of end_of_stream: decide on what arrived, send it
+        # (end_of_stream false: the trailers end the stream), then the trailers reply
+        return self._route_body(st, end=False, trailers=True)
 
     # ---- response phases --------------------------------------------------------------------
     def _on_response_headers(self, st: _Stream, req: ep.ProcessingRequest) -> list[ep.ProcessingResponse]:
         ctx = st.ctx
-        if ctx is None:
-            return [_EMPTY_RESP_HEADERS]
         rh = req.response_headers
-        ctx.first_byte_at = time.perf_counter()
         served = None
+        lb_metadata = False
         if req.HasField("metadata_context"):
+            lb_metadata = LB_NAMESPACE in req.metadata_context.filter_metadata
             v = _struct_value(req.metadata_context, LB_NAMESPACE, SERVED_KEY)
             if isinstance(v, str) and v:
                 served = v
@@ -353,69 +439,152 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
                 remove.append(SERVED_KEY)
                 if served is None:
                     served = h.raw_value.decode() if h.raw_value else h.value
+        sse = "text/event-stream" in content_type
+        # as the reference: a `"stream": true` request's response is passed through whatever its type
+        st.resp_stream = sse or (ctx is not None and ctx.stream)
+        if ctx is None:
+            if remove:
+                return [ep.ProcessingResponse(response_headers=ep.HeadersResponse(response=ep.CommonResponse(
+                    header_mutation=ep.HeaderMutation(remove_headers=remove))))]
+            return [_EMPTY_RESP_HEADERS]
+        ctx.first_byte_at = time.perf_counter()
         if served:
             self.director.served_by(ctx, served)
         ctx.status = status
-        st.resp_sse = "text/event-stream" in content_type
-        if st.resp_sse:
+        if sse:
             st.scanner = openai.SSEUsageScanner()
         if ctx.rewritten:
             st.restorer = openai.ModelRestorer(ctx.target_model, ctx.client_model)
             remove.append("content-length")  # the restored body may differ in length
-        for k, v in self.director.response_headers(ctx, served):
+        for k, v in self.director.response_headers(ctx, served, lb_metadata):
             set_headers.append(_hvo(k, v))
         if rh.end_of_stream:
-            self.director.finish(ctx)
+            self._finish_response(st)
         if not set_headers and not remove:
             return [_EMPTY_RESP_HEADERS]
         return [ep.ProcessingResponse(response_headers=ep.HeadersResponse(response=ep.CommonResponse(
             header_mutation=ep.HeaderMutation(set_headers=set_headers, remove_headers=remove))))]
 
+    def _body_replies(self, st: _Stream, chunk: bytes, end: bool, original: bytes | None,
+                      metadata: struct_pb2.Struct | None) -> list[ep.ProcessingResponse]:
+        """Replies carrying `chunk` (`original`: what Envoy sent, when unchanged replies may be empty)."""
+        if st.resp_mode == DUPLEX:
+            out = _streamed_body("response_body", chunk, end)
+        elif original is not None and chunk is original and metadata is None:
+            return [_EMPTY_RESP_BODY]
+        elif original is not None and chunk is original:
+            out = [ep.ProcessingResponse(response_body=ep.BodyResponse())]
+        else:
+            out = [ep.ProcessingResponse(response_body=ep.BodyResponse(response=ep.CommonResponse(
+                body_mutation=ep.BodyMutation(body=chunk))))]
+        if metadata is not None:
+            out[-1].dynamic_metadata.CopyFrom(metadata)
+        return out
+
     def _on_response_body(self, st: _Stream, b: ep.HttpBody) -> list[ep.ProcessingResponse]:
         ctx = st.ctx
         chunk, end = b.body, b.end_of_stream
+        st.resp_body_seen = True
         if ctx is not None:
             ctx.response_size += len(chunk)
         mode = st.resp_mode
-        if st.resp_sse or ctx is None or mode == STREAMED:
-            # pass through chunk by chunk
-            if st.scanner is not None:
-                st.scanner.feed(chunk)
-            out_chunk = st.restorer.feed(chunk, end) if st.restorer is not None else chunk
-            if end:
-                self._finish_response(st)
-            if mode == DUPLEX:
-                return _streamed_body("response_body", out_chunk, end)
-            if out_chunk is chunk:
-                return [_EMPTY_RESP_BODY]
-            return [ep.ProcessingResponse(response_body=ep.BodyResponse(response=ep.CommonResponse(
-                body_mutation=ep.BodyMutation(body=out_chunk))))]
-        # a JSON body: hold it to the end, read usage, restore the model, send it whole
-        st.resp_parts.append(chunk)
-        if not end and mode == DUPLEX:
-            return []
-        body = b"".join(st.resp_parts)
+        if not st.resp_stream and mode != STREAMED:
+            held = self._hold_response(st, chunk, end)
+            if held is not None:
+                return held
+        # pass through chunk by chunk
+        if st.scanner is not None:
+            st.scanner.feed(chunk)
+        out_chunk = st.restorer.feed(chunk, end) if st.restorer is not None else chunk
+        metadata = self._finish_response(st) if end else None
+        return self._body_replies(st, out_chunk, end, chunk if mode != DUPLEX else None, metadata)
+
+    def _hold_response(self, st: _Stream, chunk: bytes, end: bool) -> list[ep.ProcessingResponse] | None:
+        """A JSON body: held to the end to read usage and restore the model, then sent whole. None:
+        it outgrew the per-body cap or the shared budget, so it is flushed and streamed from now on."""
+        mode = st.resp_mode
+        if mode == DUPLEX and not end:
+            st.resp_size += len(chunk)
+            if st.resp_size <= self.director.max_body_bytes and self._hold(st, len(chunk)):
+                st.resp_parts.append(chunk)
+                return []
+            # too big to hold: send what is held and stream the rest (usage from it is lost)
+            held = b"".join(st.resp_parts)
+            st.resp_parts = []
+            self._release(st)
+            st.resp_stream = True
+            out = st.restorer.feed(held + chunk, False) if st.restorer is not None else held + chunk
+            return _streamed_body("response_body", out, False)
+        parts = st.resp_parts
+        if parts:
+            parts.append(chunk)
+            body = b"".join(parts)
+        else:
+            body = chunk
         st.resp_parts = []
+        self._release(st)
+        if st.ctx is not None:
+            self._read_json_usage(st.ctx, body)
+        restored = st.restorer.feed(body, True) if st.restorer is not None else body
+        metadata = self._finish_response(st)
+        return self._body_replies(st, restored, end, body if mode != DUPLEX else None, metadata)
+
+    @staticmethod
+    def _read_json_usage(ctx: RequestContext, body: bytes) -> None:
         usage = openai.Usage()
         openai.usage_from_json(body, usage)
         if usage.found:
             ctx.usage_prompt, ctx.usage_completion = usage.prompt_tokens, usage.completion_tokens
-        restored = st.restorer.feed(body, True) if st.restorer is not None else body
-        self._finish_response(st)
-        if mode == DUPLEX:
-            return _streamed_body("response_body", restored, end)
-        if restored is body:
-            return [_EMPTY_RESP_BODY]
-        return [ep.ProcessingResponse(response_body=ep.BodyResponse(response=ep.CommonResponse(
-            body_mutation=ep.BodyMutation(body=restored))))]
+            ctx.usage_cached = usage.cached_tokens
 
-    def _finish_response(self, st: _Stream) -> None:
+    def _on_response_trailers(self, st: _Stream) -> list[ep.ProcessingResponse]:
+        """Trailers end the response (gRPC answers always do): what is still held goes out first, as
+        a body reply without end_of_stream, then the trailers reply."""
         ctx = st.ctx
+        if st.resp_ended:
+            self.director.finish(ctx)
+            return [_RESP_TRAILERS]
+        out: list[ep.ProcessingResponse] = []
+        body: bytes | None = None
+        if st.resp_parts:
+            body = b"".join(st.resp_parts)
+            st.resp_parts = []
+            self._release(st)
+            if ctx is not None:
+                self._read_json_usage(ctx, body)
+        if st.restorer is not None:
+            body = st.restorer.feed(body or b"", True)  # the held tail, restored
+        elif body is None and st.resp_body_seen and not st.resp_stream and st.resp_mode == DUPLEX:
+            body = b""  # held nothing yet: the held reply is empty, as the reference sends it
+        metadata = self._finish_response(st)
+        if body is not None and (body or not st.resp_stream) and st.resp_mode == DUPLEX:
+            out += self._body_replies(st, body, False, None, metadata)
+            metadata = None
+        trailers = ep.ProcessingResponse(response_trailers=ep.TrailersResponse())
+        if metadata is not None:
+            trailers.dynamic_metadata.CopyFrom(metadata)
+            out.append(trailers)
+        else:
+            out.append(_RESP_TRAILERS)
+        return out
+
+    def _finish_response(self, st: _Stream) -> struct_pb2.Struct | None:
+        """The response is complete: usage from the stream, the request-control plugins' metadata,
+        then the director's finish. Returns the metadata for the last body reply (or None)."""
+        ctx = st.ctx
+        st.resp_ended = True
         if ctx is None:
-            return
+            return None
         if st.scanner is not None:
             st.scanner.finish()
             u = st.scanner.usage
             if u.found:
                 ctx.usage_prompt, ctx.usage_completion = u.prompt_tokens, u.completion_tokens
+                ctx.usage_cached = u.cached_tokens
+        metadata = None
+        if not ctx.finished:
+            values = self.director.response_metadata(ctx)
+            if values:
+                metadata = _numbers_metadata(values)
         self.director.finish(ctx)
+        return metadata

@@ -1,15 +1,18 @@
 """Model resolution: which model a request is sent as, and at what priority.
 
 Order (documented in README "Model resolution"):
-1. header `x-gateway-model-name-rewrite` forces the target;
-2. an InferenceModelRewrite rule that names the model exactly;
-3. an InferenceModel whose modelName is the model (its weighted targetModels);
-4. a generic InferenceModelRewrite rule (empty `matches`);
+1. an InferenceModelRewrite rule that names the model exactly;
+2. an InferenceModel whose modelName is the model (its weighted targetModels);
+3. a generic InferenceModelRewrite rule (empty `matches`);
+4. the header `x-llm-d-model-name-rewrite` / `x-gateway-model-name-rewrite`;
 5. otherwise the model as sent.
-Priority: the InferenceObjective named by `x-gateway-inference-objective` when it exists, else the
-criticality of an InferenceModel claiming the client's model name, else 0. An InferenceModel is an
-exact claim on a name, so it beats a generic rewrite; an exact rewrite is the newer, explicit API,
-so it wins the target, while the InferenceModel's criticality still sets the priority.
+The objects are the operator's and win over the header, which any client can set: the reference
+applies a matching rewrite rule (exact or generic) after reading the header, so the rule wins.
+Priority: the InferenceObjective named by `x-llm-d-inference-objective` / `x-gateway-inference-objective`
+when it exists, else the criticality of an InferenceModel claiming the client's model name, else 0.
+An InferenceModel is an exact claim on a name, so it beats a generic rewrite; an exact rewrite is
+the newer, explicit API, so it wins the target, while the InferenceModel's criticality still sets
+the priority.
 """
 
 from __future__ import annotations
@@ -94,11 +97,10 @@ class ModelTable:
         return t
 
     def resolve(self, model: str, forced: str | None = None, rng: random.Random | None = None) -> Resolution:
-        """Resolve a client model name; raises NoValidTarget for a reserved name."""
+        """Resolve a client model name (`forced`: the client's rewrite header, weakest of all);
+        raises NoValidTarget for a reserved name."""
         im = self.models.get(model)
         priority = im.priority if im is not None else 0
-        if forced:
-            return Resolution(forced, priority, "header")
         hit = self.exact.get(model)
         if hit is not None:
             return Resolution(weighted_choice(hit[1], rng), priority, "rewrite", hit[0])
@@ -106,6 +108,8 @@ class ModelTable:
             return Resolution(_model_target(im, rng), priority, "model", im.meta.key)
         if self.generic is not None:
             return Resolution(weighted_choice(self.generic[1], rng), priority, "generic", self.generic[0])
+        if forced:
+            return Resolution(forced, priority, "header")
         return Resolution(model, priority, "none")
 
     @property

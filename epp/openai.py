@@ -6,6 +6,7 @@ Pure functions over bytes and dicts; nothing here knows gRPC or scheduling.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,16 +46,35 @@ def api_for_path(path: str) -> tuple[str, str] | None:
     return None
 
 
+MAX_CONTAINERS = 100_000  # JSON objects + arrays in one body: thousands of messages, far below a bomb
+_SCAN_FROM = 64 * 1024  # bodies smaller than this cannot hold a bomb worth the scan
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+def _too_many_containers(raw: bytes) -> bool:
+    """True when the body has more than MAX_CONTAINERS objects and arrays. Counting brackets is a
+    fast C loop; only a body with that many brackets anywhere pays for stripping its strings first
+    (brackets inside strings are text). Decoding 5.5 million `{}` would cost ~0.4 s and ~400 MB."""
+    if len(raw) < _SCAN_FROM or raw.count(b"{") + raw.count(b"[") <= MAX_CONTAINERS:
+        return False
+    bare = _JSON_STRING.sub(b"", raw)
+    return bare.count(b"{") + bare.count(b"[") > MAX_CONTAINERS
+
+
 def parse_request(raw: bytes, path: str) -> ParsedBody:
     """Validate an OpenAI request body; raise BadRequest with a one-line reason."""
     api_req = api_for_path(path) or ("completions", "prompt")
     api, required = api_req
     if not raw:
         raise BadRequest("empty request body")
+    if _too_many_containers(raw):
+        raise BadRequest(f"request body has more than {MAX_CONTAINERS} JSON objects and arrays")
     try:
         body = json.loads(raw)
     except UnicodeDecodeError:
         raise BadRequest("request body is not valid UTF-8") from None
+    except RecursionError:
+        raise BadRequest("request body is nested too deeply") from None
     except ValueError as e:
         raise BadRequest(f"request body is not valid JSON: {e.args[0].split(':')[0]}") from None
     if not isinstance(body, dict):
@@ -83,40 +103,83 @@ def _dumps(value: object) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
+def _json_prefix(value: object, limit: int) -> str:
+    """The first `limit` characters of `_dumps(value)`, encoding no more of `value` than that needs
+    (a 1M-token prompt array or a huge message is not encoded whole to hash its first blocks).
+    An escaped string's prefix is the prefix of its escape, so cutting strings is exact."""
+    parts: list[str] = []
+    size = 0
+
+    def emit(v: object) -> bool:  # False once `limit` characters are out
+        nonlocal size
+        if isinstance(v, str):
+            room = limit - size
+            s = _dumps(v[:room]) if len(v) > room else _dumps(v)
+        elif isinstance(v, dict):
+            parts.append("{")
+            size += 1
+            sep = ""
+            for k, x in v.items():
+                if size >= limit:
+                    return False
+                key = sep + _dumps(k) + ":"
+                parts.append(key)
+                size += len(key)
+                sep = ","
+                if not emit(x):
+                    return False
+            s = "}"
+        elif isinstance(v, list):
+            parts.append("[")
+            size += 1
+            first = True
+            for x in v:
+                if size >= limit:
+                    return False
+                if not first:
+                    parts.append(",")
+                    size += 1
+                first = False
+                if type(x) is int:  # token ids: the common long array, encoded without a call per item
+                    t = str(x)
+                    parts.append(t)
+                    size += len(t)
+                elif not emit(x):
+                    return False
+            s = "]"
+        else:
+            s = _dumps(v)
+        parts.append(s)
+        size += len(s)
+        return size < limit
+
+    emit(value)
+    out = "".join(parts)
+    return out[:limit] if len(out) > limit else out
+
+
 def prompt_text(parsed: ParsedBody, limit: int = PROMPT_LIMIT) -> str:
-    """The leading text (at least `limit` characters when there are that many) whose prefix identifies
-    cached KV blocks; chat: the messages in order, as compact JSON. Stopping early keeps a long
-    conversation from being re-encoded whole just to hash its first blocks."""
+    """The leading `limit` characters of the text whose prefix identifies cached KV blocks; chat: the
+    messages in order, as compact JSON; a string prompt/input as is; anything else as compact JSON.
+    Only what is needed is encoded (see _json_prefix)."""
     b = parsed.body
     if parsed.api == "chat":
-        messages = b.get("messages")
-        if not isinstance(messages, list):
-            return _dumps(messages)
-        parts, size = [], 1
-        for m in messages:
-            remaining = limit - size
-            if isinstance(m, dict) and any(isinstance(v, str) and len(v) > remaining for v in m.values()):
-                # one huge message: encode only the start of its long strings, then cut the artificial
-                # ending off (an escaped string's prefix is the prefix of its escape)
-                m = {k: v[:remaining] if isinstance(v, str) else v for k, v in m.items()}
-                parts.append(_dumps(m))
-                return ("[" + ",".join(parts))[:limit]
-            piece = _dumps(m)
-            parts.append(piece)
-            size += len(piece) + 1
-            if size >= limit:
-                return "[" + ",".join(parts)  # a prefix of the full JSON list
-        return "[" + ",".join(parts) + "]"
+        return _json_prefix(b.get("messages"), limit)
     value = b.get("prompt") if parsed.api == "completions" else b.get("input") or b.get("items")
     if isinstance(value, str):
         return value[:limit]
-    return _dumps(value)[:limit]
+    return _json_prefix(value, limit)
 
 
 def rewrite_model(parsed: ParsedBody, target: str) -> bytes:
     """The body re-encoded with `model` set to the target."""
     parsed.body["model"] = target
-    return json.dumps(parsed.body, separators=(",", ":"), ensure_ascii=False).encode()
+    try:
+        return json.dumps(parsed.body, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        # a lone surrogate ("\ud800" in the client's JSON) has no UTF-8 form: escape everything
+        # non-ASCII instead, which decodes to exactly what the client sent
+        return json.dumps(parsed.body, separators=(",", ":")).encode()
 
 
 @dataclass(slots=True)
@@ -125,6 +188,7 @@ class Usage:
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt_tokens_details.cached_tokens
     found: bool = False
 
 
@@ -140,6 +204,11 @@ def _usage_from(obj: Any, into: Usage) -> None:
         if isinstance(c, int):
             into.completion_tokens = c
             into.found = True
+        details = u.get("prompt_tokens_details", u.get("input_tokens_details"))
+        if isinstance(details, dict):
+            cached = details.get("cached_tokens")
+            if isinstance(cached, int) and not isinstance(cached, bool):
+                into.cached_tokens = cached
 
 
 def usage_from_json(raw: bytes, into: Usage) -> None:

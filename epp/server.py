@@ -21,6 +21,8 @@ from epp.bbr import BodyRouter
 from epp.cli import Options
 from epp.datastore import Datastore
 from epp.director import Director
+from epp.parsers import build_parser
+from epp.requestcontrol.base import build_request_control
 from epp.extproc import BUFFERED, DUPLEX, Decider, ExtProcServicer
 from epp.metrics.engines import apply_overrides
 from epp.metrics.scrape import Scraper
@@ -83,7 +85,9 @@ class App:
         self.director = Director(self.datastore, self.scheduler, telemetry=self.telemetry,
                                  admission=build_admission(self.config),
                                  session_header=session_header(self.scheduler),
-                                 max_body_bytes=opts.max_request_body_bytes)
+                                 max_body_bytes=opts.max_request_body_bytes,
+                                 parser=build_parser(getattr(self.config, "parser", None)),
+                                 request_control=build_request_control(self.config.plugins))
         self.scraper: Scraper | None = None
         self.kube: Any = None  # the KubeSource, when watching a cluster
         mode = BUFFERED if opts.default_body_mode == "buffered" else DUPLEX

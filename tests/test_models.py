@@ -51,7 +51,19 @@ def test_inference_model_beats_generic_and_exact_rewrite_beats_model():
     r = t.resolve("b")
     assert (r.target, r.source, r.priority) == ("b", "model", -1)
     assert t.resolve("c").target == "generic"
-    assert t.resolve("c", forced="x").target == "x"
+
+
+def test_operator_objects_win_over_the_client_rewrite_header():
+    # the reference applies a matching rule (exact or generic) after reading the header
+    t = ModelTable.build([model("im", "b", [{"name": "b-v2"}])],
+                         [rewrite("rw", [rule(["a"], "a-rewritten"), rule([], "generic")])])
+    assert (t.resolve("a", forced="x").target, t.resolve("a", forced="x").source) == ("a-rewritten", "rewrite")
+    assert t.resolve("b", forced="x").target == "b-v2"
+    assert t.resolve("c", forced="x").target == "generic"
+    only_exact = ModelTable.build([], [rewrite("rw", [rule(["a"], "a-rewritten")])])
+    r = only_exact.resolve("c", forced="x")
+    assert (r.target, r.source) == ("x", "header")
+    assert only_exact.resolve("c").source == "none"
 
 
 def test_duplicate_model_name_oldest_wins_and_loser_reported():

@@ -53,3 +53,30 @@ class RequestParser(Protocol):
     def parse(self, headers: Mapping[str, str], body: bytes | None, path: str) -> ParsedRequest:
         """Parse one request; raise ParseError with a one-line reason safe to return to clients."""
         ...
+
+
+DEFAULT_PARSER = "openai-parser"
+
+
+def build_parser(spec: Any = None) -> RequestParser:
+    """The parser a config selects: a PluginSpec (name, type, params) of kind PARSER, or None for
+    the default `openai-parser`. Raises ValueError for a spec that is not a parser."""
+    from epp.scheduling.registry import PARSER, plugin_type  # lazy: the parser modules import the registry
+
+    type_name = spec.type if spec is not None else DEFAULT_PARSER
+    pt = plugin_type(type_name)
+    if pt is None or pt.kind != PARSER:
+        raise ValueError(f"{type_name!r} is not a request parser")
+    if spec is None:
+        return pt.cls(DEFAULT_PARSER, None, None)  # type: ignore[no-any-return]
+    return pt.cls(spec.name, spec.params, None)  # type: ignore[no-any-return]
+
+
+class ParseDispatch:
+    """For parser classes: the plugin contract reads parameters with `Cls.parse(Params)`, the
+    RequestParser contract parses a request with `instance.parse(headers, body, path)`. One name,
+    two contracts: on the class `parse` is the class's `parse_params`, on an instance its
+    `parse_request`. (Use: `parse = ParseDispatch()` in the class body.)"""
+
+    def __get__(self, obj: Any, owner: Any) -> Any:
+        return owner.parse_params if obj is None else obj.parse_request

@@ -124,6 +124,7 @@ BUILTIN_MODULES: list[str] = [
     "epp.scheduling.scorers",
     "epp.scheduling.session",
     "epp.parsers.vllmgrpc",
+    "epp.parsers.openai_parser", "epp.parsers.passthrough", "epp.requestcontrol.served_verifier", "epp.requestcontrol.attribute_reporter",  # noqa: E501
 ]
 _loaded = False
 

@@ -52,7 +52,7 @@ async def test_chat_routing_duplex(start_picker):
     assert destination_metadata(h) == dest
     assert h.request_headers.response.clear_route_cache is True
     assert "x-request-id" not in set_headers(h)  # kept as sent
-    assert "content-length" not in set_headers(h)  # body unchanged
+    assert set_headers(h)["content-length"] == str(len(body))  # always, as the reference (body unchanged)
     out, eos = streamed_body(replies)
     assert out == body and eos == [True]
 
@@ -332,11 +332,24 @@ async def test_json_response_held_to_end_then_returned_whole(start_picker):
     assert out == resp and eos == [True]
 
 
+VERIFIER_CONFIG = """\
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: destination-endpoint-served-verifier
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+"""
+
+
 async def test_served_endpoint_moves_accounting(start_picker):
-    app, ch = await start_picker(endpoints=EPS)
+    app, ch = await start_picker(endpoints=EPS, config_text=VERIFIER_CONFIG)
     stub = ep_grpc.ExternalProcessorStub(ch)
     call = stub.Process()
-    await call.write(request_headers(extra={"test-epp-endpoint-selection": "127.0.0.1"}))
+    await call.write(request_headers(subset=["127.0.0.1:8000"]))
     for m in body_chunks(chat()):
         await call.write(m)
     r1 = await call.read()
