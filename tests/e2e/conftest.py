@@ -38,13 +38,16 @@ needs_envoy = pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary
 
 
 class Recording:
-    """Wraps a scheduler and remembers what it answered, per request id (primary first)."""
+    """Wraps a scheduler and remembers what it answered (primary first) and the request headers it
+    saw, per request id."""
 
     def __init__(self, inner: Scheduler) -> None:
         self.inner = inner
         self.picks: dict[str, list[str]] = {}
+        self.headers: dict[str, dict[str, str]] = {}  # the request headers the picker saw
 
     def schedule(self, request: SchedulingRequest, candidates: Sequence[Endpoint]) -> SchedulingResult:
+        self.headers[request.request_id] = {k.lower(): v for k, v in request.headers.items()}
         result = self.inner.schedule(request, candidates)
         self.picks[request.request_id] = [e.address for e in result.endpoints]
         return result

@@ -11,6 +11,15 @@ from typing import Any
 import aiohttp
 import pytest
 
+from epp.envoyconf import (
+    CONFORMANCE_HEADER,
+    DEST_HEADER,
+    EPP_FILTER,
+    FAIRNESS_HEADER,
+    OBJECTIVE_HEADER,
+    REWRITE_HEADER,
+    SERVED_HEADER,
+)
 from epp.sim import SimServerConfig
 from tests.e2e.conftest import E2E, MODEL, GatewayFactory, Reply, needs_envoy
 from tests.e2e.h2client import tiny_frames_post
@@ -114,3 +123,89 @@ async def test_body_over_the_limit_is_refused_before_the_picker(gateway: Gateway
 def _hcm(config: dict[str, Any]) -> dict[str, Any]:
     hcm: dict[str, Any] = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     return hcm
+
+
+# ---- attack 2: a client's own destination header -------------------------------------------------
+
+
+def force_fail_open(config: dict[str, Any]) -> None:
+    """failure_mode_allow on, as an operator could edit it in (envoyconf refuses FailOpen with ORIGINAL_DST)."""
+    for f in _hcm(config)["http_filters"]:
+        if f["name"] == EPP_FILTER:
+            f["typed_config"]["failure_mode_allow"] = True
+
+
+def without_edge_stripping(config: dict[str, Any]) -> None:
+    """The configs as they were before the edge removed control headers."""
+    force_fail_open(config)
+    del _hcm(config)["early_header_mutation_extensions"]
+
+
+@pytest.mark.parametrize("edit", [force_fail_open, without_edge_stripping], ids=["generated", "unprotected"])
+async def test_client_destination_header_never_routes_with_the_picker_down(
+    gateway: GatewayFactory, edit: Any
+) -> None:
+    """Attack 2: FailOpen + buffered + ORIGINAL_DST with the picker down made the client's own
+    x-gateway-destination-endpoint Envoy's destination: Envoy's admin interface answered through
+    the inference listener. The generated configs remove the header at the edge: no destination,
+    503, nothing reached. (`unprotected` shows the attack on a config without that removal.)"""
+    e2e = await gateway(sims=1, profile="buffered", routing="original_dst", config_edit=edit)
+    await e2e.picker.stop(0)
+    sim = e2e.sims[0]
+    async with e2e.session.get(e2e.url + "/config_dump", headers={DEST_HEADER: e2e.envoy.admin},
+                               timeout=aiohttp.ClientTimeout(total=BOUND)) as r:
+        admin_status, admin_body = r.status, await r.read()
+    r2 = await e2e.post("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 1}, timeout=BOUND,
+                        **{DEST_HEADER: sim.address})
+    if edit is without_edge_stripping:
+        assert admin_status == 200 and b"configs" in admin_body  # the admin interface answered the client
+        assert r2.status == 200 and sim.served_total == 1
+        return
+    assert admin_status == 503 and b"configs" not in admin_body
+    assert r2.status == 503 and sim.served_total == 0
+
+
+async def test_client_destination_header_is_replaced_by_the_pick(gateway: GatewayFactory) -> None:
+    """With the picker up, its destination always wins; the client's copy never reaches the picker."""
+    e2e = await gateway(sims=2)
+    for i, target in enumerate(e2e.sims * 2):
+        rid = f"dest-{i}"
+        r = await e2e.post("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 1},
+                           **{DEST_HEADER: target.address, "x-request-id": rid,
+                              "x_gateway_destination_endpoint": target.address})
+        assert r.status == 200
+        assert e2e.served_on(rid) == [e2e.sim_at(e2e.picks[rid][0]).name]
+        seen = e2e.recording.headers[rid]
+        assert DEST_HEADER not in seen and "x_gateway_destination_endpoint" not in seen
+
+
+# ---- attack 3: client-chosen priority, target model, endpoint --------------------------------------
+
+CLIENT_CHOICES = {
+    OBJECTIVE_HEADER: "premium",
+    FAIRNESS_HEADER: "tenant-a",
+    REWRITE_HEADER: "some-other-model",
+    CONFORMANCE_HEADER: "127.0.0.1:1",
+    "x-prefiller-host-port": "127.0.0.1:2",
+    "x-encoder-hosts-ports": "127.0.0.1:3",
+    SERVED_HEADER: "127.0.0.1:4",
+}
+
+
+async def test_client_choice_headers_are_removed_unless_allowed(gateway: GatewayFactory) -> None:
+    e2e = await gateway(sims=1)
+    r = await e2e.post("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 1},
+                       **{"x-request-id": "strict", **CLIENT_CHOICES})
+    assert r.status == 200 and r.json()["model"] == MODEL  # no rewrite to some-other-model
+    seen = e2e.recording.headers["strict"]
+    assert not set(CLIENT_CHOICES) & set(seen), seen
+
+
+async def test_allowed_client_headers_reach_the_picker(gateway: GatewayFactory) -> None:
+    e2e = await gateway(sims=1, allow_client_headers=[OBJECTIVE_HEADER, FAIRNESS_HEADER])
+    r = await e2e.post("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 1},
+                       **{"x-request-id": "allowed", **CLIENT_CHOICES})
+    assert r.status == 200
+    seen = e2e.recording.headers["allowed"]
+    assert seen[OBJECTIVE_HEADER] == "premium" and seen[FAIRNESS_HEADER] == "tenant-a"
+    assert not {REWRITE_HEADER, CONFORMANCE_HEADER, DEST_HEADER, SERVED_HEADER} & set(seen)
