@@ -22,8 +22,10 @@ or a periodic sweep of the candidates seen).
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
+import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, islice, repeat
@@ -35,7 +37,7 @@ from epp.datastore import Endpoint
 from epp.scheduling.cycle import Cycle
 from epp.scheduling.framework import SchedulingRequest
 from epp.scheduling.loadguard import LoadGuard
-from epp.scheduling.registry import SCORER, BuildContext, ConfigError, Params, register
+from epp.scheduling.registry import FILTER, SCORER, BuildContext, ConfigError, Params, register
 
 CHARS_PER_TOKEN = 4
 DEFAULT_BLOCK_TOKENS = 16
@@ -48,6 +50,8 @@ DEFAULT_MAX_ENTRIES = 1_000_000
 DEFAULT_PURGE_AFTER = 60.0  # seconds an endpoint may be missing from the candidates before its entries go
 DEFAULT_RENDEZVOUS_BLOCKS = 8
 DEFAULT_RENDEZVOUS_EPSILON = 0.25
+DEFAULT_MATCH_SCALE_TOKENS = 8192
+MAX_BLOCKS = 4096  # matching stops here however the caps are set (prompts are cut at 64K chars anyway)
 
 _xxh64 = xxhash.xxh64_intdigest
 _MISSING = object()
@@ -326,6 +330,51 @@ class PrefixParams:
     rendezvous_blocks: int = DEFAULT_RENDEZVOUS_BLOCKS
     rendezvous_epsilon: float = DEFAULT_RENDEZVOUS_EPSILON
     load_guard: bool = True
+    producer: str = ""  # prefixMatchInfoProducerName: the producer whose index and blocks this scorer uses
+    match_length_weight: float = 0.0  # share of the score from the matched length (reference formula)
+    match_length_scale_tokens: int = DEFAULT_MATCH_SCALE_TOKENS
+
+
+# prefix-cache-scorer parameters that describe the index (given on the producer when one is named)
+INDEX_KEYS = ("mode", "blockSize", "blockSizeTokens", "autoTune", "maxPrefixBlocksToMatch",
+              "maxPrefixTokensToMatch", "lruCapacityPerServer", "maxIndexEntries", "purgeAfter",
+              "rendezvousBlocks", "rendezvousEpsilon")
+# producers whose match info a prefix-cache-scorer can read (the others are not yet supported)
+PREFIX_PRODUCER_TYPES = ("approx-prefix-cache-producer",)
+DEFAULT_PRODUCER = "approx-prefix-cache-producer"
+
+
+def parse_index_params(p: Params, *, scorer: bool) -> PrefixParams:
+    """The index parameters shared by prefix-cache-scorer and approx-prefix-cache-producer.
+
+    `maxPrefixTokensToMatch` (the producer's cap in tokens) wins over `maxPrefixBlocksToMatch` when
+    > 0; either is bounded by MAX_BLOCKS. `mode: rendezvous` is the scorer's only (stateless)."""
+    legacy = p.integer("blockSize", 0, lo=1) if p.has("blockSize") else 0
+    p.get("blockSize")
+    block_tokens = p.integer("blockSizeTokens", DEFAULT_BLOCK_TOKENS, lo=1, hi=4096)
+    max_blocks = p.integer("maxPrefixBlocksToMatch", DEFAULT_MAX_BLOCKS, lo=0 if not scorer else 1)
+    max_tokens = p.integer("maxPrefixTokensToMatch", 0, lo=0)
+    if max_tokens > 0:
+        max_blocks = max(1, max_tokens // (legacy // CHARS_PER_TOKEN if legacy else block_tokens))
+    if max_blocks == 0:  # the reference's "both caps 0": the whole prompt, here up to the bound
+        max_blocks = MAX_BLOCKS
+    out = PrefixParams(
+        mode=p.string("mode", "index", choices=("index", "rendezvous")) if scorer else "index",
+        block_tokens=block_tokens,
+        block_bytes=legacy,
+        auto_tune=p.boolean("autoTune", True),
+        max_blocks=min(max_blocks, MAX_BLOCKS),
+        lru_capacity=p.integer("lruCapacityPerServer", DEFAULT_LRU_CAPACITY, lo=1),
+        max_entries=p.integer("maxIndexEntries", DEFAULT_MAX_ENTRIES, lo=1),
+        purge_after=p.duration("purgeAfter", DEFAULT_PURGE_AFTER),
+        rendezvous_blocks=p.integer("rendezvousBlocks", DEFAULT_RENDEZVOUS_BLOCKS, lo=1, hi=4096)
+        if scorer else DEFAULT_RENDEZVOUS_BLOCKS,
+        rendezvous_epsilon=p.number("rendezvousEpsilon", DEFAULT_RENDEZVOUS_EPSILON, lo=0, lo_open=True)
+        if scorer else DEFAULT_RENDEZVOUS_EPSILON,
+    )
+    if legacy and p.has("blockSizeTokens"):
+        raise ConfigError(p.field("blockSize"), "give either blockSize (characters) or blockSizeTokens")
+    return out
 
 
 @register("prefix-cache-scorer", SCORER)
@@ -336,8 +385,17 @@ class PrefixCacheScorer:
 
     def __init__(self, name: str, params: PrefixParams, ctx: BuildContext) -> None:
         self.name = name
+        producer = ctx.plugins.get(params.producer or DEFAULT_PRODUCER)
+        if producer is not None and hasattr(producer, "index"):
+            # the producer owns the index: this scorer matches and records into it
+            params = dataclasses.replace(producer.params, producer=producer.name,
+                                         match_length_weight=params.match_length_weight,
+                                         match_length_scale_tokens=params.match_length_scale_tokens,
+                                         load_guard=params.load_guard)
+            self.index: PrefixIndex = producer.index
+        else:
+            self.index = PrefixIndex(params.max_entries, params.purge_after)
         self.p = params
-        self.index = PrefixIndex(params.max_entries, params.purge_after)
         self.guard: LoadGuard | None = ctx.guard if params.load_guard and ctx.guard.enabled else None
         self._key = f"prefix:{name}"
         self._scores_key = f"prefix-scores:{name}"
@@ -349,25 +407,31 @@ class PrefixCacheScorer:
 
     @classmethod
     def parse(cls, p: Params) -> PrefixParams:
-        legacy = p.integer("blockSize", 0, lo=1) if p.has("blockSize") else 0
-        p.get("blockSize")
-        out = PrefixParams(
-            mode=p.string("mode", "index", choices=("index", "rendezvous")),
-            block_tokens=p.integer("blockSizeTokens", DEFAULT_BLOCK_TOKENS, lo=1, hi=4096),
-            block_bytes=legacy,
-            auto_tune=p.boolean("autoTune", True),
-            max_blocks=p.integer("maxPrefixBlocksToMatch", DEFAULT_MAX_BLOCKS, lo=1, hi=4096),
-            lru_capacity=p.integer("lruCapacityPerServer", DEFAULT_LRU_CAPACITY, lo=1),
-            max_entries=p.integer("maxIndexEntries", DEFAULT_MAX_ENTRIES, lo=1),
-            purge_after=p.duration("purgeAfter", DEFAULT_PURGE_AFTER),
-            rendezvous_blocks=p.integer("rendezvousBlocks", DEFAULT_RENDEZVOUS_BLOCKS, lo=1, hi=4096),
-            rendezvous_epsilon=p.number("rendezvousEpsilon", DEFAULT_RENDEZVOUS_EPSILON, lo=0, lo_open=True),
-            load_guard=p.boolean("loadGuard", True),
-        )
-        if legacy and p.has("blockSizeTokens"):
-            raise ConfigError(p.field("blockSize"), "give either blockSize (characters) or blockSizeTokens")
+        producer = p.string("prefixMatchInfoProducerName", "")
+        weight = p.number("matchLengthWeight", 0.0, lo=0, hi=1)
+        scale = p.integer("matchLengthScaleTokens", DEFAULT_MATCH_SCALE_TOKENS, lo=1)
+        guard = p.boolean("loadGuard", True)
+        if producer:
+            own = [k for k in p.raw if k in INDEX_KEYS]
+            if own:
+                raise ConfigError(p.field(own[0]), f"the index is producer \"{producer}\"'s: give its "
+                                  "parameters on that producer")
+            for k in INDEX_KEYS:
+                p.get(k)
+            p.done()
+            return PrefixParams(producer=producer, match_length_weight=weight, match_length_scale_tokens=scale,
+                                load_guard=guard)
+        out = parse_index_params(p, scorer=True)
         p.done()
-        return out
+        return dataclasses.replace(out, match_length_weight=weight, match_length_scale_tokens=scale,
+                                   load_guard=guard)
+
+    @staticmethod
+    def refs(params: PrefixParams) -> list[tuple[str, str, tuple[str, ...]]]:
+        """Plugins this one names: (parameter, plugin name, acceptable types)."""
+        if params.producer:
+            return [("prefixMatchInfoProducerName", params.producer, PREFIX_PRODUCER_TYPES)]
+        return []
 
     # ---- hashing -------------------------------------------------------------------------
     def block_bytes_for(self, endpoints: Sequence[Endpoint]) -> int:
@@ -406,12 +470,29 @@ class PrefixCacheScorer:
             home = rendezvous_home(key, endpoints, loads, self.p.rendezvous_epsilon)
             if home >= 0:
                 out[home] = 1.0
+        elif self.p.match_length_weight > 0.0:
+            out = self._with_length(blocks, self.index.match(blocks, endpoints))
         else:
             out = self.index.match(blocks, endpoints, 1.0 / blocks.count)
         cycle.request.scratch[self._scores_key] = (endpoints, out)  # before the guard: for hit stats
         if self.guard is not None:
             out = self.guard.apply(cycle, endpoints, out)
         return out
+
+    def _with_length(self, blocks: PromptBlocks, matched: list[float]) -> list[float]:
+        """The reference's w × min(1, matched tokens / scale)² + (1 − w) × matched / total blocks."""
+        w = self.p.match_length_weight
+        tokens_per_block = blocks._size / CHARS_PER_TOKEN
+        scale = float(self.p.match_length_scale_tokens)
+        total = float(blocks.count)
+        return [w * min(1.0, b * tokens_per_block / scale) ** 2 + (1.0 - w) * (b / total) for b in matched]
+
+    def ratios(self, request: SchedulingRequest, endpoints: Sequence[Endpoint]) -> list[float]:
+        """Share of the prompt's leading blocks each endpoint holds (index mode; 0s otherwise)."""
+        blocks = self.blocks(request, endpoints)
+        if not blocks.count or self.p.mode != "index":
+            return [0.0] * len(endpoints)
+        return self.index.match(blocks, endpoints, 1.0 / blocks.count)
 
     def on_routed(self, request: SchedulingRequest, endpoint: Endpoint) -> None:
         blocks = self.blocks(request, (endpoint,))
@@ -452,3 +533,74 @@ class PrefixCacheScorer:
 
     def sweep(self, present: Iterable[str], now: float) -> None:
         self.index.sweep(present, now)
+
+
+@dataclass(frozen=True, slots=True)
+class AffinityParams:
+    threshold: float = 0.80
+    exploration: float = 0.0
+    max_ttft_penalty_ms: float = 18000.0
+    peak_prefill_throughput: float = 15928.0
+    scorer: str = ""  # the prefix-cache-scorer whose index to read ("" = the first one declared)
+
+
+@register("prefix-cache-affinity-filter", FILTER)
+class PrefixCacheAffinityFilter:
+    """Keeps the "sticky" endpoints, whose share of the prompt's cached prefix is at least
+    `affinityThreshold`; keeps all when none is. With probability `explorationProbability` the gate
+    is skipped. TTFT load gate: when the best sticky endpoint's estimated TTFT (in-flight prompt
+    tokens / `peakPrefillThroughput`) exceeds the best other's by more than `maxTTFTPenaltyMs`
+    (0 = never), stickiness is broken and all are kept. Reads the index of a prefix-cache-scorer
+    (`prefixScorerName`, default the first declared) or of the approx-prefix-cache-producer."""
+
+    def __init__(self, name: str, params: AffinityParams, ctx: BuildContext) -> None:
+        self.name = name
+        self.p = params
+        self.rng: random.Random = ctx.rng
+        self.source: PrefixCacheScorer | None = None
+        for pname, plugin in ctx.plugins.items():
+            if isinstance(plugin, PrefixCacheScorer) and (not params.scorer or pname == params.scorer):
+                self.source = plugin
+                break
+
+    @classmethod
+    def parse(cls, p: Params) -> AffinityParams:
+        source = p.string("ttftSource", "prefillThroughput", choices=("prefillThroughput", "latencyPredictor"))
+        if source == "latencyPredictor":
+            raise ConfigError(p.field("ttftSource"), "latencyPredictor is not yet supported "
+                              "(latency prediction and SLO routing); use prefillThroughput")
+        out = AffinityParams(
+            threshold=p.number("affinityThreshold", 0.80, lo=0, hi=1),
+            exploration=p.number("explorationProbability", 0.0, lo=0, hi=1),
+            max_ttft_penalty_ms=p.number("maxTTFTPenaltyMs", 18000.0, lo=0),
+            peak_prefill_throughput=p.number("peakPrefillThroughput", 15928.0, lo=0, lo_open=True),
+            scorer=p.string("prefixScorerName", ""),
+        )
+        p.done()
+        return out
+
+    @staticmethod
+    def refs(params: AffinityParams) -> list[tuple[str, str, tuple[str, ...]]]:
+        if params.scorer:
+            return [("prefixScorerName", params.scorer, ("prefix-cache-scorer",))]
+        return []
+
+    def filter(self, cycle: Cycle, endpoints: list[Endpoint]) -> list[Endpoint]:
+        if self.source is None or len(endpoints) < 2:
+            return endpoints
+        if self.p.exploration > 0.0 and self.rng.random() < self.p.exploration:
+            return endpoints
+        ratios = self.source.ratios(cycle.request, endpoints)
+        t = self.p.threshold
+        sticky = [ep for ep, r in zip(endpoints, ratios, strict=True) if r > 0.0 and r >= t]
+        if not sticky or len(sticky) == len(endpoints):
+            return endpoints
+        penalty = self.p.max_ttft_penalty_ms
+        if penalty > 0.0:
+            per_ms = 1000.0 / self.p.peak_prefill_throughput
+            sticky_set = {id(ep) for ep in sticky}
+            best_sticky = min(ep.inflight_tokens for ep in sticky) * per_ms
+            best_other = min(ep.inflight_tokens for ep in endpoints if id(ep) not in sticky_set) * per_ms
+            if best_sticky - best_other > penalty:
+                return endpoints
+        return sticky

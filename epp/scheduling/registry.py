@@ -8,11 +8,13 @@ value and a BuildContext.
 
 from __future__ import annotations
 
+import difflib
 import math
 import random
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from epp.datastore import Endpoint
@@ -67,11 +69,15 @@ class Picker(Protocol):
 
 @dataclass(slots=True)
 class BuildContext:
-    """What plugin constructors may use: shared randomness, the saturation detector, the load guard."""
+    """What plugin constructors may use: shared randomness, the saturation detector, the load guard,
+    the clock, and the plugins already built by name (producers and detectors are built first, so a
+    scorer or filter can find the one its parameters name)."""
 
     rng: random.Random
     detector: SaturationDetector
     guard: LoadGuard
+    plugins: dict[str, Any] = field(default_factory=dict)
+    clock: Callable[[], float] = time.monotonic
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,22 +129,48 @@ BUILTIN_MODULES: list[str] = [
     "epp.scheduling.prefix",
     "epp.scheduling.scorers",
     "epp.scheduling.session",
+    "epp.scheduling.handlers",
+    "epp.scheduling.saturation",
+    "epp.scheduling.admission",
+    "epp.scheduling.attributes",
+    "epp.scheduling.conformance",
+    "epp.producers.approx_prefix",
+    "epp.producers.token",
+    "epp.datalayer.sources.metrics",
+    "epp.datalayer.sources.notifications",
+    "epp.datalayer.extractors.core_metrics",
     "epp.parsers.vllmgrpc",
     "epp.parsers.openai_parser", "epp.parsers.passthrough", "epp.requestcontrol.served_verifier", "epp.requestcontrol.attribute_reporter",  # noqa: E501
 ]
-_loaded = False
+_loaded: set[str] = set()
 
 
 def _load_builtins() -> None:
     # Imported lazily: the plugin modules import this one to register themselves.
-    global _loaded
-    if _loaded:
+    if len(_loaded) == len(BUILTIN_MODULES):
         return
     import importlib
 
     for mod in BUILTIN_MODULES:
-        importlib.import_module(mod)
-    _loaded = True
+        if mod not in _loaded:
+            importlib.import_module(mod)
+            _loaded.add(mod)
+
+
+def lookup(type_name: str, path: str) -> PluginType:
+    """The registered type, or a ConfigError at `path`: "not yet supported (<feature>)" for a type of
+    the reference this picker does not implement yet, else "unknown" with the nearest names."""
+    pt = plugin_type(type_name)
+    if pt is not None:
+        return pt
+    from epp.scheduling.pending import PENDING, pending_feature
+
+    feature = pending_feature(type_name)
+    if feature is not None:
+        raise ConfigError(path, f"plugin type \"{type_name}\" is not yet supported ({feature})")
+    near = difflib.get_close_matches(type_name, [*REGISTRY, *PENDING], n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
+    raise ConfigError(path, f"unknown plugin type \"{type_name}\"{hint}")
 
 
 # ---- parameter reading ---------------------------------------------------------------------------
@@ -168,6 +200,26 @@ def parse_duration(value: object, path: str) -> float:
     if not math.isfinite(secs) or secs <= 0:
         raise ConfigError(path, f"must be a positive duration, got {value!r}")
     return secs
+
+
+_QUANTITY = re.compile(r"^([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)(Ki|Mi|Gi|Ti|Pi|Ei|m|k|M|G|T|P|E)?$")
+_QUANTITY_UNIT = {None: 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+                  "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+
+
+def parse_quantity(value: object, path: str) -> int:
+    """A Kubernetes resource quantity ("1Gi", "500M", "1k", 100) as an integer ≥ 0 (rounded up)."""
+    if isinstance(value, bool):
+        raise ConfigError(path, f"expected a quantity like 100, 1k or 1Gi, got {value!r}")
+    if isinstance(value, int | float):
+        amount = float(value)
+    elif isinstance(value, str) and (m := _QUANTITY.match(value.strip())) is not None:
+        amount = float(m.group(1)) * _QUANTITY_UNIT[m.group(2)]
+    else:
+        raise ConfigError(path, f"expected a quantity like 100, 1k or 1Gi, got {value!r}")
+    if not math.isfinite(amount) or amount < 0:
+        raise ConfigError(path, f"must be a quantity ≥ 0, got {value!r}")
+    return math.ceil(amount)
 
 
 class Params:
@@ -261,15 +313,24 @@ class Params:
             return default
         return parse_duration(v, self.field(name))
 
+    def quantity(self, name: str, default: int | None) -> int | None:
+        v = self.get(name)
+        if v is None:
+            return default
+        return parse_quantity(v, self.field(name))
+
     def sub(self, name: str) -> Params:
         """A nested mapping read with the same strictness."""
         return Params(self.get(name), self.field(name))
 
     def done(self) -> None:
         """Raise for the first key no getter asked for."""
-        for k in self.raw:
-            if k not in self._seen:
-                raise ConfigError(self.field(k), "unknown field")
+        for err in self.unknown():
+            raise err
+
+    def unknown(self) -> list[ConfigError]:
+        """One error per key no getter asked for."""
+        return [ConfigError(self.field(k), "unknown field") for k in self.raw if k not in self._seen]
 
     def _range(self, name: str, v: float, lo: float | None, hi: float | None) -> None:
         if lo is not None and v < lo:

@@ -1,4 +1,5 @@
-"""Load scorers: waiting queue, running batch, KV-cache use, LoRA adapter affinity, own in-flight load.
+"""Load scorers: waiting queue, running batch, KV-cache use, LoRA adapter affinity, own in-flight load,
+and llm-d's distribution scorers (load-aware, active-request, no-hit LRU).
 
 Each returns one score per endpoint in 0..1 (higher is better). A pod whose metrics are stale or
 missing scores 0 on every metric-based scorer: it is treated as the worst pod.
@@ -7,10 +8,13 @@ missing scores 0 on every metric-based scorer: it is treated as the worst pod.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from epp.datastore import Endpoint
 from epp.scheduling.cycle import Cycle
+from epp.scheduling.framework import SchedulingRequest
 from epp.scheduling.registry import SCORER, BuildContext, NoParams, Params, register
 
 _BIG = 1e300  # bigger counts are garbage; with NaN and negatives they are treated like stale values
@@ -59,6 +63,11 @@ class RunningRequestsScorer(NoParams):
 
     def score(self, cycle: Cycle, endpoints: Sequence[Endpoint]) -> list[float]:
         return low_is_better([None if m is None else m.running for m in cycle.fresh(endpoints)])
+
+
+@register("running-requests-size-scorer", SCORER)
+class RunningRequestsSizeScorer(RunningRequestsScorer):
+    """llm-d's name for the running-requests scorer (same min-max formula, no parameters)."""
 
 
 @register("kv-cache-utilization-scorer", SCORER)
@@ -158,3 +167,141 @@ class InflightLoadScorer:
             lo = min(loads)
         base = lo + 1.0
         return [base / (x + 1.0) for x in loads]
+
+
+@register("load-aware-scorer", SCORER)
+class LoadAwareScorer:
+    """0.5 for an empty waiting queue, falling linearly to 0 at `threshold` waiting (default 128);
+    a pod with stale or missing metrics scores 0. The 0.5 ceiling is the reference's."""
+
+    BOUNDED = True
+
+    def __init__(self, name: str, params: int, ctx: BuildContext) -> None:
+        self.name = name
+        self.threshold = float(params)
+
+    @classmethod
+    def parse(cls, p: Params) -> int:
+        v = p.integer("threshold", 128, lo=1)
+        p.done()
+        return v
+
+    def score(self, cycle: Cycle, endpoints: Sequence[Endpoint]) -> list[float]:
+        t = self.threshold
+        out: list[float] = []
+        for m in cycle.fresh(endpoints):
+            if m is None or not m.waiting >= 0.0:  # stale, missing or NaN
+                out.append(0.0)
+            elif m.waiting >= t:
+                out.append(0.0)
+            else:
+                out.append(0.5 * (1.0 - m.waiting / t))
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveRequestParams:
+    idle_threshold: int = 0
+    max_busy_score: float = 1.0
+
+
+@register("active-request-scorer", SCORER)
+class ActiveRequestScorer:
+    """Requests this picker has in flight per pod: at most `idleThreshold` scores 1.0; busier pods
+    score (max − n) / max × `maxBusyScore`, the busiest 0."""
+
+    BOUNDED = True
+
+    def __init__(self, name: str, params: ActiveRequestParams, ctx: BuildContext) -> None:
+        self.name = name
+        self.p = params
+
+    @classmethod
+    def parse(cls, p: Params) -> ActiveRequestParams:
+        out = ActiveRequestParams(
+            idle_threshold=p.integer("idleThreshold", 0, lo=0),
+            max_busy_score=p.number("maxBusyScore", 1.0, lo=0, hi=1),
+        )
+        p.duration("requestTimeout", 1.0)  # deprecated in the reference and ignored there too
+        p.done()
+        return out
+
+    def score(self, cycle: Cycle, endpoints: Sequence[Endpoint]) -> list[float]:
+        counts = [max(0, ep.inflight) for ep in endpoints]
+        top = max(counts, default=0)
+        idle, busy = self.p.idle_threshold, self.p.max_busy_score
+        return [1.0 if n <= idle else (top - n) / top * busy for n in counts]
+
+
+@dataclass(frozen=True, slots=True)
+class NoHitParams:
+    prefix_name: str = "prefix-cache-scorer"
+    prefix_type: str = "prefix-cache-scorer"
+    lru_size: int = 1024
+
+
+@register("no-hit-lru-scorer", SCORER)
+class NoHitLRUScorer:
+    """Spreads cold requests (no prefix hit on any candidate) over the pods least recently given a
+    cold request: never-used pods first, then from least to most recent, scores falling linearly
+    from 1 to 0 over the ranks. Warm requests score 0.5 everywhere (the prefix scorer decides).
+    Reads the prefix scorer named by `prefixPluginName`, which must run earlier in the profile."""
+
+    BOUNDED = True
+
+    def __init__(self, name: str, params: NoHitParams, ctx: BuildContext) -> None:
+        self.name = name
+        self.p = params
+        self._lru: OrderedDict[str, None] = OrderedDict()  # least recently used first
+        self._scores_key = f"prefix-scores:{params.prefix_name}"
+        self._cold_key = f"no-hit-cold:{name}"
+
+    @classmethod
+    def parse(cls, p: Params) -> NoHitParams:
+        out = NoHitParams(
+            prefix_name=p.string("prefixPluginName", "prefix-cache-scorer"),
+            prefix_type=p.string("prefixPluginType", "prefix-cache-scorer", choices=("prefix-cache-scorer",)),
+            lru_size=p.integer("lruSize", 1024, lo=1),
+        )
+        p.done()
+        return out
+
+    @staticmethod
+    def refs(params: NoHitParams) -> list[tuple[str, str, tuple[str, ...]]]:
+        """Plugins this one names: (parameter, plugin name, acceptable types)."""
+        return [("prefixPluginName", params.prefix_name, (params.prefix_type,))]
+
+    def score(self, cycle: Cycle, endpoints: Sequence[Endpoint]) -> list[float]:
+        seen = cycle.request.scratch.get(self._scores_key)
+        cold = seen is None or not any(x > 0.0 for x in seen[1])
+        cycle.request.scratch[self._cold_key] = cold
+        n = len(endpoints)
+        if not cold:
+            return [0.5] * n
+        if n == 1:
+            return [1.0]
+        lru = self._lru
+        positions = {a: i for i, a in enumerate(lru)} if lru else {}
+        never = [i for i, ep in enumerate(endpoints) if ep.address not in positions]
+        out = [0.0] * n
+        span = float(n - 1)
+        for rank, i in enumerate(never):
+            out[i] = 1.0 - rank / span
+        base = len(never)
+        for i, ep in enumerate(endpoints):
+            pos = positions.get(ep.address)
+            if pos is not None:
+                out[i] = max(0.0, 1.0 - (base + pos) / span)
+        return out
+
+    def on_routed(self, request: SchedulingRequest, endpoint: Endpoint) -> None:
+        if not request.scratch.get(self._cold_key):
+            return
+        lru = self._lru
+        lru.pop(endpoint.address, None)
+        lru[endpoint.address] = None
+        while len(lru) > self.p.lru_size:
+            lru.popitem(last=False)
+
+    def forget(self, address: str) -> None:
+        self._lru.pop(address, None)

@@ -156,7 +156,7 @@ BAD = [
     ("apiVersion: v1\nkind: EndpointPickerConfig\n", "apiVersion: must be"),
     ("apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: Other\n", "kind: must be"),
     (HEAD + "bogus: 1\n", "bogus: unknown field"),
-    (HEAD + "flowControl: {}\n", "flowControl: not supported"),
+    (HEAD + "flowControl: []\n", "flowControl: expected a mapping"),
     (HEAD + "plugins: [{type: queue-scorer}]\n", "schedulingProfiles: required"),
     (HEAD + "schedulingProfiles: [{name: a, plugins: [{pluginRef: x}]}]\n", "plugins: required"),
     (HEAD + "preset: reference\nplugins: [{type: queue-scorer}]\nschedulingProfiles: [{name: a, plugins: "
@@ -217,7 +217,8 @@ BAD = [
     (HEAD + "plugins: [{type: queue-scorer}]\nschedulingProfiles: [{name: a, plugins: [{pluginRef: queue-scorer, "
      "extra: 1}]}]\n", "schedulingProfiles[0].plugins[0].extra: unknown field"),
     (HEAD + "plugins: [{type: queue-scorer}]\nschedulingProfiles: [{name: a, plugins: [{pluginRef: queue-scorer}]}, "
-     "{name: b, plugins: [{pluginRef: queue-scorer}]}]\n", "schedulingProfiles: this picker runs exactly one"),
+     "{name: b, plugins: [{pluginRef: queue-scorer}]}]\n",
+     "schedulingProfiles: single-profile-handler runs exactly one profile"),
     (HEAD + "saturationDetector: {kvCacheUtilThreshold: 1.5}\n",
      "saturationDetector.kvCacheUtilThreshold: must be at most 1"),
     (HEAD + "saturationDetector: {queueDepthThreshold: 0}\n",

@@ -1,0 +1,1 @@
+"""Data extractors (one file a plugin type)."""

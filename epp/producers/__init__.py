@@ -1,0 +1,1 @@
+"""Data producers: plugins that compute per-request data before scheduling (see README.md)."""
