@@ -16,7 +16,9 @@ status (INVALID_ARGUMENT; UNIMPLEMENTED for a compressed message, which the refe
 decode either), answered to the client as a gRPC error rather than an HTTP 400.
 
 Token ids become prompt text for prefix matching: 4 ASCII characters a token (base64 of the id's
-low 24 bits), so the prefix index's 4-bytes-a-token blocks cover whole tokens.
+low 24 bits), so the prefix index's 4-bytes-a-token blocks cover whole tokens. `token_ids` holds the
+leading PROMPT_TOKENS (16384) ids and `extra["prompt_tokens"]` the full count, so the CPU a request
+costs does not grow with a prompt past what prefix matching reads.
 
 `frame`/`unframe` are the gRPC message framing; `UsageScanner` reads token counts from the response
 stream (GenerateStreamChunk, GenerateComplete, EmbedResponse).
@@ -113,6 +115,13 @@ def _decode(message: Any, raw: bytes) -> None:
         raise _bad(f"unmarshaling {name}: {e}" if str(e) else f"unmarshaling {name}: malformed message") from None
 
 
+def _leading_ids(ids: Sequence[int], extra: dict[str, Any]) -> tuple[int, ...]:
+    """The first PROMPT_TOKENS ids (what prefix matching reads; copying each id out of protobuf
+    costs ~25 ns, so a huge prompt is not copied whole); extra["prompt_tokens"] is the full count."""
+    extra["prompt_tokens"] = len(ids)
+    return tuple(ids[:PROMPT_TOKENS] if len(ids) > PROMPT_TOKENS else ids)
+
+
 def _mm_features(mm: Any) -> list[dict[str, Any]]:
     """The reference's multimodal features: one image a placeholder, hashes paired by position."""
     hashes = list(mm.mm_hashes)
@@ -134,7 +143,7 @@ def parse_generate(raw: bytes) -> ParsedRequest:
     if which == "text":
         prompt = req.text[:PROMPT_LIMIT]
     elif which == "tokenized":
-        token_ids = tuple(req.tokenized.input_ids)
+        token_ids = _leading_ids(req.tokenized.input_ids, extra)
         prompt = token_prompt(token_ids)
     else:
         raise _bad("not supported request inputType")
@@ -154,8 +163,8 @@ def parse_embed(raw: bytes) -> ParsedRequest:
     _decode(req, raw)
     if not req.HasField("tokenized"):
         raise _bad("missing tokenized input in EmbedRequest")
-    token_ids = tuple(req.tokenized.input_ids)
     extra: dict[str, Any] = {"grpc_method": "Embed"}
+    token_ids = _leading_ids(req.tokenized.input_ids, extra)
     if req.request_id:
         extra["grpc_request_id"] = req.request_id
     return ParsedRequest(api="grpc-embed", model="", prompt=token_prompt(token_ids), token_ids=token_ids,

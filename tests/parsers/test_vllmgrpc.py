@@ -155,8 +155,19 @@ def test_tokenized_request() -> None:
                                                                  input_ids=[11, 12, 13])))
     assert got.api == "grpc-generate"
     assert got.token_ids == (11, 12, 13)
+    assert got.extra["prompt_tokens"] == 3
     assert got.prompt == token_prompt([11, 12, 13])
     assert len(got.prompt) == 12  # 4 characters a token
+
+
+def test_huge_token_prompt_keeps_the_leading_ids_and_the_count() -> None:
+    ids = list(range(PROMPT_TOKENS + 500))
+    got = parse(pb.GenerateRequest(tokenized=pb.TokenizedInput(input_ids=ids)))
+    assert got.token_ids == tuple(ids[:PROMPT_TOKENS])
+    assert got.extra["prompt_tokens"] == PROMPT_TOKENS + 500
+    assert got.prompt == token_prompt(ids[:PROMPT_TOKENS])
+    emb = parse(pb.EmbedRequest(tokenized=pb.TokenizedInput(input_ids=ids)), EMB)
+    assert emb.token_ids == tuple(ids[:PROMPT_TOKENS]) and emb.extra["prompt_tokens"] == PROMPT_TOKENS + 500
 
 
 def test_tokenized_empty_ids_is_accepted() -> None:
