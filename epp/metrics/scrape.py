@@ -207,6 +207,10 @@ class Scraper:
         """Addresses of the endpoints being polled."""
         return frozenset(self._targets)
 
+    def polls(self) -> dict[str, int]:
+        """Polls attempted per endpoint address (a failing endpoint's count grows ever slower)."""
+        return {addr: t.polls for addr, t in self._targets.items()}
+
     def _on_endpoints(self, added: list[Endpoint], removed: list[Endpoint]) -> None:
         if not self._running:
             return
