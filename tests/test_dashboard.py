@@ -25,3 +25,11 @@ def test_dashboard_queries_exported_metrics():
     # histogram series exist only after an observation: accept _bucket/_sum/_count of a known family
     missing = {n for n in names if n not in exported and re.sub(r"_(bucket|sum|count|total)$", "", n) not in exported}
     assert not missing, missing
+
+
+def test_dashboard_charts_the_reference_latency_families():
+    exprs = " ".join(t["expr"] for p in json.loads(DASHBOARD.read_text())["panels"] for t in p["targets"])
+    for name in ("inference_objective_request_ttft_seconds_bucket", "inference_objective_request_tpot_seconds_bucket",
+                 "inference_objective_prompt_cached_tokens_sum", "inference_objective_request_slo_violation_total",
+                 "sum by (priority)", "sum by (pod_name)"):
+        assert name in exprs, name
