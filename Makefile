@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint typecheck run demo demo-rr bench bench-full generate check-generated clean
+.PHONY: install test lint typecheck run demo demo-rr bench bench-full bench-peers generate check-generated clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -58,6 +58,13 @@ bench-full: install
 	$(BIN)/python bench/sched_decision.py
 	$(BIN)/python bench/metrics_parse.py
 	$(BIN)/python bench/kube_latency.py
+
+# live: our picker behind Envoy vs SGLang's and vLLM's Rust routers on the same 4 simulators (~25 min;
+# `make bench-peers PEERS_ARGS=--quick` for < 3 min)
+PEERS_ARGS ?=
+bench-peers: install
+	$(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/python bench/peers.py $(PEERS_ARGS)
 
 # regenerate committed artefacts (CRDs, the standalone chart's Envoy configs); check = verify only
 generate: install

@@ -80,6 +80,7 @@ PLOTS = ROOT / "bench" / "plots"
 CAPACITY_FILE = RESULTS / "peers_capacity.json"
 POLICY_ORDER = ("ours", "envoy-rr", "sglang-cache", "sglang-rr", "vllm-cache", "vllm-rr")
 CACHE_AWARE = ("ours", "sglang-cache", "vllm-cache")
+IDLE_S = 1.0  # idle CPU is measured over this long before the traffic
 
 Stream = Iterator[tuple[float, SimRequest]]
 
@@ -101,9 +102,9 @@ class LiveWorkload:
 
 
 def _mixed(n: int, rate: float, seed: int) -> Stream:
-    # 70% chat over 48 shared system prompts (~72k tokens together), 30% unrelated prompts, merged by time
-    a = shared_prefix(n, rate * 0.7, groups=48, prefix_chars=6000, suffix_chars=800, max_tokens=64, seed=seed)
-    b = poisson(n, rate * 0.3, prompt_chars=1600, max_tokens=64, seed=seed + 7)
+    # 70% chat over 48 shared system prompts (~144k tokens together), 30% unrelated prompts, merged by time
+    a = shared_prefix(n, rate * 0.7, groups=48, prefix_chars=12000, suffix_chars=800, max_tokens=64, seed=seed)
+    b = poisson(n, rate * 0.3, prompt_chars=6000, max_tokens=64, seed=seed + 7)
     merged = heapq.merge(a, b, key=lambda item: item[0])
     for i, (t, req) in enumerate(merged):
         if i >= n:
@@ -120,26 +121,26 @@ _STREAMS = {
                                                    think_s=3.0, max_context_chars=60000, seed=seed),
     "mixed": _mixed,
     "long-context": lambda n, rate, seed: long_context(n, rate, long_share=0.02, long_chars=126976,
-                                                       short_chars=4096, max_tokens=64, long_max_tokens=128,
+                                                       short_chars=8192, max_tokens=64, long_max_tokens=128,
                                                        seed=seed),
     "bursty": lambda n, rate, seed: bursty(n, rate, period=4.0, on_fraction=0.25, groups=16, zipf=1.0,
-                                           prefix_chars=8192, suffix_chars=2048, max_tokens=64, seed=seed),
+                                           prefix_chars=24000, suffix_chars=4000, max_tokens=64, seed=seed),
     "lora": lambda n, rate, seed: lora_mix(n, rate, adapters=ADAPTERS, zipf=1.0, base_share=0.0,
-                                           template_chars=2048, prompt_chars=2048, max_tokens=64, seed=seed),
+                                           template_chars=2048, prompt_chars=8000, max_tokens=64, seed=seed),
 }
 
 WORKLOADS: tuple[LiveWorkload, ...] = (
     LiveWorkload("shared-prefix", "16 groups, Zipf(1); 6,000-token shared prefix + 300 tokens; 64 output tokens"),
     LiveWorkload("multi-turn", "chats over 16 Zipf(1) system prompts of 2,000 tokens, ~6 turns, 3 s think time; "
                                "each turn repeats the conversation + 50-400 tokens; 32-128 output tokens"),
-    LiveWorkload("mixed", "70% chat over 48 shared 1,500-token system prompts (+200 tokens), 30% unrelated "
-                          "400-token prompts; 64 output tokens"),
-    LiveWorkload("long-context", "2% 31,744-token documents (128 output tokens), the rest 1,024-token prompts "
+    LiveWorkload("mixed", "70% chat over 48 shared 3,000-token system prompts (+200 tokens), 30% unrelated "
+                          "1,500-token prompts; 64 output tokens"),
+    LiveWorkload("long-context", "2% 31,744-token documents (128 output tokens), the rest 2,048-token prompts "
                                  "(64 output tokens); nothing shared"),
-    LiveWorkload("bursty", "on/off: all arrivals in the first second of every 4 s; 16 Zipf(1) groups of 2,048 "
-                           "tokens + 512; 64 output tokens"),
+    LiveWorkload("bursty", "on/off: all arrivals in the first second of every 4 s; 16 Zipf(1) groups of 6,000 "
+                           "tokens + 1,000; 64 output tokens"),
     LiveWorkload("lora", f"{len(ADAPTERS)} adapters, Zipf(1), {MAX_LORAS} GPU slots per server; 512-token "
-                         "per-adapter template + 512 tokens; 64 output tokens", adapters=ADAPTERS),
+                         "per-adapter template + 2,000 tokens; 64 output tokens", adapters=ADAPTERS),
 )
 
 
@@ -455,8 +456,8 @@ async def run_cell(policy: str, w: LiveWorkload, rate: float, seconds: float, wa
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                          timeout=aiohttp.ClientTimeout(total=120)) as session:
             idle0 = group_cpu(running.router_pids)
-            await asyncio.sleep(1.0)
-            idle_rate = group_cpu(running.router_pids) - idle0  # CPU s per s with no traffic
+            await asyncio.sleep(IDLE_S)
+            idle_rate = (group_cpu(running.router_pids) - idle0) / IDLE_S  # CPU s per s with no traffic
             loop = asyncio.get_running_loop()
             start = loop.time()
             tasks: list[asyncio.Task[Sent]] = []
@@ -757,7 +758,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         wls, loads, repeats, seconds, warmup = ["shared-prefix", "multi-turn", "mixed"], [90], 1, 8.0, 3.0
         policies = ["ours", "envoy-rr", "sglang-cache", "vllm-cache"]
     else:
-        wls, loads, repeats, seconds, warmup = [w.name for w in WORKLOADS], [70, 90], 2, 8.0, 3.0
+        wls, loads, repeats, seconds, warmup = [w.name for w in WORKLOADS], [70, 90], 2, 6.0, 2.0
         policies = list(POLICY_ORDER)
     wls = args.workloads or wls
     loads = args.loads or loads
