@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -19,8 +21,10 @@ from epp.envoyconf import (
     OBJECTIVE_HEADER,
     REWRITE_HEADER,
     SERVED_HEADER,
+    PickerTLS,
 )
 from epp.sim import SimServerConfig
+from tests.e2e.certs import CA
 from tests.e2e.conftest import E2E, MODEL, GatewayFactory, Reply, needs_envoy
 from tests.e2e.h2client import tiny_frames_post
 from tests.e2e.test_routing import chat
@@ -209,3 +213,121 @@ async def test_allowed_client_headers_reach_the_picker(gateway: GatewayFactory) 
     seen = e2e.recording.headers["allowed"]
     assert seen[OBJECTIVE_HEADER] == "premium" and seen[FAIRNESS_HEADER] == "tenant-a"
     assert not {REWRITE_HEADER, CONFORMANCE_HEADER, DEST_HEADER, SERVED_HEADER} & set(seen)
+
+
+# ---- attack 4: a fake picker ----------------------------------------------------------------------
+
+PROMPT = {"model": MODEL, "prompt": "hi", "max_tokens": 1}
+
+
+async def test_picker_certificate_from_the_ca_is_accepted(gateway: GatewayFactory, tmp_path: Path) -> None:
+    ca = CA()
+    real = ca.issue(tmp_path / "real", ["127.0.0.1", "localhost"])
+    verify = PickerTLS(ca_file=str(ca.write(tmp_path / "ca.pem")))  # SAN: the picker's host, 127.0.0.1
+    e2e = await gateway(sims=1, picker_tls=verify, picker_options={"cert_path": str(real.folder)})
+    ctx = _picker_tls_context(e2e.config)
+    assert ctx["validation_context"]["trusted_ca"] == {"filename": verify.ca_file}
+    r = await e2e.post("/v1/completions", PROMPT)
+    assert r.status == 200 and len(e2e.picks) == 1
+
+
+@pytest.mark.parametrize("fake", ["self-signed", "other-ca", "wrong-san"])
+async def test_a_fake_picker_is_refused(gateway: GatewayFactory, tmp_path: Path, fake: str) -> None:
+    """Attack 4: the generated configs used to accept any certificate from the picker address. With
+    a CA given, a picker whose certificate is self-signed, from another CA, or for another name
+    never sees a request, and nothing is routed (FailClose: 5xx)."""
+    ca = CA()
+    options: dict[str, Any] = {}
+    if fake == "other-ca":
+        options["cert_path"] = str(CA("other").issue(tmp_path / "fake", ["127.0.0.1"]).folder)
+    elif fake == "wrong-san":
+        options["cert_path"] = str(ca.issue(tmp_path / "fake", ["10.9.9.9", "epp.example"]).folder)
+    verify = PickerTLS(ca_file=str(ca.write(tmp_path / "ca.pem")))
+    e2e = await gateway(sims=1, picker_tls=verify, picker_options=options)
+    for _ in range(3):
+        r = await e2e.post("/v1/completions", PROMPT, timeout=BOUND)
+        assert 500 <= r.status < 600
+    assert e2e.picks == {} and e2e.picker.servicer.open_streams == 0
+    assert e2e.sims[0].served_total == 0
+
+
+class MutualTLSProxy:
+    """A TLS front for a plaintext picker that demands a client certificate from `ca` (what the
+    picker's own client-CA option will do): counts the connections that completed the handshake."""
+
+    def __init__(self, ca: CA, ca_file: Path, folder: Path) -> None:
+        server = ca.issue(folder, ["127.0.0.1"])
+        self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(ca_file))
+        self.ctx.load_cert_chain(server.cert, server.key)
+        self.ctx.verify_mode = ssl.CERT_REQUIRED
+        self.ctx.set_alpn_protocols(["h2"])
+        self.target = 0  # the picker's plaintext port, set once known
+        self.accepted = 0
+        self.port = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> MutualTLSProxy:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=self.ctx)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        try:
+            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target)
+        except OSError:
+            writer.close()
+            return
+        for src, dst in ((reader, up_w), (up_r, writer)):
+            task = asyncio.create_task(self._pipe(src, dst))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        try:
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+        except (ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            dst.close()
+
+
+@pytest.mark.parametrize("client_cert", [False, True], ids=["no-client-cert", "client-cert"])
+async def test_mutual_tls_to_the_picker(gateway: GatewayFactory, tmp_path: Path, client_cert: bool) -> None:
+    """With --epp-client-cert/--epp-client-key Envoy presents a certificate to the picker; a picker
+    side that requires one refuses an Envoy without it."""
+    ca = CA()
+    ca_file = ca.write(tmp_path / "ca.pem")
+    client = ca.issue(tmp_path / "client", ["envoy"], client=True)
+    files = {"cert_file": str(client.cert), "key_file": str(client.key)} if client_cert else {}
+    verify = PickerTLS(ca_file=str(ca_file), sans=("127.0.0.1",), **files)
+    async with MutualTLSProxy(ca, ca_file, tmp_path / "front") as proxy:
+
+        def through_proxy(config: dict[str, Any]) -> None:
+            cluster = next(c for c in config["static_resources"]["clusters"] if c["name"] == "epp.default.pool")
+            addr = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+            proxy.target = addr["socket_address"]["port_value"]
+            addr["socket_address"]["port_value"] = proxy.port
+
+        e2e = await gateway(sims=1, picker_tls=verify, picker_options={"secure_serving": False},
+                            config_edit=through_proxy)
+        r = await e2e.post("/v1/completions", PROMPT, timeout=BOUND)
+        if client_cert:
+            assert r.status == 200 and proxy.accepted >= 1
+        else:
+            assert 500 <= r.status < 600 and proxy.accepted == 0 and e2e.picks == {}
+
+
+def _picker_tls_context(config: dict[str, Any]) -> dict[str, Any]:
+    cluster = next(c for c in config["static_resources"]["clusters"] if c["name"] == "epp.default.pool")
+    ctx: dict[str, Any] = cluster["transport_socket"]["typed_config"]["common_tls_context"]
+    return ctx
