@@ -1,8 +1,9 @@
-"""`python -m epp` / `epp`: run the picker, or a subcommand (`envoy-config`)."""
+"""`python -m epp` / `epp`: run the picker, or a subcommand (`envoy-config`, `check-config`)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -23,18 +24,33 @@ async def _serve(opts: Options) -> int:
     except (ConfigError, ResourceError, OSError) as e:
         print(f"epp: error: config: {e}", file=sys.stderr)
         return 2
-    stop = asyncio.Event()
+    signals = 0
+    signalled = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        signalled.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     try:
         await app.start()
     except Exception as e:
         log.error("start failed", extra={"error": str(e)})
         await app.stop(0)
         return 1
-    await stop.wait()
-    log.info("shutting down", extra={"grace_s": opts.shutdown_grace})
+    await signalled.wait()
+    signalled.clear()
+    # drain: NOT_SERVING at once, keep serving new streams for --drain-timeout so the proxy and the
+    # Service stop sending here before we stop accepting; a second signal skips the rest of it
+    log.info("shutting down: draining", extra={"drain_s": opts.drain_timeout, "grace_s": opts.shutdown_grace})
+    await app.begin_drain()
+    if opts.drain_timeout > 0 and signals < 2:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(signalled.wait(), opts.drain_timeout)
+    log.info("shutting down: no new streams", extra={"grace_s": opts.shutdown_grace})
     await app.stop()
     return 0
 
@@ -45,8 +61,13 @@ def main(argv: list[str] | None = None) -> int:
         from epp import envoyconf
 
         return envoyconf.main(args[1:])
+    if args and args[0] == "check-config":
+        from epp import check_config
+
+        return check_config.main(args[1:])
     opts = parse_args(args)
-    logs.setup(opts.log_level, opts.log_format)
+    logs.setup(opts.log_level, opts.log_format, time_encoding=opts.log_time_encoding,
+               stacktrace_level=opts.log_stacktrace_level)
     if opts.event_loop != "asyncio":
         try:
             import uvloop

@@ -319,18 +319,32 @@ class _Plugins:
     broken: set[str] = field(default_factory=set)
     broken_types: set[str] = field(default_factory=set)
 
-    def ref(self, value: Any, path: str, kinds: tuple[str, ...], what: str) -> PluginSpec | None:
-        """The plugin `value` names, checked to be of one of `kinds`; None when it cannot be used."""
+    def ref(self, value: Any, path: str, kinds: tuple[str, ...], what: str, *,
+            implicit: bool = False) -> PluginSpec | None:
+        """The plugin `value` names, checked to be of one of `kinds`; None when it cannot be used.
+        With `implicit`, an undeclared name that is a plugin type of those kinds means that type with
+        default parameters (the reference registers such defaults by itself)."""
         if not isinstance(value, str) or not value:
             raise ConfigError(path, f"expected a plugin name, got {value!r}")
         if value in self.broken:
             return None
         spec = self.specs.get(value)
+        if spec is None and implicit:
+            pt = lookup(value, path) if (plugin_type(value) is not None or _is_pending(value)) else None
+            if pt is not None and pt.kind in kinds:
+                spec = PluginSpec(value, value, pt.kind, pt.cls.parse(Params({}, path)))
+                self.specs[value] = spec
         if spec is None:
             raise ConfigError(path, f"no plugin named \"{value}\"{_near(value, self.specs)}")
         if spec.kind not in kinds:
             raise ConfigError(path, f"\"{value}\" is a {spec.kind} plugin ({spec.type}); {what}")
         return spec
+
+
+def _is_pending(type_name: str) -> bool:
+    from epp.scheduling.pending import pending_feature
+
+    return pending_feature(type_name) is not None
 
 
 def _near(name: str, names: Iterable[str]) -> str:
@@ -346,7 +360,7 @@ def _parse_doc(doc: Any) -> PickerConfig:
     top = Params(doc, "")
     c = _Problems()
     api = top.get("apiVersion")
-    if api not in API_VERSIONS:
+    if api is not None and api not in API_VERSIONS:  # absent: the reference's loader accepts that too
         c.add(ConfigError("apiVersion", f"must be {' or '.join(map(repr, API_VERSIONS))}, got {api!r}"))
     kind = top.get("kind")
     if kind != KIND:
@@ -355,10 +369,8 @@ def _parse_doc(doc: Any) -> PickerConfig:
     preset = c.run(lambda: top.string("preset", "", choices=tuple(PRESETS)), default="") if top.has("preset") else ""
     top.get("preset")
     has_plugins, has_profiles = top.has("plugins"), top.has("schedulingProfiles")
-    if has_plugins != has_profiles:
-        missing = "schedulingProfiles" if has_plugins else "plugins"
-        c.add(ConfigError(missing, "required when " + ("plugins" if has_plugins else "schedulingProfiles")
-                          + " is given"))
+    if has_profiles and not has_plugins:
+        c.add(ConfigError("plugins", "required when schedulingProfiles is given"))
     if has_plugins and preset:
         c.add(ConfigError("preset", "give either a preset or plugins and schedulingProfiles, not both"))
 
@@ -373,8 +385,16 @@ def _parse_doc(doc: Any) -> PickerConfig:
     else:
         raw_plugins, raw_profiles = top.get("plugins"), top.get("schedulingProfiles")
 
+    warnings: list[str] = []
     plugins = _parse_plugins(raw_plugins, c) if has_plugins or not has_profiles else _Plugins()
-    profiles = _parse_profiles(raw_profiles, plugins, c) if has_profiles or not has_plugins else []
+    if has_plugins and not has_profiles:
+        # As the reference: one profile "default" of every declared filter, scorer and picker.
+        raw_profiles = [{"name": "default", "plugins": [
+            {"pluginRef": s.name} for s in plugins.specs.values() if s.kind in (FILTER, SCORER, PICKER)]}]
+        if not raw_profiles[0]["plugins"]:
+            raw_profiles[0]["plugins"] = [{"pluginRef": DEFAULT_PICKER}]
+            plugins.ref(DEFAULT_PICKER, "schedulingProfiles", (PICKER,), "", implicit=True)
+    profiles = _parse_profiles(raw_profiles, plugins, c, warnings) if has_plugins or not has_profiles else []
     _check_refs(plugins, c)
     handler = _choose_handler(plugins, profiles, c)
     running = profiles[0] if profiles else ProfileSpec("", ())
@@ -398,7 +418,6 @@ def _parse_doc(doc: Any) -> PickerConfig:
     c.errors.extend(top.unknown())
     c.raise_if_any()
 
-    warnings: list[str] = []
     if flow is not None:
         warnings.append("flowControl: parsed and validated, but flow control is not built yet: requests are "
                         "not queued (admission still sheds sheddable requests when the pool is saturated)")
@@ -448,7 +467,20 @@ def _parse_gates(raw: Any) -> tuple[str, ...]:
     for i, g in enumerate(raw):
         if not isinstance(g, str) or not g:
             raise ConfigError(f"featureGates[{i}]", f"expected a non-empty string, got {g!r}")
+        name, eq, value = g.partition("=")
+        if not name or (eq and value.strip().lower() not in ("true", "false")):
+            raise ConfigError(f"featureGates[{i}]", f"expected a gate name or name=true|false, got {g!r}")
     return tuple(raw)
+
+
+def gate_enabled(gates: Iterable[str], name: str) -> bool:
+    """Whether `featureGates` switches `name` on ("name" or "name=true"; "name=false" is off)."""
+    on = False
+    for g in gates:
+        key, eq, value = g.partition("=")
+        if key.strip() == name:
+            on = not eq or value.strip().lower() == "true"
+    return on
 
 
 def _merge_engines(from_extractor: Mapping[str, Any], section: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -517,7 +549,7 @@ def _check_refs(plugins: _Plugins, c: _Problems) -> None:
                 c.add(ConfigError(path, f"\"{target}\" is a {other.type}; expected {' or '.join(types)}"))
 
 
-def _parse_profiles(raw_profiles: Any, plugins: _Plugins, c: _Problems) -> list[ProfileSpec]:
+def _parse_profiles(raw_profiles: Any, plugins: _Plugins, c: _Problems, warnings: list[str]) -> list[ProfileSpec]:
     if not isinstance(raw_profiles, list) or not raw_profiles:
         c.add(ConfigError("schedulingProfiles", "expected a non-empty list of profiles"))
         return []
@@ -540,13 +572,14 @@ def _parse_profiles(raw_profiles: Any, plugins: _Plugins, c: _Problems) -> list[
         except ConfigError as e:
             c.add(e)
             continue
-        entries = _parse_entries(refs, path, plugins, c)
+        entries = _parse_entries(refs, path, plugins, c, warnings)
         if entries is not None:
             out.append(ProfileSpec(pname, entries))
     return out
 
 
-def _parse_entries(refs: list[Any], path: str, plugins: _Plugins, c: _Problems) -> tuple[ProfileEntry, ...] | None:
+def _parse_entries(refs: list[Any], path: str, plugins: _Plugins, c: _Problems,
+                   warnings: list[str]) -> tuple[ProfileEntry, ...] | None:
     entries: list[ProfileEntry] = []
     seen: set[str] = set()
     picker: str | None = None
@@ -560,6 +593,16 @@ def _parse_entries(refs: list[Any], path: str, plugins: _Plugins, c: _Problems) 
             if isinstance(ref, str) and ref in plugins.specs and plugins.specs[ref].kind == HANDLER:
                 raise ConfigError(rp.field("pluginRef"),
                                   f"{plugins.specs[ref].type} is a profile handler, not a profile plugin")
+            other = plugins.specs.get(ref) if isinstance(ref, str) else None
+            if other is not None and other.kind not in PROFILE_KINDS:
+                # The reference accepts these in a profile; they act by being declared, not from here.
+                if rp.has("weight"):
+                    raise ConfigError(rp.field("weight"), f"only scorers take a weight; \"{ref}\" is a {other.kind}")
+                rp.done()
+                warnings.append(f"{rp.field('pluginRef')}: \"{ref}\" is a {other.kind} plugin; it runs for every "
+                                "request by being declared, not as part of this profile")
+                seen.add(other.name)
+                continue
             spec = plugins.ref(ref, rp.field("pluginRef"), PROFILE_KINDS,
                                "a profile lists filters, scorers and one picker")
             if spec is None:
@@ -582,8 +625,11 @@ def _parse_entries(refs: list[Any], path: str, plugins: _Plugins, c: _Problems) 
             ok = False
     if not ok:
         return None
-    if picker is None:
-        # As the reference does: a profile without a picker gets the max-score picker.
+    declared_picker = next((s.name for s in plugins.specs.values() if s.kind == PICKER), None)
+    if picker is None and declared_picker is not None:
+        # As the reference: a profile without a picker gets a declared one (else max-score-picker).
+        entries.append(ProfileEntry(plugin=declared_picker))
+    elif picker is None:
         name = DEFAULT_PICKER
         while name in plugins.specs and plugins.specs[name].type != DEFAULT_PICKER:
             name = "_" + name
@@ -657,7 +703,8 @@ def _parse_detectors(
     detectors = [s for s in plugins.specs.values() if s.kind == SATURATION]
     spec: PluginSpec | None = None
     if ref:
-        spec = c.run(plugins.ref, ref, path, (SATURATION,), "expected utilization-detector or concurrency-detector")
+        spec = c.run(lambda: plugins.ref(ref, path, (SATURATION,),
+                                         "expected utilization-detector or concurrency-detector", implicit=True))
     elif len(detectors) == 1:
         spec = detectors[0]
     elif len(detectors) > 1:
@@ -792,7 +839,7 @@ def _parse_parsers(top: Params, plugins: _Plugins, c: _Problems) -> tuple[Plugin
         given = True
         try:
             p = top.sub("parser")
-            spec = plugins.ref(p.get("pluginRef"), p.field("pluginRef"), (PARSER,), expected)
+            spec = plugins.ref(p.get("pluginRef"), p.field("pluginRef"), (PARSER,), expected, implicit=True)
             c.errors.extend(p.unknown())
             if spec is not None:
                 named.append(spec)
@@ -812,7 +859,8 @@ def _parse_parsers(top: Params, plugins: _Plugins, c: _Problems) -> tuple[Plugin
             for i, item in enumerate(raw or []):
                 try:
                     pp = Params(item, f"{rh.field('parsers')}[{i}]")
-                    spec = plugins.ref(pp.get("pluginRef"), pp.field("pluginRef"), (PARSER,), expected)
+                    spec = plugins.ref(pp.get("pluginRef"), pp.field("pluginRef"), (PARSER,), expected,
+                                       implicit=True)
                     c.errors.extend(pp.unknown())
                     if spec is not None:
                         named.append(spec)

@@ -134,6 +134,7 @@ BUILTIN_MODULES: list[str] = [
     "epp.scheduling.admission",
     "epp.scheduling.attributes",
     "epp.scheduling.conformance",
+    "epp.scheduling.roles",
     "epp.producers.approx_prefix",
     "epp.producers.token",
     "epp.datalayer.sources.metrics",

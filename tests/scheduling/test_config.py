@@ -157,7 +157,6 @@ BAD = [
     ("apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: Other\n", "kind: must be"),
     (HEAD + "bogus: 1\n", "bogus: unknown field"),
     (HEAD + "flowControl: []\n", "flowControl: expected a mapping"),
-    (HEAD + "plugins: [{type: queue-scorer}]\n", "schedulingProfiles: required"),
     (HEAD + "schedulingProfiles: [{name: a, plugins: [{pluginRef: x}]}]\n", "plugins: required"),
     (HEAD + "preset: reference\nplugins: [{type: queue-scorer}]\nschedulingProfiles: [{name: a, plugins: "
      "[{pluginRef: queue-scorer}]}]\n", "preset: give either"),
