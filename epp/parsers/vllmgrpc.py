@@ -29,12 +29,12 @@ from __future__ import annotations
 import base64
 import sys
 from array import array
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, overload
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from epp._gen import vllm_engine_pb2 as pb
 from epp.openai import PROMPT_LIMIT, Usage
-from epp.parsers import ParsedRequest, ParseError
+from epp.parsers import ParseDispatch, ParsedRequest, ParseError
 from epp.scheduling.registry import PARSER, Params, register
 
 SERVICE = "vllm.grpc.engine.VllmEngine"
@@ -171,30 +171,12 @@ def parse_embed(raw: bytes) -> ParsedRequest:
                          grpc=True, extra=extra)
 
 
-RequestParse = Callable[[Mapping[str, str], "bytes | None", str], ParsedRequest]
-
-
-class _ParseDispatch:
-    """The plugin contract reads parameters with `Cls.parse(Params)`; the RequestParser contract
-    parses a request with `instance.parse(headers, body, path)`. One name, two contracts: looked up
-    on the class it is the first, on an instance the second."""
-
-    @overload
-    def __get__(self, obj: None, owner: type[VllmGrpcParser]) -> Callable[[Params], None]: ...
-
-    @overload
-    def __get__(self, obj: VllmGrpcParser, owner: type[VllmGrpcParser]) -> RequestParse: ...
-
-    def __get__(self, obj: VllmGrpcParser | None, owner: type[VllmGrpcParser]) -> Any:
-        return owner.parse_params if obj is None else obj.parse_request
-
-
 @register("vllmgrpc-parser", PARSER)
 class VllmGrpcParser:
     """vLLM gRPC Generate and Embed calls; other gRPC paths pass through unparsed."""
 
     needs_body = True
-    parse = _ParseDispatch()
+    parse = ParseDispatch()  # Cls.parse(Params) for the config, instance.parse(...) per request
 
     def __init__(self, name: str = "vllmgrpc-parser", params: None = None, ctx: object = None) -> None:
         self.name = name
@@ -258,6 +240,11 @@ class UsageScanner:
             pos = end
         self._buf = data[pos:]
 
+    def finish(self) -> None:
+        """The body ended (as openai.SSEUsageScanner's): a partial message left over is dropped."""
+        self._buf = b""
+        self._skip = 0
+
     def _read(self, raw: bytes) -> None:
         self.messages += 1
         if self.method != "embed" and self._read_generate(raw):
@@ -277,6 +264,7 @@ class UsageScanner:
             if part.prompt_tokens or part.completion_tokens:
                 self.usage.prompt_tokens = part.prompt_tokens
                 self.usage.completion_tokens = part.completion_tokens
+                self.usage.cached_tokens = part.cached_tokens
                 self.usage.found = True
             return True
         return False
@@ -289,5 +277,5 @@ class UsageScanner:
             return
         if emb.prompt_tokens:
             self.usage.prompt_tokens = emb.prompt_tokens
-            self.usage.completion_tokens = 0
+            self.usage.completion_tokens = self.usage.cached_tokens = 0
             self.usage.found = True

@@ -10,6 +10,7 @@ message is answered with a gRPC error status at the client and reaches no engine
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from tests.deploy.envoy_run import Envoy, run_envoy
 from tests.e2e.conftest import Recording, needs_envoy
 
 RPC_TIMEOUT = 20.0  # seconds: no call may hang a test
+GATE_WAIT = 10.0  # seconds a gated engine waits for the client to see its first chunk
 GENERATE = "/vllm.grpc.engine.VllmEngine/Generate"
 
 CONFIG = """
@@ -68,6 +70,8 @@ class FakeEngine(pb_grpc.VllmEngineServicer):
     name: str
     address: str = ""
     seen: list[Seen] = field(default_factory=list)
+    # set: a streamed Generate sends its first chunk, then waits for the client to set this
+    gate: asyncio.Event | None = None
 
     def _record(self, method: str, request: Any, context: grpc.aio.ServicerContext) -> None:
         md = {k: v for k, v in context.invocation_metadata() or ()}
@@ -78,12 +82,19 @@ class FakeEngine(pb_grpc.VllmEngineServicer):
         self._record("Generate", request, context)
         n = request.sampling_params.max_tokens if request.sampling_params.HasField("max_tokens") else 3
         prompt = len(request.tokenized.input_ids) if request.HasField("tokenized") else len(request.text.split())
+        finish = "length"
         if request.stream:
             for i in range(n):
                 yield pb.GenerateResponse(chunk=pb.GenerateStreamChunk(
                     token_ids=[self.index], prompt_tokens=prompt, completion_tokens=i + 1))
+                if i == 0 and self.gate is not None:
+                    try:
+                        await asyncio.wait_for(self.gate.wait(), GATE_WAIT)
+                    except TimeoutError:
+                        finish = "abort"  # the first chunk never reached the client
+                        break
         yield pb.GenerateResponse(complete=pb.GenerateComplete(
-            output_ids=[self.index] * n, finish_reason="length", prompt_tokens=prompt, completion_tokens=n))
+            output_ids=[self.index] * n, finish_reason=finish, prompt_tokens=prompt, completion_tokens=n))
 
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         self._record("Embed", request, context)
@@ -187,6 +198,28 @@ async def test_generate_streams_back_from_the_chosen_engine(grpc_stack: Any, pro
         assert [r.WhichOneof("response") for r in replies] == ["chunk"] * 5 + ["complete"]
         assert all(list(r.chunk.token_ids) == [engine.index] for r in replies[:5])
         assert list(replies[-1].complete.output_ids) == [engine.index] * 5
+
+
+@pytest.mark.parametrize("profile", ["duplex", "buffered"])
+async def test_stream_chunks_arrive_before_the_answer_ends(grpc_stack: Any, profile: str) -> None:
+    # each engine holds its answer after the first chunk until the client has that chunk: a
+    # response held anywhere on the way (picker or Envoy) would end in "abort" instead
+    stack = await grpc_stack(profile=profile)
+    gate = asyncio.Event()
+    for e in stack.engines:
+        e.gate = gate
+    call = stack.stub.Generate(pb.GenerateRequest(text="stream me", stream=True,
+                                                  sampling_params=pb.SamplingParams(max_tokens=4)),
+                               timeout=RPC_TIMEOUT)
+    first = await call.read()
+    assert first.WhichOneof("response") == "chunk"
+    gate.set()
+    rest = []
+    while (r := await call.read()) is not grpc.aio.EOF:
+        rest.append(r)
+    assert [r.WhichOneof("response") for r in rest] == ["chunk"] * 3 + ["complete"]
+    assert rest[-1].complete.finish_reason == "length"
+    _assert_routed_as_picked(stack)
 
 
 async def test_unary_style_generate_returns_one_complete(grpc_stack: Any) -> None:

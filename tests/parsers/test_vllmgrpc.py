@@ -339,8 +339,10 @@ def test_usage_from_stream_split_anywhere() -> None:
         s = UsageScanner("generate")
         s.feed(stream[:cut])
         s.feed(stream[cut:])
+        s.finish()
         assert s.messages == 3
         assert (s.usage.prompt_tokens, s.usage.completion_tokens, s.usage.found) == (10, 5, True)
+        assert s.usage.cached_tokens == 3
 
 
 def test_usage_chunks_without_counts_leave_usage_unset() -> None:
