@@ -48,6 +48,8 @@ requestHandler:
   - pluginRef: vllmgrpc-parser
 """
 
+# the same, with the older `parser:` section (GIE's form) selecting the parser
+CONFIG_PARSER_SECTION = CONFIG.split("requestHandler:")[0] + "parser:\n  pluginRef: vllmgrpc-parser\n"
 
 pytestmark = [pytest.mark.envoy, needs_envoy]
 
@@ -292,4 +294,15 @@ async def test_compressed_message_is_unimplemented(grpc_stack: Any) -> None:
         await _generate(stack, req, compression=grpc.Compression.Gzip)
     assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED, (e.value.code(), e.value.details())
     assert "compressed gRPC payload is not supported" in (e.value.details() or "")
+    assert stack.calls() == []
+
+
+async def test_parser_section_selects_it_too(grpc_stack: Any) -> None:
+    stack = await grpc_stack(config=CONFIG_PARSER_SECTION)
+    replies = await _generate(stack, pb.GenerateRequest(text="via the parser section"))
+    engine = _assert_routed_as_picked(stack)
+    assert list(replies[-1].complete.output_ids) == [engine.index] * 3
+    stack.reset()
+    err = await _raw_generate(stack, b"\x1a\x10short")
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert stack.calls() == []
