@@ -10,6 +10,10 @@ the poller process's only; the poller is pinned to the first CPU, the servers to
 they ignore it and every poll reads the whole 40 KB page. Prints the poller's CPU as % of one
 core, polls/s achieved against the target, CPU per poll, and (with --profile) where the time
 goes. No assertions.
+
+`--hostile K` adds K pods that answer every poll with a 10 MB page (issue 13.7); `--no-caps`
+polls them as before the page cap and backoff existed (no size cap, no backoff) for comparison.
+The poller's peak RSS is printed too.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import cProfile
 import io
 import os
 import pstats
+import resource
 import subprocess
 import sys
 import time
@@ -33,11 +38,13 @@ sys.path.insert(0, str(ROOT.parent / "shared" / "bench-floor"))
 # ---- the server process ------------------------------------------------------------------------
 
 
-def serve(count: int, honour_filter: bool) -> None:
-    """Listen on `count` ports of 127.0.0.1; print them; answer GETs until stdin closes."""
+def serve(count: int, honour_filter: bool, hostile: int = 0) -> None:
+    """Listen on `count` (+ `hostile`) ports of 127.0.0.1; print them; answer GETs until stdin closes."""
     from vllm_page import page
 
     text = page()
+    filler = "".join(f'filler_metric{{i="{i:08d}",pad="{"x" * 64}"}} 1\n' for i in range(1000))
+    huge = text + filler * (10_000_000 // len(filler))  # ~10 MB, a valid page
     wanted = ("vllm:num_requests", "vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc",
               "vllm:cache_config_info", "vllm:lora_requests_info")
     small = "".join(line + "\n" for line in text.splitlines() if any(w in line for w in wanted))
@@ -47,9 +54,11 @@ def serve(count: int, honour_filter: bool) -> None:
         head = f"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {len(data)}\r\n\r\n"
         return head.encode() + data
 
-    full_reply, small_reply = reply(text), reply(small)
+    full_reply, small_reply, huge_reply = reply(text), reply(small), reply(huge)
 
     class Http(asyncio.Protocol):
+        huge = False
+
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             self.transport = transport
             self.buf = b""
@@ -63,11 +72,18 @@ def serve(count: int, honour_filter: bool) -> None:
                 head, self.buf = self.buf[:end], self.buf[end + 4 :]
                 line = head.split(b"\r\n", 1)[0]
                 filtered = honour_filter and (b"name%5B%5D=" in line or b"name[]=" in line)
+                if self.huge:
+                    self.transport.write(huge_reply)  # type: ignore[attr-defined]
+                    continue
                 self.transport.write(small_reply if filtered else full_reply)  # type: ignore[attr-defined]
+
+    class Huge(Http):
+        huge = True
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
         servers = [await loop.create_server(Http, "127.0.0.1", 0, backlog=512) for _ in range(count)]
+        servers += [await loop.create_server(Huge, "127.0.0.1", 0, backlog=512) for _ in range(hostile)]
         ports = [s.sockets[0].getsockname()[1] for s in servers]
         print(" ".join(map(str, ports)), flush=True)
         await loop.run_in_executor(None, sys.stdin.read)  # until the parent closes our stdin
@@ -85,13 +101,15 @@ def proc_cpu(pid: int) -> float:
 
 
 async def measure(ports: list[int], interval: float, seconds: float, server_pid: int,
-                  profile: bool) -> dict[str, float]:
+                  profile: bool, caps: bool = True) -> dict[str, float]:
     from epp.datastore import Datastore
     from epp.metrics.scrape import Scraper
 
     ds = Datastore("bench")
     ds.set_static_endpoints(f"127.0.0.1:{p}" for p in ports)
-    scraper = Scraper(ds, interval=interval)
+    # without caps: read any page whole and never back off (the poller before issue 13.7)
+    limits = {} if caps else {"max_page_bytes": 1 << 40, "max_backoff": interval}
+    scraper = Scraper(ds, interval=interval, **limits)
     scraper.start()
     await asyncio.sleep(max(1.0, interval * 10))  # warm-up: connections open, filter probed
     prof = cProfile.Profile() if profile else None
@@ -118,13 +136,13 @@ async def measure(ports: list[int], interval: float, seconds: float, server_pid:
 def run(mode: str, args: argparse.Namespace) -> None:
     server = subprocess.Popen(
         [sys.executable, __file__, "--serve", str(args.endpoints), "--honour", "1" if mode == "filtered" else "0",
-         *([] if args.pin else ["--no-pin"])],
+         "--hostile", str(args.hostile), *([] if args.pin else ["--no-pin"])],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
     try:
         assert server.stdout is not None
         ports = [int(p) for p in server.stdout.readline().split()]
-        r = asyncio.run(measure(ports, args.interval, args.seconds, server.pid, args.profile))
+        r = asyncio.run(measure(ports, args.interval, args.seconds, server.pid, args.profile, args.caps))
     finally:
         if server.stdin:
             server.stdin.close()
@@ -135,12 +153,14 @@ def run(mode: str, args: argparse.Namespace) -> None:
             server.wait()
     target = args.endpoints / args.interval
     polls = r["ok"] / r["wall"]
-    print(f"[{mode}] {args.endpoints} endpoints every {args.interval * 1000:g} ms for {r['wall']:.1f} s")
+    hostile = f" + {args.hostile} serving 10 MB ({'capped' if args.caps else 'no caps'})" if args.hostile else ""
+    print(f"[{mode}] {args.endpoints} endpoints{hostile} every {args.interval * 1000:g} ms for {r['wall']:.1f} s")
     per_poll = 1e6 * r["cpu"] / max(r["ok"], 1)
     print(f"  poller CPU: {100 * r['cpu'] / r['wall']:.1f}% of one core; {per_poll:.0f} us per poll")
     print(f"  polls/s: {polls:.0f} of {target:.0f} targeted ({100 * polls / target:.0f}%); failed: {r['failed']}")
     print(f"  snapshot age at the end: median {r['age_p50'] * 1000:.0f} ms, max {r['age_max'] * 1000:.0f} ms")
     print(f"  (server process CPU: {100 * r['server_cpu'] / r['wall']:.1f}% of one core, not counted above)")
+    print(f"  poller peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 
 def main() -> None:
@@ -153,12 +173,15 @@ def main() -> None:
     ap.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin poller and servers to CPUs")
     ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--honour", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--hostile", type=int, default=0, help="extra pods serving a 10 MB page")
+    ap.add_argument("--no-caps", dest="caps", action="store_false",
+                    help="no page size cap and no backoff (the poller before issue 13.7)")
     args = ap.parse_args()
     pin = args.pin and len(os.sched_getaffinity(0)) >= 2
     if args.serve:
         if pin:
             os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[1]})
-        serve(args.serve, bool(args.honour))
+        serve(args.serve, bool(args.honour), args.hostile)
         return
     if pin:  # the poller on one core, the servers on another (other load on the machine still counts)
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
