@@ -2,6 +2,18 @@
 
 `App` is what `python -m epp` runs and what integration tests start in-process (ports 0 = from
 the OS; the bound ports are on the App after start()).
+
+Health (gRPC, on the health port and the ext_proc port): `liveness` is SERVING while the process
+runs. Without leader election every other service name, including the `inference-extension` the
+reference's chart probes ask for, is SERVING once the pool is loaded. With leader election
+`readiness` and `inference-extension` are SERVING on the loaded leader only, `""` and the
+ExternalProcessor service on every loaded replica (followers keep answering the proxy), other
+names are SERVICE_UNKNOWN, as in the reference.
+
+Shutdown (SIGTERM): `begin_drain()` turns every service but `liveness` NOT_SERVING at once and
+gives up the leader Lease, while ext_proc keeps serving new streams for `--drain-timeout` (the
+proxy and the Service notice the change within their probe period); then `stop()` refuses new
+streams and lets open ones finish within `--shutdown-grace`.
 """
 
 from __future__ import annotations
@@ -21,11 +33,10 @@ from epp.bbr import BodyRouter
 from epp.cli import Options
 from epp.datastore import Datastore
 from epp.director import Director
-from epp.parsers import build_parser
-from epp.requestcontrol.base import build_request_control
-from epp.extproc import BUFFERED, DUPLEX, Decider, ExtProcServicer
-from epp.metrics.engines import apply_overrides
+from epp.extproc import BUFFERED, DUPLEX, ExtProcServicer
+from epp.metrics.engines import apply_flag_overrides, apply_overrides
 from epp.metrics.scrape import Scraper
+from epp.metrics_http import KubeAuthorizer, KubeReviews, MetricsServer
 from epp.resources import pool_from_flags
 from epp.scheduling.config import PickerConfig, build_admission, build_scheduler, describe, load_config
 from epp.scheduling.framework import Scheduler
@@ -36,9 +47,11 @@ from epp.telemetry import Telemetry
 log = logging.getLogger("epp.server")
 
 EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
-HEALTH_SERVICES = ("", "liveness", "readiness", EXTPROC_SERVICE)
+PROBE_SERVICE = "inference-extension"  # what the reference's chart probes ask for
+HEALTH_SERVICES = ("", "liveness", "readiness", EXTPROC_SERVICE, PROBE_SERVICE)
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 
 
 class Source(Protocol):
@@ -65,6 +78,65 @@ def config_text(opts: Options) -> str | None:
     return None
 
 
+class PickerHealth(HealthServicer):
+    """gRPC health by rule (see module doc) rather than by a fixed list of names."""
+
+    def __init__(self, leader_election: bool) -> None:
+        super().__init__()
+        self.leader_election = leader_election
+        self.loaded = False
+        self.leader = not leader_election
+        self.draining = False
+
+    def status(self, service: str) -> int:
+        """The answer for one service name."""
+        if service == "liveness":
+            return _SERVING
+        up = self.loaded and not self.draining
+        if not self.leader_election:
+            return _SERVING if up else _NOT_SERVING
+        if service in ("readiness", PROBE_SERVICE):
+            return _SERVING if up and self.leader else _NOT_SERVING
+        if service in ("", EXTPROC_SERVICE):
+            return _SERVING if up else _NOT_SERVING
+        return _UNKNOWN
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, context: Any) -> health_pb2.HealthCheckResponse:
+        return health_pb2.HealthCheckResponse(status=self.status(request.service))  # type: ignore[arg-type]
+
+    async def publish(self) -> None:
+        """Push the current answers to Watch streams of the well-known names."""
+        for svc in HEALTH_SERVICES:
+            await self.set(svc, self.status(svc))  # type: ignore[arg-type]
+
+
+class SubsetIgnored:
+    """`--disable-endpoint-subset-filter`: the director never sees the proxy's subset hint.
+    Everything but decide() is the wrapped decider's own (attribute lookup falls through)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def decide(self, headers: dict[str, str], body: bytes | None, subset_hint: object = None,
+               started: float | None = None) -> Any:
+        return self.inner.decide(headers, body, None, started)
+
+
+def engine_specs(config_engines: Any, opts: Options) -> dict[str, Any]:
+    """The engine metric map: built-ins, the config's engineMetrics, then the reference's flags."""
+    f = opts.metric_flags
+    return apply_flag_overrides(
+        apply_overrides(config_engines),
+        scheme=opts.model_server_metrics_scheme, path=opts.model_server_metrics_path,
+        port=opts.model_server_metrics_port, insecure_skip_verify=opts.model_server_metrics_insecure,
+        queued=f.get("total-queued-requests-metric"), running=f.get("total-running-requests-metric"),
+        kv=f.get("kv-cache-usage-percentage-metric"), lora=f.get("lora-info-metric"),
+        cache_info=f.get("cache-info-metric"))
+
+
 class App:
     """One picker process: everything started by start() is stopped by stop()."""
 
@@ -72,7 +144,7 @@ class App:
         """Build everything that needs no I/O; raises ConfigError / ResourceError for a bad config."""
         self.opts = opts
         self.config: PickerConfig = load_config(config_text(opts))
-        self.engines = apply_overrides(self.config.engine_metrics)
+        self.engines = engine_specs(self.config.engine_metrics, opts)
         self.datastore = Datastore(opts.pool_name, opts.pool_namespace)
         self.scheduler: Scheduler = scheduler or build_scheduler(
             self.config, has_lora=lambda: pool_serves_adapters(self.datastore.candidates))
@@ -85,30 +157,44 @@ class App:
         self.director = Director(self.datastore, self.scheduler, telemetry=self.telemetry,
                                  admission=build_admission(self.config),
                                  session_header=session_header(self.scheduler),
-                                 max_body_bytes=opts.max_request_body_bytes,
-                                 parser=build_parser(getattr(self.config, "parser", None)),
-                                 request_control=build_request_control(self.config.plugins))
+                                 max_body_bytes=opts.max_request_body_bytes)
         self.scraper: Scraper | None = None
         self.kube: Any = None  # the KubeSource, when watching a cluster
         mode = BUFFERED if opts.default_body_mode == "buffered" else DUPLEX
-        decider: Decider = self.director
+        decider: Any = self.director  # a Decider, maybe wrapped
         if opts.mode == "bbr":
             decider = BodyRouter(opts.base_models, opts.max_request_body_bytes)
+        elif opts.disable_endpoint_subset_filter:
+            decider = SubsetIgnored(decider)
+        self.tracer_provider: Any = None
+        if opts.tracing:
+            from epp import tracing  # the OpenTelemetry SDK is imported only when asked for
+
+            self.tracer_provider = tracing.setup()
+            decider = tracing.TracingDecider(decider, self.tracer_provider)
+        self.decider = decider
         self.servicer = ExtProcServicer(decider, default_body_mode=mode, default_response_mode=mode)
-        self.health = HealthServicer()
+        self.health = PickerHealth(opts.ha_enable_leader_election and opts.mode == "epp")
         self.is_leader = not opts.ha_enable_leader_election
+        self.elector: Any = None
+        self.metrics_http: MetricsServer | None = None
         self.sources: list[Source] = []
         self.grpc_port = 0
         self.grpc_health_port = 0
         self.metrics_port = 0
         self._servers: list[grpc.aio.Server] = []
         self._tasks: list[asyncio.Task[Any]] = []
-        self._ready: tuple[bool, bool] | None = None
+        self._ready: tuple[bool, bool, bool] | None = None
         self.cert: tls.KeyPair | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
         o = self.opts
+        for notice in o.notices:
+            log.info(notice)
+        if o.standalone:
+            log.info("standalone mode: no InferencePool object; the pool comes from --endpoint-selector",
+                     extra={"pool": o.pool_name, "selector": o.endpoint_selector, "ports": o.endpoint_target_ports})
         if o.endpoints:
             self.datastore.set_static_endpoints(o.endpoints)
         pool_override = None
@@ -134,19 +220,24 @@ class App:
             # followers keep watching, scraping and serving ext_proc, so a failover starts warm;
             # only `readiness` follows leadership
             lease = lease_name(o.pool_name, o.pool_namespace)
-            self.sources.append(LeaderElector(namespace=o.pool_namespace, name=lease, on_change=self.set_leader,
-                                              kubeconfig=o.kubeconfig or None))
-            await self.sources[-1].start()
+            self.elector = LeaderElector(namespace=o.pool_namespace, name=lease, on_change=self.set_leader,
+                                         kubeconfig=o.kubeconfig or None)
+            self.sources.append(self.elector)
+            await self.elector.start()
         if o.mode == "epp":
             self.scraper = Scraper(self.datastore, interval=o.refresh_metrics_interval, engines=self.engines)
             self.scraper.start()
             log.info("scheduling profile", extra={"profile": describe(self.config)})
 
-        for svc in HEALTH_SERVICES:
-            await self.health.set(svc, _NOT_SERVING)
-        await self.health.set("liveness", _SERVING)
+        await self.health.publish()
 
-        main = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 << 20)])
+        # the receive limit follows the body cap, so an oversized message is refused by its length
+        # prefix instead of being read whole first
+        grpc_opts: list[tuple[str, Any]] = [("grpc.so_reuseport", 0),
+                                            ("grpc.max_receive_message_length", o.grpc_recv_limit)]
+        if o.grpc_max_send_msg_size:
+            grpc_opts.append(("grpc.max_send_message_length", o.grpc_max_send_msg_size))
+        main = grpc.aio.server(options=grpc_opts)
         ep_grpc.add_ExternalProcessorServicer_to_server(self.servicer, main)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, main)
         addr = f"{o.bind_address}:{o.grpc_port}"
@@ -179,7 +270,9 @@ class App:
             self._servers.append(hs)
         for s in self._servers:
             await s.start()
-        self.metrics_port = self.telemetry.serve(o.metrics_port, o.bind_address)
+        self.metrics_http = MetricsServer(self.telemetry.registry, authorizer=self._metrics_authorizer(),
+                                          debug=self._debug_routes())
+        self.metrics_port = self.metrics_http.start(o.metrics_port, o.bind_address)
         self._tasks.append(asyncio.create_task(self._readiness_loop(), name="readiness"))
         self._tasks.append(asyncio.create_task(self.telemetry.run_pool_refresh(
             self.datastore, o.refresh_prometheus_metrics_interval, o.metrics_staleness_threshold,
@@ -188,6 +281,33 @@ class App:
         log.info("picker started", extra={
             "pool": f"{o.pool_namespace}/{o.pool_name}", "grpc_port": self.grpc_port,
             "health_port": self.grpc_health_port, "metrics_port": self.metrics_port, "tls": o.secure_serving})
+
+    def _metrics_authorizer(self) -> KubeAuthorizer | None:
+        o = self.opts
+        if not o.metrics_endpoint_auth:
+            return None
+        if self.kube is None and not o.kubeconfig:
+            log.warning("metrics endpoint auth is off: no cluster to review tokens with (no-cluster mode); "
+                        "/metrics is open to anyone who can reach the port",
+                        extra={"flag": "--metrics-endpoint-auth"})
+            return None
+        from epp.sources.kube_client import make_api_client
+
+        try:
+            api = make_api_client(o.kubeconfig or None)
+        except Exception as e:
+            log.warning("metrics endpoint auth is off: no Kubernetes client configuration",
+                        extra={"error": str(e)})
+            return None
+        log.info("metrics endpoint auth on: bearer token, TokenReview + SubjectAccessReview")
+        return KubeAuthorizer(KubeReviews(api))
+
+    def _debug_routes(self) -> Any:
+        if not self.opts.enable_pprof:
+            return None
+        from epp.debug import DebugRoutes
+
+        return DebugRoutes(asyncio.get_running_loop())
 
     def _kube_source(self, pool_override: Any) -> Source:
         from epp.sources.kube import KubeSource  # the kubernetes client is only needed in a cluster
@@ -198,12 +318,28 @@ class App:
                                pool_override=pool_override, write_status=not self.opts.ha_enable_leader_election)
         return self.kube
 
+    async def begin_drain(self) -> None:
+        """SIGTERM, step one: NOT_SERVING everywhere but `liveness` (the Service and the proxy take
+        this replica out) and the leader Lease given up; ext_proc keeps serving new streams."""
+        if self.health.draining:
+            return
+        self.health.draining = True
+        await self._update_readiness()
+        if self.elector is not None:
+            with contextlib.suppress(Exception):
+                await self.elector.stop()  # releases the Lease so a follower takes over at once
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """begin_drain(), then keep serving for `timeout` (default --drain-timeout)."""
+        await self.begin_drain()
+        await asyncio.sleep(self.opts.drain_timeout if timeout is None else timeout)
+
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking new streams, let open ones finish within `grace`, then stop everything."""
         grace = self.opts.shutdown_grace if grace is None else grace
-        for svc in HEALTH_SERVICES:
-            with contextlib.suppress(Exception):
-                await self.health.set(svc, _NOT_SERVING)
+        self.health.draining = True
+        with contextlib.suppress(Exception):
+            await self.health.publish()
         await asyncio.gather(*(s.stop(grace) for s in self._servers), return_exceptions=True)
         for t in self._tasks:
             t.cancel()
@@ -215,7 +351,12 @@ class App:
                 await src.stop()
         if self.scraper is not None:
             await self.scraper.stop()
+        if self.metrics_http is not None:
+            self.metrics_http.close()
         self.telemetry.close()
+        if self.tracer_provider is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.tracer_provider.shutdown)  # flushes queued spans
         log.info("picker stopped")
 
     async def wait(self) -> None:
@@ -233,14 +374,15 @@ class App:
         # every replica serves ext_proc once the pool is loaded; `readiness` (what Kubernetes uses to
         # send traffic) also requires leadership when leader election is on, as the reference does
         loaded = self.opts.mode == "bbr" or self.datastore.ready
-        state = (loaded, loaded and self.is_leader)
+        state = (loaded, self.is_leader, self.health.draining)
         if state == self._ready:
             return
         self._ready = state
-        for svc in ("", EXTPROC_SERVICE):
-            await self.health.set(svc, _SERVING if loaded else _NOT_SERVING)
-        await self.health.set("readiness", _SERVING if state[1] else _NOT_SERVING)
-        log.info("readiness changed", extra={"pool_loaded": loaded, "leader": self.is_leader, "ready": state[1]})
+        self.health.loaded, self.health.leader = loaded, self.is_leader
+        await self.health.publish()
+        log.info("readiness changed", extra={"pool_loaded": loaded, "leader": self.is_leader,
+                                             "draining": self.health.draining,
+                                             "ready": self.health.status("readiness") == _SERVING})
 
     async def _readiness_loop(self) -> None:
         while True:

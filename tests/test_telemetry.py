@@ -293,3 +293,30 @@ def test_running_gauge_stays_balanced_for_overflow_names() -> None:
         t.finished(c)
     m = families(t)
     assert all(s.value == 0 for s in m["inference_objective_running_requests"])
+
+
+async def test_client_model_names_cannot_blow_up_the_page(start_picker, tmp_path):
+    """Through the real ext_proc path: a 1 MiB model name and 300 others, with a pool that knows
+    its models (an InferenceModelRewrite): only the known names and `other` are labels."""
+    (tmp_path / "m.yaml").write_text("""
+apiVersion: inference.networking.x-k8s.io/v1alpha2
+kind: InferenceModelRewrite
+metadata: {name: alias}
+spec:
+  poolRef: {name: pool}
+  rules: [{matches: [{model: {value: a}}], targets: [{modelRewrite: b}]}]
+""")
+    app, ch = await start_picker(endpoints=["127.0.0.1:8000"], manifests=[str(tmp_path)])
+    rng = random.Random(3)
+    names = ["x" * (1 << 20), *_names(300, rng), "a"]
+    resp = json.dumps({"usage": {"prompt_tokens": 3, "completion_tokens": 2}}).encode()
+    for name in names:
+        await exchange(ch, [request_headers(), *body_chunks(chat(name), 4), response_headers(),
+                            ep.ProcessingRequest(response_body=ep.HttpBody(body=resp, end_of_stream=True))])
+    page = urllib.request.urlopen(f"http://127.0.0.1:{app.metrics_port}/metrics", timeout=5).read()
+    m = scrape(app.metrics_port)
+    models = {s.labels["model_name"] for s in m["inference_objective_request_total"]}
+    assert models == {"a", OTHER}
+    assert value(m, "inference_objective_request_total", model_name=OTHER) == 301
+    print(f"\n/metrics after a 1 MiB name and 300 others: {len(page)} bytes")
+    assert len(page) < 512 << 10  # before the bound: the 1 MiB name alone made it ~286 MB

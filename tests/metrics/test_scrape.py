@@ -611,3 +611,62 @@ def test_staleness_helpers() -> None:
     assert age(ep, 100.0) == pytest.approx(0.1)
     assert not is_stale(ep, 100.0) and is_stale(ep, 100.0, threshold=0.05)
     assert is_stale(ep, 100.3)
+
+
+# ---- where the page lives: https, per-engine defaults, the reference's flags --------------------
+
+
+@pytest.fixture
+async def https_server(tmp_path: Any) -> AsyncIterator[Any]:
+    """A vLLM page over TLS with a self-signed certificate, as model servers often have."""
+    import ssl
+
+    from epp import tls
+
+    pair = tls.self_signed(["localhost"])
+    (tmp_path / "c.pem").write_bytes(pair.cert)
+    (tmp_path / "k.pem").write_bytes(pair.key)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
+    app = web.Application()
+
+    async def handle(request: web.Request) -> web.Response:
+        return web.Response(body=pages.vllm(waiting=7).encode(), content_type="text/plain")
+
+    app.router.add_get("/metrics", handle)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx).start()
+    yield runner.addresses[0][1]
+    await runner.cleanup()
+
+
+async def test_https_insecure_by_default_as_the_reference(https_server: int, scrapers: Any) -> None:
+    from epp.metrics.engines import apply_flag_overrides
+
+    ds = datastore(f"127.0.0.1:{https_server}")
+    scrapers(ds, engines=apply_flag_overrides(ENGINES, scheme="https"))
+    ep = next(iter(ds.endpoints.values()))
+    await until(lambda: ep.metrics is not None)
+    assert ep.metrics is not None and ep.metrics.waiting == 7
+
+
+async def test_https_verification_on_rejects_a_self_signed_server(https_server: int, scrapers: Any) -> None:
+    from epp.metrics.engines import apply_flag_overrides
+
+    ds = datastore(f"127.0.0.1:{https_server}")
+    scraper = scrapers(ds, engines=apply_flag_overrides(ENGINES, scheme="https", insecure_skip_verify=False))
+    await until(lambda: scraper.polls_failed >= 2)
+    assert next(iter(ds.endpoints.values())).metrics is None
+
+
+async def test_flag_path_and_port_reach_every_engine(servers: Any, scrapers: Any) -> None:
+    from epp.metrics.engines import apply_flag_overrides
+
+    s = await servers(pages.triton(waiting=3), path="/custom")
+    ds = datastore("127.0.0.1:1")
+    ds.endpoints["127.0.0.1:1"].engine = "triton-tensorrt-llm"  # its default port 8002 is overridden
+    scrapers(ds, engines=apply_flag_overrides(ENGINES, path="/custom", port=s.port))
+    ep = ds.endpoints["127.0.0.1:1"]
+    await until(lambda: ep.metrics is not None)
+    assert ep.metrics is not None and ep.metrics.waiting == 3
