@@ -58,7 +58,7 @@ async def wait_serving(hport: int, timeout: float = 30.0) -> None:
 
 async def test_sigterm_finishes_open_streams_then_exits(picker_proc):
     p, port, hport = picker_proc("--pool-name", "p", "--endpoints", "127.0.0.1:9", "--secure-serving=false",
-                                 "--shutdown-grace", "5s")
+                                 "--shutdown-grace", "5s", "--drain-timeout", "0")
     await wait_serving(hport)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
         call = ep_grpc.ExternalProcessorStub(ch).Process()

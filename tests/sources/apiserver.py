@@ -286,6 +286,10 @@ class ApiServer:
         self.on_sent: Callable[[str, dict[str, Any], float], None] | None = None  # (event type, object, t)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        # TokenReview / SubjectAccessReview: token -> user info ({"username", "groups", "uid"}), and
+        # the (username, non-resource path, verb) triples RBAC allows
+        self.review_tokens: dict[str, dict[str, Any]] = {}
+        self.review_allowed: set[tuple[str, str, str]] = set()
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self) -> str:
@@ -602,6 +606,7 @@ def _translate(w: _Watcher, ch: _Change) -> dict[str, Any] | None:
 
 
 _NAMESPACES = re.compile(r"^/api/v1/namespaces(?:/([^/]+))?$")
+_REVIEW_PATHS = ("/apis/authentication.k8s.io/v1/tokenreviews", "/apis/authorization.k8s.io/v1/subjectaccessreviews")
 _CORE = re.compile(r"^/api/v1/namespaces/([^/]+)/([^/]+)(?:/([^/]+))?(?:/([^/]+))?$")
 _GROUP = re.compile(r"^/apis/([^/]+)/([^/]+)/namespaces/([^/]+)/([^/]+)(?:/([^/]+))?(?:/([^/]+))?$")
 
@@ -709,6 +714,9 @@ def _make_handler(api: ApiServer) -> type[BaseHTTPRequestHandler]:
             if inj is not None:
                 self._error(inj[0], inj[1], f"injected {inj[0]}")
                 return
+            if method == "POST" and parts.path in _REVIEW_PATHS:
+                self._review(parts.path, self._body())
+                return
             if _NAMESPACES.match(parts.path):
                 self._namespaces(method, _NAMESPACES.match(parts.path).group(1))  # type: ignore[union-attr]
                 return
@@ -752,6 +760,22 @@ def _make_handler(api: ApiServer) -> type[BaseHTTPRequestHandler]:
         do_PUT = lambda self: self._handle("PUT")  # noqa: E731
         do_PATCH = lambda self: self._handle("PATCH")  # noqa: E731
         do_DELETE = lambda self: self._handle("DELETE")  # noqa: E731
+
+        def _review(self, path: str, body: Any) -> None:
+            spec = body.get("spec") if isinstance(body, dict) else None
+            if not isinstance(spec, dict):
+                self._error(400, "BadRequest", "spec is required")
+                return
+            out = copy.deepcopy(body)
+            if path.endswith("tokenreviews"):
+                user = api.review_tokens.get(str(spec.get("token", "")))
+                out["status"] = ({"authenticated": True, "user": user} if user is not None
+                                 else {"authenticated": False, "error": "invalid bearer token"})
+            else:
+                nra = spec.get("nonResourceAttributes") or {}
+                allowed = (spec.get("user"), nra.get("path"), nra.get("verb")) in api.review_allowed
+                out["status"] = {"allowed": allowed, **({} if allowed else {"reason": "no matching rule"})}
+            self._send_json(201, out)
 
         # ---- verbs -------------------------------------------------------------------------
         def _selectors(self, rtype: ResourceType, q: dict[str, str]) -> tuple[Any, Any] | None:
