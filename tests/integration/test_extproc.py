@@ -472,3 +472,246 @@ async def test_health_before_and_after_pool_loads_and_hot_reload(start_picker, t
         await asyncio.sleep(0.05)
     replies = await exchange(ch, [request_headers(), *body_chunks(chat())])
     assert replies[0].immediate_response.status.code == 503
+
+
+# ---- stream parity: trailers, stream:true without SSE ------------------------------------------------
+REWRITE_ALIAS = """
+    apiVersion: inference.networking.x-k8s.io/v1alpha2
+    kind: InferenceModelRewrite
+    metadata: {name: alias}
+    spec:
+      poolRef: {name: pool}
+      rules: [{matches: [{model: {value: alias}}], targets: [{modelRewrite: real-model}]}]
+    """
+
+
+def _kinds(replies: list[ep.ProcessingResponse]) -> list[str]:
+    return [r.WhichOneof("response") or "" for r in replies]
+
+
+async def test_held_json_response_ending_with_trailers_is_flushed(start_picker, tmp_path):
+    write(tmp_path / "m.yaml", REWRITE_ALIAS)
+    app, ch = await start_picker(endpoints=EPS, manifests=[str(tmp_path)])
+    resp = json.dumps({"model": "real-model", "usage": {"prompt_tokens": 3, "completion_tokens": 4,
+                                                         "prompt_tokens_details": {"cached_tokens": 2}}}).encode()
+    finished = []
+    orig = app.director.finish
+    app.director.finish = lambda ctx: (finished.append(ctx), orig(ctx))[1]  # type: ignore[method-assign]
+    msgs = [request_headers(), *body_chunks(chat("alias")), response_headers(),
+            *body_chunks(resp, 3, response=True, eos=False), ep.ProcessingRequest(response_trailers=ep.HttpTrailers())]
+    replies = await exchange(ch, msgs)
+    assert _kinds(replies) == ["request_headers", "request_body", "response_headers", "response_body",
+                               "response_trailers"]
+    out, eos = streamed_body(replies, "response_body")
+    assert json.loads(out)["model"] == "alias" and eos == [False]
+    ctx = [c for c in finished if c is not None][0]
+    assert (ctx.usage_prompt, ctx.usage_completion, ctx.usage_cached) == (3, 4, 2)
+
+
+async def test_sse_restorer_tail_flushed_on_trailers(start_picker, tmp_path):
+    write(tmp_path / "m.yaml", REWRITE_ALIAS)
+    app, ch = await start_picker(endpoints=EPS, manifests=[str(tmp_path)])
+    stream = b'data: {"model":"real-model"}\n\ndata: {"model":"real'  # ends inside a possible match
+    msgs = [request_headers(), *body_chunks(chat("alias", stream=True)),
+            response_headers(content_type="text/event-stream"),
+            ep.ProcessingRequest(response_body=ep.HttpBody(body=stream)),
+            ep.ProcessingRequest(response_trailers=ep.HttpTrailers())]
+    replies = await exchange(ch, msgs)
+    assert _kinds(replies)[-3:] == ["response_body", "response_body", "response_trailers"]
+    out, eos = streamed_body(replies, "response_body")
+    assert out == b'data: {"model":"alias"}\n\ndata: {"model":"real' and eos == [False, False]
+
+
+async def test_request_body_ending_with_trailers(start_picker):
+    app, ch = await start_picker(endpoints=EPS)
+    body = chat("m")
+    replies = await exchange(ch, [request_headers(), *body_chunks(body, 2, eos=False),
+                                  ep.ProcessingRequest(request_trailers=ep.HttpTrailers())])
+    assert _kinds(replies) == ["request_headers", "request_body", "request_trailers"]
+    out, eos = streamed_body(replies)
+    assert out == body and eos == [False]
+    assert set_headers(replies[0])["content-length"] == str(len(body))
+
+
+async def test_stream_true_with_json_content_type_passes_through(start_picker):
+    app, ch = await start_picker(endpoints=EPS)
+    stub = ep_grpc.ExternalProcessorStub(ch)
+    call = stub.Process()
+    for m in [request_headers(), *body_chunks(chat("m", stream=True)), response_headers()]:
+        await call.write(m)
+    for _ in range(3):
+        await call.read()
+    # each chunk is answered at once: nothing is held for end_of_stream
+    for piece in (b'{"error":', b'"overloaded"}'):
+        await call.write(ep.ProcessingRequest(response_body=ep.HttpBody(body=piece)))
+        r = await call.read()
+        assert r.response_body.response.body_mutation.streamed_response.body == piece
+    await call.done_writing()
+    assert await call.read() is grpc.aio.EOF
+
+
+# ---- per-request and total bounds -------------------------------------------------------------------
+async def _drained(app) -> None:
+    for _ in range(200):
+        if app.servicer.open_streams == 0:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("streams did not end")
+
+
+async def test_too_many_body_chunks_gets_413(start_picker):
+    app, ch = await start_picker(endpoints=EPS)
+    app.servicer.max_body_chunks = 64
+    body = chat("m", "x" * 200)
+
+    def frames(n: int) -> list[ep.ProcessingRequest]:  # n messages: n-1 one-byte frames, then the rest
+        pieces = [body[i:i + 1] for i in range(n - 1)] + [body[n - 1:]]
+        return [ep.ProcessingRequest(request_body=ep.HttpBody(body=p, end_of_stream=i == n - 1))
+                for i, p in enumerate(pieces)]
+
+    replies = await exchange(ch, [request_headers(), *frames(65)])
+    assert len(replies) == 1 and replies[0].immediate_response.status.code == 413
+    assert b"more than 64 messages" in replies[0].immediate_response.body
+    replies = await exchange(ch, [request_headers(), *frames(64)])
+    assert streamed_body(replies)[0] == body
+
+
+async def test_shared_buffer_budget_answers_429_and_is_released(start_picker):
+    app, ch = await start_picker(endpoints=EPS)
+    app.servicer.buffer_budget = 10_000
+    stub = ep_grpc.ExternalProcessorStub(ch)
+    stalled = stub.Process()  # an upload that stops half way holds its bytes
+    await stalled.write(request_headers())
+    await stalled.write(ep.ProcessingRequest(request_body=ep.HttpBody(body=b'{"model":"m","prompt":"' + b"x" * 8000)))
+    for _ in range(200):
+        if app.servicer.buffered >= 8000:
+            break
+        await asyncio.sleep(0.01)
+    assert app.servicer.buffered >= 8000
+    replies = await exchange(ch, [request_headers("/v1/completions"),
+                                  *body_chunks(b'{"model":"m","prompt":"' + b"y" * 3000 + b'"}', 3)])
+    ir = replies[0].immediate_response
+    assert ir.status.code == 429 and b"too many request bodies" in ir.body
+    stalled.cancel()
+    await _drained(app)
+    assert app.servicer.buffered == 0
+    replies = await exchange(ch, [request_headers("/v1/completions"),
+                                  *body_chunks(b'{"model":"m","prompt":"' + b"y" * 3000 + b'"}', 3)])
+    assert _kinds(replies) == ["request_headers", "request_body"]
+
+
+async def test_held_response_over_the_cap_is_streamed_not_held(start_picker):
+    app, ch = await start_picker(endpoints=EPS, max_request_body_bytes=1000)
+    big = json.dumps({"model": "m", "data": "z" * 3000}).encode()
+    replies = await exchange(ch, [request_headers(), *body_chunks(chat()), response_headers(),
+                                  *body_chunks(big, 6, response=True)])
+    out, eos = streamed_body(replies, "response_body")
+    assert out == big and len(eos) > 1 and eos[-1] is True
+    await _drained(app)
+    assert app.servicer.buffered == 0
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b'{"model":"m","prompt":' + b"[" * 100_000 + b"]" * 100_000 + b"}", "more than 100000 JSON objects"),
+        (b'{"model":"m","prompt":' + b"[" * 5000 + b"]" * 5000 + b"}", "nested too deeply"),
+        (b'{"model":"m","messages":[' + b",".join([b"{}"] * 5_500_000) + b"]}", "more than 100000 JSON objects"),
+    ],
+    ids=["100k-deep", "5k-deep", "16.5MB-of-empty-messages"],
+)
+async def test_json_bombs_get_400(start_picker, raw, reason):
+    app, ch = await start_picker(endpoints=EPS)
+    replies = await exchange(ch, [request_headers(), *body_chunks(raw, 1 + len(raw) // 1_000_000)])
+    ir = replies[0].immediate_response
+    assert ir.status.code == 400, ir
+    assert reason in ir.body.decode()
+
+
+async def test_lone_surrogate_with_rewrite_is_routed(start_picker, tmp_path):
+    write(tmp_path / "m.yaml", REWRITE_ALIAS)
+    app, ch = await start_picker(endpoints=EPS, manifests=[str(tmp_path)])
+    body = b'{"model":"alias","messages":[{"role":"user","content":"a\\ud800b \xc3\xa9"}]}'
+    replies = await exchange(ch, [request_headers(), *body_chunks(body)])
+    out, _ = streamed_body(replies)
+    assert json.loads(out) == {"model": "real-model", "messages": [{"role": "user", "content": "a\ud800b é"}]}
+    assert set_headers(replies[0])["content-length"] == str(len(out))
+
+
+async def test_million_token_prompt_is_routed(start_picker):
+    app, ch = await start_picker(endpoints=EPS)
+    body = json.dumps({"model": "m", "prompt": list(range(1_000_000))}).encode()
+    replies = await exchange(ch, [request_headers("/v1/completions"), *body_chunks(body, 8)])
+    assert _kinds(replies)[0] == "request_headers"
+    assert streamed_body(replies)[0] == body
+
+
+async def test_huge_bodies_are_released(start_picker):
+    """Three ~16 MB requests routed and still waiting for their responses hold none of their body:
+    not the bytes, not the decoded JSON (the contexts live as long as the responses do)."""
+    import gc
+    import tracemalloc
+
+    app, ch = await start_picker(endpoints=EPS)
+    body = chat("m", "w" * (16 * 1024 * 1024 - 200))
+    stub = ep_grpc.ExternalProcessorStub(ch)
+    tracemalloc.start()
+    try:
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        calls = []
+        for _ in range(3):
+            call = stub.Process()
+            for m in [request_headers(), *body_chunks(body, 64)]:
+                await call.write(m)
+            n = 1 + -(-len(body) // 62000)
+            for _ in range(n):
+                r = await call.read()
+                assert r.WhichOneof("response") in ("request_headers", "request_body")
+            del r
+            calls.append(call)
+        await call.write(response_headers())
+        await call.read()
+        gc.collect()
+        during = tracemalloc.get_traced_memory()[0]
+        for call in calls:
+            await call.done_writing()
+            assert await call.read() is grpc.aio.EOF
+    finally:
+        tracemalloc.stop()
+    await _drained(app)
+    assert app.servicer.buffered == 0
+    assert during - before < 4 * 1024 * 1024, (before, during)
+
+
+async def test_grpc_parse_error_is_a_grpc_status_reply(start_picker):
+    from epp.parsers import ParsedRequest, ParseError
+
+    class GrpcOnly:
+        name, needs_body = "grpc-test", True
+
+        def parse(self, headers, body, path) -> ParsedRequest:
+            raise ParseError("invalid or unsupported gRPC payload: 3 bytes", grpc_status=3)
+
+    app, ch = await start_picker(endpoints=EPS)
+    app.director.parser = GrpcOnly()
+    replies = await exchange(ch, [request_headers("/vllm.grpc.engine.VllmEngine/Generate"),
+                                  *body_chunks(b"\x00\x00\x01")])
+    ir = replies[0].immediate_response
+    hdrs = {h.header.key: h.header.raw_value.decode() for h in ir.headers.set_headers}
+    assert ir.status.code == 200 and not ir.body
+    assert hdrs == {"content-type": "application/grpc", "grpc-status": "3",
+                    "grpc-message": "invalid or unsupported gRPC payload: 3 bytes"}
+    assert ir.grpc_status.status == 3
+
+
+async def test_conformance_headers_do_nothing_without_the_plugins(start_picker):
+    app, ch = await start_picker(endpoints=EPS)
+    seen = set()
+    for i in range(12):
+        replies = await exchange(ch, [request_headers(extra={"test-epp-endpoint-selection": "127.0.0.1"}),
+                                      *body_chunks(chat("m", f"q{i}")), response_headers(served="127.0.0.2:8000")])
+        seen.add(set_headers(replies[0])["x-gateway-destination-endpoint"])
+        rh = [r for r in replies if r.WhichOneof("response") == "response_headers"][0]
+        assert "x-conformance-test-served-endpoint" not in str(rh)
+    assert len(seen) > 1  # the selection header did not pin the pick

@@ -16,6 +16,8 @@ BODIES = [
     b'{"model":"m","prompt":"hi"}', b'{"model":"m","messages":"x"}', b'{"model":"m","messages":[1]}',
     b'{"model":"m","messages":[{"role":"user","content":"x"}],"stream":true}', b"\xff\xfe\x00",
     json.dumps({"model": "m", "input": ["a", "b"]}).encode(), b'{"model":"' + b"\xc3" + b'"}',
+    b'{"model":"m","prompt":"\\ud800"}', b'{"model":"m","prompt":' + b"[" * 3000 + b"]" * 3000 + b"}",
+    b'{"model":"m","prompt":[1,2,3],"stream":true}',
 ]
 PATHS = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/other", "", "/?a=b"]
 
@@ -61,6 +63,7 @@ async def test_random_sequences_never_hang_or_leak(start_picker):
             break
         await asyncio.sleep(0.02)
     assert app.servicer.open_streams == 0
+    assert app.servicer.buffered == 0  # every held body was released
     assert all(e.inflight == 0 and e.inflight_tokens == 0 for e in app.datastore.endpoints.values())
     # and the server still routes normally
     replies = await exchange(ch, [request_headers("/v1/completions"),
