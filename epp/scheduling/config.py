@@ -371,7 +371,7 @@ def _parse_doc(doc: Any) -> PickerConfig:
     has_plugins, has_profiles = top.has("plugins"), top.has("schedulingProfiles")
     if has_profiles and not has_plugins:
         c.add(ConfigError("plugins", "required when schedulingProfiles is given"))
-    if has_plugins and preset:
+    if has_profiles and preset:
         c.add(ConfigError("preset", "give either a preset or plugins and schedulingProfiles, not both"))
 
     base: Mapping[str, Any] = {}
@@ -388,12 +388,20 @@ def _parse_doc(doc: Any) -> PickerConfig:
     warnings: list[str] = []
     plugins = _parse_plugins(raw_plugins, c) if has_plugins or not has_profiles else _Plugins()
     if has_plugins and not has_profiles:
-        # As the reference: one profile "default" of every declared filter, scorer and picker.
-        raw_profiles = [{"name": "default", "plugins": [
-            {"pluginRef": s.name} for s in plugins.specs.values() if s.kind in (FILTER, SCORER, PICKER)]}]
-        if not raw_profiles[0]["plugins"]:
-            raw_profiles[0]["plugins"] = [{"pluginRef": DEFAULT_PICKER}]
-            plugins.ref(DEFAULT_PICKER, "schedulingProfiles", (PICKER,), "", implicit=True)
+        scheduling = [s.name for s in plugins.specs.values() if s.kind in (FILTER, SCORER, PICKER)]
+        if scheduling or plugins.broken:
+            if preset:
+                c.add(ConfigError("preset", "give either a preset or scheduling plugins, not both"))
+            # As the reference: one profile "default" of every declared filter, scorer and picker.
+            raw_profiles = [{"name": "default", "plugins": [{"pluginRef": n} for n in scheduling]}]
+        else:
+            # Only data-layer, parser, detector, ... plugins (e.g. an engine-metrics override): keep a
+            # preset's scheduling rather than a profile of nothing.
+            preset = preset or "default"
+            base = _yaml(PRESETS[preset])
+            for spec in _parse_plugins(base["plugins"], c).specs.values():
+                plugins.specs.setdefault(spec.name, spec)
+            raw_profiles = base["schedulingProfiles"]
     profiles = _parse_profiles(raw_profiles, plugins, c, warnings) if has_plugins or not has_profiles else []
     _check_refs(plugins, c)
     handler = _choose_handler(plugins, profiles, c)
