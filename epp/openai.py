@@ -204,7 +204,8 @@ def _usage_from(obj: Any, into: Usage) -> None:
         if isinstance(c, int):
             into.completion_tokens = c
             into.found = True
-        details = u.get("prompt_tokens_details", u.get("input_tokens_details"))
+        # OpenAI's name; the Responses API's; the spelling the reference's own Usage type uses
+        details = u.get("prompt_tokens_details") or u.get("input_tokens_details") or u.get("prompt_token_details")
         if isinstance(details, dict):
             cached = details.get("cached_tokens")
             if isinstance(cached, int) and not isinstance(cached, bool):

@@ -108,3 +108,47 @@ def test_prompt_text_cuts_inside_one_huge_message():
     full = json.dumps(msgs, separators=(",", ":"), ensure_ascii=False)
     cut = openai.prompt_text(p, limit=5000)
     assert len(cut) == 5000 and full.startswith(cut)
+
+
+def test_prompt_text_of_a_token_array_is_the_prefix_of_its_encoding():
+    toks = list(range(1_000_000))
+    p = openai.parse_request(json.dumps({"model": "m", "prompt": toks}).encode(), "/v1/completions")
+    full_start = json.dumps(toks[:20_000], separators=(",", ":"))
+    assert openai.prompt_text(p) == full_start[: openai.PROMPT_LIMIT]
+    nested = [{"type": "text", "text": "é" * 10}, [1, 2.5, True, None], "x"]
+    p = openai.parse_request(json.dumps({"model": "m", "input": nested}).encode(), "/v1/embeddings")
+    full = json.dumps(nested, separators=(",", ":"), ensure_ascii=False)
+    assert openai.prompt_text(p) == full
+    assert all(openai.prompt_text(p, limit=n) == full[:n] for n in range(len(full) + 2))
+
+
+def test_container_bound_counts_only_structure():
+    # braces inside strings are text: a 200 KB code listing is a normal body
+    code = "{[" * 100_000
+    p = openai.parse_request(json.dumps({"model": "m", "prompt": code}).encode(), "/v1/completions")
+    assert p.body["prompt"] == code
+    bomb = b'{"model":"m","messages":[' + b",".join([b'{"role":"user","content":"a"}'] * 100_001) + b"]}"
+    with pytest.raises(openai.BadRequest, match="more than 100000 JSON objects and arrays"):
+        openai.parse_request(bomb, "/v1/chat/completions")
+
+
+def test_deep_nesting_is_a_bad_request():
+    with pytest.raises(openai.BadRequest, match="nested too deeply"):
+        openai.parse_request(b'{"model":"m","prompt":' + b"[" * 5000 + b"]" * 5000 + b"}", "/v1/completions")
+
+
+def test_rewrite_of_a_lone_surrogate_escapes_it():
+    p = openai.parse_request(b'{"model":"a","prompt":"x\\ud800y \xc3\xa9"}', "/v1/completions")
+    out = openai.rewrite_model(p, "b")
+    assert json.loads(out) == {"model": "b", "prompt": "x\ud800y é"}
+    out.decode("utf-8")  # valid UTF-8 on the wire
+
+
+def test_cached_tokens_read_from_usage():
+    for key in ("prompt_tokens_details", "input_tokens_details", "prompt_token_details"):
+        u = openai.Usage()
+        openai.usage_from_json(json.dumps({"usage": {"prompt_tokens": 7, key: {"cached_tokens": 5}}}).encode(), u)
+        assert (u.prompt_tokens, u.cached_tokens) == (7, 5)
+    s = openai.SSEUsageScanner()
+    s.feed(b'data: {"usage":{"prompt_tokens":7,"completion_tokens":10,"prompt_tokens_details":{"cached_tokens":5}}}\n')
+    assert s.usage.cached_tokens == 5
