@@ -3,7 +3,8 @@
     .venv/bin/python bench/peers.py --quick        # < 3 min: 3 workloads at 90%, cache-aware peers, 1 repeat
     .venv/bin/python bench/peers.py                # `make bench-peers`: the whole matrix, ~25 min
     options: --workloads shared-prefix ...  --loads 70 90  --policies ours envoy-rr ...  --repeats 2
-             --seconds 10  --warmup 3  --config-text NAME=YAML (our picker with another profile, repeatable)
+             --seconds 6  --warmup 2  --config-text NAME=YAML|@FILE  --variant NAME (our picker with another
+             profile as policy ours:NAME; repeatable)
              --json PATH  --markdown PATH  --no-plots  --report PATH (tables of a saved run)
              --des-variants (our profile variants on the same workloads in the discrete-event twin)
 
@@ -689,6 +690,62 @@ def plot(data: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
+# ---- variants of our profile ------------------------------------------------------------------------
+def _default_doc() -> dict[str, Any]:
+    import yaml
+
+    from epp.scheduling.config import DEFAULT_CONFIG_TEXT
+
+    doc = yaml.safe_load(DEFAULT_CONFIG_TEXT)
+    assert isinstance(doc, dict)
+    return doc
+
+
+def _weights(doc: dict[str, Any]) -> dict[str, Any]:
+    return {e["pluginRef"]: e for e in doc["schedulingProfiles"][0]["plugins"]}
+
+
+def _drop(doc: dict[str, Any], ref: str) -> None:
+    doc["plugins"] = [p for p in doc["plugins"] if p["type"] != ref]
+    prof = doc["schedulingProfiles"][0]
+    prof["plugins"] = [e for e in prof["plugins"] if e["pluginRef"] != ref]
+
+
+def _v_prefix6(doc: dict[str, Any]) -> None:
+    _weights(doc)["prefix-cache-scorer"]["weight"] = 6
+
+
+def _v_no_kv(doc: dict[str, Any]) -> None:
+    _drop(doc, "kv-cache-utilization-scorer")
+
+
+def _v_own_load(doc: dict[str, Any]) -> None:
+    # no scraped signal in the decision: prefix and adapter affinity against our own in-flight counts
+    _drop(doc, "kv-cache-utilization-scorer")
+    _drop(doc, "queue-scorer")
+    _weights(doc)["inflight-load-scorer"]["weight"] = 2
+
+
+def _v_sticky(doc: dict[str, Any]) -> None:
+    # hard affinity like the peers' cache-aware policies: keep the pods holding >= 50% of the prompt's
+    # prefix unless their in-flight prefill is 1 s worse than the best other pod's
+    doc["plugins"].insert(0, {"type": "prefix-cache-affinity-filter",
+                              "parameters": {"affinityThreshold": 0.5, "maxTTFTPenaltyMs": 1000}})
+    doc["schedulingProfiles"][0]["plugins"].insert(0, {"pluginRef": "prefix-cache-affinity-filter"})
+
+
+VARIANTS = {"prefix6": _v_prefix6, "no-kv": _v_no_kv, "own-load": _v_own_load, "sticky": _v_sticky}
+
+
+def variant_text(name: str) -> str:
+    """Our default profile with the named change (see VARIANTS), as EndpointPickerConfig YAML."""
+    import yaml
+
+    doc = _default_doc()
+    VARIANTS[name](doc)
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
 # ---- discrete-event variants -------------------------------------------------------------------------
 def des_variants(names: Sequence[str], loads: Sequence[int], caps: dict[str, float], seed: int, n: int,
                  configs: dict[str, str]) -> list[str]:
@@ -736,6 +793,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--config-text", action="append", default=[], metavar="NAME=YAML",
                     help="also run our picker with this EndpointPickerConfig as policy ours:NAME")
+    ap.add_argument("--variant", action="append", default=[], choices=sorted(VARIANTS),
+                    help="also run our picker with this built-in change to the default profile (ours:NAME)")
     ap.add_argument("--recompute-capacity", action="store_true")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--markdown", type=Path)
@@ -754,8 +813,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if text.startswith("@"):
             text = Path(text[1:]).read_text()
         configs[name] = text
+    for name in args.variant:
+        configs[name] = variant_text(name)
     if args.quick:
-        wls, loads, repeats, seconds, warmup = ["shared-prefix", "multi-turn", "mixed"], [90], 1, 8.0, 3.0
+        wls, loads, repeats, seconds, warmup = ["shared-prefix", "multi-turn", "mixed"], [90], 1, 6.0, 2.0
         policies = ["ours", "envoy-rr", "sglang-cache", "vllm-cache"]
     else:
         wls, loads, repeats, seconds, warmup = [w.name for w in WORKLOADS], [70, 90], 2, 6.0, 2.0
