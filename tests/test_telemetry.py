@@ -320,3 +320,24 @@ spec:
     assert value(m, "inference_objective_request_total", model_name=OTHER) == 301
     print(f"\n/metrics after a 1 MiB name and 300 others: {len(page)} bytes")
     assert len(page) < 512 << 10  # before the bound: the 1 MiB name alone made it ~286 MB
+
+
+async def test_models_the_pods_report_are_learnt_from_their_pages(start_picker):
+    """The real poller reads the served model from a vLLM page (`model_name` label); from the next
+    pool refresh that name keeps its label and every other client name is `other`."""
+    from tests.metrics import pages
+    from tests.metrics.test_scrape import FakeServer, until
+
+    server = await FakeServer(pages.vllm()).start()
+    try:
+        app, ch = await start_picker(endpoints=[server.address], refresh_prometheus_metrics_interval=0.05)
+        ep_ = app.datastore.endpoints[server.address]
+        await until(lambda: ep_.metrics is not None and pages.MODEL in ep_.metrics.models)
+        await until(lambda: pages.MODEL in app.telemetry.models.pinned)
+        for name in (pages.MODEL, "typo-model", "another-one"):
+            await exchange(ch, [request_headers(), *body_chunks(chat(name))])
+        m = scrape(app.metrics_port)
+        assert {s.labels["model_name"] for s in m["inference_objective_request_total"]} == {pages.MODEL, OTHER}
+        assert value(m, "inference_objective_request_total", model_name=OTHER) == 2
+    finally:
+        await server.close()
