@@ -221,6 +221,32 @@ class Decider(Protocol):
     def finish(self, ctx: RequestContext | None) -> None: ...
 
 
+TRIM_AFTER = 4 * 1024 * 1024  # a body this large, once released, asks the allocator to give memory back
+TRIM_EVERY = 1.0  # seconds: at most one malloc_trim in this interval (it walks the heap: ~4 ms at worst)
+_trim_state: dict[str, Any] = {"fn": None, "last": 0.0}
+
+
+def _malloc_trim() -> None:
+    """Return freed heap to the OS after a huge body (glibc keeps it otherwise: its mmap threshold
+    grows after freeing a large block, so later large bodies land on the heap and stay resident).
+    A no-op where there is no glibc; rate-limited."""
+    now = time.monotonic()
+    if now - _trim_state["last"] < TRIM_EVERY:
+        return
+    _trim_state["last"] = now
+    fn = _trim_state["fn"]
+    if fn is None:
+        try:
+            import ctypes
+
+            fn = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            fn = False
+        _trim_state["fn"] = fn
+    if fn:
+        fn(0)
+
+
 MAX_BODY_CHUNKS = 16384  # body messages per request: a 16 MiB body at >= 1 KiB a message (TCP-segment sized)
 BUFFER_BUDGET = 256 * 1024 * 1024  # bytes of request and response bodies held at once, all streams together
 
@@ -231,7 +257,7 @@ class _Stream:
     __slots__ = (
         "body_chunks", "body_parts", "body_size", "ctx", "decided", "done", "headers", "held", "req_mode",
         "resp_body_seen", "resp_ended", "resp_mode", "resp_parts", "resp_size", "resp_stream", "restorer",
-        "scanner", "started", "subset",
+        "scanner", "started", "subset", "trim",
     )
 
     def __init__(self, started: float) -> None:
@@ -254,6 +280,7 @@ class _Stream:
         self.resp_ended = False  # the last response-body reply went out
         self.restorer: openai.ModelRestorer | None = None
         self.scanner: openai.SSEUsageScanner | None = None
+        self.trim = False  # a huge body was let go: trim the heap once the replies are written
 
 
 class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
@@ -282,8 +309,13 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
                     # after an immediate response the proxy closes the stream; messages it had
                     # already sent are drained, so the client sees the reply and a clean end
                     continue
-                for reply in self._handle(st, req):
+                replies = self._handle(st, req)
+                for reply in replies:
                     await context.write(reply)
+                if st.trim:
+                    del replies
+                    st.trim = False
+                    _malloc_trim()
         finally:
             self.open_streams -= 1
             self._release(st)
@@ -395,6 +427,7 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
         st.body_parts = []
         del parts
         self._release(st)
+        st.trim = len(body) >= TRIM_AFTER
         result = self._decide(st, body)
         if isinstance(result, Rejected):
             return self._reject(st, result)
