@@ -83,7 +83,7 @@ class LabelBound:
     unless pinned (then cut to `max_length`).
     """
 
-    __slots__ = ("cap", "max_length", "pinned", "seen", "strict")
+    __slots__ = ("_full_logged", "cap", "max_length", "pinned", "seen", "strict")
 
     def __init__(self, cap: int = MAX_LABEL_VALUES, max_length: int = MAX_LABEL_LENGTH) -> None:
         self.cap = cap
@@ -91,11 +91,23 @@ class LabelBound:
         self.pinned: set[str] = set()
         self.seen: set[str] = set()
         self.strict = False
+        self._full_logged = False
 
     def pin(self, values: Iterable[str]) -> None:
-        """Values that always keep their label; a non-empty pin set makes unknown values `other`."""
-        self.pinned.update(v for v in values if v)
-        self.strict = bool(self.pinned)
+        """Values that always keep their label, in order of trust, up to `cap` of them (pods report
+        adapter names too, and a broken server must not grow the page); a non-empty pin set makes
+        unknown values `other`."""
+        pinned = self.pinned
+        for v in values:
+            if v and v not in pinned:
+                if len(pinned) >= self.cap:
+                    if not self._full_logged:
+                        self._full_logged = True
+                        log.warning("more known model names than the label cap; the rest are 'other'",
+                                    extra={"cap": self.cap})
+                    break
+                pinned.add(v)
+        self.strict = bool(pinned)
 
     def __call__(self, value: str) -> str:
         if not value or value in self.seen:
@@ -110,23 +122,26 @@ class LabelBound:
         return value
 
 
-def known_models(ds: Datastore) -> set[str]:
-    """Every model name the pool knows: InferenceModel names and targets, InferenceModelRewrite
-    matches and targets, and the base models and LoRA adapters its pods report."""
+def known_models(ds: Datastore) -> list[str]:
+    """Every model name the pool knows, the operator's first: InferenceModel names and targets,
+    InferenceModelRewrite matches and targets, then the base models and LoRA adapters its pods
+    report. In a stable order (so a cap keeps the same names from one refresh to the next)."""
     table = ds.models
-    names = set(table.models)
+    names: dict[str, None] = dict.fromkeys(table.models)
     for m in table.models.values():
-        names.update(t.name for t in m.targets)
+        names.update(dict.fromkeys(t.name for t in m.targets))
     for match, (_, targets) in table.exact.items():
-        names.add(match)
-        names.update(t.name for t in targets)
+        names[match] = None
+        names.update(dict.fromkeys(t.name for t in targets))
     if table.generic is not None:
-        names.update(t.name for t in table.generic[1])
+        names.update(dict.fromkeys(t.name for t in table.generic[1]))
+    reported: set[str] = set()
     for ep in ds.endpoints.values():
         scraped = ep.metrics
         if scraped is not None:
-            names |= scraped.models | scraped.lora_running | scraped.lora_waiting
-    return names
+            reported |= scraped.models | scraped.lora_running | scraped.lora_waiting
+    names.update(dict.fromkeys(sorted(reported - names.keys())))
+    return list(names)
 
 
 def _slo_ms(headers: Mapping[str, str], names: tuple[str, ...]) -> float | None:

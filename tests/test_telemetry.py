@@ -341,3 +341,20 @@ async def test_models_the_pods_report_are_learnt_from_their_pages(start_picker):
         assert value(m, "inference_objective_request_total", model_name=OTHER) == 2
     finally:
         await server.close()
+
+
+def test_known_names_are_capped_too_operator_names_first(caplog) -> None:
+    """A model server reporting thousands of adapters cannot pin them all; the operator's names
+    (model objects) are pinned before the pods'."""
+    t = Telemetry(max_label_values=50)
+    ds = pool("10.0.0.1:8000")
+    ds.endpoints["10.0.0.1:8000"].metrics = Metrics(
+        lora_running=frozenset(f"adapter-{i:05d}" for i in range(5000)), lora_max=4, updated=time.monotonic())
+    ds.models = ModelTable(exact={"zzz-configured": ("ns/rw", (TargetModel("zzz-target"),))})
+    with caplog.at_level("WARNING", logger="epp.telemetry"):
+        t.refresh_pool(ds, staleness=2.0)
+        t.refresh_pool(ds, staleness=2.0)
+    assert len(t.models.pinned) == 50
+    assert {"zzz-configured", "zzz-target"} <= t.models.pinned
+    assert sum("label cap" in r.getMessage() for r in caplog.records) == 1
+    assert t.models("adapter-04999") == OTHER
