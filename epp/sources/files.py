@@ -1,10 +1,27 @@
 """No-cluster mode: the objects a cluster would hold, read from YAML/JSON files, reloaded on change.
 
 `--manifests PATH` names a file or a directory (read recursively: *.yaml, *.yml, *.json). Every
-document of a kind the picker reads is parsed with the same code the Kubernetes source uses. An
-invalid object is reported once, by file, document and field, and skipped; a file that stops
-parsing as YAML keeps its last good objects until it is fixed. Changes are found by polling
-mtimes and sizes (no inotify dependency; a 1 s poll of a few files costs nothing).
+document of a kind the picker reads is parsed with the same code the Kubernetes source uses.
+Changes are found by polling mtimes and sizes (no inotify dependency; a 1 s poll of a few files
+costs nothing).
+
+A file being rewritten must not drop the pool, so a change is applied only when it reads as a
+whole and makes sense; otherwise the file's last good objects stay until it does, and the reason
+is logged once per version of the file:
+
+- a changed file is read once its mtime is SETTLE seconds old (a writer still at it keeps
+  moving the mtime), and each read is stat, read, stat again: a file whose size or mtime moved
+  while it was read is read again at the next poll;
+- an empty file (no documents: zero bytes, whitespace or comments only) keeps the last good
+  objects, as a file that stops parsing as YAML does, or one with a document that is not an
+  object with a `kind` (a half-written or foreign file);
+- an invalid object is reported by file, document and field. A version that makes an object
+  invalid that was not before keeps the whole last good version of the file (a half-written
+  file usually ends in one); objects that were already invalid are skipped, the rest applies.
+
+The first read of a file at start applies at once (there is nothing to keep). Deleting a file
+removes its objects. A writer that pauses mid-file for longer than SETTLE can still be seen
+half-written: to replace a manifest atomically, write a temporary file and rename it.
 """
 
 from __future__ import annotations
@@ -13,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 
 import yaml
@@ -25,11 +43,43 @@ log = logging.getLogger("epp.sources.files")
 _EXTENSIONS = (".yaml", ".yml", ".json")
 
 
+SETTLE = 0.3  # seconds a changed file's mtime must be old before it is read
+
+
 @dataclass(slots=True)
 class _FileState:
     stamp: tuple[int, int]
     objects: list = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    invalid: frozenset[tuple[str, str, str]] = frozenset()  # (kind, namespace, name) of invalid objects
+
+
+class Unusable(ValueError):
+    """The file as a whole cannot be applied (empty, not YAML, or not manifests)."""
+
+
+def _stamp(st: os.stat_result) -> tuple[int, int]:
+    return (st.st_mtime_ns, st.st_size)
+
+
+def read_stable(path: str) -> tuple[tuple[int, int], str] | None:
+    """(stamp, text) of a file read whole while it did not change; None while it is being written."""
+    before = os.stat(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    after = os.stat(path)
+    if _stamp(before) != _stamp(after) or len(data) != after.st_size:
+        return None
+    return _stamp(after), data.decode("utf-8")
+
+
+def _identity(obj: object, namespace: str) -> tuple[str, str, str] | None:
+    if not isinstance(obj, dict):
+        return None
+    meta = obj.get("metadata")
+    if not isinstance(meta, dict) or not meta.get("name"):
+        return None
+    return (str(obj.get("kind", "")), str(meta.get("namespace") or namespace), str(meta["name"]))
 
 
 def _list_files(paths: list[str]) -> list[str]:
@@ -45,11 +95,19 @@ def _list_files(paths: list[str]) -> list[str]:
     return out
 
 
-def parse_file(path: str, text: str, namespace: str, seq_base: int) -> tuple[list, list[str]]:
-    """Typed objects and error lines ("file: document N (Kind/name): field: message") of one file."""
+def parse_file(path: str, text: str, namespace: str, seq_base: int) -> tuple[list, list[str], frozenset]:
+    """Typed objects, error lines ("file: document N (Kind/name): field: message") and the
+    (kind, namespace, name) of the invalid objects of one file. Raises yaml.YAMLError or
+    Unusable for a file that cannot be applied at all."""
     objects: list = []
     errors: list[str] = []
-    docs = list(yaml.safe_load_all(text))  # raises yaml.YAMLError for the whole file
+    invalid: set[tuple[str, str, str]] = set()
+    docs = [d for d in yaml.safe_load_all(text) if d is not None]  # raises yaml.YAMLError
+    if not docs:
+        raise Unusable("the file is empty (no documents)")
+    for i, doc in enumerate(docs):
+        if not isinstance(doc, dict) or not doc.get("kind"):
+            raise Unusable(f"document {i + 1} is not an object with a kind (a half-written or foreign file?)")
     seq = seq_base
     for i, doc in enumerate(docs):
         items = doc.get("items") if isinstance(doc, dict) and str(doc.get("kind", "")).endswith("List") else [doc]
@@ -62,8 +120,9 @@ def parse_file(path: str, text: str, namespace: str, seq_base: int) -> tuple[lis
             try:
                 objects.append(parse_object(obj, namespace, seq))
             except ResourceError as e:
+                invalid.add(_identity(obj, namespace) or (str(obj.get("kind")), namespace, f"{where}"))
                 errors.append(f"{path}: {where} ({obj.get('kind')}/{name}): {e}")
-    return objects, errors
+    return objects, errors, frozenset(invalid)
 
 
 class FileSource:
@@ -97,30 +156,48 @@ class FileSource:
                 st = os.stat(path)
             except OSError:
                 continue
-            stamp = (st.st_mtime_ns, st.st_size)
             old = self._files.get(path)
-            if old is not None and old.stamp == stamp:
+            if old is not None and old.stamp == _stamp(st):
+                continue
+            if old is not None and 0 <= time.time() - st.st_mtime < SETTLE:
+                continue  # just written, maybe still being written: look again at the next poll
+            try:
+                got = read_stable(path)
+            except (OSError, UnicodeDecodeError) as e:
+                changed |= self._keep(path, _stamp(st), old, [f"{path}: {e}"])
+                continue
+            if got is None:  # changed while read: try again at the next poll
+                log.debug("manifest changed while read; retrying", extra={"file": path})
+                continue
+            stamp, text = got
+            try:
+                objects, errors, invalid = parse_file(path, text, self.datastore.pool_namespace, seq_base * 10_000)
+            except (yaml.YAMLError, Unusable) as e:
+                changed |= self._keep(path, stamp, old, [f"{path}: " + str(e).replace("\n", " ")])
+                continue
+            if old is not None and not invalid <= old.invalid:
+                # an object valid before is not now: most likely a half-written file
+                changed |= self._keep(path, stamp, old, errors)
                 continue
             changed = True
-            try:
-                with open(path, encoding="utf-8") as f:
-                    text = f.read()
-                objects, errors = parse_file(path, text, self.datastore.pool_namespace, seq_base * 10_000)
-            except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-                msg = str(e).replace("\n", " ")
-                log.error("manifest unreadable; keeping its last good objects",
-                          extra={"file": path, "error": msg})
-                self._files[path] = _FileState(stamp, old.objects if old else [], [f"{path}: {msg}"])
-                continue
             for err in errors:
                 log.error("invalid object skipped", extra={"error": err})
-            self._files[path] = _FileState(stamp, objects, errors)
+            self._files[path] = _FileState(stamp, objects, errors, invalid)
         for gone in [p for p in self._files if p not in seen]:
             del self._files[gone]
             changed = True
         if changed or not self.datastore.synced:
             self._apply()
         return changed
+
+    def _keep(self, path: str, stamp: tuple[int, int], old: _FileState | None, errors: list[str]) -> bool:
+        """Record an unusable version of `path`, keeping its last good objects (logged once: the
+        next poll sees the same stamp). True: the current errors changed."""
+        log.error("manifest not applied; keeping its last good objects",
+                  extra={"file": path, "error": "; ".join(errors)})
+        self._files[path] = _FileState(stamp, old.objects if old else [], list(errors),
+                                       old.invalid if old else frozenset())
+        return True
 
     def _apply(self) -> None:
         objs = ObjectSet()
