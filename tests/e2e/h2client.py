@@ -91,10 +91,11 @@ async def _post(host: str, port: int, path: str, body: bytes, frame_size: int, h
             await pump(0.2)
         pos = 0
         while pos < len(body) and not done:
-            if min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size) < frame_size:
+            size = min(frame_size, conn.max_outbound_frame_size)  # at most what the peer accepts
+            if conn.local_flow_control_window(sid) < min(size, len(body) - pos):
                 await pump(1.0)
                 continue
-            chunk = body[pos : pos + frame_size]
+            chunk = body[pos : pos + size]
             conn.send_data(sid, chunk)
             pos += len(chunk)
             reply.frames_sent += 1
