@@ -49,3 +49,14 @@ def test_static_endpoints_and_pool_ref_filter():
                          "metadata": {"name": "m"}, "spec": {"priority": -2, "poolRef": {"name": "p"}}})
     ds.replace_objectives([other, mine])
     assert ds.objective_priority("m") == -2 and ds.objective_priority("o") is None
+
+
+def test_llmd_role_and_engine_labels_reach_the_endpoint():
+    ds = Datastore("p")
+    ds.set_pool(pool_from_flags("p", "default", {"app": "x"}, [8000]))
+    ds.replace_pods([pod("a", "10.0.0.1", {"app": "x", "llm-d.ai/role": "decode", "llm-d.ai/engine-type": "sglang"}),
+                     pod("b", "10.0.0.2")])
+    a, b = ds.endpoints["10.0.0.1:8000"], ds.endpoints["10.0.0.2:8000"]
+    assert (a.role, a.engine) == ("decode", "sglang") and (b.role, b.engine) == ("", "vllm")
+    ds.upsert_pod(pod("a", "10.0.0.1", {"app": "x", "llm-d.ai/role": "prefill"}))  # label change in place
+    assert ds.endpoints["10.0.0.1:8000"] is a and a.role == "prefill"

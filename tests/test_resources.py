@@ -83,3 +83,22 @@ def test_selector_flag():
     assert parse_selector("app=x, tier = gpu") == {"app": "x", "tier": "gpu"}
     with pytest.raises(ValueError, match="key=value"):
         parse_selector("app")
+
+
+@pytest.mark.parametrize("kind", ["InferenceObjective", "InferenceModelRewrite"])
+def test_llmd_group_objects(kind):
+    spec = ({"poolRef": {"name": "p"}, "priority": -1} if kind == "InferenceObjective"
+            else {"poolRef": {"name": "p"}, "rules": [{"targets": [{"modelRewrite": "m2"}]}]})
+    obj = parse_object({"apiVersion": "llm-d.ai/v1alpha2", "kind": kind, "metadata": {"name": "o"}, "spec": spec})
+    assert type(obj).__name__ == kind and obj.meta.api_version == "llm-d.ai/v1alpha2"
+    if kind == "InferenceObjective":
+        assert obj.priority == -1
+    with pytest.raises(ResourceError, match="apiVersion"):
+        parse_object({"apiVersion": "llm-d.ai/v1", "kind": kind, "metadata": {"name": "o"}, "spec": spec})
+
+
+def test_pod_role_label():
+    p = parse_object({"apiVersion": "v1", "kind": "Pod",
+                      "metadata": {"name": "a", "labels": {"llm-d.ai/role": "decode"}},
+                      "status": {"podIP": "10.0.0.1"}})
+    assert p.role == "decode"

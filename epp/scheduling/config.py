@@ -47,6 +47,7 @@ from epp.scheduling.registry import (
     BuildContext,
     ConfigError,
     Params,
+    did_you_mean,
     lookup,
     plugin_type,
 )
@@ -348,10 +349,7 @@ def _is_pending(type_name: str) -> bool:
 
 
 def _near(name: str, names: Iterable[str]) -> str:
-    import difflib
-
-    near = difflib.get_close_matches(name, list(names), n=3, cutoff=0.6)
-    return f"; did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
+    return did_you_mean(name, list(names))
 
 
 def _parse_doc(doc: Any) -> PickerConfig:
@@ -887,7 +885,7 @@ def _parse_parsers(top: Params, plugins: _Plugins, c: _Problems) -> tuple[Plugin
 
 
 def _policy_ref(value: Any, path: str, plugins: _Plugins, kinds: tuple[str, ...]) -> str:
-    if value is None:
+    if value is None or value == "":  # omitted (the reference's omitempty)
         return ""
     if not isinstance(value, str) or not value:
         raise ConfigError(path, f"expected a plugin name, got {value!r}")

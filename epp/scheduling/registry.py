@@ -169,9 +169,17 @@ def lookup(type_name: str, path: str) -> PluginType:
     feature = pending_feature(type_name)
     if feature is not None:
         raise ConfigError(path, f"plugin type \"{type_name}\" is not yet supported ({feature})")
-    near = difflib.get_close_matches(type_name, [*REGISTRY, *PENDING], n=3, cutoff=0.6)
-    hint = f"; did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
-    raise ConfigError(path, f"unknown plugin type \"{type_name}\"{hint}")
+    raise ConfigError(path, f"unknown plugin type \"{type_name}\"{did_you_mean(type_name, [*REGISTRY, *PENDING])}")
+
+
+def did_you_mean(name: str, known: Sequence[str]) -> str:
+    """"; did you mean 'x'?" naming the closest of `known` (those within 0.1 of the best, ratio ≥ 0.7)."""
+    scored = sorted(((difflib.SequenceMatcher(None, name, k).ratio(), k) for k in set(known)), reverse=True)
+    if not scored or scored[0][0] < 0.7:
+        return ""
+    floor = max(0.7, scored[0][0] - 0.1)
+    near = [k for r, k in scored[:3] if r >= floor]
+    return f"; did you mean {' or '.join(repr(n) for n in near)}?"
 
 
 # ---- parameter reading ---------------------------------------------------------------------------
