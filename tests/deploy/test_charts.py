@@ -1,114 +1,95 @@
-"""deploy/charts: render with several value sets, lint, validate every object, check RBAC and wiring."""
+"""deploy/charts: every values file of tests/deploy/values renders, lints, validates and is wired as the
+reference chart wires it; pod security; and the picker starts with exactly the args each render gives."""
 
 from __future__ import annotations
 
-import dataclasses
+import asyncio
+import contextlib
 import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import kubernetes_validate
 import pytest
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from epp import envoyconf, resources
-from tests.deploy.charts import CHARTS, Rendered, expand_rules, expected_calls, lint, render
+from tests.deploy.charts import (
+    CHARTS,
+    Rendered,
+    container,
+    expand_rules,
+    expected_calls,
+    flag,
+    lint,
+    load_values,
+    local_args,
+    local_env,
+    render,
+    restricted_violations,
+    value_cases,
+)
 from tests.deploy.crdschema import Validator
 from tests.deploy.envoy_run import envoy_binary, validate
 
 CRDS = Validator()
 K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version() + ".0")
 # Custom resources of other projects the charts may emit (no schema here: checked by shape below).
-EXTERNAL_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("networking.istio.io/v1", "DestinationRule")}
-
-POOL_VALUES: dict[str, dict[str, Any]] = {
-    "defaults": {},
-    "alpha-sglang-ha": {
-        "inferenceExtension": {
-            "replicas": 3,
-            "flags": {"log-level": "debug", "enable-cert-reload": True, "refresh-metrics-interval": "100ms"},
-            "monitoring": {"prometheus": {"enabled": True, "labels": {"release": "prom"}}},
-            "env": [{"name": "EXTRA", "value": "1"}],
-        },
-        "inferencePool": {
-            "name": "qwen-pool",
-            "apiVersion": "inference.networking.x-k8s.io/v1alpha2",
-            "modelServerType": "sglang",
-            "modelServers": {"matchLabels": {"app": "qwen", "tier": "gpu"}},
-            "failureMode": "FailOpen",
-        },
-        "inferenceObjectives": [{"name": "premium", "priority": 10}, {"name": "batch", "priority": -1}],
-        "inferenceModelRewrites": [
-            {"name": "alias", "rules": [{"matches": [{"model": {"type": "Exact", "value": "chat"}}],
-                                         "targets": [{"modelRewrite": "qwen-7b", "weight": 90},
-                                                     {"modelRewrite": "qwen-7b-v2", "weight": 10}]}]},
-            {"name": "fallback", "rules": [{"matches": [], "targets": [{"modelRewrite": "qwen-7b"}]}]},
-        ],
-        "inferenceModels": [
-            {"name": "qwen", "modelName": "qwen-7b", "criticality": "Critical",
-             "targetModels": [{"name": "qwen-7b", "weight": 100}]},
-            {"name": "old", "modelName": "legacy", "criticality": "Default",
-             "apiVersion": "inference.networking.x-k8s.io/v1alpha1"},
-        ],
-        "provider": {"name": "istio"},
-    },
-    "triton-custom-config": {
-        "inferenceExtension": {
-            "secureServing": False,
-            "flags": [{"name": "log-format", "value": "text"}],
-            "pluginsConfigFile": "custom.yaml",
-            "pluginsCustomConfig": {"custom.yaml": "apiVersion: inference.networking.x-k8s.io/v1alpha1\n"
-                                                   "kind: EndpointPickerConfig\n"
-                                                   "plugins:\n- type: queue-scorer\n- type: max-score-picker\n"
-                                                   "schedulingProfiles:\n- name: default\n  plugins:\n"
-                                                   "  - pluginRef: queue-scorer\n  - pluginRef: max-score-picker\n"},
-            "image": {"hub": "registry.example.com/ml", "tag": "v1.2.3", "pullPolicy": "Always"},
-        },
-        "inferencePool": {
-            "modelServerType": "triton-tensorrt-llm",
-            "targetPorts": [{"number": 8000}, {"number": 8001}],
-            "appProtocol": "kubernetes.io/h2c",
-        },
-    },
-    "trtllm-one-leader": {
-        "inferenceExtension": {"enableLeaderElection": True},
-        "inferencePool": {"modelServerType": "trtllm-serve"},
-    },
+EXTERNAL_KINDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("networking.istio.io/v1", "DestinationRule"),
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"),
+    ("networking.gke.io/v1", "HealthCheckPolicy"),
+    ("networking.gke.io/v1", "GCPBackendPolicy"),
+    ("monitoring.googleapis.com/v1", "PodMonitoring"),
+    ("cert-manager.io/v1", "Certificate"),
+}
+CASES = value_cases()
+POOL_CASES = sorted(case for chart, case in CASES if chart == "inferencepool")
+STANDALONE_CASES = sorted(case for chart, case in CASES if chart == "standalone")
+# The reference chart's fixed head of the picker's args (GIE v1.5.0 epplib _deployment.yaml).
+METRIC_FLAGS = {
+    "vllm": [],
+    "sglang": ["--total-queued-requests-metric=sglang:num_queue_reqs",
+               "--total-running-requests-metric=sglang:num_running_reqs",
+               "--kv-cache-usage-percentage-metric=sglang:token_usage"],
+    "triton-tensorrt-llm": ["--total-queued-requests-metric", "nv_trt_llm_request_metrics{request_type=waiting}",
+                            "--total-running-requests-metric", "nv_trt_llm_request_metrics{request_type=scheduled}",
+                            "--kv-cache-usage-percentage-metric",
+                            "nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=fraction}",
+                            "--lora-info-metric", ""],
+    "trtllm-serve": ["--total-queued-requests-metric=trtllm_num_requests_waiting",
+                     "--total-running-requests-metric=trtllm_num_requests_running",
+                     "--kv-cache-usage-percentage-metric=trtllm_kv_cache_utilization",
+                     "--model-server-metrics-path=/prometheus/metrics",
+                     "--lora-info-metric", ""],
 }  # fmt: skip
 
-STANDALONE_VALUES: dict[str, dict[str, Any]] = {
-    "defaults": {},
-    "lean-plain-flags-pool": {
-        "envoy": {"profile": "lean", "pickerTLS": False},
-        "inferencePool": {
-            "modelServers": {"matchLabels": {"app": "x", "tier": "gpu"}},
-            "targetPorts": [{"number": 8000}, {"number": 8001}],
-        },
-        "inferenceExtension": {"replicas": 2},
-    },
-    "buffered-object-pool": {
-        "envoy": {"profile": "buffered"},
-        "inferencePool": {"create": True, "apiVersion": "inference.networking.x-k8s.io/v1alpha2"},
-        "inferenceModels": [{"name": "m", "modelName": "llama-3"}],
-        "inferenceExtension": {"monitoring": {"prometheus": {"enabled": True}}},
-    },
-}
 
-CASES = [("inferencepool", name) for name in POOL_VALUES] + [("standalone", name) for name in STANDALONE_VALUES]
-
-
-def _values(chart: str, case: str) -> dict[str, Any]:
-    return (POOL_VALUES if chart == "inferencepool" else STANDALONE_VALUES)[case]
+def _get(values: dict[str, Any], dotted: str, default: Any = None) -> Any:
+    node: Any = values
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
 
 
 @pytest.fixture(scope="module")
 def rendered() -> dict[tuple[str, str], Rendered]:
-    return {(chart, case): render(chart, _values(chart, case)) for chart, case in CASES}
+    return {(chart, case): render(chart, load_values(chart, case)) for chart, case in CASES}
 
 
 @pytest.mark.parametrize(("chart", "case"), CASES)
 def test_lint_clean(chart: str, case: str) -> None:
-    assert lint(chart, _values(chart, case)) == []
+    assert lint(chart, load_values(chart, case)) == []
 
 
 @pytest.mark.parametrize(("chart", "case"), CASES)
@@ -118,7 +99,8 @@ def test_every_object_validates(chart: str, case: str, rendered: dict[tuple[str,
     for obj in out.objects:
         key = (obj["apiVersion"], obj["kind"])
         where = f"{obj['kind']}/{obj['metadata']['name']}"
-        assert obj["metadata"].get("namespace") == "ml", where
+        cluster_scoped = obj["kind"] in ("ClusterRole", "ClusterRoleBinding")
+        assert obj["metadata"].get("namespace") == (None if cluster_scoped else "ml"), where
         if CRDS.knows(obj):
             assert CRDS.errors(obj) == [], where
             resources.parse_object(CRDS.defaulted(obj))  # and the picker can read it
@@ -129,159 +111,329 @@ def test_every_object_validates(chart: str, case: str, rendered: dict[tuple[str,
                 kubernetes_validate.validate(obj, version, strict=True)
 
 
+@pytest.mark.parametrize(("chart", "case"), CASES)
+def test_pods_meet_the_restricted_pod_security_standard(
+    chart: str, case: str, rendered: dict[tuple[str, str], Rendered]
+) -> None:
+    out = rendered[(chart, case)]
+    pod = out.get("Deployment")["spec"]["template"]["spec"]
+    assert restricted_violations(pod) == []
+    epp = container(out)
+    tmp = next(m for m in epp["volumeMounts"] if m["mountPath"] == "/tmp")
+    volume = next(v for v in pod["volumes"] if v["name"] == tmp["name"])
+    assert "emptyDir" in volume  # the one writable place besides mounted volumes
+
+
+def test_restricted_check_finds_violations() -> None:
+    pod = {"hostNetwork": True, "volumes": [{"name": "h", "hostPath": {"path": "/"}}],
+           "containers": [{"name": "c", "securityContext": {"privileged": True, "capabilities": {"add": ["SYS_ADMIN"]}},
+                           "ports": [{"containerPort": 80, "hostPort": 80}]}]}  # fmt: skip
+    found = restricted_violations(pod)
+    for needle in (
+        "hostNetwork",
+        "volume h",
+        "privileged",
+        "allowPrivilegeEscalation",
+        "runAsNonRoot",
+        "seccompProfile",
+        "dropping ALL",
+        "adds capabilities",
+        "hostPort",
+        "writable",
+    ):
+        assert any(needle in f for f in found), needle
+
+
 def test_bad_values_are_refused() -> None:
+    pool = {"inferencePool": {"modelServers": {"matchLabels": {"app": "x"}}}}
+    with pytest.raises(Exception, match="modelServers.matchLabels is required"):
+        render("inferencepool", {})
     with pytest.raises(Exception, match="modelServerType"):
-        render("inferencepool", {"inferencePool": {"modelServerType": "ollama"}})
+        render("inferencepool", {"inferencePool": {**pool["inferencePool"], "modelServerType": "ollama"}})
     with pytest.raises(Exception, match="apiVersion"):
-        render("inferencepool", {"inferencePool": {"apiVersion": "inference.networking.k8s.io/v2"}})
-    with pytest.raises(Exception, match="profile"):
-        render("standalone", {"envoy": {"profile": "fast"}})
+        render(
+            "inferencepool",
+            {"inferencePool": {**pool["inferencePool"], "apiVersion": "inference.networking.k8s.io/v2"}},
+        )
     with pytest.raises(Exception, match="targetPorts"):
-        render("inferencepool", {"inferencePool": {"targetPorts": []}})
+        render("inferencepool", {"inferencePool": {**pool["inferencePool"], "targetPorts": []}})
+    with pytest.raises(Exception, match="unknownKey|additional"):
+        render("inferencepool", {**pool, "inferenceExtension": {"unknownKey": 1}})
+    with pytest.raises(Exception, match="provider"):
+        render("inferencepool", {**pool, "provider": {"name": "aws"}})
+    with pytest.raises(Exception, match="gatewayPeers"):
+        render("inferencepool", {**pool, "inferenceExtension": {"networkPolicy": {"enabled": True}}})
+    with pytest.raises(Exception, match="issuerRef.name"):
+        render("inferencepool", {**pool, "inferenceExtension": {"tls": {"certManager": {"enabled": True}}}})
+    with pytest.raises(Exception, match="profile"):
+        render("standalone", {**pool, "envoy": {"profile": "fast"}})
+    with pytest.raises(Exception, match="modelServers.matchLabels is required"):
+        render("standalone", {})
+    with pytest.raises(Exception, match="endpointSelector"):
+        render("standalone", {"inferenceExtension": {"endpointsServer": {"createInferencePool": False}}})
+    with pytest.raises(Exception, match="9002"):
+        render("standalone", {**pool, "inferenceExtension": {"extProcPort": 9100}})
 
 
 # ---- the inferencepool chart ---------------------------------------------------------------------
 
 
-def _container(out: Rendered, name: str = "epp") -> dict[str, Any]:
-    pod = out.get("Deployment")["spec"]["template"]["spec"]
-    return next(c for c in pod["containers"] if c["name"] == name)
-
-
-def _flag(args: list[str], name: str) -> str | None:
-    for i, a in enumerate(args):
-        if a == name:
-            return args[i + 1]
-        if a.startswith(name + "="):
-            return a.split("=", 1)[1]
-    return None
-
-
-@pytest.mark.parametrize("case", sorted(POOL_VALUES))
+@pytest.mark.parametrize("case", POOL_CASES)
 def test_pool_chart_wiring(case: str, rendered: dict[tuple[str, str], Rendered]) -> None:
-    values = POOL_VALUES[case]
+    values = load_values("inferencepool", case)
     out = rendered[("inferencepool", case)]
-    pool_values = values.get("inferencePool", {})
-    ext_values = values.get("inferenceExtension", {})
     pool_obj = out.get("InferencePool")
     pool = resources.parse_object(CRDS.defaulted(pool_obj))
     assert isinstance(pool, resources.InferencePool)
-    name = pool_values.get("name", "llama")
+    name = _get(values, "inferencePool.name") or "llama"
     assert pool.meta.name == name
-    assert dict(pool.selector) == pool_values.get("modelServers", {}).get(
-        "matchLabels", {"app": "vllm-llama3-8b-instruct"}
-    )
-    ports = [p["number"] for p in pool_values.get("targetPorts", [{"number": 8000}])]
+    assert dict(pool.selector) == _get(values, "inferencePool.modelServers.matchLabels")
+    ports = [p["number"] for p in _get(values, "inferencePool.targetPorts", [{"number": 8000}])]
     assert list(pool.target_ports) == (ports if pool.meta.group == resources.GROUP_V1 else ports[:1])
-    assert pool.picker is not None and pool.picker.failure_mode == pool_values.get("failureMode", "FailClose")
+    failure_mode = _get(values, "inferencePool.failureMode") or _get(
+        values, "inferenceExtension.failureMode", "FailOpen"
+    )
+    assert pool.picker is not None and pool.picker.failure_mode == failure_mode
+    if pool.meta.group == resources.GROUP_V1:
+        grpc_servers = _get(values, "inferencePool.modelServerProtocol") == "grpc"
+        assert pool_obj["spec"]["appProtocol"] == ("kubernetes.io/h2c" if grpc_servers else "http")
 
     # the pool's picker reference names the chart's Service and its ext_proc port
     svc = out.get("Service")
     assert svc["metadata"]["name"] == pool.picker.name == f"{name}-epp"
     svc_ports = {p["name"]: p["port"] for p in svc["spec"]["ports"]}
-    assert svc_ports == {"grpc-ext-proc": 9002, "http-metrics": 9090}
+    extra = {p["name"]: p["port"] for p in _get(values, "inferenceExtension.extraServicePorts", [])}
+    assert svc_ports == {"grpc-ext-proc": 9002, "http-metrics": 9090, **extra}
     assert pool.picker.port == svc_ports["grpc-ext-proc"]
     deploy = out.get("Deployment")
     pod_labels = deploy["spec"]["template"]["metadata"]["labels"]
     assert svc["spec"]["selector"].items() <= pod_labels.items()
     assert deploy["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
 
-    c = _container(out)
+    c = container(out)
     args = c["args"]
     assert c["command"] == ["python", "-m", "epp"]
-    assert _flag(args, "--pool-name") == name
-    assert _flag(args, "--pool-namespace") == "ml"
-    assert (_flag(args, "--grpc-port"), _flag(args, "--grpc-health-port"), _flag(args, "--metrics-port")) == (
-        "9002", "9003", "9090")  # fmt: skip
-    assert _flag(args, "--pool-group") == (None if pool.meta.group == resources.GROUP_V1 else pool.meta.group)
-    replicas = ext_values.get("replicas", 1)
-    leader = replicas > 1 or ext_values.get("enableLeaderElection", False)
+    # the reference's args, in its order, then this chart's port flags
+    server_type = _get(values, "inferencePool.modelServerType", "vllm")
+    head = ["--pool-name", name, "--pool-namespace", "ml", "--pool-group", pool.meta.group,
+            *METRIC_FLAGS[server_type], "--zap-encoder", "json", "--config-file"]  # fmt: skip
+    assert args[: len(head)] == head
+    replicas = _get(values, "inferenceExtension.replicas", 1)
+    leader = replicas > 1 or _get(values, "inferenceExtension.enableLeaderElection", False)
     assert deploy["spec"]["replicas"] == replicas
     assert ("--ha-enable-leader-election" in args) == leader
-    assert ("--secure-serving=false" in args) == (ext_values.get("secureServing") is False)
-    assert c["livenessProbe"]["grpc"] == {"port": 9003, "service": "liveness"}
-    assert c["readinessProbe"]["grpc"] == {"port": 9003, "service": "readiness"}
+    assert (deploy["spec"].get("strategy", {}).get("type") == "Recreate") == leader
+    assert flag(args, "--tracing") == ("true" if _get(values, "inferenceExtension.tracing.enabled") else "false")
+    auth = _get(values, "inferenceExtension.monitoring.prometheus.auth.enabled", True)
+    assert flag(args, "--metrics-endpoint-auth") == (None if auth else "false")
+    assert (flag(args, "--grpc-port"), flag(args, "--grpc-health-port"), flag(args, "--metrics-port")) == (
+        "9002", "9003", "9090")  # fmt: skip
+    assert ("--secure-serving=false" in args) == (_get(values, "inferenceExtension.secureServing") is False)
+    flags = _get(values, "inferenceExtension.flags", {"v": 1})
+    if isinstance(flags, dict):
+        for k, v in {"v": 1, **flags}.items():
+            assert f"--{k}={v}" in args
+    else:
+        for f in flags:
+            assert f"--{f['name']}={f['value']}" in args
+    probe = "readiness" if leader else "inference-extension"
+    assert c["livenessProbe"]["grpc"] == {"port": 9003, "service": "liveness" if leader else "inference-extension"}
+    assert c["readinessProbe"]["grpc"] == {"port": 9003, "service": probe}
+    extra_ports = {p["name"]: p["containerPort"] for p in _get(values, "inferenceExtension.extraContainerPorts", [])}
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {
-        "grpc-ext-proc": 9002, "grpc-health": 9003, "http-metrics": 9090}  # fmt: skip
+        "grpc-ext-proc": 9002, "grpc-health": 9003, "http-metrics": 9090, **extra_ports}  # fmt: skip
+    for env in _get(values, "inferenceExtension.env", []):
+        assert env in c["env"]
 
     # RBAC: exactly the picker's API calls, bound to the Deployment's service account
-    role = out.get("Role")
+    role = out.get("Role", f"{name}-epp")
     assert expand_rules(role["rules"]) == expected_calls(leader)
-    binding = out.get("RoleBinding")
-    sa = out.get("ServiceAccount")["metadata"]["name"]
+    binding = out.get("RoleBinding", f"{name}-epp")
+    sa = f"{name}-epp"
     assert deploy["spec"]["template"]["spec"]["serviceAccountName"] == sa
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
                                   "name": role["metadata"]["name"]}  # fmt: skip
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": "ml"}]
 
     # the config file the picker is told to load is in the mounted ConfigMap
-    cm = out.get("ConfigMap")
-    config_file = _flag(args, "--config-file")
-    assert config_file is not None and config_file.startswith("/config/")
+    cm = out.get("ConfigMap", f"{name}-epp-config")
+    config_file = flag(args, "--config-file")
+    assert config_file == "/config/" + _get(values, "inferenceExtension.pluginsConfigFile", "default-plugins.yaml")
     assert config_file.removeprefix("/config/") in cm["data"]
-    volume = deploy["spec"]["template"]["spec"]["volumes"][0]
-    assert volume["configMap"]["name"] == cm["metadata"]["name"]
-    assert c["volumeMounts"][0] == {"name": volume["name"], "mountPath": "/config", "readOnly": True}
+    volumes = {v["name"]: v for v in deploy["spec"]["template"]["spec"]["volumes"]}
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == "/config")
+    assert volumes[mount["name"]]["configMap"]["name"] == cm["metadata"]["name"]
 
     # the optional objects all point at this pool
     for kind in ("InferenceObjective", "InferenceModelRewrite", "InferenceModel"):
         for obj in out.all(kind):
             ref = obj["spec"]["poolRef"]
             assert (ref["name"], ref["group"]) == (name, pool.meta.group)
-    assert len(out.all("InferenceObjective")) == len(values.get("inferenceObjectives", []))
+    objectives = {o["metadata"]["name"]: o["spec"].get("priority") for o in out.all("InferenceObjective")}
+    assert objectives == {o["name"]: o["priority"] for o in values.get("inferenceObjectives", [])}
     assert len(out.all("InferenceModel")) == len(values.get("inferenceModels", []))
-    assert len(out.all("ServiceMonitor")) == int(
-        ext_values.get("monitoring", {}).get("prometheus", {}).get("enabled", False)
-    )
-    assert len(out.all("DestinationRule")) == int(values.get("provider", {}).get("name") == "istio")
+    provider = _get(values, "provider.name", "none")
+    monitoring = _get(values, "inferenceExtension.monitoring.prometheus.enabled", False)
+    assert len(out.all("ServiceMonitor")) == int(monitoring and provider != "gke")
+    assert len(out.all("PodMonitoring")) == int(monitoring and auth and provider == "gke")
+    assert len(out.all("DestinationRule")) == int(provider == "istio")
+    assert len(out.all("HealthCheckPolicy")) == int(provider == "gke")
+    assert len(out.all("HTTPRoute")) == int(_get(values, "experimentalHttpRoute.enabled", False))
     assert name in out.notes
 
 
-def test_extra_flags_map_and_list(rendered: dict[tuple[str, str], Rendered]) -> None:
-    args = _container(rendered[("inferencepool", "alpha-sglang-ha")])["args"]
-    assert "--log-level=debug" in args
-    assert "--enable-cert-reload" in args
-    assert "--refresh-metrics-interval=100ms" in args
-    args = _container(rendered[("inferencepool", "triton-custom-config")])["args"]
-    assert "--log-format=text" in args
-    image = _container(rendered[("inferencepool", "triton-custom-config")])["image"]
-    assert image == "registry.example.com/ml/epp:v1.2.3"
-    assert _container(rendered[("inferencepool", "defaults")])["image"] == "epp:0.1.0"
+def test_default_config_is_the_references_shape(rendered: dict[tuple[str, str], Rendered]) -> None:
+    text = rendered[("inferencepool", "defaults")].get("ConfigMap")["data"]["default-plugins.yaml"]
+    cfg = yaml.safe_load(text)
+    assert cfg["apiVersion"] == "inference.networking.x-k8s.io/v1alpha1"
+    assert [p["type"] for p in cfg["plugins"]] == [
+        "queue-scorer", "kv-cache-utilization-scorer", "prefix-cache-scorer", "metrics-data-source",
+        "core-metrics-extractor"]  # fmt: skip
+    assert cfg["plugins"][3]["parameters"] == {"scheme": "http", "path": "/metrics", "insecureSkipVerify": True}
+    assert "parameters" not in cfg["plugins"][4]
+    weights = {p["pluginRef"]: p.get("weight") for p in cfg["schedulingProfiles"][0]["plugins"]}
+    assert weights == {"queue-scorer": 2, "kv-cache-utilization-scorer": 2, "prefix-cache-scorer": 3}
+    assert "parser" not in cfg
+
+    sglang = yaml.safe_load(rendered[("inferencepool", "sglang")].get("ConfigMap")["data"]["default-plugins.yaml"])
+    assert sglang["plugins"][4] == {"type": "core-metrics-extractor", "parameters": {"defaultEngine": "sglang"}}
+    grpc_cfg = yaml.safe_load(
+        rendered[("inferencepool", "ours-security")].get("ConfigMap")["data"]["default-plugins.yaml"]
+    )
+    assert grpc_cfg["parser"] == {"pluginRef": "vllmgrpc-parser"}
+    assert grpc_cfg["plugins"][-1] == {"type": "vllmgrpc-parser"}
 
 
-def test_service_monitor_and_destination_rule(rendered: dict[tuple[str, str], Rendered]) -> None:
-    out = rendered[("inferencepool", "alpha-sglang-ha")]
+@pytest.mark.parametrize("server_type", sorted(METRIC_FLAGS))
+def test_metric_flags_name_the_engine_tables_metrics(server_type: str) -> None:
+    """The per-signal metric flags the chart passes name exactly what the picker's own engine table
+    reads for that engine (so the flags agree with the built-in names, never replace them with others)."""
+    engines = pytest.importorskip("epp.metrics.engines")
+    spec = engines.ENGINES[server_type]
+    args = METRIC_FLAGS[server_type]
+    named = {}
+    for i, a in enumerate(args):
+        if a.startswith("--") and "=" in a:
+            named[a[2:].split("=", 1)[0]] = a.split("=", 1)[1]
+        elif a.startswith("--"):
+            named[a[2:]] = args[i + 1]
+    signals = {"total-queued-requests-metric": spec.waiting, "total-running-requests-metric": spec.running,
+               "kv-cache-usage-percentage-metric": spec.kv_usage}  # fmt: skip
+    for name, sources in signals.items():
+        if name in named:
+            assert engines.parse_spec(named[name]) == sources[0], name
+    if "lora-info-metric" in named:
+        assert named["lora-info-metric"] == "" and not spec.lora
+
+
+def test_monitoring_auth_objects(rendered: dict[tuple[str, str], Rendered]) -> None:
+    out = rendered[("inferencepool", "monitoring-auth")]
+    sa = "llama-epp"
+    role = out.get("ClusterRole")
+    assert expand_rules([r for r in role["rules"] if "resources" in r]) == {
+        ("authentication.k8s.io", "tokenreviews", "create"),
+        ("authorization.k8s.io", "subjectaccessreviews", "create"),
+    }
+    assert {"nonResourceURLs": ["/metrics"], "verbs": ["get"]} in role["rules"]
+    binding = out.get("ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"] == "llama-epp-ml"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": "ml"}]
+    secret = out.get("Secret")
+    assert secret["type"] == "kubernetes.io/service-account-token"
+    assert secret["metadata"]["annotations"] == {"kubernetes.io/service-account.name": sa}
     mon = out.get("ServiceMonitor")
-    svc = out.get("Service")
-    assert mon["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
-    assert mon["spec"]["endpoints"][0]["port"] == "http-metrics"
-    assert mon["metadata"]["labels"]["release"] == "prom"
-    rule = out.get("DestinationRule")
-    assert rule["spec"]["host"] == "qwen-pool-epp.ml.svc.cluster.local"
-    assert rule["spec"]["trafficPolicy"]["tls"] == {"mode": "SIMPLE", "insecureSkipVerify": True}
+    endpoint = mon["spec"]["endpoints"][0]
+    assert endpoint["authorization"]["credentials"] == {"name": secret["metadata"]["name"], "key": "token"}
+    assert (endpoint["port"], endpoint["path"], endpoint["interval"]) == ("http-metrics", "/metrics", "30s")
+    assert mon["metadata"]["labels"]["release"] == "kube-prometheus"
+    assert mon["spec"]["selector"]["matchLabels"].items() <= out.get("Service")["metadata"]["labels"].items()
+
+    noauth = rendered[("inferencepool", "monitoring-noauth")]
+    assert not noauth.all("Secret")
+    assert "authorization" not in noauth.get("ServiceMonitor")["spec"]["endpoints"][0]
+    assert "--metrics-endpoint-auth=false" in container(noauth)["args"]
 
 
-def _import_or_skip(module: str) -> Any:
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(f"{module} not available")
-    return importlib.import_module(module)
+def test_tracing_environment(rendered: dict[tuple[str, str], Rendered]) -> None:
+    env = {e["name"]: e for e in container(rendered[("inferencepool", "tracing")])["env"]}
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"] == "http://otel-collector.monitoring.svc.cluster.local:4317"
+    assert env["OTEL_TRACES_EXPORTER"]["value"] == "otlp"
+    assert env["OTEL_TRACES_SAMPLER"]["value"] == "parentbased_traceidratio"
+    assert env["OTEL_TRACES_SAMPLER_ARG"]["value"] == "0.5"
+    assert env["OTEL_RESOURCE_ATTRIBUTES_NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    assert "k8s.pod.name=$(OTEL_RESOURCE_ATTRIBUTES_POD_NAME)" in env["OTEL_RESOURCE_ATTRIBUTES"]["value"]
+    plain = {e["name"] for e in container(rendered[("inferencepool", "defaults")])["env"]}
+    assert plain == {"NAMESPACE", "POD_NAME"}
 
 
-@pytest.mark.parametrize("case", sorted(POOL_VALUES))
-def test_plugins_config_loads_and_engine_names_match(case: str, rendered: dict[tuple[str, str], Rendered]) -> None:
-    """The ConfigMap's EndpointPickerConfig is accepted by the picker's loader, and the engine
-    metric names the chart writes for modelServerType are exactly the picker's built-in ones."""
-    config = _import_or_skip("epp.scheduling.config")
-    engines = _import_or_skip("epp.metrics.engines")
-    out = rendered[("inferencepool", case)]
-    args = _container(out)["args"]
-    text = out.get("ConfigMap")["data"][_flag(args, "--config-file").removeprefix("/config/")]  # type: ignore[union-attr]
-    cfg = config.load_config(text)
-    if case == "triton-custom-config":
-        return  # a user-supplied config: the chart adds nothing to it
-    server_type = POOL_VALUES[case].get("inferencePool", {}).get("modelServerType", "vllm")
-    default_spec = engines.apply_overrides(cfg.engine_metrics)["vllm"]
-    assert dataclasses.replace(default_spec, name=server_type) == engines.ENGINES[server_type]
+def test_provider_objects(rendered: dict[tuple[str, str], Rendered]) -> None:
+    rule = rendered[("inferencepool", "istio")].get("DestinationRule")
+    assert rule["spec"] == {
+        "host": "epp.custom.example",
+        "trafficPolicy": {
+            "tls": {"mode": "SIMPLE", "insecureSkipVerify": True},
+            "connectionPool": {"http": {"maxRequestsPerConnection": 256000}},
+        },
+    }
+    gke = rendered[("inferencepool", "gke")]
+    hc = gke.get("HealthCheckPolicy")
+    assert hc["spec"]["targetRef"] == {"group": "inference.networking.k8s.io", "kind": "InferencePool", "name": "llama"}
+    assert hc["spec"]["default"]["config"]["httpHealthCheck"] == {"requestPath": "/health", "port": 8000}
+    assert gke.get("GCPBackendPolicy")["spec"]["default"]["timeoutSec"] == 300
+    pm = gke.get("PodMonitoring")
+    secret = gke.get("Secret")
+    assert pm["spec"]["endpoints"][0]["authorization"]["credentials"]["secret"] == {
+        "name": secret["metadata"]["name"], "key": "token"}  # fmt: skip
+    assert pm["spec"]["endpoints"][0]["port"] == "http-metrics"
+    collector = next(b for b in gke.all("RoleBinding") if b["subjects"][0]["name"] == "collector")
+    assert collector["subjects"][0]["namespace"] == "gke-gmp-system"  # autopilot
+    route = gke.get("HTTPRoute")
+    assert "timeouts" not in route["spec"]["rules"][0]  # the GKE gateway has its own (GCPBackendPolicy)
+
+
+def test_http_route(rendered: dict[tuple[str, str], Rendered]) -> None:
+    route = rendered[("inferencepool", "httproute")].get("HTTPRoute")
+    assert route["spec"]["parentRefs"] == [
+        {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "my-gateway"}
+    ]
+    rule = route["spec"]["rules"][0]
+    assert rule["backendRefs"] == [{"group": "inference.networking.k8s.io", "kind": "InferencePool", "name": "llama"}]
+    assert rule["matches"] == [{"path": {"type": "PathPrefix", "value": "/"}}]
+    assert rule["timeouts"] == {"request": "120s"}
+
+
+def test_network_policy_and_serving_certificate(rendered: dict[tuple[str, str], Rendered]) -> None:
+    out = rendered[("inferencepool", "ours-security")]
+    policy = out.get("NetworkPolicy")
+    assert policy["spec"]["podSelector"]["matchLabels"] == out.get("Service")["spec"]["selector"]
+    rules = {r["ports"][0]["port"]: r.get("from") for r in policy["spec"]["ingress"]}
+    values = load_values("inferencepool", "ours-security")["inferenceExtension"]["networkPolicy"]
+    assert rules == {9002: values["gatewayPeers"], 9090: values["monitoringPeers"], 9003: None}
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+
+    cert = out.get("Certificate")
+    assert cert["spec"]["issuerRef"] == {"name": "epp-ca", "kind": "Issuer", "group": "cert-manager.io"}
+    assert "llama-epp.ml.svc" in cert["spec"]["dnsNames"]
+    c = container(out)
+    assert flag(c["args"], "--cert-path") == "/etc/epp/tls" and "--enable-cert-reload" in c["args"]
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == "/etc/epp/tls")
+    pod = out.get("Deployment")["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert volume["secret"]["secretName"] == cert["spec"]["secretName"]
+
+
+def test_image_and_extra_keys(rendered: dict[tuple[str, str], Rendered]) -> None:
+    assert container(rendered[("inferencepool", "defaults")])["image"] == (
+        "registry.k8s.io/gateway-api-inference-extension/epp:v1.5.0"
+    )
+    assert container(rendered[("inferencepool", "ours-alpha")])["image"] == "registry.example.com/ml/epp:v1.2.3"
+    ours = render("inferencepool", {"inferencePool": {"modelServers": {"matchLabels": {"app": "x"}}}})
+    assert container(ours)["image"] == "epp:0.1.0"  # this project's image, tagged with the chart's appVersion
+    assert container(ours)["resources"] == {"requests": {"cpu": "1", "memory": "512Mi"}, "limits": {"memory": "2Gi"}}
+    predictor = render("inferencepool", {"inferencePool": {"modelServers": {"matchLabels": {"app": "x"}}},
+                                         "inferenceExtension": {"latencyPredictor": {"enabled": True}}})  # fmt: skip
+    assert "no latency predictor" in predictor.notes
+    assert [c["name"] for c in predictor.get("Deployment")["spec"]["template"]["spec"]["containers"]] == ["epp"]
 
 
 # ---- the standalone chart ------------------------------------------------------------------------
@@ -305,70 +457,104 @@ def test_standalone_envoy_files_are_generated_by_envoyconf() -> None:
         )
 
 
-@pytest.mark.parametrize("case", sorted(STANDALONE_VALUES))
+@pytest.mark.parametrize("case", STANDALONE_CASES)
 def test_standalone_wiring(case: str, rendered: dict[tuple[str, str], Rendered]) -> None:
-    values = STANDALONE_VALUES[case]
+    values = load_values("standalone", case)
     out = rendered[("standalone", case)]
-    envoy_values = values.get("envoy", {})
-    profile = envoy_values.get("profile", "duplex")
-    tls = envoy_values.get("pickerTLS", True)
-
-    # the Envoy config in the ConfigMap is the generated file, byte for byte
-    cm = out.get("ConfigMap", "llama-epp-envoy")
-    expected = (CHARTS / "standalone" / "files" / f"envoy-{profile}-{'tls' if tls else 'plain'}.yaml").read_text()
-    assert cm["data"]["envoy.yaml"] == expected
-    config = yaml.safe_load(cm["data"]["envoy.yaml"])
-    ext = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    modes = {f["name"]: f["typed_config"] for f in ext["http_filters"]}[envoyconf.EPP_FILTER]["processing_mode"]
-    assert modes == envoyconf._MODES[profile]
-    picker = next(c for c in config["static_resources"]["clusters"] if c["name"].startswith("epp."))
-    assert ("transport_socket" in picker) == tls
-    picker_addr = picker["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
-    assert picker_addr == {"socket_address": {"address": "127.0.0.1", "port_value": 9002}}
-
+    sidecar_image = _get(values, "inferenceExtension.sidecar.image")
+    create = _get(values, "inferencePool.create")
+    if create is None:
+        create = _get(values, "inferenceExtension.endpointsServer.createInferencePool", True)
     deploy = out.get("Deployment")
-    epp, envoy = _container(out, "epp"), _container(out, "envoy")
+    epp = container(out)
     args = epp["args"]
-    assert _flag(args, "--grpc-port") == "9002"  # what the Envoy config calls
+    volumes = {v["name"]: v for v in deploy["spec"]["template"]["spec"]["volumes"]}
+
+    if sidecar_image:  # the reference's way: the sidecar exactly as given, its ConfigMap from values
+        side = container(out, _get(values, "inferenceExtension.sidecar.name"))
+        assert side["image"] == sidecar_image
+        cm = out.get("ConfigMap", _get(values, "inferenceExtension.sidecar.configMap.name"))
+        assert cm["data"] == _get(values, "inferenceExtension.sidecar.configMap.data")
+        assert volumes["config"]["configMap"]["name"] == cm["metadata"]["name"]
+        assert side["readinessProbe"]["httpGet"]["port"] == 19001
+        tls = True
+    else:  # the built-in Envoy: its config is the generated file, byte for byte
+        envoy_values = values.get("envoy", {})
+        profile = envoy_values.get("profile", "duplex")
+        tls = envoy_values.get("pickerTLS", True)
+        cm = out.get("ConfigMap", "llama-epp-envoy")
+        expected = (CHARTS / "standalone" / "files" / f"envoy-{profile}-{'tls' if tls else 'plain'}.yaml").read_text()
+        assert cm["data"]["envoy.yaml"] == expected
+        config = yaml.safe_load(cm["data"]["envoy.yaml"])
+        ext = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        modes = {f["name"]: f["typed_config"] for f in ext["http_filters"]}[envoyconf.EPP_FILTER]["processing_mode"]
+        assert modes == envoyconf._MODES[profile]
+        picker = next(c for c in config["static_resources"]["clusters"] if c["name"].startswith("epp."))
+        assert ("transport_socket" in picker) == tls
+        picker_addr = picker["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+        assert picker_addr == {"socket_address": {"address": "127.0.0.1", "port_value": 9002}}
+        envoy = container(out, "envoy")
+        listeners = {
+            lst["name"]: lst["address"]["socket_address"]["port_value"]
+            for lst in config["static_resources"]["listeners"]
+        }
+        assert {p["name"]: p["containerPort"] for p in envoy["ports"]} == {
+            "http": listeners["inference"], "envoy-health": listeners["health"]}  # fmt: skip
+        assert envoy["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "envoy-health"}
+        assert envoy["args"][:2] == ["--config-path", "/etc/envoy/envoy.yaml"]
+        assert volumes["envoy-config"]["configMap"]["name"] == cm["metadata"]["name"]
+
+    assert flag(args, "--grpc-port") == "9002"  # what the Envoy config calls
     assert ("--secure-serving=false" in args) == (not tls)
-    assert "--ha-enable-leader-election" not in args
-    pool_values = values.get("inferencePool", {})
-    if pool_values.get("create"):
+    replicas = _get(values, "inferenceExtension.replicas", 1)
+    assert ("--ha-enable-leader-election" in args) == (replicas > 1)
+    assert flag(args, "--tracing") == ("true" if _get(values, "inferenceExtension.tracing.enabled") else "false")
+    mode = deploy["spec"]["template"]["metadata"]["labels"]["inference.networking.k8s.io/igw-mode"]
+    assert mode == ("inferencepool" if create else "standalone")
+    if create:
         pool = resources.parse_object(CRDS.defaulted(out.get("InferencePool")))
-        assert _flag(args, "--endpoint-selector") is None
         assert isinstance(pool, resources.InferencePool)
+        assert flag(args, "--endpoint-selector") is None and flag(args, "--pool-name") == "llama"
     else:
         assert not out.all("InferencePool")
-        selector = pool_values.get("modelServers", {}).get("matchLabels", {"app": "vllm-llama3-8b-instruct"})
-        assert resources.parse_selector(_flag(args, "--endpoint-selector") or "") == selector
-        ports = [p["number"] for p in pool_values.get("targetPorts", [{"number": 8000}])]
-        assert _flag(args, "--endpoint-target-ports") == ",".join(map(str, ports))
+        assert flag(args, "--pool-name") is None
+        selector = _get(values, "inferenceExtension.endpointsServer.endpointSelector")
+        if selector:
+            assert flag(args, "--endpoint-selector") == selector
+            assert flag(args, "--endpoint-target-ports") == str(
+                _get(values, "inferenceExtension.endpointsServer.targetPorts")
+            )
+        else:
+            labels = _get(values, "inferencePool.modelServers.matchLabels")
+            assert resources.parse_selector(flag(args, "--endpoint-selector") or "") == labels
+            ports = [p["number"] for p in _get(values, "inferencePool.targetPorts", [{"number": 8000}])]
+            assert flag(args, "--endpoint-target-ports") == ",".join(map(str, ports))
+        server_type = _get(values, "inferenceExtension.endpointsServer.modelServerType", "vllm")
+        assert args[4 : 4 + len(METRIC_FLAGS[server_type])] == METRIC_FLAGS[server_type]
 
-    listeners = {
-        lst["name"]: lst["address"]["socket_address"]["port_value"] for lst in config["static_resources"]["listeners"]
-    }
-    envoy_ports = {p["name"]: p["containerPort"] for p in envoy["ports"]}
-    assert envoy_ports == {"http": listeners["inference"], "envoy-health": listeners["health"]}
-    assert envoy["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "envoy-health"}
-    assert envoy["args"][:2] == ["--config-path", "/etc/envoy/envoy.yaml"]
-    volumes = {v["name"]: v for v in deploy["spec"]["template"]["spec"]["volumes"]}
-    assert volumes["envoy-config"]["configMap"]["name"] == cm["metadata"]["name"]
     svc = out.get("Service")
-    svc_ports = {p["name"]: p["targetPort"] for p in svc["spec"]["ports"]}
-    expected_ports = {"http": "http", "http-metrics": "http-metrics"}
-    if pool_values.get("create"):  # the pool's endpointPickerRef names the picker's port on this Service
-        expected_ports["grpc-ext-proc"] = "grpc-ext-proc"
-        ref_port = out.get("InferencePool")["spec"]["extensionRef"]["portNumber"]
-        assert next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "grpc-ext-proc") == ref_port
-    assert svc_ports == expected_ports
-    assert expand_rules(out.get("Role")["rules"]) == expected_calls(leader_election=False)
+    svc_ports = {p["name"]: p["port"] for p in svc["spec"]["ports"]}
+    assert svc_ports["http"] == 8081  # the reference's client port, either way
+    assert ("grpc-ext-proc" in svc_ports) == bool(create)
+    assert expand_rules(out.get("Role")["rules"]) == expected_calls(leader_election=replicas > 1)
+
+    # ext_proc is closed to the network: the NetworkPolicy admits no one to 9002 (Envoy calls it over
+    # loopback, which no policy filters), clients reach Envoy's listener
+    policy = out.get("NetworkPolicy")
+    ingress_ports = {r["ports"][0]["port"] for r in policy["spec"]["ingress"]}
+    assert 9002 not in ingress_ports and 8081 in ingress_ports
 
 
 @pytest.mark.envoy
 @pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary")
-def test_standalone_envoy_files_pass_envoy_validate() -> None:
+def test_standalone_envoy_configs_pass_envoy_validate(
+    tmp_path: Path, rendered: dict[tuple[str, str], Rendered]
+) -> None:
     files = sorted((CHARTS / "standalone" / "files").glob("*.yaml"))
-    results = validate(files)
+    # and the sidecar config our reference-shaped values file carries
+    own = tmp_path / "values-sidecar-envoy.yaml"
+    own.write_text(rendered[("standalone", "defaults")].get("ConfigMap", "envoy")["data"]["envoy.yaml"])
+    results = validate([*files, own])
     bad = {p.name: out for p, (code, out) in results.items() if code != 0}
     assert bad == {}
 
@@ -387,3 +573,75 @@ def test_charts_do_not_package_the_generator() -> None:
         ignore = (CHARTS / chart / ".helmignore").read_text()
         assert "generate.py" in ignore
     assert Path(CHARTS / "standalone" / "generate.py").exists()
+
+
+# ---- the picker starts with the args each render gives ---------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _manifests(out: Rendered, path: Path) -> None:
+    """The release's inference objects as a no-cluster manifests file (the pool, objectives, ...)."""
+    kinds = ("InferencePool", "InferenceObjective", "InferenceModelRewrite", "InferenceModel")
+    docs = [o for o in out.objects if o["kind"] in kinds]
+    path.write_text(yaml.safe_dump_all(docs) if docs else "")
+
+
+async def _health(port: int, service: str) -> int | None:
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            reply = await health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=1
+            )
+            return int(reply.status)
+    except grpc.aio.AioRpcError:
+        return None
+
+
+@pytest.mark.parametrize(("chart", "case"), CASES)
+async def test_picker_starts_with_the_rendered_args(
+    chart: str, case: str, tmp_path: Path, rendered: dict[tuple[str, str], Rendered]
+) -> None:
+    """`python -m epp` with the Deployment's args (config file = the ConfigMap's text, ports from the OS,
+    the release's objects as --manifests) serves; its gRPC health answers SERVING for the services the
+    rendered liveness and readiness probes ask for."""
+    out = rendered[(chart, case)]
+    c = container(out)
+    ports = {"grpc": _free_port(), "health": _free_port(), "metrics": _free_port()}
+    args = local_args(out, tmp_path, ports)
+    manifests = tmp_path / "objects.yaml"
+    _manifests(out, manifests)
+    args += ["--manifests", str(manifests)]
+    env = {**os.environ, **local_env(out, "ml", f"http://127.0.0.1:{_free_port()}")}
+    stack = contextlib.ExitStack()
+    if "--ha-enable-leader-election" in args:
+        from tests.sources.apiserver import ApiServer
+
+        api = stack.enter_context(ApiServer())  # the Lease lives in an API-server emulator
+        args += ["--kubeconfig", str(api.write_kubeconfig(tmp_path / "kubeconfig", namespace="ml"))]
+    log = (tmp_path / "picker.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "epp", *args], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        services = {c["livenessProbe"]["grpc"]["service"], c["readinessProbe"]["grpc"]["service"]}
+        status: dict[str, int | None] = {}
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline and proc.poll() is None:
+            status = {s: await _health(ports["health"], s) for s in services}
+            if all(v == health_pb2.HealthCheckResponse.SERVING for v in status.values()):
+                break
+            await asyncio.sleep(0.2)
+        log.flush()
+        assert proc.poll() is None, f"picker exited {proc.returncode}: {(tmp_path / 'picker.log').read_text()[-3000:]}"
+        assert status == dict.fromkeys(services, health_pb2.HealthCheckResponse.SERVING), (
+            tmp_path / "picker.log"
+        ).read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # not a shutdown test: SIGTERM would drain for --drain-timeout
+        proc.wait(timeout=10)
+        log.close()
+        stack.close()

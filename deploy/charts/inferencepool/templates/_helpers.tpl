@@ -8,6 +8,11 @@
 {{- include "epp.poolName" . | trunc 59 | trimSuffix "-" -}}-epp
 {{- end -}}
 
+{{/* Name of cluster-scoped objects (ClusterRole/Binding): unique per release and namespace. */}}
+{{- define "epp.clusterName" -}}
+{{- printf "%s-%s" (include "epp.name" .) .Release.Namespace | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
 {{/* API group of the pool, from inferencePool.apiVersion (checked here). */}}
 {{- define "epp.poolGroup" -}}
 {{- $v := .Values.inferencePool.apiVersion -}}
@@ -17,9 +22,61 @@
 {{- (split "/" $v)._0 -}}
 {{- end -}}
 
+{{/* Checks the reference chart also makes, with its messages. */}}
+{{- define "epp.validate" -}}
+{{- $pool := .Values.inferencePool -}}
+{{- if or (empty $pool.modelServers) (not $pool.modelServers.matchLabels) -}}
+{{- fail ".Values.inferencePool.modelServers.matchLabels is required" -}}
+{{- end -}}
+{{- if not (has (include "epp.serverType" .) (list "vllm" "sglang" "triton-tensorrt-llm" "trtllm-serve")) -}}
+{{- fail (printf "inferencePool.modelServerType must be vllm, sglang, trtllm-serve or triton-tensorrt-llm, got %q" (include "epp.serverType" .)) -}}
+{{- end -}}
+{{- if not (has $pool.modelServerProtocol (list "http" "grpc")) -}}
+{{- fail (printf "inferencePool.modelServerProtocol must be http or grpc, got %q" $pool.modelServerProtocol) -}}
+{{- end -}}
+{{- $np := .Values.inferenceExtension.networkPolicy -}}
+{{- if and $np.enabled (empty $np.gatewayPeers) -}}
+{{- fail "inferenceExtension.networkPolicy.gatewayPeers must name the gateway's pods when the NetworkPolicy is enabled (else nothing may call ext_proc)" -}}
+{{- end -}}
+{{- end -}}
+
 {{/* "true" when leader election is on: asked for, or more than one replica. */}}
 {{- define "epp.leaderElection" -}}
 {{- if or .Values.inferenceExtension.enableLeaderElection (gt (int .Values.inferenceExtension.replicas) 1) -}}true{{- end -}}
+{{- end -}}
+
+{{/* The probes' gRPC health services: the reference asks `inference-extension` unless leader election is on. */}}
+{{- define "epp.livenessService" -}}
+{{- if include "epp.leaderElection" . }}liveness{{ else }}inference-extension{{ end -}}
+{{- end -}}
+{{- define "epp.readinessService" -}}
+{{- if include "epp.leaderElection" . }}readiness{{ else }}inference-extension{{ end -}}
+{{- end -}}
+
+{{/* FailOpen | FailClose: inferencePool.failureMode (older key) over inferenceExtension.failureMode. */}}
+{{- define "epp.failureMode" -}}
+{{- $m := default .Values.inferenceExtension.failureMode .Values.inferencePool.failureMode -}}
+{{- if not (has $m (list "FailOpen" "FailClose")) -}}
+{{- fail (printf "failureMode must be FailOpen or FailClose, got %q" $m) -}}
+{{- end -}}
+{{- $m -}}
+{{- end -}}
+
+{{/* The pool's appProtocol: inferencePool.appProtocol, else from modelServerProtocol. */}}
+{{- define "epp.appProtocol" -}}
+{{- $p := .Values.inferencePool -}}
+{{- if $p.appProtocol -}}{{ $p.appProtocol }}{{- else if eq $p.modelServerProtocol "grpc" -}}kubernetes.io/h2c{{- else -}}http{{- end -}}
+{{- end -}}
+
+{{/* Request parser plugin type: vllm over gRPC needs vllmgrpc-parser; else inferencePool.parser (may be empty). */}}
+{{- define "epp.parserType" -}}
+{{- $p := .Values.inferencePool -}}
+{{- if and (eq (include "epp.serverType" .) "vllm") (eq $p.modelServerProtocol "grpc") -}}vllmgrpc-parser{{- else -}}{{ $p.parser }}{{- end -}}
+{{- end -}}
+
+{{/* The model servers' engine: vllm | sglang | triton-tensorrt-llm | trtllm-serve. */}}
+{{- define "epp.serverType" -}}
+{{- .Values.inferencePool.modelServerType -}}
 {{- end -}}
 
 {{- define "epp.selectorLabels" -}}
@@ -36,55 +93,50 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 
+{{/* registry/repository:tag (hub/name: older spellings); tag defaults to the chart's appVersion. */}}
 {{- define "epp.image" -}}
 {{- $img := .Values.inferenceExtension.image -}}
+{{- $registry := default $img.hub $img.registry -}}
+{{- $repository := default $img.name $img.repository -}}
 {{- $tag := default .Chart.AppVersion $img.tag -}}
-{{- if $img.hub -}}{{ $img.hub }}/{{ end -}}{{ $img.name }}:{{ $tag }}
+{{- if $registry -}}{{ $registry }}/{{ end -}}{{ required "inferenceExtension.image.repository is required" $repository }}:{{ $tag }}
+{{- end -}}
+
+{{/* Secret holding the picker's serving certificate ("" = self-signed). */}}
+{{- define "epp.tlsSecret" -}}
+{{- $tls := .Values.inferenceExtension.tls -}}
+{{- if $tls.secretName -}}{{ $tls.secretName }}{{- else if $tls.certManager.enabled -}}{{ include "epp.name" . }}-tls{{- end -}}
 {{- end -}}
 
 {{/*
-Metric names for model servers without an engine-type label. The picker reads vLLM names for such
-pods; for another modelServerType the chart points the picker's default (vllm) entry at that
-engine's names through the EndpointPickerConfig `engineMetrics` section. tests/deploy checks these
-against epp/metrics/engines.py.
+The default EndpointPickerConfig, shaped as the reference chart's default-plugins.yaml: the three
+scorers of the default profile (the max-score picker is implied), the metrics data source with
+metricsDataSource's values, the core metrics extractor told the pool's engine, and a parser when
+modelServerProtocol / inferencePool.parser asks for one.
 */}}
-{{- define "epp.engineMetrics" -}}
-{{- $t := .Values.inferencePool.modelServerType -}}
-{{- if eq $t "sglang" -}}
-waiting: "sglang:num_queue_reqs"
-running: "sglang:num_running_reqs"
-kvUsage: "sglang:token_usage"
-blockSize: {name: "sglang:cache_config_info", label: page_size}
-numBlocks: {name: "sglang:cache_config_info", label: num_pages}
-lora: null
-{{- else if eq $t "trtllm-serve" -}}
-waiting: trtllm_num_requests_waiting
-running: trtllm_num_requests_running
-kvUsage: trtllm_kv_cache_utilization
-blockSize: trtllm_kv_cache_tokens_per_block
-numBlocks: trtllm_kv_cache_max_blocks
-lora: null
-{{- else if eq $t "triton-tensorrt-llm" -}}
-waiting: {name: nv_trt_llm_request_metrics, labels: {request_type: waiting}}
-running: {name: nv_trt_llm_request_metrics, labels: {request_type: scheduled}}
-kvUsage: {name: nv_trt_llm_kv_cache_block_metrics, labels: {kv_cache_block_type: fraction}}
-blockSize: {name: nv_trt_llm_kv_cache_block_metrics, labels: {kv_cache_block_type: tokens_per}}
-numBlocks: {name: nv_trt_llm_kv_cache_block_metrics, labels: {kv_cache_block_type: max}}
-lora: null
-{{- else if ne $t "vllm" -}}
-{{- fail (printf "inferencePool.modelServerType must be vllm, sglang, trtllm-serve or triton-tensorrt-llm, got %q" $t) -}}
-{{- end -}}
-{{- end -}}
-
-{{/* The default EndpointPickerConfig: the reference's default profile. */}}
 {{- define "epp.defaultPluginsConfig" -}}
+{{- $ds := .Values.inferenceExtension.metricsDataSource -}}
+{{- $type := include "epp.serverType" . -}}
+{{- $parser := include "epp.parserType" . -}}
 apiVersion: inference.networking.x-k8s.io/v1alpha1
 kind: EndpointPickerConfig
 plugins:
   - type: queue-scorer
   - type: kv-cache-utilization-scorer
   - type: prefix-cache-scorer
-  - type: max-score-picker
+  - type: metrics-data-source
+    parameters:
+      scheme: {{ $ds.scheme | quote }}
+      path: {{ $ds.path | quote }}
+      insecureSkipVerify: {{ $ds.insecureSkipVerify }}
+  - type: core-metrics-extractor
+    {{- if ne $type "vllm" }}
+    parameters:
+      defaultEngine: {{ $type | quote }}
+    {{- end }}
+  {{- if $parser }}
+  - type: {{ $parser }}
+  {{- end }}
 schedulingProfiles:
   - name: default
     plugins:
@@ -94,24 +146,148 @@ schedulingProfiles:
         weight: 2
       - pluginRef: prefix-cache-scorer
         weight: 3
-      - pluginRef: max-score-picker
-{{- with include "epp.engineMetrics" . }}
-engineMetrics:
-  vllm:
-{{ . | indent 4 }}
+{{- if $parser }}
+parser:
+  pluginRef: {{ $parser }}
 {{- end }}
 {{- end -}}
 
-{{/* Extra flags: a map (name: value) or a list of {name, value}. */}}
+{{/*
+Metric-name flags per modelServerType, as the reference chart renders them (without its literal
+quote characters). --cache-info-metric is left out: the picker's engine table already reads each
+engine's block size / count (including gauges the reference's names miss).
+*/}}
+{{- define "epp.metricFlags" -}}
+{{- $t := include "epp.serverType" . -}}
+{{- if eq $t "sglang" }}
+- --total-queued-requests-metric=sglang:num_queue_reqs
+- --total-running-requests-metric=sglang:num_running_reqs
+- --kv-cache-usage-percentage-metric=sglang:token_usage
+{{- else if eq $t "triton-tensorrt-llm" }}
+- --total-queued-requests-metric
+- nv_trt_llm_request_metrics{request_type=waiting}
+- --total-running-requests-metric
+- nv_trt_llm_request_metrics{request_type=scheduled}
+- --kv-cache-usage-percentage-metric
+- nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=fraction}
+- --lora-info-metric
+- ""
+{{- else if eq $t "trtllm-serve" }}
+- --total-queued-requests-metric=trtllm_num_requests_waiting
+- --total-running-requests-metric=trtllm_num_requests_running
+- --kv-cache-usage-percentage-metric=trtllm_kv_cache_utilization
+- --model-server-metrics-path=/prometheus/metrics
+- --lora-info-metric
+- ""
+{{- end }}
+{{- end -}}
+
+{{/* Picker flags from values: each name: value becomes --name=value (a list of {name, value} too). */}}
 {{- define "epp.extraFlags" -}}
 {{- $flags := .Values.inferenceExtension.flags -}}
 {{- if kindIs "map" $flags -}}
 {{- range $k, $v := $flags }}
-- {{ if eq (toString $v) "true" }}{{ printf "--%s" $k | quote }}{{ else }}{{ printf "--%s=%v" $k $v | quote }}{{ end }}
+- {{ printf "--%s=%v" $k $v | quote }}
 {{- end -}}
 {{- else -}}
 {{- range $flags }}
 - {{ printf "--%s=%v" .name .value | quote }}
 {{- end -}}
 {{- end -}}
+{{- end -}}
+
+{{/*
+The args after the pool's identity, in the reference chart's order: metric flags, log encoder,
+config file, leader election, values flags, tracing, metrics auth; then this chart's own (ports,
+serving TLS).
+*/}}
+{{- define "epp.commonArgs" -}}
+{{- $ext := .Values.inferenceExtension -}}
+{{- include "epp.metricFlags" . }}
+- --zap-encoder
+- json
+- --config-file
+- {{ printf "/config/%s" $ext.pluginsConfigFile | quote }}
+{{- if include "epp.leaderElection" . }}
+- --ha-enable-leader-election
+{{- end }}
+{{- include "epp.extraFlags" . }}
+- --tracing={{ if $ext.tracing.enabled }}true{{ else }}false{{ end }}
+{{- if not $ext.monitoring.prometheus.auth.enabled }}
+- --metrics-endpoint-auth=false
+{{- end }}
+{{- end -}}
+
+{{/* The OpenTelemetry environment the reference sets when tracing is on. */}}
+{{- define "epp.tracingEnv" -}}
+{{- $tr := .Values.inferenceExtension.tracing -}}
+{{- if $tr.enabled }}
+- name: OTEL_SERVICE_NAME
+  value: gateway-api-inference-extension/epp
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ $tr.otelExporterEndpoint | quote }}
+- name: OTEL_TRACES_EXPORTER
+  value: otlp
+- name: OTEL_RESOURCE_ATTRIBUTES_NODE_NAME
+  valueFrom:
+    fieldRef:
+      apiVersion: v1
+      fieldPath: spec.nodeName
+- name: OTEL_RESOURCE_ATTRIBUTES_POD_NAME
+  valueFrom:
+    fieldRef:
+      apiVersion: v1
+      fieldPath: metadata.name
+- name: OTEL_RESOURCE_ATTRIBUTES
+  value: k8s.namespace.name=$(NAMESPACE),k8s.node.name=$(OTEL_RESOURCE_ATTRIBUTES_NODE_NAME),k8s.pod.name=$(OTEL_RESOURCE_ATTRIBUTES_POD_NAME)
+- name: OTEL_TRACES_SAMPLER
+  value: {{ $tr.sampling.sampler | quote }}
+- name: OTEL_TRACES_SAMPLER_ARG
+  value: {{ $tr.sampling.samplerArg | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* A sidecar container given in full in values (the reference's inferenceExtension.sidecar). */}}
+{{- define "epp.sidecarContainer" -}}
+{{- $sc := .Values.inferenceExtension.sidecar -}}
+- name: {{ required "inferenceExtension.sidecar.name is required" $sc.name }}
+  image: {{ required "inferenceExtension.sidecar.image is required" $sc.image }}
+  imagePullPolicy: {{ default "IfNotPresent" $sc.imagePullPolicy }}
+  {{- with $sc.command }}
+  command: [{{ . | quote }}]
+  {{- end }}
+  {{- with $sc.args }}
+  args:
+    {{- range . }}
+    - {{ . | quote }}
+    {{- end }}
+  {{- end }}
+  {{- with $sc.env }}
+  env:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $sc.ports }}
+  ports:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $sc.livenessProbe }}
+  livenessProbe:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $sc.readinessProbe }}
+  readinessProbe:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $sc.resources }}
+  resources:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $sc.securityContext | default .Values.inferenceExtension.securityContext }}
+  securityContext:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $sc.volumeMounts }}
+  volumeMounts:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
 {{- end -}}
