@@ -25,13 +25,15 @@ asks only for the phases its features need):
   it open to the end at no cost (a response without trailers sends no message); without them the
   stream closed ~10 ms into a 2 s request and in-flight counts ended at dispatch.
 - BUFFERED makes Envoy hold the whole request body (up to `buffer_limit_bytes`, else 413);
-  FULL_DUPLEX_STREAMED streams it and needs request trailers SEND (Envoy rejects the config otherwise).
+  FULL_DUPLEX_STREAMED needs request trailers SEND (Envoy rejects the config otherwise), and gets
+  the body coalesced by a `buffer` filter first (same bound): one message however it was framed.
 
 Routing on the pick:
 - `original_dst`: an ORIGINAL_DST cluster reading `x-gateway-destination-endpoint`. Any pod
   address works without Envoy knowing the pods, but the header must hold exactly one `ip:port`
   (Envoy 1.40 answers 503 for a comma-separated list) and a retry goes to the same pod, so there
-  are no fallbacks, and FailOpen cannot route (no header, no host).
+  are no fallbacks, and FailOpen cannot route (no header, no host; a client's copy of the header
+  is removed at the edge, docs/security.md).
 - `override_host`: the `envoy.load_balancing_policies.override_host` policy reading the header, then
   the `envoy.lb` metadata; a list is tried in order (a dead primary falls back to the next on
   retry), and without a usable pick it balances by least-request. Envoy must know the endpoints:
