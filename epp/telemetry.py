@@ -23,6 +23,7 @@ import contextlib
 import logging
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -162,17 +163,43 @@ def _pod_labels(ep: Endpoint) -> tuple[str, str, str]:
     return (name, namespace, str(ep.port)) if sep else (ep.pod, "", str(ep.port))
 
 
+Observe = Callable[[float], None]
+
+
+def fast_observe(child: Any) -> Observe:
+    """`child.observe` without its per-call checks and linear walk over up to 36 buckets: a bisect
+    into the child's bucket values (prometheus_client's Histogram layout: `_upper_bounds`,
+    `_buckets`, `_sum`). Falls back to `observe` when the layout is not that one."""
+    try:
+        bounds, buckets, total = list(child._upper_bounds), child._buckets, child._sum
+    except AttributeError:
+        return child.observe  # type: ignore[no-any-return]
+    if len(bounds) != len(buckets):
+        return child.observe  # type: ignore[no-any-return]
+
+    def observe(value: float) -> None:
+        total.inc(value)
+        i = bisect_left(bounds, value)
+        if i < len(buckets):  # NaN matches no bucket, as in observe()
+            buckets[i].inc(1)
+
+    return observe
+
+
 @dataclass(slots=True)
 class _Children:
-    duration: Any
-    req_size: Any
-    resp_size: Any
-    in_tokens: Any
-    out_tokens: Any
-    cached_tokens: Any
-    ntpot: Any
-    ttft: Any
-    tpot: Any
+    duration: Observe
+    req_size: Observe
+    resp_size: Observe
+    in_tokens: Observe
+    out_tokens: Observe
+    cached_tokens: Observe
+    ntpot: Observe
+    ttft: Observe
+    tpot: Observe
+    first_byte: Observe
+    ttft_last: Any  # gauge children of inference_request_metric
+    tpot_last: Any
     running: Any
 
 
@@ -343,6 +370,8 @@ class Telemetry:
                                     MODEL_LABELS, buckets=_LATENCY_BUCKETS, registry=r)
         if llmd_names:
             r.register(LlmdCopies(self._families()))
+        self._sched_e2e = fast_observe(self.sched_e2e)
+        self._added_latency = fast_observe(self.added_latency)
         self._children: dict[tuple[str, str], _Children] = {}
         self._totals: dict[tuple[str, str, str], Any] = {}
         self._attempts: dict[tuple[str, str], tuple[Any, tuple[str, ...]]] = {}
@@ -379,15 +408,18 @@ class Telemetry:
         c = self._children.get(key)
         if c is None:
             c = _Children(
-                duration=self.request_duration.labels(model, target),
-                req_size=self.request_sizes.labels(model, target),
-                resp_size=self.response_sizes.labels(model, target),
-                in_tokens=self.input_tokens.labels(model, target),
-                out_tokens=self.output_tokens.labels(model, target),
-                cached_tokens=self.cached_tokens.labels(model, target),
-                ntpot=self.ntpot.labels(model, target),
-                ttft=self.request_ttft.labels(model, target),
-                tpot=self.request_tpot.labels(model, target),
+                duration=fast_observe(self.request_duration.labels(model, target)),
+                req_size=fast_observe(self.request_sizes.labels(model, target)),
+                resp_size=fast_observe(self.response_sizes.labels(model, target)),
+                in_tokens=fast_observe(self.input_tokens.labels(model, target)),
+                out_tokens=fast_observe(self.output_tokens.labels(model, target)),
+                cached_tokens=fast_observe(self.cached_tokens.labels(model, target)),
+                ntpot=fast_observe(self.ntpot.labels(model, target)),
+                ttft=fast_observe(self.request_ttft.labels(model, target)),
+                tpot=fast_observe(self.request_tpot.labels(model, target)),
+                first_byte=fast_observe(self.first_byte.labels(model, target)),
+                ttft_last=self.request_metric.labels(model, target, "ttft"),
+                tpot_last=self.request_metric.labels(model, target, "tpot"),
                 running=self.running_requests.labels(model),
             )
             self._children[key] = c
@@ -404,9 +436,9 @@ class Telemetry:
         total.inc()
         c.running.inc()
         if ctx.request_size:
-            c.req_size.observe(ctx.request_size)
+            c.req_size(ctx.request_size)
         self._attempt(target, ctx.endpoints[0] if ctx.endpoints else None).inc()
-        self.sched_e2e.observe(ctx.sched_seconds)
+        self._sched_e2e(ctx.sched_seconds)
         scratch = ctx.sched.scratch
         if scratch:
             ratio = scratch.get(PREFIX_HIT_RATIO)
@@ -445,21 +477,21 @@ class Telemetry:
         now = time.perf_counter()
         if ctx.routed_at:
             # time from the first request message until the routed reply left: the picker's share
-            self.added_latency.observe(ctx.routed_at - ctx.started)
+            self._added_latency(ctx.routed_at - ctx.started)
         if ctx.first_byte_at:
-            self.first_byte.labels(model, target).observe(ctx.first_byte_at - ctx.routed_at)
+            c.first_byte(ctx.first_byte_at - ctx.routed_at)
         status = ctx.status
         if not status or status.startswith("2"):
             duration = now - ctx.started
-            c.duration.observe(duration)
+            c.duration(duration)
             if ctx.response_size:
-                c.resp_size.observe(ctx.response_size)
+                c.resp_size(ctx.response_size)
             if ctx.usage_prompt:
-                c.in_tokens.observe(ctx.usage_prompt)
-                c.cached_tokens.observe(ctx.usage_cached)
+                c.in_tokens(ctx.usage_prompt)
+                c.cached_tokens(ctx.usage_cached)
             if ctx.usage_completion:
-                c.out_tokens.observe(ctx.usage_completion)
-                c.ntpot.observe(duration / ctx.usage_completion)
+                c.out_tokens(ctx.usage_completion)
+                c.ntpot(duration / ctx.usage_completion)
             if ctx.first_byte_at:
                 self._latency(ctx, model, target, c, now)
         else:
@@ -472,14 +504,14 @@ class Telemetry:
         headers = ctx.sched.headers
         ttft = ctx.first_byte_at - ctx.started
         if ttft >= 0:
-            c.ttft.observe(ttft)
-            self.request_metric.labels(model, target, "ttft").set(ttft)
+            c.ttft(ttft)
+            c.ttft_last.set(ttft)
             self._slo(headers, _SLO_TTFT_HEADERS, ttft, model, target, "ttft")
         if ctx.usage_completion > 1:
             tpot = (now - ctx.first_byte_at) / (ctx.usage_completion - 1)
             if tpot >= 0:
-                c.tpot.observe(tpot)
-                self.request_metric.labels(model, target, "tpot").set(tpot)
+                c.tpot(tpot)
+                c.tpot_last.set(tpot)
                 self._slo(headers, _SLO_TPOT_HEADERS, tpot, model, target, "tpot")
 
     def _slo(self, headers: Mapping[str, str], names: tuple[str, ...], value: float, model: str, target: str,

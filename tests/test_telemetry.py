@@ -358,3 +358,21 @@ def test_known_names_are_capped_too_operator_names_first(caplog) -> None:
     assert {"zzz-configured", "zzz-target"} <= t.models.pinned
     assert sum("label cap" in r.getMessage() for r in caplog.records) == 1
     assert t.models("adapter-04999") == OTHER
+
+
+def test_fast_observe_matches_observe() -> None:
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from epp.telemetry import fast_observe
+
+    r = CollectorRegistry()
+    h = Histogram("h", "h", ("k",), buckets=(0.1, 1, 2.5, 10), registry=r)
+    fast, slow = fast_observe(h.labels("fast")), h.labels("slow").observe
+    for v in (-1, 0, 0.1, 0.10000001, 1, 2.4, 2.5, 9.99, 10, 11, 1e9, float("inf")):
+        fast(v)
+        slow(v)
+    got: dict[str, dict[str, float]] = {"fast": {}, "slow": {}}
+    for fam in r.collect():
+        for s in fam.samples:
+            got[s.labels["k"]][s.name + s.labels.get("le", "")] = s.value
+    assert got["fast"] == got["slow"]
