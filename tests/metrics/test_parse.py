@@ -262,3 +262,13 @@ def test_truncated_generated_page_is_a_prefix_of_the_full_result(case: tuple[str
     partial = ours(text[:cut_at], wanted)
     for name, series in partial.items():
         assert series == full[name][: len(series)]
+
+
+def test_series_cap_bounds_the_parse_cost() -> None:
+    from epp.metrics.parse import TooManySeries
+
+    page = "".join(f'x{{i="{i}"}} 1\n' for i in range(101))
+    assert len(scan(page, ["x"], max_series=101)["x"]) == 101
+    with pytest.raises(TooManySeries):
+        scan(page, ["x"], max_series=100)
+    assert scan(page, ["y"], max_series=1) == {}  # names not asked for cost nothing
