@@ -91,3 +91,35 @@ def test_bad_config_is_a_clear_error(picker_proc):
     assert p.wait(timeout=30) == 2
     err = p.stderr.read() if p.stderr else ""
     assert "config" in err and "no-such-scorer" in err
+
+
+async def test_grpc_receive_limit_follows_the_body_cap(start_picker):
+    """A buffered body message larger than the cap + margin is refused by gRPC from its length prefix
+    (never read whole); one under the margin reaches the picker, which answers 413."""
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+
+    from tests.extproc_client import BUFFERED
+
+    cap = 1 << 20
+    app, ch = await start_picker(endpoints=["127.0.0.1:9"], max_request_body_bytes=cap)
+    assert app.opts.grpc_recv_limit == 2 * cap
+
+    async def send(size: int) -> ep.ProcessingResponse | grpc.aio.AioRpcError:
+        call = ep_grpc.ExternalProcessorStub(ch).Process()
+        try:
+            await call.write(request_headers(mode=BUFFERED))
+            await call.write(ep.ProcessingRequest(request_body=ep.HttpBody(body=b"x" * size, end_of_stream=True)))
+            await call.done_writing()
+            out = None
+            while (r := await call.read()) is not grpc.aio.EOF:
+                out = r if out is None or r.WhichOneof("response") == "immediate_response" else out
+            return out
+        except grpc.aio.AioRpcError as e:
+            return e
+
+    over = await send(3 * cap)
+    assert isinstance(over, grpc.aio.AioRpcError) and over.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    under = await send(cap + cap // 2)
+    assert not isinstance(under, grpc.aio.AioRpcError)
+    assert under.immediate_response.status.code == 413
+    assert (await send(100)) is not None  # the server is fine afterwards
