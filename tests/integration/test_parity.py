@@ -479,3 +479,18 @@ def _strip_md(r: ep.ProcessingResponse) -> ep.ProcessingResponse:
     r2.CopyFrom(r)
     r2.ClearField("dynamic_metadata")
     return r2
+
+
+async def test_passthrough_parser_selected_by_config(picker):
+    from epp.scheduling.config import ConfigError, load_config
+
+    config = REFERENCE_TEST_CONFIG.replace("plugins:\n- type: queue-scorer", "plugins:\n- type: passthrough-parser\n"
+                                           "- type: queue-scorer", 1) + "parser:\n  pluginRef: passthrough-parser\n"
+    try:
+        load_config(config)
+    except ConfigError as e:  # the config's `parser` section arrives with the config work
+        pytest.skip(f"config has no parser section yet: {e}")
+    app, ch, a = await picker([(3, 0.2), (0, 0.1), (10, 0.2)], config=config)
+    assert isinstance(app.director.parser, PassthroughParser)
+    got = await exchange(ch, req_raw({"hi": "mom", "x-request-id": "test-request-id"}, "passthrough-parser"))
+    assert _normalize(got) == expect_route_raw(a[1], b"passthrough-parser")
