@@ -715,3 +715,39 @@ async def test_conformance_headers_do_nothing_without_the_plugins(start_picker):
         rh = [r for r in replies if r.WhichOneof("response") == "response_headers"][0]
         assert "x-conformance-test-served-endpoint" not in str(rh)
     assert len(seen) > 1  # the selection header did not pin the pick
+
+
+CONFORMANCE_CONFIG = """\
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: header-based-testing-filter
+- type: queue-scorer
+- type: destination-endpoint-served-verifier
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: header-based-testing-filter
+  - pluginRef: queue-scorer
+"""
+
+
+async def test_conformance_plugins_pin_and_echo_when_configured(start_picker):
+    from epp.scheduling.registry import plugin_type
+
+    if plugin_type("header-based-testing-filter") is None:
+        pytest.skip("header-based-testing-filter arrives with the config work")
+    app, ch = await start_picker(endpoints=EPS, config_text=CONFORMANCE_CONFIG)
+    for target in ("127.0.0.3:8000", "127.0.0.1:8000", "127.0.0.3:8000"):
+        replies = await exchange(ch, [request_headers(extra={"test-epp-endpoint-selection": target}),
+                                      *body_chunks(chat()), response_headers(served=target)])
+        assert set_headers(replies[0])["x-gateway-destination-endpoint"] == target
+        rh = [r for r in replies if r.WhichOneof("response") == "response_headers"][0]
+        hm = rh.response_headers.response.header_mutation
+        echo = {h.header.key: h.header.raw_value.decode() for h in hm.set_headers}
+        assert echo == {"x-conformance-test-served-endpoint": target}
+    # the proxy reported nothing: the verifier says so instead of guessing
+    replies = await exchange(ch, [request_headers(extra={"test-epp-endpoint-selection": EPS[0]}),
+                                  *body_chunks(chat()), response_headers()])
+    rh = [r for r in replies if r.WhichOneof("response") == "response_headers"][0]
+    assert "fail: missing envoy lb metadata" in str(rh)
