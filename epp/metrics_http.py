@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import logging
 import threading
 import time
@@ -61,25 +62,31 @@ class ReviewClient(Protocol):
 
 
 class KubeReviews:
-    """ReviewClient over a `kubernetes` ApiClient (POSTs to authentication/authorization v1)."""
+    """ReviewClient over a `kubernetes` ApiClient: the typed authentication/authorization v1 calls
+    with plain-dict bodies, answers read raw (JSON) so client versions do not matter."""
 
     def __init__(self, api: Any, timeout: float = 5.0) -> None:
-        self.api = api
+        from kubernetes import client
+
+        self.authn = client.AuthenticationV1Api(api)
+        self.authz = client.AuthorizationV1Api(api)
         self.timeout = timeout
 
-    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        data = self.api.call_api(path, "POST", body=body, header_params={"Content-Type": "application/json",
-                                                                         "Accept": "application/json"},
-                                 auth_settings=["BearerToken"], response_type="object",
-                                 _return_http_data_only=True, _preload_content=True,
-                                 _request_timeout=self.timeout)
+    @staticmethod
+    def _json(resp: Any) -> dict[str, Any]:
+        try:
+            data = json.loads(resp.data or b"{}")
+        finally:
+            resp.release_conn()
         return data if isinstance(data, dict) else {}
 
     def token_review(self, body: dict[str, Any]) -> dict[str, Any]:
-        return self._post("/apis/authentication.k8s.io/v1/tokenreviews", body)
+        return self._json(self.authn.create_token_review(body, _preload_content=False,
+                                                         _request_timeout=self.timeout))
 
     def access_review(self, body: dict[str, Any]) -> dict[str, Any]:
-        return self._post("/apis/authorization.k8s.io/v1/subjectaccessreviews", body)
+        return self._json(self.authz.create_subject_access_review(body, _preload_content=False,
+                                                                  _request_timeout=self.timeout))
 
 
 class KubeAuthorizer:
