@@ -587,10 +587,11 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
                 self._read_json_usage(ctx, body)
         if st.restorer is not None:
             body = st.restorer.feed(body or b"", True)  # the held tail, restored
-        elif body is None and st.resp_body_seen and not st.resp_stream and st.resp_mode == DUPLEX:
+        elif body is None and not st.resp_stream:
             body = b""  # held nothing yet: the held reply is empty, as the reference sends it
         metadata = self._finish_response(st)
-        if body is not None and (body or not st.resp_stream) and st.resp_mode == DUPLEX:
+        # a body reply only for a body Envoy sent (never one it did not ask about)
+        if st.resp_body_seen and body is not None and (body or not st.resp_stream) and st.resp_mode == DUPLEX:
             out += self._body_replies(st, body, False, None, metadata)
             metadata = None
         trailers = ep.ProcessingResponse(response_trailers=ep.TrailersResponse())

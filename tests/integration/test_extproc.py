@@ -751,3 +751,11 @@ async def test_conformance_plugins_pin_and_echo_when_configured(start_picker):
                                   *body_chunks(chat()), response_headers()])
     rh = [r for r in replies if r.WhichOneof("response") == "response_headers"][0]
     assert "fail: missing envoy lb metadata" in str(rh)
+
+
+async def test_trailers_without_a_response_body_get_no_body_reply(start_picker, tmp_path):
+    write(tmp_path / "m.yaml", REWRITE_ALIAS)
+    app, ch = await start_picker(endpoints=EPS, manifests=[str(tmp_path)])
+    replies = await exchange(ch, [request_headers(), *body_chunks(chat("alias")), response_headers(),
+                                  ep.ProcessingRequest(response_trailers=ep.HttpTrailers())])
+    assert _kinds(replies) == ["request_headers", "request_body", "response_headers", "response_trailers"]
