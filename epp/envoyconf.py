@@ -226,13 +226,20 @@ def _duration(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
-def _http2_options() -> dict[str, Any]:
+def _http2_options(max_streams: int | None = None) -> dict[str, Any]:
+    h2: dict[str, Any] = {} if max_streams is None else {"max_concurrent_streams": max_streams}
     return {
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
             "@type": _HTTP_OPTS,
-            "explicit_http_config": {"http2_protocol_options": {}},
+            "explicit_http_config": {"http2_protocol_options": h2},
         }
     }
+
+
+# Requests per HTTP/2 connection to a picker: past it Envoy opens another connection, so a reset
+# connection (Envoy's flood protection, a picker fault) fails at most this many requests at once
+# (measured: with 2 the tiny-frame flood of docs/security.md spared all 6 victims on other connections).
+PICKER_STREAMS_PER_CONNECTION = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,7 +292,7 @@ def picker_cluster(name: str, address: str, tls: bool | PickerTLS) -> dict[str, 
         "name": name,
         "type": "STATIC" if _is_ip(host) else "STRICT_DNS",
         "connect_timeout": "5s",
-        "typed_extension_protocol_options": _http2_options(),
+        "typed_extension_protocol_options": _http2_options(PICKER_STREAMS_PER_CONNECTION),
         "circuit_breakers": _BREAKERS,
         "load_assignment": {
             "cluster_name": name,

@@ -107,7 +107,7 @@ def test_picker_cluster_tls_health_and_http2() -> None:
     assert tls["type"] == "STATIC"
     assert tls["typed_extension_protocol_options"][
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["explicit_http_config"] == {
-        "http2_protocol_options": {}}  # fmt: skip
+        "http2_protocol_options": {"max_concurrent_streams": 100}}  # fmt: skip
     ctx = tls["transport_socket"]["typed_config"]
     assert ctx["common_tls_context"]["validation_context"] == {}  # self-signed picker: no verification
     assert tls["health_checks"][0]["grpc_health_check"] == {
