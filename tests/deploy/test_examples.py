@@ -71,7 +71,9 @@ def test_multi_model_routes_by_model_header() -> None:
 @pytest.mark.parametrize("example", ["envoy-gateway.yaml", "istio.yaml"])
 def test_backend_ref_matches_the_chart(example: str) -> None:
     ref = _pool_refs(_docs(EXAMPLES / example))[0]
-    values = {"provider": {"name": "istio"}} if example == "istio.yaml" else {}
+    values: dict = {"inferencePool": {"modelServers": {"matchLabels": {"app": "vllm-llama3-8b-instruct"}}}}
+    if example == "istio.yaml":
+        values["provider"] = {"name": "istio"}
     out = render("inferencepool", values, release=ref["name"], namespace="ml")
     pool = out.get("InferencePool")
     assert pool["metadata"]["name"] == ref["name"]
