@@ -759,3 +759,43 @@ async def test_trailers_without_a_response_body_get_no_body_reply(start_picker, 
     replies = await exchange(ch, [request_headers(), *body_chunks(chat("alias")), response_headers(),
                                   ep.ProcessingRequest(response_trailers=ep.HttpTrailers())])
     assert _kinds(replies) == ["request_headers", "request_body", "response_headers", "response_trailers"]
+
+
+@pytest.mark.parametrize(("stream_in_request", "sse", "trailers"), [
+    (False, True, True), (False, False, True), (False, True, False), (False, False, False),
+    (True, True, True), (True, False, True),
+])
+async def test_response_phase_matrix(start_picker, stream_in_request, sse, trailers):
+    """The reference's server_test matrix: reply order per case, and the request finished once."""
+    app, ch = await start_picker(endpoints=EPS)
+    ended = []
+    orig = app.director.finish
+    app.director.finish = lambda ctx: (ended.append(ctx) if ctx is not None and not ctx.finished else None,  # type: ignore[method-assign]
+                                       orig(ctx))[1]
+    stub = ep_grpc.ExternalProcessorStub(ch)
+    call = stub.Process()
+    body = json.dumps({"model": "food-review", "prompt": "Is banana tasty?", **({"stream": True} if stream_in_request
+                                                                              else {})}).encode()
+    for m in [request_headers("/v1/completions", {"x-test": "body", "x-request-id": "test-request-id"}),
+              *body_chunks(body)]:
+        await call.write(m)
+    assert (await call.read()).WhichOneof("response") == "request_headers"
+    assert (await call.read()).request_body.response.body_mutation.streamed_response.body == body
+    # as the reference's test: streaming response headers come with end_of_stream set
+    await call.write(response_headers(content_type="text/event-stream" if sse else "application/json", eos=sse))
+    assert (await call.read()).WhichOneof("response") == "response_headers"
+    await call.write(ep.ProcessingRequest(response_body=ep.HttpBody(body=b"test response body",
+                                                                    end_of_stream=not trailers)))
+    if not trailers or stream_in_request or sse:  # passed through (or complete): answered at once
+        assert (await call.read()).WhichOneof("response") == "response_body"
+        if trailers:
+            await call.write(ep.ProcessingRequest(response_trailers=ep.HttpTrailers()))
+            assert (await call.read()).WhichOneof("response") == "response_trailers"
+    else:  # held until the trailers end it: then the body, then the trailers
+        await call.write(ep.ProcessingRequest(response_trailers=ep.HttpTrailers()))
+        r = await call.read()
+        assert r.response_body.response.body_mutation.streamed_response.body == b"test response body"
+        assert (await call.read()).WhichOneof("response") == "response_trailers"
+    await call.done_writing()
+    assert await call.read() is grpc.aio.EOF
+    assert len(ended) == 1
