@@ -184,3 +184,40 @@ def test_help_explains_the_reference_flags():
                  "--tracing", "--zap-encoder", "--zap-log-level", "--total-queued-requests-metric",
                  "--disable-endpoint-subset-filter", "--health-checking", "no effect here"):
         assert flag in out.stdout, flag
+
+
+@pytest.mark.parametrize(("encoding", "check"), [
+    ("epoch", lambda ts: isinstance(ts, float) and ts > 1e9),
+    ("millis", lambda ts: isinstance(ts, float) and ts > 1e12),
+    ("nano", lambda ts: isinstance(ts, int) and ts > 1e18),
+    ("rfc3339", lambda ts: ts.endswith("Z") and "." not in ts),
+    ("rfc3339nano", lambda ts: len(ts.split(".")[1]) == 10),
+    ("", lambda ts: len(ts.split(".")[1]) == 4),  # ours: milliseconds + Z
+])
+def test_zap_time_encodings(encoding, check):
+    import json
+    import logging
+
+    from epp.logs import JsonFormatter
+
+    rec = logging.LogRecord("epp.x", logging.INFO, __file__, 1, "hello %s", ("there",), None)
+    out = json.loads(JsonFormatter(encoding).format(rec))
+    assert out["msg"] == "hello there" and check(out["ts"]), out["ts"]
+
+
+def test_zap_stacktrace_level_adds_the_callers_stack():
+    import json
+    import logging
+
+    from epp.logs import JsonFormatter, TextFormatter
+
+    def where_it_failed() -> logging.LogRecord:
+        return logging.LogRecord("epp.x", logging.ERROR, __file__, 1, "boom", (), None)
+
+    rec = where_it_failed()
+    out = json.loads(JsonFormatter(stack_level=logging.ERROR).format(rec))
+    assert "test_zap_stacktrace_level_adds_the_callers_stack" in out["stacktrace"]
+    assert "stacktrace" not in json.loads(JsonFormatter().format(rec))
+    info = logging.LogRecord("epp.x", logging.INFO, __file__, 1, "fine", (), None)
+    assert "stacktrace" not in json.loads(JsonFormatter(stack_level=logging.ERROR).format(info))
+    assert "\n" in TextFormatter(stack_level=logging.ERROR).format(rec)

@@ -123,3 +123,37 @@ async def test_grpc_receive_limit_follows_the_body_cap(start_picker):
     assert not isinstance(under, grpc.aio.AioRpcError)
     assert under.immediate_response.status.code == 413
     assert (await send(100)) is not None  # the server is fine afterwards
+
+
+async def test_disable_endpoint_subset_filter_ignores_the_hint(start_picker):
+    from tests.extproc_client import exchange
+
+    msgs = [request_headers(subset=["10.9.9.9:8000"]), *body_chunks(chat())]
+    _, ch = await start_picker(endpoints=["127.0.0.1:9"])
+    replies = await exchange(ch, msgs)
+    assert any(r.immediate_response.status.code == 503 for r in replies)  # no hinted endpoint is in the pool
+    _, ch2 = await start_picker(endpoints=["127.0.0.1:9"], disable_endpoint_subset_filter=True)
+    replies = await exchange(ch2, msgs)
+    assert any(set_headers(r).get("x-gateway-destination-endpoint") == "127.0.0.1:9" for r in replies)
+
+
+async def test_standalone_mode_and_start_notices(start_picker, tmp_path, caplog, monkeypatch):
+    import logging
+
+    from epp.cli import parse_args
+
+    caplog.set_level(logging.INFO)
+    (tmp_path / "pods.yaml").write_text(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: a, labels: {app: x}}\n"
+        "status: {podIP: 10.0.0.1, conditions: [{type: Ready, status: 'True'}]}\n")
+    monkeypatch.setenv("POD_NAME", "my-epp-5d8c7b9f4-abcde")
+    o = parse_args(["--endpoint-selector", "app=x", "--endpoint-target-ports", "8000", "--manifests",
+                    str(tmp_path), "--health-checking", "--tls-min-version", "VersionTLS13"])
+    app, _ = await start_picker(pool_name=o.pool_name, standalone=o.standalone, endpoint_selector=o.endpoint_selector,
+                                endpoint_target_ports=o.endpoint_target_ports, manifests=o.manifests,
+                                notices=o.notices)
+    assert app.datastore.pool_name == "my-epp" and list(app.datastore.endpoints) == ["10.0.0.1:8000"]
+    msgs = [r.getMessage() for r in caplog.records]
+    assert sum("standalone mode" in m for m in msgs) == 1
+    assert sum(m.startswith("--health-checking has no effect here") for m in msgs) == 1
+    assert sum(m.startswith("--tls-min-version has no effect here") for m in msgs) == 1
