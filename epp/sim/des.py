@@ -25,6 +25,7 @@ from epp.sim.engine import Engine, Seq, SimError
 
 # Event kinds, in the order they are handled when they fall on the same instant.
 _STEP, _PUBLISH, _POLL, _ARRIVAL = 0, 1, 2, 3
+_CALL = -1  # call_at(): callbacks (e.g. KV-event deliveries) run before anything else at their instant
 
 
 @dataclass(slots=True)
@@ -164,6 +165,10 @@ class Cluster:
         self._counter += 1
         heapq.heappush(self._events, (t, kind, self._counter, payload))
 
+    def call_at(self, t: float, fn: Callable[..., Any], *args: Any) -> None:
+        """Run `fn(*args)` at virtual time `t` (not earlier than now), e.g. a KV event reaching a router."""
+        self._push(max(t, self.now), _CALL, (fn, args))
+
     def submit(self, request: SimRequest, at: float) -> None:
         """Schedule a request's arrival at virtual time `at` (not earlier than now)."""
         if at < self.now:
@@ -216,7 +221,10 @@ class Cluster:
                 self.now = max(self.now, until)
                 break
             self.now = t
-            if kind == _STEP:
+            if kind == _CALL:
+                fn, args = payload
+                fn(*args)
+            elif kind == _STEP:
                 self._step_end(payload)
             elif kind == _POLL:
                 self._push(t + self.poll_delay, _PUBLISH, (payload, payload.snapshot(t)))

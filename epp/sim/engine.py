@@ -30,7 +30,7 @@ from typing import Any
 
 from epp.sim.config import EngineConfig
 from epp.sim.kvcache import BlockPool
-from epp.sim.tokens import block_hashes, count_tokens
+from epp.sim.tokens import block_hashes, count_tokens, token_ids
 
 WAITING, RUNNING, DONE = 0, 1, 2
 
@@ -117,6 +117,7 @@ class Seq:
     finished: float | None = None
     finish_reason: str = ""  # "length" or "abort"
     preemptions: int = 0
+    token_ids: list[int] | None = None  # the prompt's ids, kept only while KV events are published
 
     @property
     def num_tokens(self) -> int:
@@ -140,6 +141,8 @@ class Engine:
         self._wait_adapters: dict[str, int] = {}  # adapter -> waiting sequences
         self._plan: list[tuple[Seq, int]] | None = None
         self.lora_loads = 0
+        # KV-event recorder (epp.sim.kvevents.KVEventRecorder), None unless events are published
+        self.kv_events: Any = None
 
     # ---- requests ------------------------------------------------------------------------
     def resolve_model(self, model: str) -> str | None:
@@ -173,7 +176,10 @@ class Engine:
         if -(-(n_prompt + n_out) // cfg.block_size) > cfg.num_gpu_blocks:
             raise SimError(400, f"request needs more KV blocks than the server has ({cfg.num_gpu_blocks})")
         hashes = block_hashes(prompt, cfg.block_size, model or cfg.model, cfg.chars_per_token)
-        return Seq(request_id, adapter, n_prompt, n_out, hashes, now, notify, tag)
+        seq = Seq(request_id, adapter, n_prompt, n_out, hashes, now, notify, tag)
+        if self.kv_events is not None:
+            seq.token_ids = token_ids(prompt)
+        return seq
 
     def add(self, seq: Seq) -> None:
         """Queue a sequence; it is considered from the next step on."""
@@ -336,8 +342,10 @@ class Engine:
             if seq.hashed < len(seq.hashes):  # prompt blocks left to register once computed
                 hashes, blocks = seq.hashes, seq.blocks
                 full = min(computed // bs, len(hashes))
+                rec = self.kv_events
                 for k in range(seq.hashed, full):
-                    kv.register(blocks[k], hashes[k])
+                    if kv.register(blocks[k], hashes[k]) and rec is not None:
+                        rec.stored(seq, k)
                 if full > seq.hashed:
                     seq.hashed = full
             if computed < seq.prompt_tokens + seq.generated:
@@ -362,6 +370,8 @@ class Engine:
                 seq.notify(seq)
         if done:
             self.running = [s for s in self.running if s.state == RUNNING]
+        if self.kv_events is not None:  # one message per step, as vLLM publishes
+            self.kv_events.flush(now)
         return done
 
     def _preempt(self, seq: Seq) -> None:

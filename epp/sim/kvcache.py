@@ -9,13 +9,13 @@ share of blocks referenced by sequences; cached-but-free blocks count as free.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 
 class BlockPool:
     """`num_blocks` KV blocks of `block_size` tokens."""
 
-    __slots__ = ("_cached", "_free", "_hash", "_ref", "block_size", "evictions", "num_blocks")
+    __slots__ = ("_cached", "_free", "_hash", "_ref", "block_size", "evictions", "num_blocks", "on_clear", "on_evict")
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
         self.num_blocks = num_blocks
@@ -26,6 +26,9 @@ class BlockPool:
         # ref-0 blocks, eviction order first (dict order is the LRU order: cheap and deterministic)
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.evictions = 0
+        # KV-event hooks (epp.sim.kvevents): a cached hash forgotten, the whole prefix cache reset
+        self.on_evict: Callable[[int], None] | None = None
+        self.on_clear: Callable[[], None] | None = None
 
     # ---- queries -------------------------------------------------------------------------
     @property
@@ -86,16 +89,32 @@ class BlockPool:
                 hashes[b] = None
                 if self._cached.get(h) == b:
                     del self._cached[h]
+                    if self.on_evict is not None:
+                        self.on_evict(h)
                 self.evictions += 1
             ref[b] = 1
             out.append(b)
         return out
 
-    def register(self, block: int, h: int) -> None:
-        """Mark a computed full block as holding the KV for hash `h` (first writer wins)."""
+    def register(self, block: int, h: int) -> bool:
+        """Mark a computed full block as holding the KV for hash `h` (first writer wins); True when
+        it was registered (an engine publishes a store event then)."""
         if h not in self._cached and self._hash[block] is None:
             self._cached[h] = block
             self._hash[block] = h
+            return True
+        return False
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached hash (vLLM's reset_prefix_cache); blocks in use keep their KV but are
+        no longer shared. Returns how many hashes were forgotten."""
+        n = len(self._cached)
+        for b in self._cached.values():
+            self._hash[b] = None
+        self._cached.clear()
+        if self.on_clear is not None:
+            self.on_clear()
+        return n
 
     def release(self, blocks: Sequence[int]) -> None:
         """Drop one reference from each block; unreferenced blocks become free.
