@@ -387,7 +387,9 @@ def _parse_doc(doc: Any) -> PickerConfig:
     plugins = _parse_plugins(raw_plugins, c) if has_plugins or not has_profiles else _Plugins()
     if has_plugins and not has_profiles:
         scheduling = [s.name for s in plugins.specs.values() if s.kind in (FILTER, SCORER, PICKER)]
-        if scheduling or plugins.broken:
+        if not scheduling and plugins.broken:
+            raw_profiles = None  # the broken entries are reported; a profile error would be noise
+        elif scheduling:
             if preset:
                 c.add(ConfigError("preset", "give either a preset or scheduling plugins, not both"))
             # As the reference: one profile "default" of every declared filter, scorer and picker.
@@ -400,7 +402,8 @@ def _parse_doc(doc: Any) -> PickerConfig:
             for spec in _parse_plugins(base["plugins"], c).specs.values():
                 plugins.specs.setdefault(spec.name, spec)
             raw_profiles = base["schedulingProfiles"]
-    profiles = _parse_profiles(raw_profiles, plugins, c, warnings) if has_plugins or not has_profiles else []
+    profiles = _parse_profiles(raw_profiles, plugins, c, warnings) \
+        if (has_plugins or not has_profiles) and raw_profiles is not None else []
     _check_refs(plugins, c)
     handler = _choose_handler(plugins, profiles, c)
     running = profiles[0] if profiles else ProfileSpec("", ())
