@@ -13,7 +13,7 @@ from epp.scheduling.config import ConfigError, build_admission, build_scheduler,
 from epp.scheduling.registry import REGISTRY, plugin_type
 
 plugin_type("queue-scorer")  # load the registry
-TYPES = sorted(REGISTRY) + ["disagg-profile-handler", "nope-scorer", "fcfs-ordering-policy"]
+TYPES = [*sorted(REGISTRY), "disagg-profile-handler", "nope-scorer", "fcfs-ordering-policy"]
 KEYS = ["apiVersion", "kind", "plugins", "schedulingProfiles", "saturationDetector", "dataLayer", "data",
         "flowControl", "parser", "requestHandler", "featureGates", "loadGuard", "engineMetrics", "preset",
         "name", "type", "parameters", "pluginRef", "weight", "sources", "extractors", "parsers", "priorityBands",
@@ -21,7 +21,7 @@ KEYS = ["apiVersion", "kind", "plugins", "schedulingProfiles", "saturationDetect
         "metricsStalenessThreshold", "maxNumOfEndpoints", "prefixMatchInfoProducerName", "threshold",
         "attributeKey", "algorithm", "injectDefaults", "enabledWhen", "mode", "engineConfigs"]
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-3, 10**6), st.floats(allow_nan=True),
-                    st.sampled_from(TYPES + ["1Gi", "200ms", "x", "", "llm-d.ai/v1alpha1", "EndpointPickerConfig"]))
+                    st.sampled_from([*TYPES, "1Gi", "200ms", "x", "", "llm-d.ai/v1alpha1", "EndpointPickerConfig"]))
 values = st.recursive(scalars, lambda inner: st.one_of(
     st.lists(inner, max_size=4), st.dictionaries(st.sampled_from(KEYS), inner, max_size=5)), max_leaves=25)
 
@@ -39,7 +39,7 @@ docs = st.fixed_dictionaries(
         "plugins": st.lists(plugin_entry(), max_size=5),
         "schedulingProfiles": st.lists(st.fixed_dictionaries(
             {"name": st.sampled_from(["d", "e"]),
-             "plugins": st.lists(st.fixed_dictionaries({"pluginRef": st.sampled_from(TYPES[:12] + ["a", "b"])},
+             "plugins": st.lists(st.fixed_dictionaries({"pluginRef": st.sampled_from([*TYPES[:12], "a", "b"])},
                                                        optional={"weight": scalars}), max_size=4)}), max_size=2),
         "saturationDetector": values, "dataLayer": values, "flowControl": values, "parser": values,
         "requestHandler": values, "featureGates": values, "loadGuard": values, "engineMetrics": values,
