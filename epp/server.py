@@ -37,6 +37,8 @@ from epp.extproc import BUFFERED, DUPLEX, ExtProcServicer
 from epp.metrics.engines import apply_flag_overrides, apply_overrides
 from epp.metrics.scrape import Scraper
 from epp.metrics_http import KubeAuthorizer, KubeReviews, MetricsServer
+from epp.parsers import build_parser
+from epp.requestcontrol.base import build_request_control
 from epp.resources import pool_from_flags
 from epp.scheduling.config import PickerConfig, build_admission, build_scheduler, describe, load_config
 from epp.scheduling.framework import Scheduler
@@ -157,7 +159,10 @@ class App:
         self.director = Director(self.datastore, self.scheduler, telemetry=self.telemetry,
                                  admission=build_admission(self.config),
                                  session_header=session_header(self.scheduler),
-                                 max_body_bytes=opts.max_request_body_bytes)
+                                 max_body_bytes=opts.max_request_body_bytes,
+                                 parser=build_parser(getattr(self.config, "parsers", None)
+                                                     or getattr(self.config, "parser", None)),
+                                 request_control=build_request_control(self.config.plugins))
         self.scraper: Scraper | None = None
         self.kube: Any = None  # the KubeSource, when watching a cluster
         mode = BUFFERED if opts.default_body_mode == "buffered" else DUPLEX

@@ -10,7 +10,7 @@ The contract every parser keeps is `RequestParser` below; the director calls onl
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -57,10 +57,13 @@ class RequestParser(Protocol):
 
 DEFAULT_PARSER = "openai-parser"
 
+# Path suffixes a parser type claims when the class does not say (`claims`); none = the fallback.
+_CLAIMS: dict[str, tuple[str, ...]] = {
+    "vllmgrpc-parser": ("vllm.grpc.engine.VllmEngine/Generate", "vllm.grpc.engine.VllmEngine/Embed"),
+}
 
-def build_parser(spec: Any = None) -> RequestParser:
-    """The parser a config selects: a PluginSpec (name, type, params) of kind PARSER, or None for
-    the default `openai-parser`. Raises ValueError for a spec that is not a parser."""
+
+def _one(spec: Any) -> RequestParser:
     from epp.scheduling.registry import PARSER, plugin_type  # lazy: the parser modules import the registry
 
     type_name = spec.type if spec is not None else DEFAULT_PARSER
@@ -70,6 +73,67 @@ def build_parser(spec: Any = None) -> RequestParser:
     if spec is None:
         return pt.cls(DEFAULT_PARSER, None, None)  # type: ignore[no-any-return]
     return pt.cls(spec.name, spec.params, None)  # type: ignore[no-any-return]
+
+
+def claims_of(parser: Any) -> tuple[str, ...]:
+    """The path suffixes a parser serves (no slashes at either end); () = every path (a fallback)."""
+    claims = getattr(parser, "claims", None)
+    if claims is None:
+        claims = _CLAIMS.get(getattr(parser, "type_name", ""), ())
+    return tuple(c.strip().strip("/") for c in claims if c.strip().strip("/"))
+
+
+class ParserRegistry:
+    """Several parsers (llm-d's `requestHandler.parsers`): a request goes to the first, in config
+    order, whose claimed path suffix its path ends with; a parser claiming no paths is the fallback
+    and ends the list (later ones are never reached). No match and no fallback: 400."""
+
+    def __init__(self, parsers: Sequence[RequestParser]) -> None:
+        self.name = "parser-registry"
+        self.entries: list[tuple[RequestParser, tuple[str, ...]]] = []
+        self.fallback: RequestParser | None = None
+        for p in parsers:
+            claims = claims_of(p)
+            if not claims:
+                self.fallback = p
+                break
+            self.entries.append((p, claims))
+        self.parsers = [p for p, _ in self.entries] + ([self.fallback] if self.fallback is not None else [])
+        self.needs_body = any(p.needs_body for p in self.parsers)
+
+    def resolve(self, path: str) -> RequestParser | None:
+        """The parser for a request path (query string ignored), or None."""
+        p = path.split("?", 1)[0].strip().rstrip("/")
+        for parser, claims in self.entries:
+            for suffix in claims:
+                if p.endswith(suffix):
+                    return parser
+        return self.fallback
+
+    def parse(self, headers: Mapping[str, str], body: bytes | None, path: str) -> ParsedRequest:
+        """Parse with the parser the path resolves to."""
+        parser = self.resolve(path)
+        if parser is None:
+            raise ParseError(f"no parser registered matching path suffix for: {path}")
+        return parser.parse(headers, body, path)
+
+
+def build_parser(spec: Any = None) -> RequestParser:
+    """The parser a config selects: a PluginSpec (name, type, params) of kind PARSER, None for the
+    default `openai-parser`, or a sequence of specs (several parsers, chosen by path: ParserRegistry;
+    one spec: that parser for every path, as the GIE reference uses its one parser). Raises
+    ValueError for a spec that is not a parser."""
+    if isinstance(spec, list | tuple):
+        if len(spec) <= 1:
+            return _one(spec[0] if spec else None)
+        built = []
+        for sp in spec:
+            parser = _one(sp)
+            if getattr(parser, "claims", None) is None and not hasattr(parser, "type_name"):
+                parser.type_name = sp.type  # type: ignore[attr-defined]  # for claims_of's table
+            built.append(parser)
+        return ParserRegistry(built)
+    return _one(spec)
 
 
 class ParseDispatch:

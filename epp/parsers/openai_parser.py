@@ -15,6 +15,9 @@ class OpenAIParser:
 
     parse = ParseDispatch()
     needs_body = True
+    # path suffixes, as llm-d's openai-parser claims them (used when several parsers are configured)
+    claims = ("chat/completions", "completions", "embeddings", "responses", "conversations",
+              "chat/completions/render", "completions/render", "images/generations")
 
     def __init__(self, name: str = "openai-parser", params: None = None, ctx: object = None) -> None:
         self.name = name

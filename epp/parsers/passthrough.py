@@ -18,6 +18,7 @@ class PassthroughParser:
 
     parse = ParseDispatch()
     needs_body = False
+    claims: tuple[str, ...] = ()  # every path: with several parsers configured, the fallback
 
     def __init__(self, name: str = "passthrough-parser", params: None = None, ctx: object = None) -> None:
         self.name = name

@@ -63,3 +63,35 @@ def test_build_parser_defaults_and_selects_by_spec():
 
     with pytest.raises(ValueError, match="not a request parser"):
         build_parser(NotAParser())
+
+
+class _Spec:
+    def __init__(self, type_: str, name: str = "") -> None:
+        self.type, self.name, self.kind, self.params = type_, name or type_, PARSER, None
+
+
+def test_several_parsers_are_chosen_by_path_suffix_first_match_then_fallback():
+    from epp.parsers import ParserRegistry
+
+    reg = build_parser([_Spec("vllmgrpc-parser"), _Spec("openai-parser"), _Spec("passthrough-parser"),
+                        _Spec("openai-parser", "never-reached")])
+    assert isinstance(reg, ParserRegistry)
+    assert [p.name for p in reg.parsers] == ["vllmgrpc-parser", "openai-parser", "passthrough-parser"]
+    assert reg.resolve("/v1/chat/completions?x=1").name == "openai-parser"
+    assert reg.resolve("/v1/completions/").name == "openai-parser"
+    assert reg.resolve("/vllm.grpc.engine.VllmEngine/Generate").name == "vllmgrpc-parser"
+    assert reg.resolve("/v1/models").name == "passthrough-parser"
+    r = reg.parse({}, b"not json", "/healthz")
+    assert r.api == "passthrough"
+    r = reg.parse({}, b'{"model":"m","prompt":"x"}', "/v1/completions")
+    assert (r.api, r.model) == ("completions", "m")
+
+
+def test_several_parsers_without_a_fallback_reject_unclaimed_paths():
+    reg = build_parser([_Spec("openai-parser"), _Spec("vllmgrpc-parser")])
+    with pytest.raises(ParseError, match="no parser registered matching path suffix for: /v1/models") as e:
+        reg.parse({}, b"{}", "/v1/models")
+    assert e.value.status == 400
+    # one parser serves every path, as the GIE reference uses its single parser
+    single = build_parser([_Spec("openai-parser")])
+    assert single.parse({}, b'{"model":"m","prompt":"x"}', "/v1/other").model == "m"
