@@ -85,7 +85,13 @@ def _endpoints(text: str) -> list[str]:
     return out
 
 
+_SET_BASED = re.compile(r"!|==|\(|\s(in|notin)\s")
+
+
 def _selector(text: str) -> dict[str, str]:
+    if _SET_BASED.search(text):  # llm-d's set-based forms: say so rather than misread `k!=v` as key `k!`
+        raise argparse.ArgumentTypeError(f"--endpoint-selector {text!r}: only key=value terms are supported "
+                                         "(not !=, in, notin, !key)")
     try:
         return parse_selector(text)
     except ValueError as e:

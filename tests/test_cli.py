@@ -140,6 +140,8 @@ def test_flags_without_effect_are_notices_not_errors(flag):
     (["--v", "lots"], "--v takes a number"),
     (["--model-server-metrics-scheme", "ftp"], "invalid choice"),
     (["--drain-timeout", "soon"], "invalid duration"),
+    (["--endpoint-selector", "tier!=frontend", "--endpoint-target-ports", "8000"], "only key=value terms"),
+    (["--endpoint-selector", "env in (prod,staging)", "--endpoint-target-ports", "8000"], "only key=value terms"),
 ])
 def test_bad_reference_flags_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
