@@ -645,3 +645,67 @@ async def test_picker_starts_with_the_rendered_args(
         proc.wait(timeout=10)
         log.close()
         stack.close()
+
+
+def _metric(text: str, name: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+async def test_rendered_sglang_args_read_sglangs_metrics(
+    tmp_path: Path, rendered: dict[tuple[str, str], Rendered]
+) -> None:
+    """The SGLang render's metric flags and config make the picker read SGLang's names: against a real
+    simulated SGLang server (no engine-type label on the pod) busy with one long request, the picker's
+    pool average of running requests becomes 1 (with vLLM's names it would find nothing to read)."""
+    import aiohttp
+
+    from epp.sim.config import DEFAULT_MODEL
+
+    out = rendered[("inferencepool", "sglang")]
+    sim_port = _free_port()
+    sim = subprocess.Popen(
+        [sys.executable, "-m", "epp.sim", "--engine", "sglang", "--port", str(sim_port), "--time-scale", "20"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    picker = None
+    try:
+        assert sim.stdout is not None
+        assert "SIM READY" in sim.stdout.readline()
+        pool = dict(out.get("InferencePool"))
+        pool["spec"] = {**pool["spec"], "targetPorts": [{"number": sim_port}]}
+        pod = {"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": "sglang-0", "namespace": "ml", "labels": pool["spec"]["selector"]["matchLabels"]},
+               "status": {"podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]}}  # fmt: skip
+        manifests = tmp_path / "objects.yaml"
+        manifests.write_text(yaml.safe_dump_all([pool, pod]))
+        ports = {"grpc": _free_port(), "health": _free_port(), "metrics": _free_port()}
+        args = [*local_args(out, tmp_path, ports), "--manifests", str(manifests),
+                "--refresh-prometheus-metrics-interval=200ms"]  # fmt: skip
+        env = {**os.environ, **local_env(out, "ml", "http://127.0.0.1:9")}
+        log = (tmp_path / "picker.log").open("w")
+        picker = subprocess.Popen([sys.executable, "-m", "epp", *args], env=env, stdout=log, stderr=subprocess.STDOUT)
+        body = {"model": DEFAULT_MODEL, "prompt": "hello", "max_tokens": 2000, "stream": True}
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"http://127.0.0.1:{sim_port}/v1/completions", json=body) as reply:
+                assert reply.status == 200
+                await reply.content.readline()  # the request is running on the server now
+                running = None
+                deadline = time.monotonic() + 40
+                while time.monotonic() < deadline and picker.poll() is None:
+                    with contextlib.suppress(aiohttp.ClientError):
+                        async with session.get(f"http://127.0.0.1:{ports['metrics']}/metrics") as page:
+                            running = _metric(await page.text(), "inference_pool_average_running_requests")
+                    if running == 1.0:
+                        break
+                    await asyncio.sleep(0.2)
+        log.close()
+        assert running == 1.0, (tmp_path / "picker.log").read_text()[-3000:]
+    finally:
+        for proc in (picker, sim):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+            if proc is not None:
+                proc.wait(timeout=10)
