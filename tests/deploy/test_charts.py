@@ -436,6 +436,20 @@ def test_image_and_extra_keys(rendered: dict[tuple[str, str], Rendered]) -> None
     assert [c["name"] for c in predictor.get("Deployment")["spec"]["template"]["spec"]["containers"]] == ["epp"]
 
 
+def test_pool_chart_sidecar_and_volumes(rendered: dict[tuple[str, str], Rendered]) -> None:
+    out = rendered[("inferencepool", "sidecar")]
+    pod = out.get("Deployment")["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["containers"]] == ["config-watcher", "epp"]
+    side = container(out, "config-watcher")
+    assert side["command"] == ["sh"] and side["args"] == ["-c", "while true; do sleep 3600; done"]
+    assert side["securityContext"] == container(out)["securityContext"]  # the chart's, as none was given
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["side-config"]["configMap"]["name"] == "llama-side"  # templated with the release name
+    assert out.get("ConfigMap", "llama-side")["data"] == {"settings.txt": "interval=5s\n"}
+    assert "emptyDir" in volumes["models"]
+    assert {"name": "models", "mountPath": "/models", "readOnly": True} in container(out)["volumeMounts"]
+
+
 # ---- the standalone chart ------------------------------------------------------------------------
 
 
