@@ -155,6 +155,7 @@ class Cluster:
         self._counter = 0
         self._in_system = 0  # arrivals queued or requests inside engines
         self._polling = False
+        self._calls = 0  # call_at() callbacks not yet run
         self._arrivals: Iterator[tuple[float, SimRequest]] = iter(())
         self._pending: tuple[float, SimRequest] | None = None
         for s in self.servers:  # a first snapshot so policies never see None
@@ -167,6 +168,7 @@ class Cluster:
 
     def call_at(self, t: float, fn: Callable[..., Any], *args: Any) -> None:
         """Run `fn(*args)` at virtual time `t` (not earlier than now), e.g. a KV event reaching a router."""
+        self._calls += 1
         self._push(max(t, self.now), _CALL, (fn, args))
 
     def submit(self, request: SimRequest, at: float) -> None:
@@ -211,7 +213,7 @@ class Cluster:
                 self._arrive(req)
                 pending = next(arrivals, None)
                 continue
-            if self._in_system == 0 and pending is None:
+            if self._in_system == 0 and pending is None and not self._calls:
                 break  # only polls left
             if not events:
                 break
@@ -222,6 +224,7 @@ class Cluster:
                 break
             self.now = t
             if kind == _CALL:
+                self._calls -= 1
                 fn, args = payload
                 fn(*args)
             elif kind == _STEP:
