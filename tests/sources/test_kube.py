@@ -362,6 +362,8 @@ async def test_resource_not_installed_is_tolerated(tmp_path: Path, caplog: pytes
             f"inferencemodelrewrites.{GROUP_X}/v1alpha2",
             f"inferenceobjectives.{GROUP_V1}/v1alpha2",
             f"inferenceobjectives.{GROUP_X}/v1alpha2",
+            "inferencemodelrewrites.llm-d.ai/v1alpha2",
+            "inferenceobjectives.llm-d.ai/v1alpha2",
         ]
     )
 
