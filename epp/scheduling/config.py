@@ -427,6 +427,7 @@ def _parse_doc(doc: Any) -> PickerConfig:
     c.errors.extend(top.unknown())
     c.raise_if_any()
 
+    warnings.extend(_dependency_warnings(plugins, profiles))
     if flow is not None:
         warnings.append("flowControl: parsed and validated, but flow control is not built yet: requests are "
                         "not queued (admission still sheds sheddable requests when the pool is saturated)")
@@ -490,6 +491,26 @@ def gate_enabled(gates: Iterable[str], name: str) -> bool:
         if key.strip() == name:
             on = not eq or value.strip().lower() == "true"
     return on
+
+
+def _dependency_warnings(plugins: _Plugins, profiles: list[ProfileSpec]) -> list[str]:
+    """Plugins that read another's per-request result and would see nothing as configured."""
+    out: list[str] = []
+    specs = plugins.specs
+    for prof in profiles:
+        order = [e.plugin for e in prof.entries]
+        for i, name in enumerate(order):
+            spec = specs[name]
+            if spec.type == "no-hit-lru-scorer":
+                src = spec.params.prefix_name
+                if src not in order[:i]:
+                    out.append(f"profile {prof.name}: no-hit-lru-scorer \"{name}\" reads \"{src}\", which does not run "
+                               "before it in this profile: every request will look cold")
+    if any(s.type == "prefix-cache-affinity-filter" for s in specs.values()) and \
+            not any(s.type == "prefix-cache-scorer" for s in specs.values()):
+        out.append("prefix-cache-affinity-filter: no prefix-cache-scorer is declared, so it has no index to read "
+                   "and keeps every endpoint")
+    return out
 
 
 def _merge_engines(from_extractor: Mapping[str, Any], section: Mapping[str, Any] | None) -> dict[str, Any] | None:

@@ -263,3 +263,14 @@ def test_non_scheduling_plugin_in_profile_is_ignored_with_a_warning():
                       "{pluginRef: destination-endpoint-served-verifier}]}]\n")
     assert [e.plugin for e in cfg.profile.entries] == ["queue-scorer", "max-score-picker"]
     assert any("request-control plugin" in w for w in cfg.warnings)
+
+
+def test_warnings_for_plugins_that_would_read_nothing():
+    cfg = load_config(LLMD + "plugins: [{type: no-hit-lru-scorer}, {type: prefix-cache-scorer}]\n"
+                      "schedulingProfiles: [{name: d, plugins: [{pluginRef: no-hit-lru-scorer}, "
+                      "{pluginRef: prefix-cache-scorer}]}]\n")
+    assert any("every request will look cold" in w for w in cfg.warnings)
+    ok = load_config(LLMD + "plugins: [{type: prefix-cache-scorer}, {type: no-hit-lru-scorer}]\n")
+    assert not ok.warnings
+    lone = load_config(LLMD + "plugins: [{type: prefix-cache-affinity-filter}, {type: queue-scorer}]\n")
+    assert any("no index to read" in w for w in lone.warnings)
