@@ -665,15 +665,21 @@ async def test_live_original_dst_takes_one_endpoint_only(tmp_path: Path, start_p
     1.40). This is why fallbacks need override_host, and why the picker must send a single endpoint
     to an ORIGINAL_DST gateway."""
     a, b = await model_servers("a"), await model_servers("b")
-    app, _ = await start_picker(endpoints=[a, b], scheduler=InOrder([a, b]))
+
+    class PrimaryOnlyIfAsked(InOrder):
+        def schedule(self, request: SchedulingRequest, candidates: Sequence[Endpoint]) -> SchedulingResult:
+            result = super().schedule(request, candidates)
+            return SchedulingResult(result.endpoints[:1]) if "x-test-single" in request.headers else result
+
+    app, _ = await start_picker(endpoints=[a, b], scheduler=PrimaryOnlyIfAsked([b, a]))
     spec = PoolSpec(name="pool", target_ports=(8000,), picker=f"127.0.0.1:{app.grpc_port}")
     config = bootstrap([spec], "buffered", "original_dst", listen_address="127.0.0.1", listen_port=0,
-                       admin_port=0, picker_tls=False, allow_client_headers=[envoyconf.CONFORMANCE_HEADER])  # fmt: skip
+                       admin_port=0, picker_tls=False)  # fmt: skip
     async with run_envoy(config, tmp_path) as envoy, aiohttp.ClientSession() as session:
-        # narrowed to one candidate, the answer is a single endpoint: routed
-        status, body = await _post(session, envoy.url, "m", **{"test-epp-endpoint-selection": b})
+        # a single endpoint: routed
+        status, body = await _post(session, envoy.url, "m", **{"x-test-single": "1"})
         assert (status, body["served_by"]) == (200, "b")
-        status, _ = await _post(session, envoy.url, "m")  # answer "a,b"
+        status, _ = await _post(session, envoy.url, "m")  # answer "b,a"
         assert status == 503
 
 

