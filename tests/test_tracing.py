@@ -150,3 +150,46 @@ async def test_spans_reach_an_otlp_collector_over_grpc(start_picker, monkeypatch
         assert collector.spans == ["gateway-api-inference-extension/epp:gateway.request_orchestration"] * 3
     finally:
         await server.stop(0)
+
+
+# ---- through a real Envoy: what the model server receives -------------------------------------------
+from tests.e2e.conftest import gateway, needs_envoy  # noqa: E402,F401 (the fixture)
+
+
+@needs_envoy
+@pytest.mark.envoy
+async def test_the_model_server_gets_one_traceparent_from_the_decision(gateway, monkeypatch):  # noqa: F811
+    from aiohttp import web
+
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_on")
+    seen: list[list[str]] = []
+
+    async def completions(request: web.Request) -> web.Response:
+        seen.append(request.headers.getall("traceparent", []))
+        return web.json_response({"id": "x", "object": "chat.completion", "model": "m", "choices": [],
+                                  "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", completions)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        e2e = await gateway(sims=0, endpoints=[f"127.0.0.1:{port}"], picker_options={"tracing": True})
+        exporter = InMemorySpanExporter()
+        e2e.picker.tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+        payload = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        r1 = await e2e.post("/v1/chat/completions", payload, traceparent=CLIENT_PARENT)
+        r2 = await e2e.post("/v1/chat/completions", payload)
+        assert (r1.status, r2.status) == (200, 200)
+        spans = exporter.get_finished_spans()
+        assert len(seen) == 2 and len(spans) == 2
+        for got, span in zip(seen, spans, strict=True):
+            assert len(got) == 1, got  # one value: the decision's, not the client's next to it
+            assert got[0].split("-")[2] == format(span.context.span_id, "016x")
+        assert seen[0][0].split("-")[1] == CLIENT_TRACE  # the client's trace continues at the model server
+    finally:
+        await runner.cleanup()
