@@ -175,8 +175,12 @@ class App:
         if opts.tracing:
             from epp import tracing  # the OpenTelemetry SDK is imported only when asked for
 
-            self.tracer_provider = tracing.setup()
-            decider = tracing.TracingDecider(decider, self.tracer_provider)
+            try:
+                self.tracer_provider = tracing.setup()
+            except Exception as e:  # a missing SDK or a bad OTEL_* setting must not stop the picker
+                log.error("tracing is off: it could not be set up", extra={"flag": "--tracing", "error": str(e)})
+            else:
+                decider = tracing.TracingDecider(decider, self.tracer_provider)
         self.decider = decider
         self.servicer = ExtProcServicer(decider, default_body_mode=mode, default_response_mode=mode)
         self.health = PickerHealth(opts.ha_enable_leader_election and opts.mode == "epp")

@@ -193,3 +193,15 @@ async def test_the_model_server_gets_one_traceparent_from_the_decision(gateway, 
         assert seen[0][0].split("-")[1] == CLIENT_TRACE  # the client's trace continues at the model server
     finally:
         await runner.cleanup()
+
+
+async def test_a_tracing_setup_failure_is_logged_and_the_picker_runs(start_picker, monkeypatch, caplog):
+    def broken(*a, **kw):
+        raise tracing.TracingUnavailable("--tracing needs the OpenTelemetry SDK: No module named 'opentelemetry'")
+
+    monkeypatch.setattr(tracing, "setup", broken)
+    app, ch = await start_picker(endpoints=["127.0.0.1:9"], tracing=True)
+    assert app.tracer_provider is None and app.decider is app.director
+    assert any("tracing is off" in r.getMessage() for r in caplog.records)
+    h = routed_headers(await exchange(ch, [request_headers(), *body_chunks(chat())]))
+    assert h["x-gateway-destination-endpoint"] == "127.0.0.1:9"
