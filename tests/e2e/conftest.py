@@ -193,6 +193,7 @@ async def gateway(tmp_path: Path, start_picker: Any) -> AsyncIterator[GatewayFac
     """
     async with contextlib.AsyncExitStack() as stack:
         session = await stack.enter_async_context(aiohttp.ClientSession())
+        started: list[Path] = []
 
         async def start(
             *,
@@ -242,7 +243,11 @@ async def gateway(tmp_path: Path, start_picker: Any) -> AsyncIterator[GatewayFac
                                picker_tls=picker_tls, allow_client_headers=allow_client_headers)  # fmt: skip
             if config_edit is not None:
                 config_edit(config)
-            envoy = await stack.enter_async_context(run_envoy(config, tmp_path))
+            # a folder per Envoy: a second stack in one test must not read the first one's admin address
+            folder = tmp_path / f"envoy-{len(started)}"
+            folder.mkdir()
+            started.append(folder)
+            envoy = await stack.enter_async_context(run_envoy(config, folder))
             return E2E(envoy=envoy, picker=app, sims=servers, recording=recording, finished=finished,
                        session=session, spec=spec, config=config)
 
