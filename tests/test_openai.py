@@ -128,8 +128,17 @@ def test_container_bound_counts_only_structure():
     p = openai.parse_request(json.dumps({"model": "m", "prompt": code}).encode(), "/v1/completions")
     assert p.body["prompt"] == code
     bomb = b'{"model":"m","messages":[' + b",".join([b'{"role":"user","content":"a"}'] * 100_001) + b"]}"
-    with pytest.raises(openai.BadRequest, match="more than 100000 JSON objects and arrays"):
+    with pytest.raises(openai.BadRequest, match="more than 100000 JSON objects"):
         openai.parse_request(bomb, "/v1/chat/completions")
+    arrays = json.dumps({"model": "m", "prompt": [[1]] * 100_001}).encode()
+    with pytest.raises(openai.BadRequest, match="more than 100000 JSON arrays"):
+        openai.parse_request(arrays, "/v1/completions")
+    # brackets in strings, escaped quotes and backslashes around them, do not count
+    text = ['[\"[', "\\[", "x"] * 40_000
+    p = openai.parse_request(json.dumps({"model": "m", "prompt": text}).encode(), "/v1/completions")
+    assert p.body["prompt"] == text
+    exactly = json.dumps({"model": "m", "messages": [{"role": "user", "content": "{"}] * 99_999}).encode()
+    assert len(openai.parse_request(exactly, "/v1/chat/completions").body["messages"]) == 99_999
 
 
 def test_deep_nesting_is_a_bad_request():

@@ -614,11 +614,12 @@ async def test_held_response_over_the_cap_is_streamed_not_held(start_picker):
 @pytest.mark.parametrize(
     ("raw", "reason"),
     [
-        (b'{"model":"m","prompt":' + b"[" * 100_000 + b"]" * 100_000 + b"}", "more than 100000 JSON objects"),
+        (b'{"model":"m","prompt":' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
         (b'{"model":"m","prompt":' + b"[" * 5000 + b"]" * 5000 + b"}", "nested too deeply"),
         (b'{"model":"m","messages":[' + b",".join([b"{}"] * 5_500_000) + b"]}", "more than 100000 JSON objects"),
+        (b'{"model":"m","prompt":[' + b",".join([b"[]"] * 5_500_000) + b"]}", "more than 100000 JSON arrays"),
     ],
-    ids=["100k-deep", "5k-deep", "16.5MB-of-empty-messages"],
+    ids=["100k-deep", "5k-deep", "16.5MB-of-empty-messages", "16.5MB-of-empty-arrays"],
 )
 async def test_json_bombs_get_400(start_picker, raw, reason):
     app, ch = await start_picker(endpoints=EPS)
