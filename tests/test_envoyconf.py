@@ -750,3 +750,9 @@ async def test_live_two_pools_behind_one_listener(
         status, body = await _post(session, envoy.url, "mistral")
         assert status == 404
         assert "no InferencePool" in body
+        # the pool is chosen by the body, never by a client's own routing header
+        status, body = await _post(session, envoy.url, "mistral", **{"x-gateway-model-name": "qwen-7b"})
+        assert status == 404
+        async with session.get(f"{envoy.url}/v1/models", headers={"x-gateway-model-name": "qwen-7b",
+                                                                   "x-gateway-base-model-name": "qwen-7b"}) as r:
+            assert r.status == 404 and "no InferencePool" in await r.text()
