@@ -228,6 +228,7 @@ class Options:
     log_level: str = "info"
     log_format: str = "json"
     bind_address: str = "0.0.0.0"
+    grpc_bind_address: str = ""  # the ext_proc listener's own address ("" = bind_address)
     mode: str = "epp"
     event_loop: str = "auto"
     base_models: dict[str, str] = field(default_factory=dict)
@@ -300,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--grpc-health-port", type=_port, default=9003, help="gRPC health port (default %(default)s)")
     srv.add_argument("--metrics-port", type=_port, default=9090, help="Prometheus /metrics port (default %(default)s)")
     srv.add_argument("--bind-address", default="0.0.0.0", help="address to listen on (default %(default)s)")
+    srv.add_argument("--grpc-bind-address", default="",
+                     help="the ext_proc listener alone on this address, e.g. 127.0.0.1 when Envoy runs in the "
+                          "same pod, while health and metrics stay on --bind-address (default: --bind-address)")
     srv.add_argument("--secure-serving", default=True, **B,
                      help="serve ext_proc over TLS (default true; self-signed unless --cert-path has a pair)")
     srv.add_argument("--cert-path", default="", help="directory holding tls.crt and tls.key")
@@ -479,6 +483,7 @@ def parse_args(argv: list[str]) -> Options:
         log_level=level,
         log_format=fmt,
         bind_address=a.bind_address,
+        grpc_bind_address=a.grpc_bind_address,
         mode=a.mode,
         event_loop=a.event_loop,
         base_models=a.base_model,

@@ -127,6 +127,11 @@ class SubsetIgnored:
         return self.inner.decide(headers, body, None, started)
 
 
+def hostport(host: str, port: int) -> str:
+    """`host:port` for gRPC, with an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
 def engine_specs(config_engines: Any, opts: Options) -> dict[str, Any]:
     """The engine metric map: built-ins, the config's engineMetrics, then the reference's flags."""
     f = opts.metric_flags
@@ -249,7 +254,7 @@ class App:
         main = grpc.aio.server(options=grpc_opts)
         ep_grpc.add_ExternalProcessorServicer_to_server(self.servicer, main)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, main)
-        addr = f"{o.bind_address}:{o.grpc_port}"
+        addr = hostport(o.grpc_bind_address or o.bind_address, o.grpc_port)
         if o.secure_serving and o.enable_cert_reload and o.cert_path:
             reloader = tls.ReloadingCert(o.cert_path)
             self.cert = reloader.current
@@ -275,7 +280,7 @@ class App:
         if o.grpc_health_port != o.grpc_port or o.grpc_health_port == 0:
             hs = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, hs)
-            self.grpc_health_port = hs.add_insecure_port(f"{o.bind_address}:{o.grpc_health_port}")
+            self.grpc_health_port = hs.add_insecure_port(hostport(o.bind_address, o.grpc_health_port))
             self._servers.append(hs)
         for s in self._servers:
             await s.start()

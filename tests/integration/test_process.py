@@ -157,3 +157,27 @@ async def test_standalone_mode_and_start_notices(start_picker, tmp_path, caplog,
     assert sum("standalone mode" in m for m in msgs) == 1
     assert sum(m.startswith("--health-checking has no effect here") for m in msgs) == 1
     assert sum(m.startswith("--tls-min-version has no effect here") for m in msgs) == 1
+
+
+async def test_grpc_bind_address_moves_the_ext_proc_listener_alone(start_picker):
+    from tests.extproc_client import exchange
+
+    app, _ = await start_picker(endpoints=["127.0.0.1:9"], grpc_bind_address="127.0.0.2")
+    async with grpc.aio.insecure_channel(f"127.0.0.2:{app.grpc_port}") as ch:
+        replies = await exchange(ch, [request_headers(), *body_chunks(chat())])
+        assert any(set_headers(r).get("x-gateway-destination-endpoint") == "127.0.0.1:9" for r in replies)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await exchange(ch, [request_headers(), *body_chunks(chat())])
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE  # nothing listens there for ext_proc
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_health_port}") as ch:  # probes unchanged
+        r = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="inference-extension"),
+                                                       timeout=5)
+        assert r.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_hostport_brackets_ipv6():
+    from epp.server import hostport
+
+    assert hostport("::1", 9002) == "[::1]:9002" and hostport("0.0.0.0", 9002) == "0.0.0.0:9002"
+    assert hostport("[::]", 1) == "[::]:1"
