@@ -406,9 +406,8 @@ def _parse_doc(doc: Any) -> PickerConfig:
         if (has_plugins or not has_profiles) and raw_profiles is not None else []
     _check_refs(plugins, c)
     handler = _choose_handler(plugins, profiles, c)
+    # The only handler built is single-profile-handler (the others are refused): it runs the one profile.
     running = profiles[0] if profiles else ProfileSpec("", ())
-    if handler == DEFAULT_HANDLER and len(profiles) == 1:
-        running = profiles[0]
 
     base_top = Params(base, "")
     flow = _parse_flow_control(top.sub("flowControl") if _mapping_or_report(top, "flowControl", c) else None,
