@@ -1,0 +1,391 @@
+"""`precise-prefix-cache-producer` and `precise-prefix-cache-scorer`: prefix affinity from what the
+engines really hold (their KV events), configured as llm-d writes it.
+
+The producer owns a PreciseIndex (epp.kvevents.index) and, when events come over ZMQ, a subscriber
+thread (epp.kvevents.subscriber):
+- centralized: `kvEventsConfig.zmqEndpoint` (e.g. `tcp://*:5557`) is bound and engines connect; the
+  topic `kv@<podIP:port>@<model>` names the endpoint;
+- per pod: with `kvEventsConfig.discoverPods` (llm-d's default) and the producer wired as the
+  extractor of an `endpoint-notification-source`, each endpoint's publisher is dialed at
+  `tcp://<ip>:<podDiscoveryConfig.socketPort + rank>` (rank = the endpoint's port's position in the
+  pool's target ports), with `replaySocketPort + rank` for replays when set, and dropped (its blocks
+  forgotten) when the endpoint leaves.
+
+Per request it needs the prompt's token ids: `request.scratch["token_ids"]` when a token producer
+set them, else its own `tokenizer` (ours: `{backend: local, path: ...}` or `{backend: sim}`); with
+neither, it gives no precise scores. Match info per endpoint: leading cached blocks (weighted by
+tier, `indexerConfig.backendConfigs`) / the prompt's blocks. `speculativeIndexing` adds the routed
+request's blocks to the chosen endpoint for `speculativeTTL` (2 s), covering the event delay.
+
+The scorer (`precise-prefix-cache-scorer`, llm-d's composite) scores with a producer — the one
+declared (`prefixMatchInfoProducerName`, else the first precise producer declared) or one of its
+own built from the same parameters — and keeps the approximate index as the fallback for endpoints
+that publish no events: those are scored and recorded as the `prefix-cache-scorer` would, and an
+endpoint that publishes gets no approximate credit.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from epp.datastore import Endpoint
+from epp.kvevents.index import (
+    DEFAULT_MAX_ENTRIES,
+    DEFAULT_MAX_ENTRIES_PER_POD,
+    DEFAULT_MAX_PODS,
+    DEFAULT_SPECULATIVE_TTL,
+    PreciseIndex,
+)
+from epp.kvevents.keys import DEFAULT_BLOCK_TOKENS, RequestKeys
+from epp.kvevents.subscriber import KVEventSubscriber
+from epp.kvevents.wire import ENGINE_TYPES, TOPIC_PREFIX, VLLM, decode_payload
+from epp.scheduling.cycle import Cycle
+from epp.scheduling.framework import SchedulingRequest
+from epp.scheduling.registry import PRODUCER, SCORER, BuildContext, ConfigError, Params, register
+from epp.tokens import CACHE_SALT, TOKEN_IDS, Tokenizer, messages_of, salt_of
+
+log = logging.getLogger("epp.producers.precise")
+
+DEFAULT_SOCKET_PORT = 5557
+DEFAULT_MAX_BLOCKS = 16384  # 256K tokens at 16 a block: matching never reads further
+_KEYS = "precise-keys"  # request.scratch: (producer name, RequestKeys)
+
+
+@dataclass(frozen=True, slots=True)
+class PreciseParams:
+    block_tokens: int = DEFAULT_BLOCK_TOKENS
+    hash_seed: str = ""
+    tier_weights: Mapping[str, float] = field(default_factory=lambda: {"gpu": 1.0, "cpu": 0.8})
+    enable_metrics: bool = False
+    engine_type: str = VLLM
+    zmq_endpoint: str = ""
+    topic_filter: str = TOPIC_PREFIX
+    discover_pods: bool = True
+    socket_port: int = DEFAULT_SOCKET_PORT
+    replay_port: int = -1
+    speculative: bool = False
+    speculative_ttl: float = DEFAULT_SPECULATIVE_TTL
+    max_blocks: int = DEFAULT_MAX_BLOCKS
+    max_pods: int = DEFAULT_MAX_PODS
+    max_entries_per_pod: int = DEFAULT_MAX_ENTRIES_PER_POD
+    max_entries: int = DEFAULT_MAX_ENTRIES
+    model_name: str = ""  # the model of per-pod topics that do not name one
+    tokenizer: Mapping[str, Any] = field(default_factory=dict)  # ours: {backend: local|sim, path}
+    producer: str = ""  # scorer only: prefixMatchInfoProducerName
+
+
+def _backend_configs(p: Params) -> dict[str, float]:
+    raw = p.get("backendConfigs")
+    if raw is None:
+        return {"gpu": 1.0, "cpu": 0.8}
+    if not isinstance(raw, list):
+        raise ConfigError(p.field("backendConfigs"), "expected a list of {name, weight}")
+    out: dict[str, float] = {}
+    for i, item in enumerate(raw):
+        ip = Params(item, f"{p.field('backendConfigs')}[{i}]")
+        name = ip.string("name", "").lower()
+        if not name:
+            raise ConfigError(ip.field("name"), "a backend needs a name (gpu, cpu, ...)")
+        out[name] = ip.number("weight", 1.0, lo=0)
+        ip.done()
+    return out
+
+
+def parse_params(p: Params, *, scorer: bool = False) -> PreciseParams:
+    """llm-d's parameters: tokenProcessorConfig, indexerConfig, kvEventsConfig, speculativeIndexing,
+    speculativeTTL; plus ours (tokenizer, maxPrefixBlocksToMatch, modelName)."""
+    tp = p.sub("tokenProcessorConfig")
+    legacy = tp.integer("blockSize", 0, lo=1, hi=4096)
+    block = tp.integer("blockSizeTokens", legacy or DEFAULT_BLOCK_TOKENS, lo=1, hi=4096)
+    seed = tp.get("hashSeed")
+    if seed is not None and not isinstance(seed, str):
+        raise ConfigError(tp.field("hashSeed"), f"expected a string, got {seed!r}")
+    tp.done()
+    ix = p.sub("indexerConfig")
+    if ix.has("tokenizersPoolConfig"):
+        raise ConfigError(ix.field("tokenizersPoolConfig"), "not supported: configure a token-producer, or this "
+                          "plugin's `tokenizer` (local tokenizer files)")
+    kb = ix.sub("kvBlockIndexConfig")
+    metrics = kb.boolean("enableMetrics", False)
+    kb.get("metricsLoggingInterval")
+    mem = kb.sub("inMemoryConfig")
+    size = mem.integer("size", DEFAULT_MAX_ENTRIES, lo=1)
+    per_pod = mem.integer("podCacheSize", DEFAULT_MAX_ENTRIES_PER_POD, lo=1)
+    mem.done()
+    for other in ("redisConfig", "valkeyConfig", "costAwareMemoryConfig"):
+        if kb.has(other):
+            raise ConfigError(kb.field(other), "not supported: this picker keeps the index in memory "
+                              "(every replica hears every event)")
+    kb.done()
+    weights = _backend_configs(ix)
+    ix.done()
+    ev = p.sub("kvEventsConfig")
+    zmq_endpoint = ev.get("zmqEndpoint") or ""
+    if not isinstance(zmq_endpoint, str) or (zmq_endpoint and not zmq_endpoint.startswith(("tcp://", "ipc://"))):
+        raise ConfigError(ev.field("zmqEndpoint"), f"expected tcp://host:port or ipc://path, got {zmq_endpoint!r}")
+    topic = ev.get("topicFilter")
+    if topic is None:
+        topic = TOPIC_PREFIX
+    if not isinstance(topic, str):
+        raise ConfigError(ev.field("topicFilter"), f"expected a string, got {topic!r}")
+    ev.integer("concurrency", 4, lo=1)  # llm-d's worker count: one thread here (ordering per endpoint)
+    engine = ev.string("engineType", VLLM, choices=ENGINE_TYPES)
+    discover = ev.boolean("discoverPods", True)
+    pd = ev.sub("podDiscoveryConfig")
+    pd.get("podLabelSelector")  # endpoints come from the pool (the notification source)
+    pd.get("podNamespace")
+    socket_port = pd.integer("socketPort", DEFAULT_SOCKET_PORT, lo=1, hi=65535)
+    replay_port = pd.integer("replaySocketPort", -1, lo=-1, hi=65535)
+    pd.done()
+    ev.done()
+    tok = p.get("tokenizer")
+    if tok is not None:
+        tk = Params(tok, p.field("tokenizer"))
+        backend = tk.string("backend", "local", choices=("local", "sim"))
+        path = tk.string("path", "") if backend == "local" else ""
+        if backend == "local" and not path:
+            raise ConfigError(tk.field("path"), "the local tokenizer needs `path` (a directory with tokenizer.json, "
+                              "or a model name in the HF cache)")
+        tk.done()
+        tok = {"backend": backend, "path": path}
+    out = PreciseParams(
+        block_tokens=block, hash_seed=seed or "", tier_weights=weights, enable_metrics=metrics, engine_type=engine,
+        zmq_endpoint=zmq_endpoint, topic_filter=topic, discover_pods=discover, socket_port=socket_port,
+        replay_port=replay_port, speculative=p.boolean("speculativeIndexing", False),
+        speculative_ttl=p.duration("speculativeTTL", DEFAULT_SPECULATIVE_TTL),
+        max_blocks=p.integer("maxPrefixBlocksToMatch", DEFAULT_MAX_BLOCKS, lo=1, hi=1 << 20),
+        max_pods=DEFAULT_MAX_PODS, max_entries_per_pod=per_pod, max_entries=size,
+        model_name=p.string("modelName", ""), tokenizer=dict(tok or {}),
+        producer=p.string("prefixMatchInfoProducerName", "") if scorer else "",
+    )
+    return out
+
+
+def make_tokenizer(spec: Mapping[str, Any]) -> Tokenizer | None:
+    backend = spec.get("backend")
+    if backend == "sim":
+        from epp.tokens.sim import SimTokenizer
+        return SimTokenizer()
+    if backend == "local":
+        from epp.tokens.local import LocalTokenizer, TokenizerError
+        try:
+            return LocalTokenizer(str(spec["path"]))
+        except TokenizerError as e:
+            raise ConfigError("tokenizer.path", str(e)) from None
+    return None
+
+
+def _prompt(request: SchedulingRequest) -> str:
+    """The whole completion prompt (request.prompt is cut for the approximate index)."""
+    body = request.body
+    if isinstance(body, Mapping):
+        p = body.get("prompt")
+        if isinstance(p, str):
+            return p
+        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str):
+            return p[0]
+    return request.prompt
+
+
+@register("precise-prefix-cache-producer", PRODUCER)
+class PrecisePrefixCacheProducer:
+    """Holds the precise index and its event subscriber (see the module doc)."""
+
+    def __init__(self, name: str, params: PreciseParams, ctx: BuildContext) -> None:
+        self.name = name
+        self.params = params
+        self.index = PreciseIndex(params.block_tokens, params.hash_seed, params.tier_weights,
+                                  max_pods=params.max_pods, max_entries_per_pod=params.max_entries_per_pod,
+                                  max_entries=params.max_entries, speculative_ttl=params.speculative_ttl,
+                                  clock=ctx.clock)
+        self.tokenizer: Tokenizer | None = make_tokenizer(params.tokenizer)
+        self.subscriber: KVEventSubscriber | None = None
+        self._lock = threading.Lock()
+        self.tokenize_failures = 0
+        self.no_tokens = 0
+        self.target_ports: Sequence[int] = ()  # the pool's target ports (rank = position), set by the wiring
+
+    @classmethod
+    def parse(cls, p: Params) -> PreciseParams:
+        out = parse_params(p)
+        p.done()
+        return out
+
+    # ---- events in -----------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the subscriber thread (and bind the centralized endpoint, when configured)."""
+        with self._lock:
+            if self.subscriber is not None:
+                return
+            self.subscriber = KVEventSubscriber(self.index, engine=self.params.engine_type,
+                                                topic_filter=self.params.topic_filter, model=self.params.model_name)
+            self.subscriber.start()
+        if self.params.zmq_endpoint:
+            bound = self.subscriber.bind(self.params.zmq_endpoint)
+            if not bound:
+                raise RuntimeError(f"kv events: cannot bind {self.params.zmq_endpoint}")
+            log.info("kv events: listening on %s (centralized)", bound)
+
+    def stop(self) -> None:
+        if self.subscriber is not None:
+            self.subscriber.stop()
+            self.subscriber = None
+
+    def rank_of(self, ep: Endpoint) -> int:
+        ports = list(self.target_ports)
+        return ports.index(ep.port) if ep.port in ports else 0
+
+    def endpoint_added(self, ep: Endpoint) -> None:
+        """Per-pod mode: dial the endpoint's publisher (socketPort + rank)."""
+        if not self.params.discover_pods:
+            return
+        self.start()
+        assert self.subscriber is not None
+        rank = self.rank_of(ep)
+        replay = ""
+        if self.params.replay_port > 0:
+            replay = f"tcp://{_host(ep.ip)}:{self.params.replay_port + rank}"
+        self.subscriber.add_source(ep.address, f"tcp://{_host(ep.ip)}:{self.params.socket_port + rank}", replay)
+
+    def endpoint_removed(self, ep: Endpoint) -> None:
+        if self.subscriber is not None and self.params.discover_pods:
+            self.subscriber.remove_source(ep.address)
+        else:
+            self.index.forget(ep.address)
+
+    def feed(self, address: str, model: str, payload: bytes) -> None:
+        """Apply one message's payload from `address` (the discrete-event simulator's delivery)."""
+        self.index.apply(address, model, decode_payload(payload, self.params.engine_type))
+
+    # ---- per request ---------------------------------------------------------------------
+    def keys(self, request: SchedulingRequest) -> RequestKeys | None:
+        """The request's block keys (made once per request), or None without token ids."""
+        got = request.scratch.get(_KEYS)
+        if got is not None and got[0] == self.name:
+            return got[1]  # type: ignore[no-any-return]
+        ids = request.scratch.get(TOKEN_IDS)
+        if ids is None and self.tokenizer is not None:
+            try:
+                ids = self.tokenizer.ids_for(_prompt(request), messages_of(request.body))
+            except ValueError as e:  # the tokenizer's own errors (a template that raised, ...)
+                self.tokenize_failures += 1
+                if self.tokenize_failures == 1:
+                    log.warning("precise prefix: tokenizing failed (%s); such requests get no precise score", e)
+                ids = None
+            if ids is not None:
+                request.scratch[TOKEN_IDS] = ids
+        if not ids:
+            self.no_tokens += 1
+            request.scratch[_KEYS] = (self.name, None)
+            return None
+        salt = request.scratch.get(CACHE_SALT) or salt_of(request.body)
+        keys = self.index.request_keys(ids, request.model, self.params.max_blocks, salt)
+        request.scratch[_KEYS] = (self.name, keys)
+        return keys
+
+    def ratios(self, request: SchedulingRequest, endpoints: Sequence[Endpoint]) -> list[float] | None:
+        """Per endpoint: weighted leading cached blocks / the prompt's blocks; None without tokens."""
+        keys = self.keys(request)
+        if keys is None or not keys.count:
+            return None
+        matched = self.index.match(keys, [ep.address for ep in endpoints])
+        total = float(keys.count)
+        return [m / total for m in matched]
+
+    def on_routed(self, request: SchedulingRequest, endpoint: Endpoint) -> None:
+        if not self.params.speculative:
+            return
+        keys = self.keys(request)
+        if keys is not None and keys.count:
+            self.index.speculate(endpoint.address, keys)
+
+    def stats(self) -> dict[str, float]:
+        st = self.index.stats
+        out = {
+            "precise_index_entries": float(self.index.entries),
+            "precise_index_keys": float(self.index.keys_held()),
+            "precise_speculative_entries": float(self.index.speculative_entries),
+            "precise_stored_blocks": float(st.stored_blocks),
+            "precise_removed_blocks": float(st.removed_blocks),
+            "precise_lookup_hit_ratio": st.lookup_hit_blocks / st.lookup_blocks if st.lookup_blocks else 0.0,
+        }
+        if self.subscriber is not None:
+            out["precise_event_gaps"] = float(self.subscriber.stats.gaps)
+            out["precise_event_messages"] = float(self.subscriber.stats.messages)
+        return out
+
+
+def _host(ip: str) -> str:
+    return f"[{ip}]" if ":" in ip and not ip.startswith("[") else ip
+
+
+@register("precise-prefix-cache-scorer", SCORER)
+class PrecisePrefixCacheScorer:
+    """Precise prefix score for endpoints that publish KV events, approximate for the others."""
+
+    BOUNDED = True
+
+    def __init__(self, name: str, params: PreciseParams, ctx: BuildContext) -> None:
+        from epp.scheduling.prefix import PrefixIndex
+
+        self.name = name
+        found = ctx.plugins.get(params.producer) if params.producer else next(
+            (p for p in ctx.plugins.values() if isinstance(p, PrecisePrefixCacheProducer)), None)
+        if params.producer and not isinstance(found, PrecisePrefixCacheProducer):
+            raise ConfigError("prefixMatchInfoProducerName",
+                              f"{params.producer!r} is not a precise-prefix-cache-producer")
+        self.producer: PrecisePrefixCacheProducer = (
+            found if isinstance(found, PrecisePrefixCacheProducer) else PrecisePrefixCacheProducer(name, params, ctx))
+        self.fallback = PrefixIndex()
+        self._approx_key = f"precise-approx:{name}"
+
+    @classmethod
+    def parse(cls, p: Params) -> PreciseParams:
+        out = parse_params(p, scorer=True)
+        p.done()
+        return out
+
+    def _approx_blocks(self, request: SchedulingRequest) -> Any:
+        from epp.scheduling.prefix import DEFAULT_MAX_BLOCKS as APPROX_MAX_BLOCKS
+        from epp.scheduling.prefix import PromptBlocks
+
+        got = request.scratch.get(self._approx_key)
+        if got is None:
+            got = PromptBlocks(request.prompt, request.model, 64, APPROX_MAX_BLOCKS)
+            request.scratch[self._approx_key] = got
+        return got
+
+    def score(self, cycle: Cycle, endpoints: Sequence[Endpoint]) -> list[float]:
+        request = cycle.request
+        index = self.producer.index
+        precise = self.producer.ratios(request, endpoints)
+        publishing = [index.publishes(ep.address) for ep in endpoints]
+        if all(publishing):
+            return precise if precise is not None else [0.0] * len(endpoints)
+        blocks = self._approx_blocks(request)
+        approx = (self.fallback.match(blocks, endpoints, 1.0 / blocks.count) if blocks.count
+                  else [0.0] * len(endpoints))
+        out = []
+        for i, pub in enumerate(publishing):
+            if pub:
+                out.append(precise[i] if precise is not None else 0.0)
+            else:
+                out.append(approx[i])
+        return out
+
+    def on_routed(self, request: SchedulingRequest, endpoint: Endpoint) -> None:
+        self.producer.on_routed(request, endpoint)
+        if not self.producer.index.publishes(endpoint.address):
+            blocks = self._approx_blocks(request)
+            if blocks.count:
+                self.fallback.insert(endpoint.address, blocks, 31250)
+
+    def forget(self, address: str) -> None:
+        self.fallback.forget(address)
+
+    def stats(self) -> dict[str, float]:
+        return self.producer.stats()
