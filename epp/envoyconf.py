@@ -70,6 +70,10 @@ OBJECTIVE_HEADER = "x-gateway-inference-objective"
 FAIRNESS_HEADER = "x-gateway-inference-fairness-id"
 REWRITE_HEADER = "x-gateway-model-name-rewrite"
 CONFORMANCE_HEADER = "test-epp-endpoint-selection"
+# llm-d's names for the objective, fairness and rewrite headers (the picker reads both)
+LLMD_OBJECTIVE_HEADER = "x-llm-d-inference-objective"
+LLMD_FAIRNESS_HEADER = "x-llm-d-inference-fairness-id"
+LLMD_REWRITE_HEADER = "x-llm-d-model-name-rewrite"
 # Set only by the picker (or the router) for Envoy and the model servers: a client's copy would
 # choose the destination (ORIGINAL_DST reads the header as given when the picker does not answer)
 # or a disaggregated prefill/encode host. Removed at the edge in every generated config.
@@ -78,7 +82,8 @@ CONTROL_HEADERS = (DEST_HEADER, SERVED_HEADER, "x-prefiller-host-port", "x-encod
 ROUTING_HEADERS = (MODEL_HEADER, BASE_MODEL_HEADER)
 # A client's choice of priority, fairness flow, target model or endpoint: removed at the edge unless
 # allowed (`allow_client_headers`, for clients the operator trusts or a gateway that sets them).
-CLIENT_HEADERS = (OBJECTIVE_HEADER, FAIRNESS_HEADER, REWRITE_HEADER, CONFORMANCE_HEADER)
+CLIENT_HEADERS = (OBJECTIVE_HEADER, LLMD_OBJECTIVE_HEADER, FAIRNESS_HEADER, LLMD_FAIRNESS_HEADER, REWRITE_HEADER,
+                  LLMD_REWRITE_HEADER, CONFORMANCE_HEADER)
 LB_NAMESPACE = "envoy.lb"
 EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 EPP_FILTER = "envoy.filters.http.ext_proc"  # the per-pool picker callout

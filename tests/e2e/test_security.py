@@ -189,6 +189,9 @@ CLIENT_CHOICES = {
     OBJECTIVE_HEADER: "premium",
     FAIRNESS_HEADER: "tenant-a",
     REWRITE_HEADER: "some-other-model",
+    "x-llm-d-inference-objective": "premium",
+    "x-llm-d-inference-fairness-id": "tenant-b",
+    "x-llm-d-model-name-rewrite": "some-other-model",
     CONFORMANCE_HEADER: "127.0.0.1:1",
     "x-prefiller-host-port": "127.0.0.1:2",
     "x-encoder-hosts-ports": "127.0.0.1:3",
@@ -212,7 +215,8 @@ async def test_allowed_client_headers_reach_the_picker(gateway: GatewayFactory) 
     assert r.status == 200
     seen = e2e.recording.headers["allowed"]
     assert seen[OBJECTIVE_HEADER] == "premium" and seen[FAIRNESS_HEADER] == "tenant-a"
-    assert not {REWRITE_HEADER, CONFORMANCE_HEADER, DEST_HEADER, SERVED_HEADER} & set(seen)
+    assert not {REWRITE_HEADER, CONFORMANCE_HEADER, DEST_HEADER, SERVED_HEADER, "x-llm-d-inference-objective",
+                "x-llm-d-model-name-rewrite"} & set(seen)
 
 
 # ---- attack 4: a fake picker ----------------------------------------------------------------------
