@@ -1,0 +1,75 @@
+"""Priority bands and the flows in them.
+
+A band holds every flow of one priority; its fairness policy picks the flow, the flow's queue
+(made by the band's ordering policy) the request. `ring` holds the band's flows that may have
+requests, in the order they became active: round-robin rotates it, global-strict scans it, and a
+flow found empty there is dropped from it (so an idle tenant costs nothing per dispatch).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from epp.flowcontrol.policy import FairnessPolicy, FlowQueue, OrderingPolicy
+from epp.flowcontrol.types import FlowKey, Item
+
+DEFAULT_BAND_MAX_REQUESTS = 5000  # the reference's per-band defaults
+DEFAULT_BAND_MAX_BYTES = 1_000_000_000
+
+
+@dataclass(slots=True, eq=False)
+class Flow:
+    """One (fairness id, priority) and its queue."""
+
+    key: FlowKey
+    queue: FlowQueue
+    in_ring: bool = False
+    last_used: float = 0.0
+
+
+@dataclass(slots=True, eq=False)
+class Band:
+    """All flows of one priority, with the band's limits and policies."""
+
+    priority: int
+    ordering: OrderingPolicy
+    fairness: FairnessPolicy
+    max_requests: int = DEFAULT_BAND_MAX_REQUESTS
+    max_bytes: int = DEFAULT_BAND_MAX_BYTES
+    flows: dict[str, Flow] = field(default_factory=dict)
+    ring: deque[Flow] = field(default_factory=deque)
+    live: int = 0
+    bytes: int = 0
+
+    def flow(self, fairness_id: str, now: float) -> Flow:
+        """The flow for a fairness id, created on first use."""
+        f = self.flows.get(fairness_id)
+        if f is None:
+            f = self.flows[fairness_id] = Flow(FlowKey(self.priority, fairness_id), self.ordering.new_queue())
+        f.last_used = now
+        return f
+
+    def push(self, flow: Flow, item: Item) -> None:
+        flow.queue.push(item)
+        self.live += 1
+        self.bytes += item.byte_size
+        if not flow.in_ring:
+            flow.in_ring = True
+            self.ring.append(flow)
+
+    def took(self, item: Item) -> None:
+        """An item left one of this band's queues (dispatched or discarded)."""
+        self.live -= 1
+        self.bytes -= item.byte_size
+
+    def active(self) -> Iterator[Flow]:
+        """The flows with requests, dropping empty ones met at the front of the ring."""
+        ring = self.ring
+        while ring and ring[0].queue.live == 0:
+            ring.popleft().in_ring = False
+        return (f for f in ring if f.queue.live)
+
+    def fits(self, byte_size: int) -> bool:
+        return self.live + 1 <= self.max_requests and self.bytes + byte_size <= self.max_bytes
