@@ -491,12 +491,14 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
             remove.append("content-length")  # the restored body may differ in length
         for k, v in self.director.response_headers(ctx, served, lb_metadata):
             set_headers.append(_hvo(k, v))
-        if rh.end_of_stream:
-            self._finish_response(st)
-        if not set_headers and not remove:
+        metadata = self._finish_response(st) if rh.end_of_stream else None  # a response without a body
+        if not set_headers and not remove and metadata is None:
             return [_EMPTY_RESP_HEADERS]
-        return [ep.ProcessingResponse(response_headers=ep.HeadersResponse(response=ep.CommonResponse(
-            header_mutation=ep.HeaderMutation(set_headers=set_headers, remove_headers=remove))))]
+        reply = ep.ProcessingResponse(response_headers=ep.HeadersResponse(response=ep.CommonResponse(
+            header_mutation=ep.HeaderMutation(set_headers=set_headers, remove_headers=remove))))
+        if metadata is not None:
+            reply.dynamic_metadata.CopyFrom(metadata)
+        return [reply]
 
     def _body_replies(self, st: _Stream, chunk: bytes, end: bool, original: bytes | None,
                       metadata: struct_pb2.Struct | None) -> list[ep.ProcessingResponse]:

@@ -800,3 +800,51 @@ async def test_response_phase_matrix(start_picker, stream_in_request, sse, trail
     await call.done_writing()
     assert await call.read() is grpc.aio.EOF
     assert len(ended) == 1
+
+
+REPORTER_CONSTANT = """\
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: request-attribute-reporter
+  parameters:
+    attributes:
+    - key: {name: x-cost}
+      expression: 1 + usage.total_tokens
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+"""
+
+
+def _md_value(reply: ep.ProcessingResponse, key: str) -> float | None:
+    f = reply.dynamic_metadata.fields
+    if "envoy.lb" not in f or key not in f["envoy.lb"].struct_value.fields:
+        return None
+    return f["envoy.lb"].struct_value.fields[key].number_value
+
+
+async def test_reporter_metadata_on_whichever_reply_ends_the_response(start_picker):
+    app, ch = await start_picker(endpoints=EPS, config_text=REPORTER_CONSTANT)
+    # a response without a body: on the response-headers reply
+    replies = await exchange(ch, [request_headers(), *body_chunks(chat()), response_headers(eos=True)])
+    assert _md_value(replies[-1], "x-cost") == 1.0
+    # a JSON body ended by trailers: on the flushed body reply, not on the trailers reply
+    resp = b'{"usage":{"prompt_tokens":2,"completion_tokens":3}}'
+    replies = await exchange(ch, [request_headers(), *body_chunks(chat()), response_headers(),
+                                  *body_chunks(resp, 2, response=True, eos=False),
+                                  ep.ProcessingRequest(response_trailers=ep.HttpTrailers())])
+    assert _kinds(replies)[-2:] == ["response_body", "response_trailers"]
+    assert _md_value(replies[-2], "x-cost") == 6.0 and _md_value(replies[-1], "x-cost") is None
+    # an SSE stream ended by trailers with nothing held: on the trailers reply
+    sse = b'data: {"usage":{"prompt_tokens":1,"completion_tokens":1}}\n\n'
+    replies = await exchange(ch, [request_headers(), *body_chunks(chat(stream=True)),
+                                  response_headers(content_type="text/event-stream"),
+                                  ep.ProcessingRequest(response_body=ep.HttpBody(body=sse)),
+                                  ep.ProcessingRequest(response_trailers=ep.HttpTrailers())])
+    assert _kinds(replies)[-2:] == ["response_body", "response_trailers"]
+    assert _md_value(replies[-1], "x-cost") == 3.0
+    # never on the request path
+    assert all(_md_value(r, "x-cost") is None for r in replies[:2])
