@@ -616,6 +616,36 @@ async def _health(port: int, service: str) -> int | None:
         return None
 
 
+def _start_picker(
+    out: Rendered, workdir: Path, extra: list[str], env: dict[str, str]
+) -> tuple[subprocess.Popen[bytes], dict[str, int], Path]:
+    """Start `python -m epp` with the render's args made local (ports from the OS) plus `extra`. A port
+    another process took between the OS handing it out and the picker binding it means a new try (3)."""
+    for attempt in range(3):
+        run = workdir / f"run{attempt}"
+        run.mkdir()
+        ports = {"grpc": _free_port(), "health": _free_port(), "metrics": _free_port()}
+        log_path = run / "picker.log"
+        with log_path.open("w") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "epp", *local_args(out, run, ports), *extra],
+                                    env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        deadline = time.monotonic() + 20
+        while proc.poll() is None and time.monotonic() < deadline and "picker started" not in log_path.read_text():
+            time.sleep(0.05)
+        if proc.poll() is not None and "Address already in use" in log_path.read_text():
+            continue
+        return proc, ports, log_path
+    raise AssertionError(f"no free ports in 3 tries: {log_path.read_text()[-2000:]}")
+
+
+def _stop(proc: subprocess.Popen[Any] | None) -> None:
+    if proc is None:
+        return
+    if proc.poll() is None:
+        proc.kill()  # not a shutdown test: SIGTERM would drain for --drain-timeout
+    proc.wait(timeout=10)
+
+
 @pytest.mark.parametrize(("chart", "case"), CASES)
 async def test_picker_starts_with_the_rendered_args(
     chart: str, case: str, tmp_path: Path, rendered: dict[tuple[str, str], Rendered]
@@ -625,40 +655,31 @@ async def test_picker_starts_with_the_rendered_args(
     rendered liveness and readiness probes ask for."""
     out = rendered[(chart, case)]
     c = container(out)
-    ports = {"grpc": _free_port(), "health": _free_port(), "metrics": _free_port()}
-    args = local_args(out, tmp_path, ports)
     manifests = tmp_path / "objects.yaml"
     _manifests(out, manifests)
-    args += ["--manifests", str(manifests)]
-    env = {**os.environ, **local_env(out, "ml", f"http://127.0.0.1:{_free_port()}")}
-    stack = contextlib.ExitStack()
-    if "--ha-enable-leader-election" in args:
-        from tests.sources.apiserver import ApiServer
+    extra = ["--manifests", str(manifests)]
+    env = local_env(out, "ml", f"http://127.0.0.1:{_free_port()}")
+    proc = None
+    with contextlib.ExitStack() as stack:
+        if "--ha-enable-leader-election" in c["args"]:
+            from tests.sources.apiserver import ApiServer
 
-        api = stack.enter_context(ApiServer())  # the Lease lives in an API-server emulator
-        args += ["--kubeconfig", str(api.write_kubeconfig(tmp_path / "kubeconfig", namespace="ml"))]
-    log = (tmp_path / "picker.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "epp", *args], env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        services = {c["livenessProbe"]["grpc"]["service"], c["readinessProbe"]["grpc"]["service"]}
-        status: dict[str, int | None] = {}
-        deadline = time.monotonic() + 40
-        while time.monotonic() < deadline and proc.poll() is None:
-            status = {s: await _health(ports["health"], s) for s in services}
-            if all(v == health_pb2.HealthCheckResponse.SERVING for v in status.values()):
-                break
-            await asyncio.sleep(0.2)
-        log.flush()
-        assert proc.poll() is None, f"picker exited {proc.returncode}: {(tmp_path / 'picker.log').read_text()[-3000:]}"
-        assert status == dict.fromkeys(services, health_pb2.HealthCheckResponse.SERVING), (
-            tmp_path / "picker.log"
-        ).read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()  # not a shutdown test: SIGTERM would drain for --drain-timeout
-        proc.wait(timeout=10)
-        log.close()
-        stack.close()
+            api = stack.enter_context(ApiServer())  # the Lease lives in an API-server emulator
+            extra += ["--kubeconfig", str(api.write_kubeconfig(tmp_path / "kubeconfig", namespace="ml"))]
+        try:
+            proc, ports, log = _start_picker(out, tmp_path, extra, env)
+            services = {c["livenessProbe"]["grpc"]["service"], c["readinessProbe"]["grpc"]["service"]}
+            status: dict[str, int | None] = {}
+            deadline = time.monotonic() + 40
+            while time.monotonic() < deadline and proc.poll() is None:
+                status = {s: await _health(ports["health"], s) for s in services}
+                if all(v == health_pb2.HealthCheckResponse.SERVING for v in status.values()):
+                    break
+                await asyncio.sleep(0.2)
+            assert proc.poll() is None, f"picker exited {proc.returncode}: {log.read_text()[-3000:]}"
+            assert status == dict.fromkeys(services, health_pb2.HealthCheckResponse.SERVING), log.read_text()[-3000:]
+        finally:
+            _stop(proc)
 
 
 def _metric(text: str, name: str) -> float | None:
@@ -681,7 +702,8 @@ async def test_rendered_sglang_args_read_sglangs_metrics(
     out = rendered[("inferencepool", "sglang")]
     sim_port = _free_port()
     sim = subprocess.Popen(
-        [sys.executable, "-m", "epp.sim", "--engine", "sglang", "--port", str(sim_port), "--time-scale", "20"],
+        [sys.executable, "-m", "epp.sim", "--engine", "sglang", "--port", str(sim_port), "--time-scale", "20",
+         "--log-level", "warning"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     picker = None
@@ -695,12 +717,8 @@ async def test_rendered_sglang_args_read_sglangs_metrics(
                "status": {"podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]}}  # fmt: skip
         manifests = tmp_path / "objects.yaml"
         manifests.write_text(yaml.safe_dump_all([pool, pod]))
-        ports = {"grpc": _free_port(), "health": _free_port(), "metrics": _free_port()}
-        args = [*local_args(out, tmp_path, ports), "--manifests", str(manifests),
-                "--refresh-prometheus-metrics-interval=200ms"]  # fmt: skip
-        env = {**os.environ, **local_env(out, "ml", "http://127.0.0.1:9")}
-        log = (tmp_path / "picker.log").open("w")
-        picker = subprocess.Popen([sys.executable, "-m", "epp", *args], env=env, stdout=log, stderr=subprocess.STDOUT)
+        extra = ["--manifests", str(manifests), "--refresh-prometheus-metrics-interval=200ms"]
+        picker, ports, log = _start_picker(out, tmp_path, extra, local_env(out, "ml", "http://127.0.0.1:9"))
         body = {"model": DEFAULT_MODEL, "prompt": "hello", "max_tokens": 2000, "stream": True}
         async with aiohttp.ClientSession() as session:
             async with session.post(f"http://127.0.0.1:{sim_port}/v1/completions", json=body) as reply:
@@ -715,11 +733,7 @@ async def test_rendered_sglang_args_read_sglangs_metrics(
                     if running == 1.0:
                         break
                     await asyncio.sleep(0.2)
-        log.close()
-        assert running == 1.0, (tmp_path / "picker.log").read_text()[-3000:]
+        assert running == 1.0, log.read_text()[-3000:]
     finally:
-        for proc in (picker, sim):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-            if proc is not None:
-                proc.wait(timeout=10)
+        _stop(picker)
+        _stop(sim)

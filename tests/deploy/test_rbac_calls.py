@@ -62,11 +62,24 @@ async def test_every_api_call_is_granted_and_every_grant_is_used(tmp_path: Path)
     from epp.datastore import Datastore
     from epp.sources.kube import KubeSource
     from epp.sources.leader import LeaderElector, lease_name
-    from tests.sources.apiserver import ApiServer, inference_model, objective, pod, pool_v1, rewrite
+    from tests.sources.apiserver import (
+        DEFAULT_TYPES,
+        ApiServer,
+        ResourceType,
+        inference_model,
+        objective,
+        pod,
+        pool_v1,
+        rewrite,
+    )
     from tests.sources.kube_helpers import FAST_LEASE, FAST_WATCH, wait_for
 
     sel = {"app": "vllm"}
-    with ApiServer() as api:
+    # llm-d's API group served too, so the picker watches those kinds as it would in a cluster with them
+    llmd = tuple(ResourceType("llm-d.ai", plural, kind, ("v1alpha2",))
+                 for plural, kind in (("inferenceobjectives", "InferenceObjective"),
+                                      ("inferencemodelrewrites", "InferenceModelRewrite")))  # fmt: skip
+    with ApiServer(types=DEFAULT_TYPES + llmd) as api:
         kubeconfig = str(api.write_kubeconfig(tmp_path / "kubeconfig"))
         api.create(pool_v1("pool", sel, [8000]))
         api.create(pod("a", "10.0.0.1", sel))
