@@ -64,6 +64,12 @@ def test_shape(path: Path) -> None:
         schedule_once(text)
     else:
         assert expect.startswith("refused: "), expect
-        with pytest.raises(ConfigError) as e:
+        wanted = expect.removeprefix("refused: ")
+        try:
             load_config(text)
-        assert expect.removeprefix("refused: ") in str(e.value), str(e.value)
+        except ConfigError as e:
+            assert wanted in str(e), str(e)
+            return
+        # Only a feature that was pending may turn a refusal into acceptance, once its plugins are
+        # registered (their own tests cover them; building here could open their sockets).
+        assert "not yet supported (" in wanted, f"{path.name} was accepted; expected: {wanted}"
