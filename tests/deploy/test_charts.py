@@ -737,3 +737,50 @@ async def test_rendered_sglang_args_read_sglangs_metrics(
     finally:
         _stop(picker)
         _stop(sim)
+
+
+def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict) and node:
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_leaves(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): node}
+
+
+# Defaults this project sets on purpose (docs/differences.md and deploy/README.md say why).
+OWN_DEFAULTS = {
+    "inferencepool": {
+        "inferenceExtension.image.registry", "inferenceExtension.image.repository", "inferenceExtension.image.tag",
+        "inferenceExtension.image.pullPolicy", "inferenceExtension.resources.requests.cpu",
+        "inferenceExtension.resources.requests.memory", "inferenceExtension.resources.limits.memory",
+        "inferencePool.modelServers.matchLabels.app",  # required, no default (the reference's README example)
+    },
+    "standalone": {
+        "inferenceExtension.image.registry", "inferenceExtension.image.repository", "inferenceExtension.image.tag",
+        "inferenceExtension.image.pullPolicy", "inferencePool.modelServers.matchLabels.app",
+        # the Service's `http` port is built in (an extraServicePorts entry named http replaces it)
+        "inferenceExtension.extraServicePorts",
+        # the reference ships its Envoy as a sidecar given in full; this chart's built-in one is the default
+        "inferenceExtension.sidecar.configMap.name", "inferenceExtension.sidecar.configMap.data.envoy.yaml",
+        "inferenceExtension.sidecar.name", "inferenceExtension.sidecar.image", "inferenceExtension.sidecar.command",
+        "inferenceExtension.sidecar.args", "inferenceExtension.sidecar.env", "inferenceExtension.sidecar.ports",
+        "inferenceExtension.sidecar.resources.requests.cpu", "inferenceExtension.sidecar.resources.requests.memory",
+        "inferenceExtension.sidecar.readinessProbe.failureThreshold",
+        "inferenceExtension.sidecar.readinessProbe.httpGet.path",
+        "inferenceExtension.sidecar.readinessProbe.httpGet.port",
+        "inferenceExtension.sidecar.readinessProbe.httpGet.scheme",
+        "inferenceExtension.sidecar.readinessProbe.periodSeconds", "inferenceExtension.sidecar.volumeMounts",
+        "inferenceExtension.sidecar.volumes",
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("chart", ["inferencepool", "standalone"])
+def test_chart_defaults_are_the_references(chart: str) -> None:
+    """Every key of our copy of the reference's default values exists in the chart's values.yaml with the
+    same default, except the ones this project sets on purpose."""
+    ours = _leaves(yaml.safe_load((CHARTS / chart / "values.yaml").read_text()))
+    reference = _leaves(load_values(chart, "defaults"))
+    differ = {k for k, v in reference.items() if ours.get(k, "<missing>") != v}
+    assert differ <= OWN_DEFAULTS[chart], sorted(differ - OWN_DEFAULTS[chart])
