@@ -30,6 +30,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, islice, repeat
 from operator import and_
+from typing import Any
 
 import xxhash
 
@@ -339,8 +340,9 @@ class PrefixParams:
 INDEX_KEYS = ("mode", "blockSize", "blockSizeTokens", "autoTune", "maxPrefixBlocksToMatch",
               "maxPrefixTokensToMatch", "lruCapacityPerServer", "maxIndexEntries", "purgeAfter",
               "rendezvousBlocks", "rendezvousEpsilon")
-# producers whose match info a prefix-cache-scorer can read (the others are not yet supported)
-PREFIX_PRODUCER_TYPES = ("approx-prefix-cache-producer",)
+# producers whose match info a prefix-cache-scorer can read: the approximate one (its index), or
+# any producer answering ratios(request, endpoints) and on_routed(request, endpoint) (precise, burst)
+PREFIX_PRODUCER_TYPES = ("approx-prefix-cache-producer", "precise-prefix-cache-producer", "burst-prefix-cache-producer")
 DEFAULT_PRODUCER = "approx-prefix-cache-producer"
 
 
@@ -386,6 +388,10 @@ class PrefixCacheScorer:
     def __init__(self, name: str, params: PrefixParams, ctx: BuildContext) -> None:
         self.name = name
         producer = ctx.plugins.get(params.producer or DEFAULT_PRODUCER)
+        # a producer of match info that is not an approximate index (precise, burst): scores come from it
+        self.match_source: Any = None
+        if producer is not None and not hasattr(producer, "index") and hasattr(producer, "ratios"):
+            self.match_source = producer
         if producer is not None and hasattr(producer, "index"):
             # the producer owns the index: this scorer matches and records into it
             params = dataclasses.replace(producer.params, producer=producer.name,
@@ -456,6 +462,11 @@ class PrefixCacheScorer:
 
     # ---- plugin hooks --------------------------------------------------------------------
     def score(self, cycle: Cycle, endpoints: Sequence[Endpoint]) -> list[float]:
+        if self.match_source is not None:
+            got = self.match_source.ratios(cycle.request, endpoints)
+            out = [0.0] * len(endpoints) if got is None else [min(1.0, max(0.0, x)) for x in got]
+            cycle.request.scratch[self._scores_key] = (endpoints, out)
+            return out if self.guard is None else self.guard.apply(cycle, endpoints, out)
         blocks = self.blocks(cycle.request, endpoints)
         n = len(endpoints)
         if not blocks.count:
@@ -495,6 +506,11 @@ class PrefixCacheScorer:
         return self.index.match(blocks, endpoints, 1.0 / blocks.count)
 
     def on_routed(self, request: SchedulingRequest, endpoint: Endpoint) -> None:
+        if self.match_source is not None:
+            hook = getattr(self.match_source, "on_routed", None)
+            if hook is not None:
+                hook(request, endpoint)
+            return
         blocks = self.blocks(request, (endpoint,))
         if not blocks.count:
             return

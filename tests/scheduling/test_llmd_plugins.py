@@ -246,3 +246,29 @@ def test_token_producer_estimate_and_refused_backends():
     for backend in ("vllm: {url: 'http://x'}", "modelName: m", "udsTokenizerConfig: {}"):
         with pytest.raises(ConfigError, match=r"not yet supported \(precise prefix-cache routing\)"):
             load_config(LLMD + f"plugins: [{{type: token-producer, parameters: {{{backend}}}}}]\n")
+
+
+def test_prefix_scorer_reads_a_match_info_producer():
+    from epp.scheduling.prefix import PrefixCacheScorer, PrefixParams
+
+    class Producer:  # the shape of precise/burst producers: ratios() and on_routed()
+        name = "precise"
+
+        def __init__(self):
+            self.routed = []
+
+        def ratios(self, request, endpoints):
+            return None if request.prompt == "unknown" else [0.25, 2.0][: len(endpoints)]
+
+        def on_routed(self, request, endpoint):
+            self.routed.append(endpoint.address)
+
+    c = ctx()
+    c.plugins["precise"] = prod = Producer()
+    s = PrefixCacheScorer("p", PrefixParams(producer="precise", load_guard=False), c)
+    eps = [ep(1), ep(2)]
+    r = req("known")
+    assert s.score(cycle(r), eps) == [0.25, 1.0]  # clamped to 0..1
+    assert s.score(cycle(req("unknown")), eps) == [0.0, 0.0]
+    s.on_routed(r, eps[1])
+    assert prod.routed == [eps[1].address] and s.index.entries == 0
