@@ -135,12 +135,12 @@ def _multi_turn_long(n: int, rate: float, servers: int, seed: int):  # type: ign
                       reply_tokens=(128, 512), turns=12.0, think_s=4.0, max_context_chars=120000, seed=seed)
 
 
-# KV demand: 150 × 6,000 tokens of shared context against 8 × 7,700 blocks × 16 tokens = 985,600
-MULTI_TENANT_BLOCKS = 7700
+# KV demand: 150 × 6,000 tokens of shared context against 8 × 9,632 blocks × 16 tokens: 73%
+MULTI_TENANT_BLOCKS = 9632
 WORKLOADS = {
     "multi-tenant": (Workload("multi-tenant", _multi_tenant, "150 tenants × 6,000-token shared context + 100 "
-                              "tokens, uniform; KV demand ~0.91 of the shared contexts alone, ~73% with the "
-                              "cache the running batch needs",
+                              "tokens, uniform; the shared contexts fill 73% of the "
+                              "cluster's KV cache",
                               EngineConfig(num_gpu_blocks=MULTI_TENANT_BLOCKS)), 24.0),
     "multi-turn-long": (Workload("multi-turn-long", _multi_turn_long,
                                  "agentic sessions: 8 Zipf(1) personas of 2,000 tokens, 12 turns on average of "

@@ -198,25 +198,22 @@ class PreciseIndex:
             acc.extend(islice(accumulate(map(get, islice(ks, have, None)), and_, initial=acc[-1]), 1, None))
         if not acc or not acc[0]:
             return [0.0] * n
-        # matched blocks per slot: a slot in acc[i] and not acc[i+1] matched i+1 blocks
+        # matched blocks per slot. Masks only lose bits as i grows: each distinct value's successor
+        # first appears where its dropped slots stopped matching (acc.index runs in C).
         matched: dict[int, int] = {}
-        prev = acc[0]
-        for i in range(1, len(acc)):
-            cur = acc[i]
-            if cur != prev:
-                gone = prev & ~cur
-                while gone:
-                    low = gone & -gone
-                    matched[low.bit_length() - 1] = i
-                    gone ^= low
-                prev = cur
-                if not cur:
-                    break
-        rest = prev
-        while rest:
-            low = rest & -rest
-            matched[low.bit_length() - 1] = len(acc)
-            rest ^= low
+        distinct = list(dict.fromkeys(acc))
+        for j, mask in enumerate(distinct):
+            if not mask:
+                break
+            if j + 1 < len(distinct):
+                nxt = distinct[j + 1]
+                gone, count = mask & ~nxt, acc.index(nxt)
+            else:
+                gone, count = mask, len(acc)
+            while gone:
+                low = gone & -gone
+                matched[low.bit_length() - 1] = count
+                gone ^= low
         weighted = self._weighted(ks, matched)
         out = [0.0] * n
         pods = self._pods

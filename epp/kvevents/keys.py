@@ -69,16 +69,16 @@ def chain(seed: int, data: bytes, block_tokens: int, extras: Sequence[Any] | Non
 
 class RequestKeys:
     """A request's block keys, computed on demand (matching usually stops early; the rest is needed
-    only for speculative entries after the pick). `count` = full blocks, capped at `max_blocks`."""
+    only for speculative entries after the pick). `count` = full blocks, capped at `max_blocks`.
+    Token ids are packed only for the blocks asked for, so a cold 128 K-token prompt costs little."""
 
-    __slots__ = ("_data", "_extras", "_keys", "block_tokens", "count", "seed")
+    __slots__ = ("_extras", "_ids", "_keys", "block_tokens", "count", "seed")
 
     def __init__(self, token_ids: Sequence[int] | array[int], model: str, block_tokens: int = DEFAULT_BLOCK_TOKENS,
                  max_blocks: int = 1 << 16, hash_seed: str = "", cache_salt: str | None = None) -> None:
         self.block_tokens = block_tokens
-        data = pack(token_ids[: block_tokens * max_blocks])
-        self._data = data
-        self.count = min(len(data) // (4 * block_tokens), max_blocks)
+        self._ids = token_ids
+        self.count = min(len(token_ids) // block_tokens, max_blocks)
         self.seed = model_seed(model, hash_seed)
         self._extras: list[Any] | None = [(cache_salt,)] if cache_salt else None
         self._keys: list[int] = []
@@ -90,7 +90,10 @@ class RequestKeys:
         if have >= n or have >= self.count:
             return ks
         n = min(n, self.count)
-        ks.extend(chain(ks[-1] if ks else self.seed, self._data, self.block_tokens, self._extras, have, n - have))
+        bt = self.block_tokens
+        data = pack(self._ids[have * bt:n * bt])
+        extras = self._extras[have:] if self._extras is not None and have < len(self._extras) else None
+        ks.extend(chain(ks[-1] if ks else self.seed, data, bt, extras))
         return ks
 
     def all(self) -> list[int]:

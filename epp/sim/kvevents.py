@@ -102,7 +102,7 @@ class ZmqPublisher:
     """
 
     def __init__(self, endpoint: str, topic: str, *, replay_endpoint: str = "", data_parallel_rank: int | None = None,
-                 buffer: int = DEFAULT_BUFFER, hwm: int = 100_000) -> None:
+                 buffer: int = DEFAULT_BUFFER, hwm: int = 100_000, bind: bool | None = None) -> None:
         self._ctx: zmq.Context[Any] = zmq.Context.instance()
         self.topic = topic
         self.rank = data_parallel_rank
@@ -110,7 +110,9 @@ class ZmqPublisher:
         self._pub = self._ctx.socket(zmq.PUB)
         self._pub.setsockopt(zmq.SNDHWM, hwm)
         self._pub.setsockopt(zmq.LINGER, 0)
-        if "*" in endpoint or endpoint.endswith(":0"):
+        if bind is None:  # vLLM's rule: bind when the endpoint has a wildcard (port 0 here too)
+            bind = "*" in endpoint or endpoint.endswith(":0")
+        if bind:
             self._pub.bind(endpoint.replace("tcp://*:", "tcp://127.0.0.1:") if endpoint.endswith(":0") else endpoint)
             self.endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
         else:
