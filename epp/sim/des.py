@@ -80,10 +80,10 @@ class RequestResult:
 class Policy(Protocol):
     """Chooses a server for each request. `on_complete(result)` is optional (looked up by name)."""
 
-    def choose(self, request: SimRequest, servers: Sequence[Endpoint]) -> int: ...
+    def choose(self, request: SimRequest, servers: Sequence[Endpoint]) -> int | None: ...
 
 
-ChooseFn = Callable[[SimRequest, Sequence[Endpoint]], int]
+ChooseFn = Callable[[SimRequest, Sequence[Endpoint]], int | None]  # None: held (see Cluster)
 
 
 class VirtualServer:
@@ -122,6 +122,11 @@ class Cluster:
     `choose(request, endpoints) -> index` (and optionally `on_complete(result)`), or a bare callable;
     default round-robin. A policy may refuse a request by raising SimError (e.g. a router's 429): the
     request then completes at once with that status and `server` -1.
+
+    A policy may also hold a request (flow control): `choose` returns None, and the policy later
+    calls `dispatch(request, index, arrival)` or `refuse(request, status, message, arrival)`. Optional
+    policy hooks, looked up by name: `bind(cluster)` once at construction, `on_metrics(endpoint)`
+    when a polled snapshot becomes visible.
     """
 
     def __init__(self, servers: int | Sequence[EngineConfig] = 1, policy: Policy | ChooseFn | None = None, *,
@@ -147,6 +152,7 @@ class Cluster:
         choose = getattr(policy, "choose", None)
         self._choose: ChooseFn = choose if choose is not None else policy  # type: ignore[assignment]
         self._on_complete: Callable[[RequestResult], Any] | None = getattr(policy, "on_complete", None)
+        self._on_metrics: Callable[[Endpoint], Any] | None = getattr(policy, "on_metrics", None)
         self.policy = policy
         self.now = 0.0
         self.results: list[RequestResult] = []
@@ -160,6 +166,9 @@ class Cluster:
         self._pending: tuple[float, SimRequest] | None = None
         for s in self.servers:  # a first snapshot so policies never see None
             s.endpoint.metrics = s.snapshot(0.0)
+        bind = getattr(policy, "bind", None)
+        if bind is not None:
+            bind(self)
 
     # ---- input ---------------------------------------------------------------------------
     def _push(self, t: float, kind: int, payload: Any) -> None:
@@ -235,6 +244,8 @@ class Cluster:
             elif kind == _PUBLISH:
                 server, metrics = payload
                 server.endpoint.metrics = metrics
+                if self._on_metrics is not None:
+                    self._on_metrics(server.endpoint)
             else:
                 self._in_system -= 1
                 self._arrive(payload)
@@ -252,6 +263,24 @@ class Cluster:
             self._complete(RequestResult(req.request_id, -1, "", req.model, now, status=e.status,
                                          error=e.message, request=req))
             return
+        if idx is None:  # held by the policy (flow control): it calls dispatch() or refuse() later
+            self._in_system += 1
+            return
+        self._place(req, idx, now)
+
+    def dispatch(self, req: SimRequest, idx: int, arrival: float) -> None:
+        """Send a request the policy held since `arrival` to server `idx` now."""
+        self._in_system -= 1
+        self._place(req, idx, arrival)
+
+    def refuse(self, req: SimRequest, status: int, message: str, arrival: float) -> None:
+        """Answer a held request with an error now (e.g. its queue TTL expired)."""
+        self._in_system -= 1
+        self._complete(RequestResult(req.request_id, -1, "", req.model, arrival, finished=self.now, status=status,
+                                     error=message, request=req))
+
+    def _place(self, req: SimRequest, idx: int, arrival: float) -> None:
+        now = arrival
         if not isinstance(idx, int) or not 0 <= idx < len(self.servers):
             raise ValueError(f"policy chose {idx!r}, not a server index (0..{len(self.servers) - 1})")
         server = self.servers[idx]
