@@ -53,11 +53,18 @@ class _TooManyObjects(Exception):
     """Raised from inside json.loads (not a ValueError: that would read as bad JSON)."""
 
 
+_NOT_QUOTE_OR_BRACKET = bytes(b for b in range(256) if b not in b'"[')
+
+
 def _arrays_outside_strings(raw: bytes) -> int:
-    """`[` that open arrays, not text: with escaped backslashes and quotes removed, every `"` left
-    delimits a string, so the even pieces between quotes are the structure (all C-level passes)."""
+    """`[` that open arrays, not text. With escaped backslashes and quotes removed, every `"` left
+    delimits a string; keeping only quotes and brackets, then dropping adjacent quote pairs (a
+    string without brackets, or a string's end next to the next one's start: parity and sides are
+    unchanged), leaves a short residue whose even pieces between quotes are the structure.
+    All C-level passes; the residue is small unless the body really has that many arrays."""
     bare = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
-    return b"".join(bare.split(b'"')[::2]).count(b"[")
+    residue = bare.translate(None, _NOT_QUOTE_OR_BRACKET).replace(b'""', b"")
+    return b"".join(residue.split(b'"')[::2]).count(b"[")
 
 
 def _decode(raw: bytes) -> Any:
