@@ -232,7 +232,7 @@ def test_pool_chart_wiring(case: str, rendered: dict[tuple[str, str], Rendered])
     flags = _get(values, "inferenceExtension.flags", {"v": 1})
     if isinstance(flags, dict):
         for k, v in {"v": 1, **flags}.items():
-            assert f"--{k}={v}" in args
+            assert f"--{k}={str(v).lower() if isinstance(v, bool) else v}" in args
     else:
         for f in flags:
             assert f"--{f['name']}={f['value']}" in args
@@ -784,3 +784,49 @@ def test_chart_defaults_are_the_references(chart: str) -> None:
     reference = _leaves(load_values(chart, "defaults"))
     differ = {k for k, v in reference.items() if ours.get(k, "<missing>") != v}
     assert differ <= OWN_DEFAULTS[chart], sorted(differ - OWN_DEFAULTS[chart])
+
+
+@pytest.mark.parametrize("case", ["monitoring-auth", "monitoring-noauth"])
+async def test_metrics_auth_as_the_chart_wires_it(
+    case: str, tmp_path: Path, rendered: dict[tuple[str, str], Rendered]
+) -> None:
+    """The picker started with a monitoring render's args, against an API-server emulator whose RBAC is the
+    rendered ClusterRole/Binding: with auth on, /metrics answers 401 without a token, 403 for a token of
+    another account, 200 for the ServiceAccount the ServiceMonitor's Secret belongs to; with auth off,
+    200 to anyone."""
+    import aiohttp
+
+    from tests.sources.apiserver import ApiServer
+
+    out = rendered[("inferencepool", case)]
+    binding = out.get("ClusterRoleBinding")
+    subject = binding["subjects"][0]
+    user = f"system:serviceaccount:{subject['namespace']}:{subject['name']}"
+    role = out.get("ClusterRole", binding["roleRef"]["name"])
+    manifests = tmp_path / "objects.yaml"
+    _manifests(out, manifests)
+    picker = None
+    with ApiServer() as api:
+        api.review_tokens = {"sa-token": {"username": user}, "other-token": {"username": "system:anonymous"}}
+        api.review_allowed = {
+            (user, url, verb)
+            for rule in role["rules"]
+            for url in rule.get("nonResourceURLs", [])
+            for verb in rule["verbs"]
+        }
+        extra = ["--manifests", str(manifests), "--kubeconfig", str(api.write_kubeconfig(tmp_path / "kc", "ml"))]
+        try:
+            picker, ports, log = _start_picker(out, tmp_path, extra, local_env(out, "ml", "http://127.0.0.1:9"))
+            url = f"http://127.0.0.1:{ports['metrics']}/metrics"
+            codes: dict[str, int] = {}
+            async with aiohttp.ClientSession() as session:
+                for who, headers in (("none", {}), ("other", {"Authorization": "Bearer other-token"}),
+                                     ("sa", {"Authorization": "Bearer sa-token"})):  # fmt: skip
+                    async with session.get(url, headers=headers) as reply:
+                        codes[who] = reply.status
+            expected = (
+                {"none": 401, "other": 403, "sa": 200} if case == "monitoring-auth" else dict.fromkeys(codes, 200)
+            )
+            assert codes == expected, log.read_text()[-3000:]
+        finally:
+            _stop(picker)
