@@ -161,3 +161,24 @@ def test_cached_tokens_read_from_usage():
     s = openai.SSEUsageScanner()
     s.feed(b'data: {"usage":{"prompt_tokens":7,"completion_tokens":10,"prompt_tokens_details":{"cached_tokens":5}}}\n')
     assert s.usage.cached_tokens == 5
+
+
+def _count_lists(v) -> int:
+    if isinstance(v, list):
+        return 1 + sum(_count_lists(x) for x in v)
+    if isinstance(v, dict):
+        return sum(_count_lists(x) for x in v.values())
+    return 0
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(alphabet='[]{}"\\ax\n', max_size=6),
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(alphabet='[]"\\k', max_size=3), kids, max_size=3),
+    max_leaves=25,
+)
+
+
+@given(_json_values, st.booleans())
+def test_array_scan_counts_exactly_the_arrays(value, ascii_only):
+    raw = json.dumps(value, ensure_ascii=ascii_only).encode()
+    assert openai._arrays_outside_strings(raw) == _count_lists(value)
