@@ -36,6 +36,7 @@ ALLOW_TTL = 60.0
 DENY_TTL = 10.0
 CACHE_SIZE = 1024
 MAX_CONCURRENT = 8  # requests served at once; more get 503 (a scrape takes milliseconds)
+MAX_CONNECTIONS = 64  # open connections (one thread each); more are closed at once
 _TEXT = "text/plain; charset=utf-8"
 
 
@@ -208,7 +209,34 @@ class MetricsServer:
 
 
 class _Server(ThreadingHTTPServer):
+    """One thread per connection, at most MAX_CONNECTIONS of them: idle or slow clients cannot make
+    the process start threads without bound."""
+
     allow_reuse_address = True
+    request_queue_size = 128  # listen backlog: a burst of scrapes is queued, not dropped (SYN retries take 1 s)
+    max_connections = MAX_CONNECTIONS
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._active = 0
+        self._active_lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._active_lock:
+            full = self._active >= self.max_connections
+            if not full:
+                self._active += 1
+        if full:
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._active_lock:
+                self._active -= 1
 
     def handle_error(self, request: Any, client_address: Any) -> None:  # a client that went away
         log.debug("metrics request failed", exc_info=True)

@@ -150,3 +150,34 @@ async def test_app_with_a_kubeconfig_checks_tokens(start_picker, api, tmp_path):
     assert status == 200 and b"inference_extension_info" in body
     app2, _ = await start_picker(endpoints=["127.0.0.1:9"], kubeconfig=kubeconfig, metrics_endpoint_auth=False)
     assert get(app2.metrics_port)[0] == 200
+
+
+def test_idle_connections_are_bounded(serve):
+    import socket
+    import threading
+
+    from epp import metrics_http
+
+    port = serve()
+    before = threading.active_count()
+    socks = []
+    try:
+        for _ in range(metrics_http.MAX_CONNECTIONS + 40):  # clients that connect and send nothing
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            socks.append(s)
+        # the extra connections are closed by the server: reading them ends at once
+        closed = 0
+        for s in socks[metrics_http.MAX_CONNECTIONS:]:
+            s.settimeout(5)
+            if s.recv(1) == b"":
+                closed += 1
+        assert closed == 40
+        assert threading.active_count() <= before + metrics_http.MAX_CONNECTIONS
+    finally:
+        for s in socks:
+            s.close()
+    for _ in range(100):  # bounded: the server notices the closed sockets and frees their threads
+        status = get(port)[0]
+        if status == 200:
+            break
+    assert status == 200
