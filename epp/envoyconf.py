@@ -897,7 +897,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     env.add_argument("--default-pool", default=None, help="pool for models no route matches (several pools)")
     env.add_argument("--message-timeout", type=float, default=120.0, metavar="SECONDS",
-                     help="longest wait for one picker reply (default %(default)s)")
+                     help="longest wait for one picker reply; keep it above the picker's flow-control queue TTL "
+                          "(default %(default)s)")
     env.add_argument("--route-timeout", type=float, default=0.0, metavar="SECONDS", help="0 disables (default)")
     env.add_argument("--stream-idle-timeout", type=float, default=600.0, metavar="SECONDS",
                      help="(default %(default)s)")
