@@ -208,6 +208,11 @@ class PrecisePrefixCacheProducer:
         self.tokenize_failures = 0
         self.no_tokens = 0
         self.target_ports: Sequence[int] = ()  # the pool's target ports (rank = position), set by the wiring
+        # per-pod mode is on only when the config wires this producer to an endpoint-notification-source
+        # (llm-d's rule); the wiring sets it, then endpoints seen by observe() are dialed
+        self.notifications = False
+        self._seen: dict[str, Endpoint] = {}
+        self._seen_from: object = None
 
     @classmethod
     def parse(cls, p: Params) -> PreciseParams:
@@ -235,27 +240,50 @@ class PrecisePrefixCacheProducer:
             self.subscriber.stop()
             self.subscriber = None
 
-    def rank_of(self, ep: Endpoint) -> int:
-        ports = list(self.target_ports)
+    def observe(self, endpoints: Sequence[Endpoint]) -> None:
+        """Called with each request's candidates: starts the subscriber on first use (centralized
+        mode binds then) and, in per-pod mode, dials endpoints not seen before. Cheap when the
+        candidate sequence is the one seen last (the datastore rebuilds it only on change)."""
+        if endpoints is self._seen_from:
+            return
+        self._seen_from = endpoints
+        if self.subscriber is None and self.params.zmq_endpoint:
+            self.start()
+        if not (self.notifications and self.params.discover_pods):
+            return
+        for ep in endpoints:
+            if ep.address not in self._seen:
+                self._seen[ep.address] = ep
+                self.endpoint_added(ep, endpoints)
+        if len(self._seen) > 4 * self.index.max_pods:  # bounded; removals come through endpoint_removed
+            self._seen.clear()
+
+    def rank_of(self, ep: Endpoint, endpoints: Sequence[Endpoint] = ()) -> int:
+        """The endpoint's data-parallel rank: its port's position in the pool's target ports, or
+        among the ports of the same pod's endpoints when those are not known."""
+        ports = list(self.target_ports) or sorted({e.port for e in endpoints if e.ip == ep.ip} | {ep.port})
         return ports.index(ep.port) if ep.port in ports else 0
 
-    def endpoint_added(self, ep: Endpoint) -> None:
+    def endpoint_added(self, ep: Endpoint, endpoints: Sequence[Endpoint] = ()) -> None:
         """Per-pod mode: dial the endpoint's publisher (socketPort + rank)."""
         if not self.params.discover_pods:
             return
         self.start()
         assert self.subscriber is not None
-        rank = self.rank_of(ep)
+        rank = self.rank_of(ep, endpoints)
         replay = ""
         if self.params.replay_port > 0:
             replay = f"tcp://{_host(ep.ip)}:{self.params.replay_port + rank}"
         self.subscriber.add_source(ep.address, f"tcp://{_host(ep.ip)}:{self.params.socket_port + rank}", replay)
 
-    def endpoint_removed(self, ep: Endpoint) -> None:
+    def endpoint_removed(self, ep: Endpoint | str) -> None:
+        """The endpoint left the pool: stop listening to it and forget its blocks."""
+        address = ep if isinstance(ep, str) else ep.address
+        self._seen.pop(address, None)
         if self.subscriber is not None and self.params.discover_pods:
-            self.subscriber.remove_source(ep.address)
+            self.subscriber.remove_source(address)
         else:
-            self.index.forget(ep.address)
+            self.index.forget(address)
 
     def feed(self, address: str, model: str, payload: bytes) -> None:
         """Apply one message's payload from `address` (the discrete-event simulator's delivery)."""
@@ -362,6 +390,7 @@ class PrecisePrefixCacheScorer:
     def score(self, cycle: Cycle, endpoints: Sequence[Endpoint]) -> list[float]:
         request = cycle.request
         index = self.producer.index
+        self.producer.observe(endpoints)
         precise = self.producer.ratios(request, endpoints)
         publishing = [index.publishes(ep.address) for ep in endpoints]
         if all(publishing):
@@ -386,6 +415,7 @@ class PrecisePrefixCacheScorer:
 
     def forget(self, address: str) -> None:
         self.fallback.forget(address)
+        self.producer.endpoint_removed(address)
 
     def stats(self) -> dict[str, float]:
         return self.producer.stats()

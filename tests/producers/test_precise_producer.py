@@ -180,23 +180,33 @@ def test_centralized_mode_over_zmq() -> None:
         prod.stop()
 
 
+def _two_publishers() -> list[ZmqPublisher]:
+    """Publishers for ranks 0 and 1 on consecutive loopback ports (base, base + 1)."""
+    rng = random.Random()
+    for _ in range(50):
+        base = rng.randrange(20000, 60000)
+        pubs: list[ZmqPublisher] = []
+        try:
+            for r in range(2):
+                pubs.append(ZmqPublisher(f"tcp://127.0.0.1:{base + r}", topic_for(f"127.0.0.1:{8000 + r}", MODEL),
+                                         bind=True))
+            return pubs
+        except zmq.ZMQError:
+            for p in pubs:
+                p.close()
+    pytest.skip("no two consecutive free ports")
+
+
 def test_per_pod_mode_dials_socket_port_plus_rank_and_forgets_on_leave() -> None:
-    pubs = [ZmqPublisher("tcp://127.0.0.1:0", topic_for(f"127.0.0.1:{8000 + r}", MODEL)) for r in range(2)]
+    pubs = _two_publishers()
     base = int(pubs[0].endpoint.rsplit(":", 1)[1])
-    # rank 1 publishes on base + 1: rebind the second publisher there (ZMQ picks ports freely otherwise)
-    pubs[1].close()
-    try:
-        pubs[1] = ZmqPublisher(f"tcp://127.0.0.1:{base + 1}", topic_for("127.0.0.1:8001", MODEL), bind=True)
-    except zmq.ZMQError:
-        pytest.skip("port base+1 is taken")
     c = ctx()
     prod = PrecisePrefixCacheProducer("pp", parse_params(Params(
         {"tokenizer": {"backend": "sim"}, "kvEventsConfig": {"podDiscoveryConfig": {"socketPort": base}}}, "")), c)
-    prod.target_ports = (8000, 8001)
+    prod.notifications = True  # the config wired it to an endpoint-notification-source
     e = [Endpoint(address=f"127.0.0.1:{8000 + r}", ip="127.0.0.1", port=8000 + r, pod="p") for r in range(2)]
     try:
-        for ep in e:
-            prod.endpoint_added(ep)
+        prod.observe(e)  # ranks from the pod's ports: 8000 -> 0, 8001 -> 1
         ids = token_ids(PROMPT)
 
         def both() -> bool:
