@@ -55,6 +55,7 @@ from epp.scheduling.saturation import (
     DEFAULT_KV_THRESHOLD,
     DEFAULT_QUEUE_THRESHOLD,
     DEFAULT_STALENESS,
+    STALENESS_POLICIES,
     ConcurrencyDetector,
     SaturationDetector,
 )
@@ -165,7 +166,7 @@ class PriorityBand:
 
 @dataclass(frozen=True, slots=True)
 class FlowControlConfig:
-    """The `flowControl` section, validated; flow control itself is not built yet."""
+    """The `flowControl` section, validated; epp.flowcontrol.build turns it into a controller."""
 
     max_bytes: int | None = None  # None = unlimited
     max_requests: int | None = None
@@ -427,13 +428,17 @@ def _parse_doc(doc: Any) -> PickerConfig:
     c.raise_if_any()
 
     warnings.extend(_dependency_warnings(plugins, profiles))
-    if flow is not None:
-        warnings.append("flowControl: parsed and validated, but flow control is not built yet: requests are "
-                        "not queued (admission still sheds sheddable requests when the pool is saturated)")
+    if flow is not None and not gate_enabled(gates, "flowControl"):
+        warnings.append("flowControl: given, but featureGates does not name flowControl: requests are not "
+                        "queued (admission sheds sheddable requests while the pool is saturated)")
+    if flow is not None and flow.enable_eviction:
+        warnings.append("flowControl.enableEviction: in-flight eviction is not built; requests already sent "
+                        "to a model server are never revoked")
     if not data_layer.metrics_enabled:
         warnings.append("dataLayer: no metrics-data-source is wired: metric-based scorers will see no metrics")
     if gates:
-        log.info("feature gates set (none change this picker's scheduling)", extra={"gates": list(gates)})
+        log.info("feature gates set (flowControl turns flow control on; no other gate changes scheduling)",
+                 extra={"gates": list(gates)})
     engine_metrics = _merge_engines(data_layer.engine_metrics, engine)
     specs = tuple(plugins.specs.values())
     return PickerConfig(
@@ -761,6 +766,7 @@ def _parse_saturation(p: Params, base: Mapping[str, Any]) -> SaturationDetector:
         stale_after=p.duration("metricsStalenessThreshold", d.stale_after),
         headroom_guard=p.boolean("headroomGuard", d.headroom_guard),
         headroom=p.number("headroom", 0.0, lo=0),
+        staleness_policy=p.string("stalenessPolicy", "saturated", choices=STALENESS_POLICIES),
     )
     p.done()
     return out

@@ -28,6 +28,7 @@ from epp.scheduling.registry import SATURATION, BuildContext, Params, register
 DEFAULT_QUEUE_THRESHOLD = 5
 DEFAULT_KV_THRESHOLD = 0.8
 DEFAULT_STALENESS = 0.2  # seconds; the reference's 200 ms
+STALENESS_POLICIES = ("saturated", "ignore")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +42,8 @@ class SaturationDetector:
     # with fresh metrics (the mean alone sheds when one hot pod drags the average over 1).
     headroom_guard: bool = True
     headroom: float = 0.0  # filter role: burst allowance over the thresholds, as a fraction
+    # flow control: "saturated" (the reference: a stale pod is full) or "ignore" (gate on fresh pods only)
+    staleness_policy: str = "saturated"
 
     def pod_load(self, ep: Endpoint, now: float) -> float:
         """max(waiting / queue threshold, kv / kv threshold); 1.0 for stale or missing metrics."""
@@ -91,6 +94,7 @@ def _utilization(p: Params) -> SaturationDetector:
         stale_after=p.duration("metricsStalenessThreshold", DEFAULT_STALENESS),
         headroom=p.number("headroom", 0.0, lo=0),
         headroom_guard=p.boolean("headroomGuard", True),
+        staleness_policy=p.string("stalenessPolicy", "saturated", choices=STALENESS_POLICIES),
     )
     p.done()
     return d

@@ -50,7 +50,7 @@ def test_warnings_go_to_stdout_with_a_valid_result(tmp_path):
     f = tmp_path / "fc.yaml"
     f.write_text("kind: EndpointPickerConfig\nflowControl: {maxBytes: 1Gi}\n")
     r = run(str(f))
-    assert r.returncode == 0 and "warning: flowControl: parsed and validated" in r.stdout
+    assert r.returncode == 0 and "warning: flowControl: given, but featureGates does not name flowControl" in r.stdout
 
 
 def test_engine_metrics_are_checked_like_the_scraper_does(tmp_path):

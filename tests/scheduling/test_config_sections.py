@@ -236,7 +236,8 @@ flowControl:
     assert [(b.priority, b.max_bytes) for b in fc.bands] == [(10, 500 * 2**20), (-5, None)]
     assert fc.enable_eviction and fc.saturation_detector == "concurrency-detector"
     assert cfg.detector_plugin == "concurrency-detector"
-    assert any("flow control is not built yet" in w for w in cfg.warnings)
+    assert any("featureGates does not name flowControl" in w for w in cfg.warnings)
+    assert any("enableEviction" in w for w in cfg.warnings)
     for bad, msg in (("priorityBands: [{maxBytes: 1}]", r"priorityBands\[0\].priority: required"),
                      ("priorityBands: [{priority: 1}, {priority: 1}]", "priority 1 is given twice"),
                      ("defaultRequestTTL: soon", "defaultRequestTTL: expected a duration"),
