@@ -131,8 +131,8 @@ def _multi_tenant(n: int, rate: float, servers: int, seed: int):  # type: ignore
 
 
 def _multi_turn_long(n: int, rate: float, servers: int, seed: int):  # type: ignore[no-untyped-def]
-    return multi_turn(n, rate, systems=8, system_chars=8000, zipf=1.0, user_chars=(2000, 8000),
-                      reply_tokens=(128, 512), turns=12.0, think_s=4.0, max_context_chars=120000, seed=seed)
+    return multi_turn(n, rate, systems=4, system_chars=70000, zipf=1.0, user_chars=(1000, 4000),
+                      reply_tokens=(128, 512), turns=8.0, think_s=4.0, max_context_chars=120000, seed=seed)
 
 
 # KV demand: 150 × 6,000 tokens of shared context against 8 × 9,632 blocks × 16 tokens: 73%
@@ -143,8 +143,9 @@ WORKLOADS = {
                               "cluster's KV cache",
                               EngineConfig(num_gpu_blocks=MULTI_TENANT_BLOCKS)), 24.0),
     "multi-turn-long": (Workload("multi-turn-long", _multi_turn_long,
-                                 "agentic sessions: 8 Zipf(1) personas of 2,000 tokens, 12 turns on average of "
-                                 "500-2,000 new tokens each plus 128-512-token replies, contexts to ~120K chars",
+                                 "agentic sessions: 4 Zipf(1) tool preambles of 17,500 tokens (70K chars, past "
+                                 "the approximate index's cut), 8 turns on average of 250-1,000 new tokens plus "
+                                 "128-512-token replies, contexts to ~120K chars",
                                  EngineConfig()), 10.0),
     "shared-prefix": (workload("shared-prefix"), 45.0),
     "multi-turn": (workload("multi-turn"), 50.0),

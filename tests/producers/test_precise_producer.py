@@ -220,3 +220,18 @@ def test_per_pod_mode_dials_socket_port_plus_rank_and_forgets_on_leave() -> None
         prod.stop()
         for p in pubs:
             p.close()
+
+
+def test_index_metrics_render() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from epp.kvevents.metrics import register as register_metrics
+    prod = PrecisePrefixCacheProducer("pp", parse_params(Params({"tokenizer": {"backend": "sim"}}, "")), ctx())
+    reg = CollectorRegistry()
+    register_metrics(reg, prod)
+    feed_prompt(prod, "10.0.0.1:8000")
+    prod.ratios(req(), eps(1))
+    text = generate_latest(reg).decode()
+    assert 'llm_d_router_epp_kv_cache_index_admissions_total{producer="pp"} 8.0' in text
+    assert 'llm_d_router_epp_kv_cache_index_size{producer="pp"} 8.0' in text
+    assert 'llm_d_router_epp_kv_cache_index_lookup_hits_total{producer="pp"} 8.0' in text
