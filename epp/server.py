@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
@@ -31,10 +32,11 @@ from grpc_health.v1._async import HealthServicer
 from epp import tls
 from epp.bbr import BodyRouter
 from epp.cli import Options
+from epp.datalayer import DataLayerConfig
 from epp.datastore import Datastore
 from epp.director import Director
 from epp.extproc import BUFFERED, DUPLEX, ExtProcServicer
-from epp.metrics.engines import apply_flag_overrides, apply_overrides
+from epp.metrics.engines import apply_data_layer, apply_flag_overrides, apply_overrides
 from epp.metrics.scrape import Scraper
 from epp.metrics_http import KubeAuthorizer, KubeReviews, MetricsServer
 from epp.parsers import build_parser
@@ -132,11 +134,36 @@ def hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
-def engine_specs(config_engines: Any, opts: Options) -> dict[str, Any]:
-    """The engine metric map: built-ins, the config's engineMetrics, then the reference's flags."""
+@dataclass(slots=True)
+class _DataLayerGiven:
+    """The data layer's where-to-scrape settings that differ from its defaults (None: not given)."""
+
+    scheme: str | None
+    path: str | None
+    port: int | None
+    insecure_skip_verify: bool | None
+
+
+def data_layer_given(dl: DataLayerConfig | None) -> _DataLayerGiven | None:
+    """What of the config's metrics-data-source to apply to every engine: only what differs from
+    the source's defaults, so a source declared with defaults keeps each engine's own path and
+    port (Triton, SGLang) instead of forcing `/metrics` on all of them."""
+    if dl is None:
+        return None
+    d = DataLayerConfig()
+    return _DataLayerGiven(
+        scheme=dl.scheme if dl.scheme != d.scheme else None,
+        path=dl.path if dl.path != d.path else None,
+        port=dl.port if dl.port != d.port else None,
+        insecure_skip_verify=dl.insecure_skip_verify if dl.insecure_skip_verify != d.insecure_skip_verify else None)
+
+
+def engine_specs(config_engines: Any, opts: Options, data_layer: DataLayerConfig | None = None) -> dict[str, Any]:
+    """The engine metric map: built-ins, the config's engineMetrics, the config's metrics-data-source
+    (scheme/path/port/insecureSkipVerify), then the reference's flags (a flag wins over the config)."""
     f = opts.metric_flags
     return apply_flag_overrides(
-        apply_overrides(config_engines),
+        apply_data_layer(apply_overrides(config_engines), data_layer_given(data_layer)),
         scheme=opts.model_server_metrics_scheme, path=opts.model_server_metrics_path,
         port=opts.model_server_metrics_port, insecure_skip_verify=opts.model_server_metrics_insecure,
         queued=f.get("total-queued-requests-metric"), running=f.get("total-running-requests-metric"),
@@ -151,7 +178,7 @@ class App:
         """Build everything that needs no I/O; raises ConfigError / ResourceError for a bad config."""
         self.opts = opts
         self.config: PickerConfig = load_config(config_text(opts))
-        self.engines = engine_specs(self.config.engine_metrics, opts)
+        self.engines = engine_specs(self.config.engine_metrics, opts, getattr(self.config, "data_layer", None))
         self.datastore = Datastore(opts.pool_name, opts.pool_namespace)
         self.scheduler: Scheduler = scheduler or build_scheduler(
             self.config, has_lora=lambda: pool_serves_adapters(self.datastore.candidates))
@@ -206,6 +233,8 @@ class App:
         o = self.opts
         for notice in o.notices:
             log.info(notice)
+        for warning in self.config.warnings:  # what the config asked for but will not get, once per start
+            log.warning("config: %s", warning)
         if o.standalone:
             log.info("standalone mode: no InferencePool object; the pool comes from --endpoint-selector",
                      extra={"pool": o.pool_name, "selector": o.endpoint_selector, "ports": o.endpoint_target_ports})
@@ -238,7 +267,7 @@ class App:
                                          kubeconfig=o.kubeconfig or None)
             self.sources.append(self.elector)
             await self.elector.start()
-        if o.mode == "epp":
+        if o.mode == "epp" and not self._metrics_off():
             self.scraper = Scraper(self.datastore, interval=o.refresh_metrics_interval, engines=self.engines)
             self.scraper.start()
             log.info("scheduling profile", extra={"profile": describe(self.config)})
@@ -295,6 +324,11 @@ class App:
         log.info("picker started", extra={
             "pool": f"{o.pool_namespace}/{o.pool_name}", "grpc_port": self.grpc_port,
             "health_port": self.grpc_health_port, "metrics_port": self.metrics_port, "tls": o.secure_serving})
+
+    def _metrics_off(self) -> bool:
+        """The config wires data sources but no metrics-data-source (its warning says so): no scraping."""
+        dl = getattr(self.config, "data_layer", None)
+        return dl is not None and not dl.metrics_enabled
 
     def _metrics_authorizer(self) -> KubeAuthorizer | None:
         o = self.opts
