@@ -184,9 +184,9 @@ def run_one(w: Workload, rate: float, servers: int, n: int, seed: int, policy: s
     m["cpu_s"] = cpu
     m["event_messages"] = float(delivered[0])
     if producers:
-        st = producers[0].index.stats
+        st = producers[0].kv_index.stats
         m["stored_blocks"] = float(st.stored_blocks)
-        m["index_entries"] = float(producers[0].index.entries)
+        m["index_entries"] = float(producers[0].kv_index.entries)
     return m
 
 

@@ -186,6 +186,15 @@ class App:
         if forget is not None:
             self.datastore.subscribe(forget)
         self.telemetry = Telemetry(pool_name=opts.pool_name)
+        # precise prefix producers (KV events): per-pod mode when wired to an endpoint-notification-
+        # source, endpoints that leave forgotten, index metrics exported; subscribers start in start()
+        from epp.kvevents.metrics import register as register_kv_metrics
+        from epp.producers.precise_prefix import find_producers, wire
+        self.kv_producers = find_producers(self.scheduler)
+        wire(self.kv_producers, getattr(self.config, "data_layer", None), self.config.plugins)
+        for prod in self.kv_producers:
+            self.datastore.subscribe(prod.on_endpoints_changed)
+            register_kv_metrics(self.telemetry.registry, prod)
         if hasattr(self.scheduler, "plugin_timer"):
             self.scheduler.plugin_timer = self.telemetry.plugin_observed
         self.director = Director(self.datastore, self.scheduler, telemetry=self.telemetry,
@@ -235,6 +244,8 @@ class App:
             log.info(notice)
         for warning in self.config.warnings:  # what the config asked for but will not get, once per start
             log.warning("config: %s", warning)
+        for prod in self.kv_producers:  # binds the centralized KV-event endpoint, when configured
+            await asyncio.to_thread(prod.start)
         if o.standalone:
             log.info("standalone mode: no InferencePool object; the pool comes from --endpoint-selector",
                      extra={"pool": o.pool_name, "selector": o.endpoint_selector, "ports": o.endpoint_target_ports})
@@ -394,6 +405,9 @@ class App:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+        for prod in getattr(self, "kv_producers", ()):
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(prod.stop)
         for src in self.sources:
             with contextlib.suppress(Exception):
                 await src.stop()

@@ -24,7 +24,7 @@ class KVEventsCollector(Collector):
         self.producer = producer
 
     def collect(self) -> Iterator[Any]:
-        idx = self.producer.index
+        idx = self.producer.kv_index
         st = idx.stats
         name = self.producer.name
         labels = ["producer"]

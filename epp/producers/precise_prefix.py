@@ -17,11 +17,12 @@ neither, it gives no precise scores. Match info per endpoint: leading cached blo
 tier, `indexerConfig.backendConfigs`) / the prompt's blocks. `speculativeIndexing` adds the routed
 request's blocks to the chosen endpoint for `speculativeTTL` (2 s), covering the event delay.
 
-The scorer (`precise-prefix-cache-scorer`, llm-d's composite) scores with a producer — the one
-declared (`prefixMatchInfoProducerName`, else the first precise producer declared) or one of its
-own built from the same parameters — and keeps the approximate index as the fallback for endpoints
-that publish no events: those are scored and recorded as the `prefix-cache-scorer` would, and an
-endpoint that publishes gets no approximate credit.
+The producer's match info (`ratios`, what `prefix-cache-scorer` with `prefixMatchInfoProducerName`
+reads) keeps the approximate index as the fallback for endpoints that publish no events: those are
+scored and recorded as the approximate `prefix-cache-scorer` would, and an endpoint that publishes
+gets no approximate credit. The scorer (`precise-prefix-cache-scorer`, llm-d's deprecated
+composite) scores with a producer: the one it names (`prefixMatchInfoProducerName`), else the first
+precise producer declared, else one of its own built from the same parameters.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from epp.kvevents.index import (
 from epp.kvevents.keys import DEFAULT_BLOCK_TOKENS, RequestKeys
 from epp.kvevents.subscriber import KVEventSubscriber
 from epp.kvevents.wire import ENGINE_TYPES, TOPIC_PREFIX, VLLM, decode_payload
+from epp.producers.token import TokenProducer
 from epp.scheduling.cycle import Cycle
 from epp.scheduling.framework import SchedulingRequest
 from epp.scheduling.registry import PRODUCER, SCORER, BuildContext, ConfigError, Params, register
@@ -198,11 +200,12 @@ class PrecisePrefixCacheProducer:
     def __init__(self, name: str, params: PreciseParams, ctx: BuildContext) -> None:
         self.name = name
         self.params = params
-        self.index = PreciseIndex(params.block_tokens, params.hash_seed, params.tier_weights,
+        self.kv_index = PreciseIndex(params.block_tokens, params.hash_seed, params.tier_weights,
                                   max_pods=params.max_pods, max_entries_per_pod=params.max_entries_per_pod,
                                   max_entries=params.max_entries, speculative_ttl=params.speculative_ttl,
                                   clock=ctx.clock)
         self.tokenizer: Tokenizer | None = make_tokenizer(params.tokenizer)
+        self._plugins = ctx.plugins  # a token-producer declared in the config, found on first use
         self.subscriber: KVEventSubscriber | None = None
         self._lock = threading.Lock()
         self.tokenize_failures = 0
@@ -211,6 +214,10 @@ class PrecisePrefixCacheProducer:
         # per-pod mode is on only when the config wires this producer to an endpoint-notification-source
         # (llm-d's rule); the wiring sets it, then endpoints seen by observe() are dialed
         self.notifications = False
+        from epp.scheduling.prefix import PrefixIndex
+
+        self.fallback = PrefixIndex()  # approximate, for endpoints that publish no events
+        self._approx_key = f"precise-approx:{name}"
         self._seen: dict[str, Endpoint] = {}
         self._seen_from: object = None
 
@@ -226,7 +233,7 @@ class PrecisePrefixCacheProducer:
         with self._lock:
             if self.subscriber is not None:
                 return
-            self.subscriber = KVEventSubscriber(self.index, engine=self.params.engine_type,
+            self.subscriber = KVEventSubscriber(self.kv_index, engine=self.params.engine_type,
                                                 topic_filter=self.params.topic_filter, model=self.params.model_name)
             self.subscriber.start()
         if self.params.zmq_endpoint:
@@ -255,7 +262,7 @@ class PrecisePrefixCacheProducer:
             if ep.address not in self._seen:
                 self._seen[ep.address] = ep
                 self.endpoint_added(ep, endpoints)
-        if len(self._seen) > 4 * self.index.max_pods:  # bounded; removals come through endpoint_removed
+        if len(self._seen) > 4 * self.kv_index.max_pods:  # bounded; removals come through endpoint_removed
             self._seen.clear()
 
     def rank_of(self, ep: Endpoint, endpoints: Sequence[Endpoint] = ()) -> int:
@@ -280,14 +287,15 @@ class PrecisePrefixCacheProducer:
         """The endpoint left the pool: stop listening to it and forget its blocks."""
         address = ep if isinstance(ep, str) else ep.address
         self._seen.pop(address, None)
+        self.fallback.forget(address)
         if self.subscriber is not None and self.params.discover_pods:
             self.subscriber.remove_source(address)
         else:
-            self.index.forget(address)
+            self.kv_index.forget(address)
 
     def feed(self, address: str, model: str, payload: bytes) -> None:
         """Apply one message's payload from `address` (the discrete-event simulator's delivery)."""
-        self.index.apply(address, model, decode_payload(payload, self.params.engine_type))
+        self.kv_index.apply(address, model, decode_payload(payload, self.params.engine_type))
 
     # ---- per request ---------------------------------------------------------------------
     def keys(self, request: SchedulingRequest) -> RequestKeys | None:
@@ -296,6 +304,10 @@ class PrecisePrefixCacheProducer:
         if got is not None and got[0] == self.name:
             return got[1]  # type: ignore[no-any-return]
         ids = request.scratch.get(TOKEN_IDS)
+        if self.tokenizer is None and self._plugins:
+            self.tokenizer = next((p for p in self._plugins.values()
+                                   if isinstance(p, TokenProducer) and p.params.backend != "estimate"), None)
+            self._plugins = {}
         if ids is None and self.tokenizer is not None:
             try:
                 ids = self.tokenizer.ids_for(_prompt(request), messages_of(request.body))
@@ -311,32 +323,64 @@ class PrecisePrefixCacheProducer:
             request.scratch[_KEYS] = (self.name, None)
             return None
         salt = request.scratch.get(CACHE_SALT) or salt_of(request.body)
-        keys = self.index.request_keys(ids, request.model, self.params.max_blocks, salt)
+        keys = self.kv_index.request_keys(ids, request.model, self.params.max_blocks, salt)
         request.scratch[_KEYS] = (self.name, keys)
         return keys
 
-    def ratios(self, request: SchedulingRequest, endpoints: Sequence[Endpoint]) -> list[float] | None:
+    def precise_ratios(self, request: SchedulingRequest, endpoints: Sequence[Endpoint]) -> list[float] | None:
         """Per endpoint: weighted leading cached blocks / the prompt's blocks; None without tokens."""
         keys = self.keys(request)
         if keys is None or not keys.count:
             return None
-        matched = self.index.match(keys, [ep.address for ep in endpoints])
+        matched = self.kv_index.match(keys, [ep.address for ep in endpoints])
         total = float(keys.count)
         return [m / total for m in matched]
 
+    def _approx_blocks(self, request: SchedulingRequest) -> Any:
+        from epp.scheduling.prefix import DEFAULT_MAX_BLOCKS as APPROX_MAX_BLOCKS
+        from epp.scheduling.prefix import PromptBlocks
+
+        got = request.scratch.get(self._approx_key)
+        if got is None:
+            got = PromptBlocks(request.prompt, request.model, 64, APPROX_MAX_BLOCKS)
+            request.scratch[self._approx_key] = got
+        return got
+
+    def ratios(self, request: SchedulingRequest, endpoints: Sequence[Endpoint]) -> list[float]:
+        """Match info per endpoint (0..1): precise for endpoints that publish events, the approximate
+        index's for the others (an endpoint that publishes gets no approximate credit)."""
+        self.observe(endpoints)
+        precise = self.precise_ratios(request, endpoints)
+        publishing = [self.kv_index.publishes(ep.address) for ep in endpoints]
+        if all(publishing):
+            return precise if precise is not None else [0.0] * len(endpoints)
+        blocks = self._approx_blocks(request)
+        approx = self.fallback.match(blocks, endpoints, 1.0 / blocks.count) if blocks.count else [0.0] * len(endpoints)
+        return [(precise[i] if precise is not None else 0.0) if pub else approx[i]
+                for i, pub in enumerate(publishing)]
+
     def on_routed(self, request: SchedulingRequest, endpoint: Endpoint) -> None:
+        if not self.kv_index.publishes(endpoint.address):
+            blocks = self._approx_blocks(request)
+            if blocks.count:
+                self.fallback.insert(endpoint.address, blocks, 31250)
         if not self.params.speculative:
             return
         keys = self.keys(request)
         if keys is not None and keys.count:
-            self.index.speculate(endpoint.address, keys)
+            self.kv_index.speculate(endpoint.address, keys)
+
+    def on_endpoints_changed(self, added: list[Endpoint], removed: list[Endpoint]) -> None:
+        """Datastore listener: endpoints that left are forgotten (and no longer listened to)."""
+        for ep in removed:
+            self.endpoint_removed(ep)
 
     def stats(self) -> dict[str, float]:
-        st = self.index.stats
+        st = self.kv_index.stats
         out = {
-            "precise_index_entries": float(self.index.entries),
-            "precise_index_keys": float(self.index.keys_held()),
-            "precise_speculative_entries": float(self.index.speculative_entries),
+            "precise_index_entries": float(self.kv_index.entries),
+            "precise_index_keys": float(self.kv_index.keys_held()),
+            "precise_speculative_entries": float(self.kv_index.speculative_entries),
             "precise_stored_blocks": float(st.stored_blocks),
             "precise_removed_blocks": float(st.removed_blocks),
             "precise_lookup_hit_ratio": st.lookup_hit_blocks / st.lookup_blocks if st.lookup_blocks else 0.0,
@@ -353,13 +397,11 @@ def _host(ip: str) -> str:
 
 @register("precise-prefix-cache-scorer", SCORER)
 class PrecisePrefixCacheScorer:
-    """Precise prefix score for endpoints that publish KV events, approximate for the others."""
+    """llm-d's composite: a prefix-cache-scorer bound to a precise producer (see the module doc)."""
 
     BOUNDED = True
 
     def __init__(self, name: str, params: PreciseParams, ctx: BuildContext) -> None:
-        from epp.scheduling.prefix import PrefixIndex
-
         self.name = name
         found = ctx.plugins.get(params.producer) if params.producer else next(
             (p for p in ctx.plugins.values() if isinstance(p, PrecisePrefixCacheProducer)), None)
@@ -368,8 +410,6 @@ class PrecisePrefixCacheScorer:
                               f"{params.producer!r} is not a precise-prefix-cache-producer")
         self.producer: PrecisePrefixCacheProducer = (
             found if isinstance(found, PrecisePrefixCacheProducer) else PrecisePrefixCacheProducer(name, params, ctx))
-        self.fallback = PrefixIndex()
-        self._approx_key = f"precise-approx:{name}"
 
     @classmethod
     def parse(cls, p: Params) -> PreciseParams:
@@ -377,45 +417,54 @@ class PrecisePrefixCacheScorer:
         p.done()
         return out
 
-    def _approx_blocks(self, request: SchedulingRequest) -> Any:
-        from epp.scheduling.prefix import DEFAULT_MAX_BLOCKS as APPROX_MAX_BLOCKS
-        from epp.scheduling.prefix import PromptBlocks
-
-        got = request.scratch.get(self._approx_key)
-        if got is None:
-            got = PromptBlocks(request.prompt, request.model, 64, APPROX_MAX_BLOCKS)
-            request.scratch[self._approx_key] = got
-        return got
-
     def score(self, cycle: Cycle, endpoints: Sequence[Endpoint]) -> list[float]:
-        request = cycle.request
-        index = self.producer.index
-        self.producer.observe(endpoints)
-        precise = self.producer.ratios(request, endpoints)
-        publishing = [index.publishes(ep.address) for ep in endpoints]
-        if all(publishing):
-            return precise if precise is not None else [0.0] * len(endpoints)
-        blocks = self._approx_blocks(request)
-        approx = (self.fallback.match(blocks, endpoints, 1.0 / blocks.count) if blocks.count
-                  else [0.0] * len(endpoints))
-        out = []
-        for i, pub in enumerate(publishing):
-            if pub:
-                out.append(precise[i] if precise is not None else 0.0)
-            else:
-                out.append(approx[i])
-        return out
+        return self.producer.ratios(cycle.request, endpoints)
 
     def on_routed(self, request: SchedulingRequest, endpoint: Endpoint) -> None:
         self.producer.on_routed(request, endpoint)
-        if not self.producer.index.publishes(endpoint.address):
-            blocks = self._approx_blocks(request)
-            if blocks.count:
-                self.fallback.insert(endpoint.address, blocks, 31250)
 
     def forget(self, address: str) -> None:
-        self.fallback.forget(address)
         self.producer.endpoint_removed(address)
 
     def stats(self) -> dict[str, float]:
         return self.producer.stats()
+
+
+def find_producers(scheduler: Any) -> list[PrecisePrefixCacheProducer]:
+    """The precise producers a built scheduler's plugins read (through prefix-cache-scorer's match
+    source or the composite scorer), however its profiles nest (P/D, data-parallel handlers)."""
+    found: dict[int, PrecisePrefixCacheProducer] = {}
+    seen: set[int] = set()
+
+    def walk(obj: Any, depth: int) -> None:
+        if obj is None or depth > 4 or id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, PrecisePrefixCacheProducer):
+            found[id(obj)] = obj
+            return
+        if isinstance(obj, Mapping):
+            for v in obj.values():
+                walk(v, depth + 1)
+            return
+        if isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v, depth + 1)
+            return
+        for attr in ("producers", "scorers", "scorer", "match_source", "producer", "profiles", "profile",
+                     "inner", "decode", "prefill"):
+            walk(getattr(obj, attr, None), depth + 1)
+
+    walk(scheduler, 0)
+    return list(found.values())
+
+
+def wire(producers: Sequence[PrecisePrefixCacheProducer], data_layer: Any, specs: Any) -> None:
+    """Per-pod mode for producers wired as extractors of an endpoint-notification-source (llm-d's
+    rule): `data_layer.sources` is ((source name, (extractor names...)), ...); `specs` the plugins."""
+    types = {s.name: s.type for s in specs}
+    wired = {ext for src, exts in getattr(data_layer, "sources", ()) if types.get(src) == "endpoint-notification-source"
+             for ext in exts}
+    for p in producers:
+        if p.name in wired:
+            p.notifications = True

@@ -1,27 +1,41 @@
-"""`token-producer`: how many tokens a prompt is, without a tokenizer (the reference's `estimate`
-backend: about 4 bytes of UTF-8 a token).
+"""`token-producer`: a prompt's tokens. Backends as llm-d configures them:
 
-The reference's other backends — `vllm` (engine `/render`, with `modelName`, `vllm.url`,
-`vllm.timeout`, `vllm.mmTimeout`) and the deprecated `udsTokenizerConfig` sidecar — give the real
-token IDs precise prefix-cache routing needs; they are refused as not yet supported. The `estimate`
-section (image/video placeholder estimation) is accepted and kept for when multimodal counting lands.
+- `estimate` (no backend given): about 4 bytes of UTF-8 a token, no ids (the `estimate` section,
+  image/video placeholder estimation, is accepted and kept for when multimodal counting lands);
+- `vllm` / `modelName`: the engine's tokens. The ids come from the model's own tokenizer files
+  when the picker has them (`vllm.tokenizerPath`, ours: a mounted directory; else `modelName` in
+  the HF cache — never downloaded), rendered with the model's chat template (epp.tokens.local).
+  The engine's `/render` endpoints (`vllm.url`, `vllm.timeout`) are served by an async client
+  (epp.tokens.render.RenderClient, `render`); the request path schedules synchronously, so it is not
+  called per request yet. Without tokenizer files every request falls back to the estimate: counted
+  (`fallbacks`) and logged once;
+- `udsTokenizerConfig` (llm-d's deprecated sidecar): refused, use `vllm`.
+
+A precise-prefix-cache-producer without a tokenizer of its own reads ids from here (`ids_for`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from epp.scheduling.registry import PRODUCER, BuildContext, ConfigError, Params, register
 
+log = logging.getLogger("epp.producers.token")
+
 BYTES_PER_TOKEN = 4
-_PENDING = "not yet supported (precise prefix-cache routing); this picker estimates tokens (~4 bytes each)"
 
 
 @dataclass(frozen=True, slots=True)
 class TokenParams:
     estimate: Mapping[str, Any] = field(default_factory=dict)
+    backend: str = "estimate"  # estimate | vllm
+    model_name: str = ""
+    url: str = "http://localhost:8000"
+    timeout: float = 5.0
+    tokenizer_path: str = ""
 
 
 def estimate_tokens(text: str) -> int:
@@ -34,23 +48,62 @@ def estimate_tokens(text: str) -> int:
 
 @register("token-producer", PRODUCER)
 class TokenProducer:
-    """Token estimates for prompts (`estimate(text)`)."""
+    """Token estimates for prompts (`estimate(text)`) and, with the `vllm` backend, ids (`ids_for`)."""
 
     def __init__(self, name: str, params: TokenParams, ctx: BuildContext) -> None:
         self.name = name
         self.params = params
+        self.fallbacks = 0  # requests that got no ids (the estimate instead)
+        self.tokenizer: Any = None
+        self.render: Any = None
+        if params.backend == "vllm":
+            from epp.tokens.local import LocalTokenizer, TokenizerError
+            from epp.tokens.render import RenderClient
+
+            self.render = RenderClient(params.url, params.model_name, params.timeout)
+            try:
+                self.tokenizer = LocalTokenizer(params.tokenizer_path or params.model_name)
+            except TokenizerError as e:
+                if params.tokenizer_path:  # named explicitly: a config error
+                    raise ConfigError("vllm.tokenizerPath", str(e)) from None
+                log.warning("token-producer %s: %s; prompts get token estimates", name, e)
 
     @classmethod
     def parse(cls, p: Params) -> TokenParams:
-        for key in ("vllm", "modelName", "udsTokenizerConfig"):
-            if p.has(key):
-                raise ConfigError(p.field(key), f"the {key} tokenizer backend is {_PENDING}")
-            p.get(key)
+        if p.has("udsTokenizerConfig"):
+            raise ConfigError(p.field("udsTokenizerConfig"), "the deprecated tokenizer sidecar is not supported; "
+                              "configure `vllm` (with `modelName`)")
+        p.get("udsTokenizerConfig")
         raw = p.get("estimate")
         if raw is not None and not isinstance(raw, Mapping):
             raise ConfigError(p.field("estimate"), f"expected a mapping, got {type(raw).__name__}")
+        model = p.string("modelName", "")
+        out = TokenParams(estimate=dict(raw or {}), model_name=model)
+        if p.has("vllm") or model:
+            v = p.sub("vllm")
+            out = TokenParams(estimate=out.estimate, backend="vllm", model_name=model,
+                              url=v.string("url", "http://localhost:8000").rstrip("/"),
+                              timeout=v.duration("timeout", 5.0), tokenizer_path=v.string("tokenizerPath", ""))
+            v.duration("mmTimeout", 30.0)
+            v.done()
+            if not model and not out.tokenizer_path:
+                raise ConfigError(p.field("modelName"), "the vllm backend needs modelName")
         p.done()
-        return TokenParams(estimate=dict(raw or {}))
+        return out
 
     def estimate(self, text: str) -> int:
         return estimate_tokens(text)
+
+    def ids_for(self, prompt: str, messages: Sequence[Mapping[str, Any]] | None) -> list[int] | None:
+        """The prompt's token ids (chat messages through the model's template), or None: estimate."""
+        if self.tokenizer is None:
+            if self.params.backend == "vllm":
+                self.fallbacks += 1
+            return None
+        try:
+            return self.tokenizer.ids_for(prompt, messages)  # type: ignore[no-any-return]
+        except ValueError as e:
+            self.fallbacks += 1
+            if self.fallbacks == 1:
+                log.warning("token-producer %s: %s; falling back to estimates (counted, logged once)", self.name, e)
+            return None

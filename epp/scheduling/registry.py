@@ -137,6 +137,7 @@ BUILTIN_MODULES: list[str] = [
     "epp.scheduling.roles",
     "epp.producers.approx_prefix",
     "epp.producers.token",
+    "epp.producers.precise_prefix",
     "epp.datalayer.sources.metrics",
     "epp.datalayer.sources.notifications",
     "epp.datalayer.extractors.core_metrics",

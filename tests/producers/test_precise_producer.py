@@ -152,7 +152,7 @@ def test_token_ids_from_a_token_producer_win() -> None:
     prod = PrecisePrefixCacheProducer("pp", parse_params(Params({}, "")), c)  # no tokenizer of its own
     e = eps(1)
     feed_prompt(prod, e[0].address)
-    assert prod.ratios(req(), e) is None and prod.no_tokens == 1
+    assert prod.precise_ratios(req(), e) is None and prod.no_tokens == 1
     r = req(rid="t")
     r.scratch[TOKEN_IDS] = token_ids(PROMPT)
     assert prod.ratios(r, e) == [1.0]
@@ -215,7 +215,7 @@ def test_per_pod_mode_dials_socket_port_plus_rank_and_forgets_on_leave() -> None
             return prod.ratios(req(rid=str(time.monotonic())), e) == [1.0, 0.25]
         assert wait_for(both)
         prod.endpoint_removed(e[0])
-        assert wait_for(lambda: not prod.index.publishes(e[0].address))
+        assert wait_for(lambda: not prod.kv_index.publishes(e[0].address))
     finally:
         prod.stop()
         for p in pubs:

@@ -243,9 +243,13 @@ schedulingProfiles: [{name: d, plugins: [{pluginRef: prefix-cache-affinity-filte
 def test_token_producer_estimate_and_refused_backends():
     assert estimate_tokens("") == 0 and estimate_tokens("abcd") == 1 and estimate_tokens("abcde") == 2
     assert estimate_tokens("é" * 4) == 2  # 8 UTF-8 bytes
-    for backend in ("vllm: {url: 'http://x'}", "modelName: m", "udsTokenizerConfig: {}"):
-        with pytest.raises(ConfigError, match=r"not yet supported \(precise prefix-cache routing\)"):
+    # the vllm backend (precise prefix-cache routing, epp/producers/token.py) needs a model; the
+    # deprecated sidecar is refused
+    for backend, message in (("vllm: {url: 'http://x'}", "needs modelName"),
+                             ("udsTokenizerConfig: {}", "sidecar is not supported")):
+        with pytest.raises(ConfigError, match=message):
             load_config(LLMD + f"plugins: [{{type: token-producer, parameters: {{{backend}}}}}]\n")
+    load_config(LLMD + "plugins: [{type: token-producer, parameters: {modelName: m, vllm: {url: 'http://x'}}}]\n")
 
 
 def test_prefix_scorer_reads_a_match_info_producer():
