@@ -5,7 +5,9 @@ the committed YAML and this generator disagree, so the two cannot drift.
 
 The schemas follow the public Gateway API Inference Extension types (field names, limits, enums and
 defaults), written as OpenAPI v3 structural schemas: every node has a type, maps use
-additionalProperties, and cross-field rules are CEL `x-kubernetes-validations`.
+additionalProperties, and cross-field rules are CEL `x-kubernetes-validations`. llm-d (router v0.10.0,
+config/crd/bases) ships InferenceObjective and InferenceModelRewrite in its own `llm-d.ai` group with the
+same fields; the picker watches that group too, so the same schemas are generated for it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import yaml
 
 GROUP_V1 = "inference.networking.k8s.io"
 GROUP_X = "inference.networking.x-k8s.io"
+GROUP_LLMD = "llm-d.ai"
 
 # Groups ending in .k8s.io are protected by the API server: a CRD there must carry this annotation.
 # These CRDs are not the upstream-approved ones, so they declare themselves unapproved (the server
@@ -375,8 +378,10 @@ def rewrite_schema() -> Schema:
         ["poolRef"],
         "Model-name rewrites for requests to a pool.",
     )
+    # status as GIE and llm-d declare it (conditions, e.g. Accepted); the picker never writes it
+    status = obj({"conditions": conditions("Conditions of the rewrite.")}, desc="Observed state.")
     return root_schema(
-        "InferenceModelRewrite: rewrites the requested model name (read-only config).", spec, None
+        "InferenceModelRewrite: rewrites the requested model name (read-only config).", spec, status
     )
 
 
@@ -491,12 +496,13 @@ def all_crds() -> dict[str, Schema]:
             ],
         ),
     }
-    for group in (GROUP_X, GROUP_V1):
+    # llm-d.ai last: its files are added after the ones this folder already listed (kustomization order)
+    for group in (GROUP_X, GROUP_V1, GROUP_LLMD):
         out[f"{group}_inferencemodelrewrites.yaml"] = crd(
             group,
             "InferenceModelRewrite",
             "inferencemodelrewrites",
-            [version("v1alpha2", rewrite_schema(), storage=True, status=False, columns=ref_cols)],
+            [version("v1alpha2", rewrite_schema(), storage=True, status=True, columns=ref_cols)],
         )
         out[f"{group}_inferenceobjectives.yaml"] = crd(
             group,

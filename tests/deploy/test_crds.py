@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from epp import resources
 from tests.deploy import seeds
@@ -265,6 +268,8 @@ VALID = {
     "objective-v1": _objective("inference.networking.k8s.io"),
     "rewrite-x": _rewrite(),
     "rewrite-v1": _rewrite("inference.networking.k8s.io"),
+    "objective-llm-d": _objective("llm-d.ai"),
+    "rewrite-llm-d": _rewrite("llm-d.ai"),
 }
 VALID["model-v1alpha2-253"]["spec"]["modelName"] = "m" * 253
 
@@ -431,6 +436,65 @@ def test_broken_variant_rejected(name: str) -> None:
     if parser_rejects:
         with pytest.raises(resources.ResourceError):
             resources.parse_object(VALIDATOR.defaulted(broken))
+
+
+# llm-d router v0.10.0 ships its own CRDs for the llm-d.ai group (config/crd/bases); ours must serve the
+# same resources so its manifests apply and the picker's llm-d.ai watches find them.
+LLMD_REPO = Path("/work/.mirror/llm-d+llm-d-router/repo")
+LLMD_TAG = "v0.10.0"
+LLMD_CRDS = ("llm-d.ai_inferenceobjectives.yaml", "llm-d.ai_inferencemodelrewrites.yaml")
+
+
+def _llmd_crd(name: str) -> dict[str, Any]:
+    text = subprocess.run(
+        ["git", "-C", str(LLMD_REPO), "show", f"{LLMD_TAG}:config/crd/bases/{name}"],
+        check=True, capture_output=True, text=True, timeout=30,
+    ).stdout  # fmt: skip
+    doc = yaml.safe_load(text)
+    assert isinstance(doc, dict)
+    return doc
+
+
+def _props(schema: dict[str, Any], prefix: str = "") -> set[str]:
+    """Every property path of a schema (`spec.rules[].targets[].weight`)."""
+    out: set[str] = set()
+    for key, node in schema.get("properties", {}).items():
+        out.add(prefix + key)
+        out |= _props(node, f"{prefix}{key}.")
+        if "items" in node:
+            out |= _props(node["items"], f"{prefix}{key}[].")
+    return out
+
+
+@pytest.mark.skipif(not LLMD_REPO.exists(), reason="llm-d router mirror not present")
+@pytest.mark.parametrize("name", LLMD_CRDS)
+def test_llm_d_group_crds_serve_what_llm_d_ships(name: str) -> None:
+    """Same CRD name, group, names, scope, versions (served/storage/status) and the same property paths
+    as llm-d's file; llm-d's own example object of each kind validates here."""
+    theirs = _llmd_crd(name)
+    ours = yaml.safe_load((CRD_DIR / name).read_text())
+    assert ours["metadata"]["name"] == theirs["metadata"]["name"]
+    for key in ("group", "names", "scope"):
+        assert ours["spec"][key] == theirs["spec"][key], key
+    assert "api-approved.kubernetes.io" not in ours["metadata"].get("annotations", {})  # not a k8s.io group
+
+    def versions(crd: dict[str, Any]) -> list[tuple[Any, ...]]:
+        return [(v["name"], v["served"], v["storage"], v.get("subresources")) for v in crd["spec"]["versions"]]
+
+    assert versions(ours) == versions(theirs)
+    for mine, their in zip(ours["spec"]["versions"], theirs["spec"]["versions"], strict=True):
+        assert _props(mine["schema"]["openAPIV3Schema"]) == _props(their["schema"]["openAPIV3Schema"])
+
+
+def test_llm_d_group_objects_parse_like_the_inference_groups() -> None:
+    """An llm-d.ai object, defaulted by our CRD, parses to what the same object in x-k8s.io does (the
+    pool reference defaults to the inference.networking.k8s.io pool, as llm-d's CRD defaults it)."""
+    for kind in ("objective", "rewrite"):
+        llmd = resources.parse_object(VALIDATOR.defaulted(VALID[f"{kind}-llm-d"]))
+        x = resources.parse_object(VALIDATOR.defaulted(VALID[f"{kind}-x"]))
+        assert llmd.meta.api_version == "llm-d.ai/v1alpha2"
+        assert dataclasses.replace(llmd, meta=x.meta) == x  # type: ignore[type-var]
+        assert VALIDATOR.defaulted(VALID[f"{kind}-llm-d"])["spec"]["poolRef"]["group"] == "inference.networking.k8s.io"
 
 
 def test_unknown_kind_or_version_rejected() -> None:
