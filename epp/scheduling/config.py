@@ -28,12 +28,15 @@ import yaml
 
 from epp.datalayer import DataLayerConfig
 from epp.scheduling.admission import Admission
+from epp.scheduling.dataparallel import DataParallelParams, DataParallelProfileHandler, DataParallelScheduler
+from epp.scheduling.disagg import DisaggParams, DisaggProfileHandler, DisaggScheduler
 from epp.scheduling.handlers import DEFAULT_HANDLER, SingleProfileHandler
 from epp.scheduling.loadguard import LoadGuard
 from epp.scheduling.profile import ProfileScheduler, WeightedScorer
 from epp.scheduling.registry import (
     ADMITTER,
     DATA_SOURCE,
+    DECIDER,
     EXTRACTOR,
     FILTER,
     FLOW_POLICY,
@@ -407,8 +410,11 @@ def _parse_doc(doc: Any) -> PickerConfig:
         if (has_plugins or not has_profiles) and raw_profiles is not None else []
     _check_refs(plugins, c)
     handler = _choose_handler(plugins, profiles, c)
-    # The only handler built is single-profile-handler (the others are refused): it runs the one profile.
+    # The profile that runs for every request: the only one, or the disagg handler's decode profile.
     running = profiles[0] if profiles else ProfileSpec("", ())
+    hspec = plugins.specs.get(handler)
+    if hspec is not None and isinstance(hspec.params, DisaggParams):
+        running = next((p for p in profiles if p.name == hspec.params.decode), running)
 
     base_top = Params(base, "")
     flow = _parse_flow_control(top.sub("flowControl") if _mapping_or_report(top, "flowControl", c) else None,
@@ -701,7 +707,14 @@ def _choose_handler(plugins: _Plugins, profiles: list[ProfileSpec], c: _Problems
         return handlers[0].name
     name = handlers[0].name if handlers else DEFAULT_HANDLER
     if profiles and not broken_handler:
-        c.run(SingleProfileHandler.validate, [p.name for p in profiles], "schedulingProfiles")
+        names = [p.name for p in profiles]
+        params = handlers[0].params if handlers else None
+        if isinstance(params, DisaggParams):
+            c.run(DisaggProfileHandler.validate_profiles, params, names, "schedulingProfiles")
+        elif isinstance(params, DataParallelParams):
+            c.run(DataParallelProfileHandler.validate_profiles, params, names, "schedulingProfiles")
+        else:
+            c.run(SingleProfileHandler.validate, names, "schedulingProfiles")
     return name
 
 
@@ -1000,7 +1013,8 @@ def _parse_flow_control(p: Params | None, plugins: _Plugins, c: _Problems) -> Fl
 
 # ---- building ------------------------------------------------------------------------------------
 # Built first so filters and scorers can find what their parameters name (BuildContext.plugins).
-_BUILD_ORDER = (PRODUCER, SATURATION, SCORER, FILTER, PICKER)
+# Deciders last: they read the prefix matching the producers and scorers hold.
+_BUILD_ORDER = (PRODUCER, SATURATION, SCORER, FILTER, PICKER, DECIDER)
 
 
 def build_scheduler(
@@ -1009,10 +1023,12 @@ def build_scheduler(
     has_lora: bool | Callable[[], bool] = False,
     rng: random.Random | None = None,
     clock: Callable[[], float] = time.monotonic,
-) -> ProfileScheduler:
-    """A Scheduler running the config's profile. `has_lora` (a value, or a callable asked once per
-    request that needs it) switches on scorers marked `enabledWhen: poolServesAdapters`; see
-    epp.scheduling.scorers.pool_serves_adapters for a ready-made test over the candidates.
+) -> ProfileScheduler | DisaggScheduler | DataParallelScheduler:
+    """A Scheduler running the config's profile (or, under disagg-profile-handler, its decode,
+    prefill and encode profiles; under data-parallel-profile-handler, its one profile with ranks).
+    `has_lora` (a value, or a callable asked once per request that needs it) switches on scorers
+    marked `enabledWhen: poolServesAdapters`; see epp.scheduling.scorers.pool_serves_adapters for
+    a ready-made test over the candidates.
     `clock` is what metric staleness is judged against (the simulator passes its virtual clock)."""
     ctx = BuildContext(rng=rng or random.Random(), detector=cfg.saturation, guard=cfg.load_guard, clock=clock)
     for kind in _BUILD_ORDER:
@@ -1021,17 +1037,6 @@ def build_scheduler(
                 pt = plugin_type(spec.type)
                 assert pt is not None
                 ctx.plugins[spec.name] = pt.cls(spec.name, spec.params, ctx)
-    filters, scorers, picker = [], [], None
-    for e in cfg.profile.entries:
-        plugin = ctx.plugins[e.plugin]
-        kind = cfg.plugin(e.plugin).kind
-        if kind in (FILTER, SATURATION):
-            filters.append(plugin)
-        elif kind == SCORER:
-            scorers.append(WeightedScorer(plugin, e.weight, e.only_with_lora))
-        elif kind == PICKER:
-            picker = plugin
-    assert picker is not None
     lora_fn: Callable[[], bool]
     if callable(has_lora):
         lora_fn = has_lora
@@ -1041,8 +1046,30 @@ def build_scheduler(
         def lora_fn() -> bool:
             return value
 
-    return ProfileScheduler(cfg.profile.name, filters, scorers, picker,
-                            stale_after=cfg.saturation.stale_after, has_lora=lora_fn, clock=clock)
+    def profile(spec: ProfileSpec) -> ProfileScheduler:
+        filters, scorers, picker = [], [], None
+        for e in spec.entries:
+            plugin = ctx.plugins[e.plugin]
+            kind = cfg.plugin(e.plugin).kind
+            if kind in (FILTER, SATURATION):
+                filters.append(plugin)
+            elif kind == SCORER:
+                scorers.append(WeightedScorer(plugin, e.weight, e.only_with_lora))
+            elif kind == PICKER:
+                picker = plugin
+        assert picker is not None
+        return ProfileScheduler(spec.name, filters, scorers, picker,
+                                stale_after=cfg.saturation.stale_after, has_lora=lora_fn, clock=clock)
+
+    handler = next((s for s in cfg.plugins if s.name == cfg.handler), None)
+    if handler is not None and isinstance(handler.params, DisaggParams):
+        hp = handler.params
+        profiles = {spec.name: profile(spec) for spec in (cfg.profiles or (cfg.profile,))}
+        return DisaggScheduler(hp, profiles, prefill_decider=ctx.plugins.get(hp.prefill_decider) or None,
+                               encode_decider=ctx.plugins.get(hp.encode_decider) or None)
+    if handler is not None and isinstance(handler.params, DataParallelParams):
+        return DataParallelScheduler(handler.params, profile(cfg.profile))
+    return profile(cfg.profile)
 
 
 def build_admission(cfg: PickerConfig, *, rng: random.Random | None = None) -> Admission:

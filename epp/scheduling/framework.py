@@ -35,6 +35,14 @@ class SchedulingResult:
 
     endpoints: list[Endpoint]
     reason: str = ""
+    # Request headers the decision adds (a profile handler's: `x-prefiller-host-port` for P/D), set
+    # in the same header mutation as the destination.
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    # The destination to send to when it is not the endpoints' own addresses ("" = theirs):
+    # data-parallel-profile-handler sends to the pod's primary port and names the rank in a header.
+    destination: str = ""
+    # What each profile that ran chose, by profile name (empty for a single profile).
+    profiles: dict[str, list[Endpoint]] = field(default_factory=dict)
 
 
 class Scheduler(Protocol):

@@ -22,10 +22,7 @@ REQUEST_CONTROL = "request-control plugins (epp/requestcontrol)"
 VLLMGRPC = "vLLM gRPC requests (epp/parsers/vllmgrpc.py)"
 
 _BY_FEATURE: dict[str, tuple[str, ...]] = {
-    PD: ("disagg-profile-handler", "pd-profile-handler",
-         "data-parallel-profile-handler", "prefix-based-pd-decider", "always-disagg-pd-decider",
-         "always-disagg-multimodal-decider", "disagg-headers-handler", "prefill-header-handler",
-         "disaggregatedset-rollout-screener", "disaggregatedset-rollout-pod-extractor", "p2p-source-producer"),
+    PD: ("disaggregatedset-rollout-screener", "disaggregatedset-rollout-pod-extractor", "p2p-source-producer"),
     PRECISE: ("precise-prefix-cache-producer", "precise-prefix-cache-scorer", "burst-prefix-cache-producer",
               "tokenizer"),
     FLOW: ("global-strict-fairness-policy", "round-robin-fairness-policy", "program-aware-fairness",

@@ -25,7 +25,7 @@ def test_invalid_text_reports_every_problem_and_exits_1():
 kind: EndpointPickerConfig
 plugins:
 - type: kv-cache-utilisation-scorer
-- type: disagg-profile-handler
+- type: slo-headroom-tier-filter
 - type: queue-scorer
   parameters: {depth: 3}
 schedulingProfiles:
@@ -38,8 +38,8 @@ schedulingProfiles:
     assert lines == [
         "--config-text: plugins[0].type: unknown plugin type \"kv-cache-utilisation-scorer\"; did you mean "
         "'kv-cache-utilization-scorer'?",
-        "--config-text: plugins[1].type: plugin type \"disagg-profile-handler\" is not yet supported "
-        "(P/D disaggregation)",
+        "--config-text: plugins[1].type: plugin type \"slo-headroom-tier-filter\" is not yet supported "
+        "(latency prediction and SLO routing)",
         "--config-text: plugins[2].parameters.depth: unknown field",
         "--config-text: schedulingProfiles[0].plugins[1].pluginRef: no plugin named \"missing\"",
         "--config-text: invalid (4 problems)",

@@ -38,7 +38,7 @@ def test_every_problem_is_reported_with_its_path():
 plugins:
 - type: queue-scorrer
 - type: prefill-filter-x
-- type: disagg-profile-handler
+- type: slo-headroom-tier-filter
 - type: max-score-picker
   parameters: {maxNumOfEndpoints: 0}
 - type: kv-cache-utilization-scorer
@@ -56,7 +56,8 @@ bogus: 1
     assert lines == [
         "plugins[0].type: unknown plugin type \"queue-scorrer\"; did you mean 'queue-scorer'?",
         "plugins[1].type: unknown plugin type \"prefill-filter-x\"; did you mean 'prefill-filter'?",
-        "plugins[2].type: plugin type \"disagg-profile-handler\" is not yet supported (P/D disaggregation)",
+        "plugins[2].type: plugin type \"slo-headroom-tier-filter\" is not yet supported (latency prediction and SLO "
+        "routing)",
         "plugins[3].parameters.maxNumOfEndpoints: must be at least 1, got 0",
         "plugins[4].extra: unknown field",
         'schedulingProfiles[0].plugins[1].weight: only scorers take a weight; "random-picker" is a picker',
