@@ -217,6 +217,7 @@ class Options:
     refresh_prometheus_metrics_interval: float = 5.0
     metrics_staleness_threshold: float = 2.0
     ha_enable_leader_election: bool = False
+    ha_mode: str = "leader"  # leader: readiness follows the Lease (the reference); active-active: every replica ready
     endpoint_selector: dict[str, str] = field(default_factory=dict)
     endpoint_target_ports: list[int] = field(default_factory=list)
     kubeconfig: str = ""
@@ -310,6 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--enable-cert-reload", default=False, **B, help="reload the certificate when the files change")
     srv.add_argument("--ha-enable-leader-election", default=False, **B,
                      help="run several replicas; readiness is SERVING only on the leader")
+    srv.add_argument("--ha-mode", choices=["leader", "active-active"], default="leader",
+                     help="with several replicas: `leader` (the reference: readiness only on the Lease holder) or "
+                          "`active-active` (every replica ready and serving; prefix state from engine KV events, "
+                          "in-flight counts per replica; a Lease, when enabled, only picks the status writer)")
     srv.add_argument("--max-request-body-bytes", type=_positive_int, default=16 * 1024 * 1024,
                      help="larger request bodies are answered with 413 (default %(default)s)")
     srv.add_argument("--default-body-mode", choices=["duplex", "buffered"], default="duplex",
@@ -472,6 +477,7 @@ def parse_args(argv: list[str]) -> Options:
         refresh_prometheus_metrics_interval=a.refresh_prometheus_metrics_interval,
         metrics_staleness_threshold=a.metrics_staleness_threshold,
         ha_enable_leader_election=a.ha_enable_leader_election,
+        ha_mode=a.ha_mode,
         endpoint_selector=a.endpoint_selector,
         endpoint_target_ports=a.endpoint_target_ports,
         kubeconfig=a.kubeconfig,

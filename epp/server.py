@@ -10,6 +10,12 @@ reference's chart probes ask for, is SERVING once the pool is loaded. With leade
 ExternalProcessor service on every loaded replica (followers keep answering the proxy), other
 names are SERVICE_UNKNOWN, as in the reference.
 
+Active-active (`--ha-mode active-active`): every loaded replica is ready and serving whatever the
+Lease says; with `--ha-enable-leader-election` the Lease still picks the one replica that writes
+InferenceModel status. Replicas share no state: prefix affinity that agrees across replicas comes
+from the engines' KV events (precise-prefix-cache-producer: every replica hears every event), and
+in-flight counts are each replica's own.
+
 Shutdown (SIGTERM): `begin_drain()` turns every service but `liveness` NOT_SERVING at once and
 gives up the leader Lease, while ext_proc keeps serving new streams for `--drain-timeout` (the
 proxy and the Service notice the change within their probe period); then `stop()` refuses new
@@ -224,7 +230,9 @@ class App:
                 decider = tracing.TracingDecider(decider, self.tracer_provider)
         self.decider = decider
         self.servicer = ExtProcServicer(decider, default_body_mode=mode, default_response_mode=mode)
-        self.health = PickerHealth(opts.ha_enable_leader_election and opts.mode == "epp")
+        # active-active: readiness never follows the Lease (every replica takes traffic)
+        self.health = PickerHealth(opts.ha_enable_leader_election and opts.mode == "epp"
+                                   and opts.ha_mode != "active-active")
         self.is_leader = not opts.ha_enable_leader_election
         self.elector: Any = None
         self.metrics_http: MetricsServer | None = None
