@@ -14,6 +14,9 @@ $(BIN)/python:
 # reinstall only when the dependency list changes
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
+	@# xds-protos ships an old copy of opentelemetry/proto (same file paths); whichever installs last wins.
+	@# The OTLP exporter needs opentelemetry-proto's own files, and Envoy's ext_proc types use none of them.
+	$(BIN)/pip install -q --no-deps --force-reinstall "$$($(BIN)/pip show opentelemetry-proto | sed -n 's/^Version: /opentelemetry-proto==/p')"
 	touch $(STAMP)
 
 install: $(STAMP)
