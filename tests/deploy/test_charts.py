@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import math
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -553,10 +555,13 @@ def test_standalone_wiring(case: str, rendered: dict[tuple[str, str], Rendered])
     assert expand_rules(out.get("Role")["rules"]) == expected_calls(leader_election=replicas > 1)
 
     # ext_proc is closed to the network: the NetworkPolicy admits no one to 9002 (Envoy calls it over
-    # loopback, which no policy filters), clients reach Envoy's listener
+    # loopback, which no policy filters) and the picker listens on 127.0.0.1 for it, unless gatewayPeers
+    # name proxies outside the pod; clients reach Envoy's listener
+    peers = _get(values, "inferenceExtension.networkPolicy.gatewayPeers")
     policy = out.get("NetworkPolicy")
     ingress_ports = {r["ports"][0]["port"] for r in policy["spec"]["ingress"]}
-    assert 9002 not in ingress_ports and 8081 in ingress_ports
+    assert (9002 in ingress_ports) == bool(peers) and 8081 in ingress_ports
+    assert flag(args, "--grpc-bind-address") == (None if peers else "127.0.0.1")
 
 
 @pytest.mark.envoy
@@ -830,3 +835,160 @@ async def test_metrics_auth_as_the_chart_wires_it(
             assert codes == expected, log.read_text()[-3000:]
         finally:
             _stop(picker)
+
+
+# ---- shutdown: the pod's grace covers the picker's drain + grace -----------------------------------
+
+
+@pytest.mark.parametrize(("chart", "case"), CASES)
+def test_termination_grace_covers_drain_and_grace(
+    chart: str, case: str, rendered: dict[tuple[str, str], Rendered]
+) -> None:
+    """The picker's own parser reads --drain-timeout / --shutdown-grace from the rendered args; the pod's
+    terminationGracePeriodSeconds is at least their sum + 5 s (exactly that when the values leave it unset)."""
+    from epp.cli import build_parser
+
+    parsed = build_parser().parse_args(container(rendered[(chart, case)])["args"])
+    needed = math.ceil(parsed.drain_timeout + parsed.shutdown_grace) + 5
+    grace = rendered[(chart, case)].get("Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    if _get(load_values(chart, case), "inferenceExtension.terminationGracePeriodSeconds") is None:
+        assert grace == needed
+    assert grace >= needed
+
+
+POOL = {"inferencePool": {"modelServers": {"matchLabels": {"app": "x"}}}}
+
+
+@pytest.mark.parametrize("chart", ["inferencepool", "standalone"])
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ({}, 65),  # 30 s + 30 s + 5
+        ({"drain-timeout": "1m30s", "shutdown-grace": "250ms"}, 96),  # 90.25 s, rounded up
+        ({"drain-timeout": 0, "shutdown-grace": 0.5}, 6),  # plain seconds, as the CLI takes them
+        ([{"name": "drain-timeout", "value": "10s"}, {"name": "drain-timeout", "value": "2"}], 37),  # last wins
+        ({"shutdown-grace": "1h"}, 3635),
+    ],
+)
+def test_termination_grace_from_flags(chart: str, flags: Any, expected: int) -> None:
+    from epp.cli import build_parser
+
+    out = render(chart, POOL | {"inferenceExtension": {"flags": flags}})
+    assert out.get("Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == expected
+    parsed = build_parser().parse_args(container(out)["args"])  # the picker reads the same durations
+    assert math.ceil(parsed.drain_timeout + parsed.shutdown_grace) + 5 == expected
+    assert "Warning: terminationGracePeriodSeconds" not in out.notes
+
+
+@pytest.mark.parametrize("chart", ["inferencepool", "standalone"])
+def test_termination_grace_set_explicitly(chart: str) -> None:
+    """A value wins (also one below drain + grace: the NOTES then warn); a malformed duration is refused."""
+    out = render(chart, POOL | {"inferenceExtension": {"terminationGracePeriodSeconds": 200}})
+    assert out.get("Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 200
+    assert "Warning" not in out.notes
+    short = render(chart, POOL | {"inferenceExtension": {"terminationGracePeriodSeconds": 20}})
+    assert short.get("Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 20
+    assert "Warning: terminationGracePeriodSeconds 20 is below" in short.notes
+    for bad in ("30 s", "-5s", "5x", "abc"):
+        with pytest.raises(Exception, match="invalid duration"):
+            render(chart, POOL | {"inferenceExtension": {"flags": {"drain-timeout": bad}}})
+    with pytest.raises(Exception, match="terminationGracePeriodSeconds"):
+        render(chart, POOL | {"inferenceExtension": {"terminationGracePeriodSeconds": -1}})
+
+
+# ---- standalone: ext_proc on loopback when Envoy is in the pod --------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({}, "127.0.0.1"),  # the built-in Envoy
+        # the proxy is elsewhere (the NetworkPolicy must then name it)
+        ({"inferenceExtension": {"sidecar": {"enabled": False}, "networkPolicy": {"enabled": False}}}, None),
+        ({"inferenceExtension": {"extProcBindAddress": "0.0.0.0"}}, "0.0.0.0"),  # opened on purpose
+        ({"inferenceExtension": {"extProcBindAddress": "::"}}, "::"),
+        ({"inferenceExtension": {"networkPolicy": {"gatewayPeers": [{"podSelector": {}}]}}}, None),
+    ],
+)
+def test_standalone_ext_proc_bind_address(values: dict[str, Any], expected: str | None) -> None:
+    out = render("standalone", POOL | values)
+    assert flag(container(out)["args"], "--grpc-bind-address") == expected
+    assert ("ext_proc listens on 127.0.0.1 only" in out.notes) == (expected == "127.0.0.1")
+    with pytest.raises(Exception, match="extProcBindAddress"):
+        render("standalone", POOL | {"inferenceExtension": {"extProcBindAddress": "10.0.0.1; rm"}})
+
+
+def _connects(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except ConnectionRefusedError:
+        return False
+
+
+async def _grpc_health(host: str, port: int, tls: bool) -> int | None:
+    """The gRPC health answer (service "") on host:port, over TLS with the server's own certificate as
+    the trust root when the listener speaks TLS."""
+    target = f"{host}:{port}"
+    if tls:
+        pem = ssl.get_server_certificate((host, port)).encode()
+        channel = grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=pem),
+                                          options=[("grpc.ssl_target_name_override", "localhost")])  # fmt: skip
+    else:
+        channel = grpc.aio.insecure_channel(target)
+    try:
+        async with channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+            return int(reply.status)
+    except grpc.aio.AioRpcError:
+        return None
+
+
+# 127.0.0.2 plays the pod IP (on Linux all of 127/8 is local): --bind-address puts health and metrics
+# there as the kubelet and Prometheus reach them; ext_proc must stay on the rendered address alone.
+POD_IP = "127.0.0.2"
+
+
+@pytest.mark.parametrize(
+    ("case", "override", "ext_proc_on"),
+    [
+        ("defaults", {}, "127.0.0.1"),  # the reference's sidecar, TLS to the picker
+        ("ours-lean", {}, "127.0.0.1"),  # the built-in Envoy, plaintext
+        ("ours-lean", {"inferenceExtension": {"extProcBindAddress": "127.0.0.3"}}, "127.0.0.3"),  # the value wins
+    ],
+)
+async def test_standalone_picker_serves_ext_proc_on_loopback_only(
+    case: str, override: dict[str, Any], ext_proc_on: str, tmp_path: Path
+) -> None:
+    """The picker started with the standalone render's args and the pod IP as --bind-address: ext_proc
+    answers on the rendered --grpc-bind-address and refuses connections on the pod IP, while health and
+    /metrics answer on the pod IP."""
+    values = load_values("standalone", case)
+    for key, sub in override.items():
+        values[key] = {**values.get(key, {}), **sub}
+    out = render("standalone", values)
+    args = container(out)["args"]
+    assert flag(args, "--grpc-bind-address") == ext_proc_on
+    tls = "--secure-serving=false" not in args
+    manifests = tmp_path / "objects.yaml"
+    _manifests(out, manifests)
+    extra = ["--manifests", str(manifests), "--bind-address", POD_IP]  # after local_args' 127.0.0.1: wins
+    proc = None
+    try:
+        proc, ports, log = _start_picker(out, tmp_path, extra, local_env(out, "ml", "http://127.0.0.1:9"))
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert "picker started" in log.read_text()
+        status = None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and status != health_pb2.HealthCheckResponse.SERVING:
+            status = await _grpc_health(ext_proc_on, ports["grpc"], tls)  # a real gRPC call on ext_proc's listener
+            await asyncio.sleep(0.1)
+        assert status == health_pb2.HealthCheckResponse.SERVING, log.read_text()[-3000:]
+        assert not _connects(POD_IP, ports["grpc"])  # nothing off the pod reaches ext_proc
+        if ext_proc_on != "127.0.0.1":
+            assert not _connects("127.0.0.1", ports["grpc"])
+        assert await _grpc_health(POD_IP, ports["health"], tls=False) == health_pb2.HealthCheckResponse.SERVING
+        assert not _connects("127.0.0.1", ports["health"])  # health really moved to the "pod IP"
+        assert _connects(POD_IP, ports["metrics"])
+    finally:
+        _stop(proc)

@@ -291,3 +291,54 @@ serving TLS).
     {{- toYaml . | nindent 4 }}
   {{- end }}
 {{- end -}}
+
+{{/* The value of picker flag `name` in inferenceExtension.flags (map or {name, value} list; the last
+entry of a list wins, as on a command line); "" when not given. Call with (dict "ctx" . "name" N). */}}
+{{- define "epp.flagValue" -}}
+{{- $flags := .ctx.Values.inferenceExtension.flags -}}
+{{- $v := "" -}}
+{{- if kindIs "map" $flags -}}
+{{- if hasKey $flags .name }}{{ $v = toString (index $flags .name) }}{{ end -}}
+{{- else -}}
+{{- range $flags }}{{ if eq (toString .name) $.name }}{{ $v = toString .value }}{{ end }}{{ end -}}
+{{- end -}}
+{{- $v -}}
+{{- end -}}
+
+{{/* Seconds in a duration as the picker's flags take it (250ms, 30s, 1m30s, or plain seconds); a
+malformed one fails the render. Call with (dict "name" FLAG "text" VALUE). */}}
+{{- define "epp.durationSeconds" -}}
+{{- $t := trim .text -}}
+{{- $units := dict "ns" 0.000000001 "us" 0.000001 "µs" 0.000001 "ms" 0.001 "s" 1.0 "m" 60.0 "h" 3600.0 -}}
+{{- if regexMatch "^[0-9]+(\\.[0-9]+)?$" $t -}}
+{{- float64 $t -}}
+{{- else if regexMatch "^([0-9]+(\\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$" $t -}}
+{{- $total := 0.0 -}}
+{{- range regexFindAll "[0-9]+(\\.[0-9]+)?(ns|us|µs|ms|s|m|h)" $t -1 -}}
+{{- $num := regexFind "^[0-9]+(\\.[0-9]+)?" . -}}
+{{- $total = addf $total (mulf (float64 $num) (get $units (trimPrefix $num .))) -}}
+{{- end -}}
+{{- $total -}}
+{{- else -}}
+{{- fail (printf "inferenceExtension.flags.%s: invalid duration %q (use e.g. 30s, 1m30s)" .name $t) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The picker's drain + grace in seconds: --drain-timeout then --shutdown-grace (30 s each unless
+inferenceExtension.flags sets them), as it spends them after SIGTERM. */}}
+{{- define "epp.shutdownSeconds" -}}
+{{- $drain := default "30s" (include "epp.flagValue" (dict "ctx" . "name" "drain-timeout")) -}}
+{{- $grace := default "30s" (include "epp.flagValue" (dict "ctx" . "name" "shutdown-grace")) -}}
+{{- addf (include "epp.durationSeconds" (dict "name" "drain-timeout" "text" $drain)) (include "epp.durationSeconds" (dict "name" "shutdown-grace" "text" $grace)) -}}
+{{- end -}}
+
+{{/* terminationGracePeriodSeconds: the value when set, else drain + grace + 5 s, so the kubelet's
+SIGKILL never comes before the picker has let its open streams finish. */}}
+{{- define "epp.terminationGrace" -}}
+{{- $set := .Values.inferenceExtension.terminationGracePeriodSeconds -}}
+{{- if kindIs "invalid" $set -}}
+{{- add (int (ceil (include "epp.shutdownSeconds" .))) 5 -}}
+{{- else -}}
+{{- int $set -}}
+{{- end -}}
+{{- end -}}
