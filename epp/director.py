@@ -10,12 +10,13 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from epp import openai
 from epp.datastore import Datastore, Endpoint
+from epp.flowcontrol.types import DROPPED_REASON_HEADER, Drop, FlowKey
 from epp.models import NoValidTarget
 from epp.parsers import ParsedRequest, ParseError, RequestParser
 from epp.parsers.openai_parser import OpenAIParser
@@ -23,6 +24,9 @@ from epp.requestcontrol.base import RequestControl, ResponseInfo
 from epp.resources import CRITICAL_PRIORITY
 from epp.scheduling.framework import Scheduler, SchedulingRequest
 from epp.scheduling.session import encode_session_token
+
+if TYPE_CHECKING:
+    from epp.flowcontrol.aio import AsyncFlowControl
 
 log = logging.getLogger("epp.director")
 
@@ -89,6 +93,7 @@ class Rejected:
     message: str
     grpc_status: int | None = None  # set: answer as a gRPC error (HTTP 200, grpc-status/grpc-message)
     detail: str = ""  # why, for the proxy's logs (ImmediateResponse.details); never shown to clients
+    headers: tuple[tuple[str, str], ...] = ()  # extra response headers (x-llm-d-request-dropped-reason)
 
     @property
     def body(self) -> bytes:
@@ -137,6 +142,19 @@ class Routed:
     set_headers: list[tuple[str, str]]
 
 
+@dataclass(slots=True)
+class Queued:
+    """A request flow control holds; `Director.wait(queued)` gives its Routed or Rejected."""
+
+    key: FlowKey
+    byte_size: int
+    request_id: str
+    model: str
+    target: str
+    grpc: bool
+    route: Callable[[], Routed | Rejected]
+
+
 def _parse_subset(value: object) -> list[str] | None:
     """Subset hint as a list of addresses (the proxy may send a list or one CSV string)."""
     if value is None:
@@ -171,6 +189,7 @@ class Director:
         rng: random.Random | None = None,
         parser: RequestParser | None = None,
         request_control: RequestControl | None = None,
+        flow_control: AsyncFlowControl | None = None,
     ) -> None:
         self.datastore = datastore
         self.session_header = session_header
@@ -181,6 +200,7 @@ class Director:
         self._rng = rng or random.Random()
         self.parser: RequestParser = parser if parser is not None else OpenAIParser()
         self.request_control = request_control or RequestControl()
+        self.flow_control = flow_control  # set: requests wait in flow control instead of being shed
 
     # ---- request path ---------------------------------------------------------------------
     def decide(
@@ -189,8 +209,9 @@ class Director:
         body: bytes | None,
         subset_hint: object = None,
         started: float | None = None,
-    ) -> Routed | Rejected:
-        """Decide for one request. `body` None means a header-only request."""
+    ) -> Routed | Rejected | Queued:
+        """Decide for one request. `body` None means a header-only request. With flow control the
+        answer is Queued: the caller awaits `wait(queued)` for the decision."""
         started = time.perf_counter() if started is None else started
         request_id = headers.get(REQUEST_ID_HEADER) or ""
         set_headers: list[tuple[str, str]] = []
@@ -252,65 +273,95 @@ class Director:
             prompt=parsed.prompt if parsed is not None else "",
             body=parsed.body if parsed is not None else None,
         )
-        candidates: Sequence[Endpoint] = self.datastore.candidates
-        hint = _parse_subset(subset_hint)
-        if hint is not None:
-            hosts = {_host(a) for a in hint}
-            candidates = [e for e in candidates if e.ip in hosts]
-        if not candidates:
-            # the reference: a header-only request finds no pods; a body request no candidates
-            why = NO_PODS if body is None and hint is None else NO_CANDIDATES
-            detail = "no endpoint in the subset hint is in the pool" if hint is not None else "no ready endpoints"
-            return self._reject(None, client_model, target, self._error(503, "ServiceUnavailable", why, grpc,
-                                                                        detail))
 
-        if self.admission is not None and priority < CRITICAL_PRIORITY:
-            reason = self.admission.check(sched, candidates, time.monotonic())
-            if reason:
-                return self._reject(None, client_model, target, self._error(429, "ResourceExhausted", SHED, grpc,
-                                                                            reason))
+        def route() -> Routed | Rejected:
+            """Admission (without flow control), scheduling and accounting, on the pool as it is now."""
+            candidates: Sequence[Endpoint] = self.datastore.candidates
+            hint = _parse_subset(subset_hint)
+            if hint is not None:
+                hosts = {_host(a) for a in hint}
+                candidates = [e for e in candidates if e.ip in hosts]
+            if not candidates:
+                # the reference: a header-only request finds no pods; a body request no candidates
+                why = NO_PODS if body is None and hint is None else NO_CANDIDATES
+                detail = ("no endpoint in the subset hint is in the pool" if hint is not None
+                          else "no ready endpoints")
+                return self._reject(None, client_model, target,
+                                    self._error(503, "ServiceUnavailable", why, grpc, detail))
 
-        t0 = time.perf_counter()
-        result = self.scheduler.schedule(sched, candidates)
-        t1 = time.perf_counter()
-        if not result.endpoints:
-            return self._reject(None, client_model, target, self._error(
-                429, "ResourceExhausted",
-                f"failed to find target endpoint: {result.reason or 'no endpoint could be scheduled'}", grpc))
+            if self.admission is not None and self.flow_control is None and priority < CRITICAL_PRIORITY:
+                reason = self.admission.check(sched, candidates, time.monotonic())
+                if reason:
+                    return self._reject(None, client_model, target,
+                                        self._error(429, "ResourceExhausted", SHED, grpc, reason))
 
-        primary = result.endpoints[0]
-        ctx = RequestContext(
-            request_id=request_id,
-            sched=sched,
-            endpoints=result.endpoints,
-            client_model=client_model,
-            target_model=target,
-            stream=parsed.stream if parsed is not None else False,
-            api=parsed.api if parsed is not None else "",
-            request_size=len(body) if body is not None else 0,
-            started=started,
-            routed_at=t1,
-            # ~4 bytes a token; the body, since the prompt text is cut at openai.PROMPT_LIMIT
-            prompt_tokens_est=(len(body) if body is not None else 0) // 4,
-            rewrite_source=source,
-            rewrite_rule=rule,
-            sched_seconds=t1 - t0,
-        )
-        self._account(ctx, primary)
-        self.scheduler.on_routed(sched, primary)
-        # The decoded body can be several times the size of the bytes; the context lives as long as
-        # the response, so let it go now that scheduling is done (nothing reads it afterwards).
-        sched.body = None
-        if self.telemetry is not None:
-            self.telemetry.routed(ctx)
-        destination = ",".join(e.address for e in result.endpoints)
-        set_headers.append((DEST_HEADER, destination))
-        # As the reference: every request with a body carries the length of the body sent on
-        # (changed or not), so the proxy never forwards a stale Content-Length.
-        size = len(new_body) if new_body is not None else len(body) if body is not None else 0
-        if size > 0:
-            set_headers.append(("content-length", str(size)))
-        return Routed(ctx=ctx, destination=destination, body=new_body, set_headers=set_headers)
+            t0 = time.perf_counter()
+            result = self.scheduler.schedule(sched, candidates)
+            t1 = time.perf_counter()
+            if not result.endpoints:
+                return self._reject(None, client_model, target, self._error(
+                    429, "ResourceExhausted",
+                    f"failed to find target endpoint: {result.reason or 'no endpoint could be scheduled'}", grpc))
+
+            primary = result.endpoints[0]
+            ctx = RequestContext(
+                request_id=request_id,
+                sched=sched,
+                endpoints=result.endpoints,
+                client_model=client_model,
+                target_model=target,
+                stream=parsed.stream if parsed is not None else False,
+                api=parsed.api if parsed is not None else "",
+                request_size=len(body) if body is not None else 0,
+                started=started,
+                routed_at=t1,
+                # ~4 bytes a token; the body, since the prompt text is cut at openai.PROMPT_LIMIT
+                prompt_tokens_est=(len(body) if body is not None else 0) // 4,
+                rewrite_source=source,
+                rewrite_rule=rule,
+                sched_seconds=t1 - t0,
+            )
+            self._account(ctx, primary)
+            self.scheduler.on_routed(sched, primary)
+            # The decoded body can be several times the size of the bytes; the context lives as long
+            # as the response, so let it go now that scheduling is done (nothing reads it afterwards).
+            sched.body = None
+            if self.telemetry is not None:
+                self.telemetry.routed(ctx)
+            destination = ",".join(e.address for e in result.endpoints)
+            set_headers.append((DEST_HEADER, destination))
+            # As the reference: every request with a body carries the length of the body sent on
+            # (changed or not), so the proxy never forwards a stale Content-Length.
+            size = len(new_body) if new_body is not None else len(body) if body is not None else 0
+            if size > 0:
+                set_headers.append(("content-length", str(size)))
+            return Routed(ctx=ctx, destination=destination, body=new_body, set_headers=set_headers)
+
+        if self.flow_control is None:
+            return route()
+        # Flow control: the request waits in its flow's queue; route() runs when it is dispatched
+        # (late binding: the endpoints are chosen on the pool as it is then).
+        return Queued(key=FlowKey(priority, fairness_id(headers)), byte_size=len(body) if body is not None else 0,
+                      request_id=request_id, model=client_model, target=target, grpc=grpc, route=route)
+
+    async def wait(self, queued: Queued) -> Routed | Rejected:
+        """Wait while flow control holds the request; its decision, or the flow-control error with
+        the `x-llm-d-request-dropped-reason` header. Cancelled (the stream went away): the request
+        leaves its queue at once."""
+        fc = self.flow_control
+        if fc is None:
+            return queued.route()
+        out = await fc.admit(queued.key, queued.route, byte_size=queued.byte_size, request_id=queued.request_id,
+                             model=queued.model, target_model=queued.target, unbind=self._unbind)
+        if isinstance(out, Drop):
+            err = self._error(out.status, out.code, out.message, queued.grpc, detail=f"flow control: {out.reason}")
+            err.headers = ((DROPPED_REASON_HEADER, out.reason),)
+            return self._reject(None, queued.model, queued.target, err)
+        return out
+
+    def _unbind(self, result: Routed | Rejected) -> None:
+        if isinstance(result, Routed):
+            self.finish(result.ctx)
 
     @staticmethod
     def _error(status: int, code: str, message: str, grpc: bool, detail: str = "") -> Rejected:
@@ -387,6 +438,8 @@ class Director:
             return
         ctx.finished = True
         self._release(ctx)
+        if self.flow_control is not None:
+            self.flow_control.notify()  # room may have opened for a queued request
         if ctx.served is not None:
             try:
                 self.scheduler.on_finished(ctx.sched, ctx.served)

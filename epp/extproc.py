@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import grpc
@@ -41,6 +42,7 @@ from google.protobuf import struct_pb2
 from epp import openai
 from epp.director import (
     DEST_HEADER,
+    Queued,
     Rejected,
     RequestContext,
     Routed,
@@ -95,13 +97,15 @@ def immediate(error: Rejected) -> ep.ProcessingResponse:
                 _hvo("content-type", "application/grpc", overwrite=True),
                 _hvo("grpc-status", str(error.grpc_status), overwrite=True),
                 _hvo("grpc-message", _grpc_message(error.message), overwrite=True),
+                *(_hvo(k, v, overwrite=True) for k, v in error.headers),
             ]),
             grpc_status=ep.GrpcStatus(status=error.grpc_status),
             details=details[:200],
         ))
     return ep.ProcessingResponse(immediate_response=ep.ImmediateResponse(
         status=http_status_pb2.HttpStatus(code=error.status),  # type: ignore[arg-type]
-        headers=ep.HeaderMutation(set_headers=[_hvo("content-type", "text/plain; charset=utf-8")]),
+        headers=ep.HeaderMutation(set_headers=[_hvo("content-type", "text/plain; charset=utf-8"),
+                                               *(_hvo(k, v) for k, v in error.headers)]),
         body=error.body,
         details=details[:200],
     ))
@@ -186,6 +190,23 @@ def _streamed_body(kind: str, body: bytes, end: bool) -> list[ep.ProcessingRespo
             return out
 
 
+_OVERRIDES: dict[int, processing_mode_pb2.ProcessingMode] = {}
+
+
+def _override_modes(req_mode: int) -> processing_mode_pb2.ProcessingMode:
+    """The mode_override that drops the response body: the request side as configured (done by
+    now), response headers and trailers SEND."""
+    mode = _OVERRIDES.get(req_mode)
+    if mode is None:
+        send = _Mode.SEND
+        mode = _Mode(request_header_mode=send, response_header_mode=send,  # type: ignore[arg-type]
+                     request_body_mode=req_mode, response_body_mode=NONE,  # type: ignore[arg-type]
+                     request_trailer_mode=send if req_mode == DUPLEX else _Mode.SKIP,
+                     response_trailer_mode=send)
+        _OVERRIDES[req_mode] = mode
+    return mode
+
+
 def _struct_value(md: Any, namespace: str, key: str) -> object:
     """A value from metadata_context.filter_metadata[namespace][key] as str / list[str] / None."""
     fm = md.filter_metadata
@@ -209,7 +230,7 @@ class Decider(Protocol):
     max_body_bytes: int
 
     def decide(self, headers: dict[str, str], body: bytes | None, subset_hint: object = None,
-               started: float | None = None) -> Routed | Rejected: ...
+               started: float | None = None) -> Routed | Rejected | Queued: ...
 
     def served_by(self, ctx: RequestContext, address: str) -> None: ...
 
@@ -255,9 +276,9 @@ class _Stream:
     """Per-stream state. Slots keep it small: one per in-flight HTTP request."""
 
     __slots__ = (
-        "body_chunks", "body_parts", "body_size", "ctx", "decided", "done", "headers", "held", "req_mode",
-        "resp_body_seen", "resp_ended", "resp_mode", "resp_parts", "resp_size", "resp_stream", "restorer",
-        "scanner", "started", "subset", "trim",
+        "body_chunks", "body_parts", "body_size", "ctx", "decided", "done", "headers", "held", "override",
+        "pending", "req_mode", "resp_body_seen", "resp_ended", "resp_mode", "resp_parts", "resp_size",
+        "resp_stream", "restorer", "scanner", "started", "subset", "trim",
     )
 
     def __init__(self, started: float) -> None:
@@ -273,6 +294,8 @@ class _Stream:
         self.decided = False
         self.done = False  # an immediate response was sent: nothing more to do
         self.ctx: RequestContext | None = None
+        # flow control holds the request: what to await, and how to build the replies from the decision
+        self.pending: tuple[Queued, Callable[[Routed], list[ep.ProcessingResponse]]] | None = None
         self.resp_stream = False  # pass the response body through chunk by chunk
         self.resp_parts: list[bytes] = []
         self.resp_size = 0
@@ -281,6 +304,7 @@ class _Stream:
         self.restorer: openai.ModelRestorer | None = None
         self.scanner: openai.SSEUsageScanner | None = None
         self.trim = False  # a huge body was let go: trim the heap once the replies are written
+        self.override: processing_mode_pb2.ProcessingMode | None = None  # the mode_override sent
 
 
 class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
@@ -288,8 +312,17 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
 
     def __init__(self, director: Decider, default_body_mode: int = DUPLEX,
                  default_response_mode: int = DUPLEX, *, buffer_budget: int = BUFFER_BUDGET,
-                 max_body_chunks: int = MAX_BODY_CHUNKS) -> None:
+                 max_body_chunks: int = MAX_BODY_CHUNKS, response_body_sample: float = 1.0) -> None:
+        """`response_body_sample`: the share of requests whose response body still crosses the
+        picker when nothing else needs it (token metrics are read from it); the others are told
+        to skip it (`mode_override`, honoured when Envoy's filter sets `allow_mode_override`).
+        1.0 (the default here) never overrides: every body crosses, as the reference's does."""
+        if not 0.0 <= response_body_sample <= 1.0:
+            raise ValueError("response_body_sample must be within 0..1")
         self.director = director
+        self.response_body_sample = response_body_sample
+        self._sample_acc = 0.0  # deterministic sampling: one in 1/share requests, evenly spread
+        self.body_overrides = 0  # requests told to skip the response body (tests, benchmarks)
         self.default_body_mode = default_body_mode
         self.default_response_mode = default_response_mode
         self.buffer_budget = buffer_budget
@@ -310,6 +343,8 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
                     # already sent are drained, so the client sees the reply and a clean end
                     continue
                 replies = self._handle(st, req)
+                if st.pending is not None:  # queued by flow control: this stream waits, nothing else does
+                    replies = await self._wait(st)
                 for reply in replies:
                     await context.write(reply)
                 if st.trim:
@@ -365,7 +400,32 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
         self._release(st)
         return [immediate(error)]
 
-    def _decide(self, st: _Stream, body: bytes | None) -> Routed | Rejected:
+    async def _wait(self, st: _Stream) -> list[ep.ProcessingResponse]:
+        """Await the decision for a queued request (cancelled with the stream), then its replies."""
+        assert st.pending is not None
+        queued, build = st.pending
+        st.pending = None
+        try:
+            result = await self.director.wait(queued)  # type: ignore[attr-defined]
+        except Exception:
+            log.exception("decision failed", extra={"request_id": queued.request_id})
+            result = Rejected(500, "Internal", "internal error while choosing an endpoint")
+        self._release(st)  # the queued body no longer counts against the buffer budget
+        if isinstance(result, Routed):
+            st.ctx = result.ctx
+        return self._then(st, result, build)
+
+    def _then(self, st: _Stream, result: Routed | Rejected | Queued,
+              build: Callable[[Routed], list[ep.ProcessingResponse]]) -> list[ep.ProcessingResponse]:
+        """The replies for a decision; for a queued one none yet (Process awaits it, then calls again)."""
+        if isinstance(result, Queued):
+            st.pending = (result, build)
+            return []
+        if isinstance(result, Rejected):
+            return self._reject(st, result)
+        return build(result)
+
+    def _decide(self, st: _Stream, body: bytes | None) -> Routed | Rejected | Queued:
         st.decided = True
         self.director.finish(st.ctx)  # a well-behaved proxy never asks twice; never leak if it does
         try:
@@ -377,6 +437,41 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
             st.ctx = result.ctx
         return result
 
+    # ---- only the phases a request needs ----------------------------------------------------
+    def _needs_response_body(self, st: _Stream) -> bool:
+        """The response body must cross the picker: a model name to restore, a plugin that reads
+        the completed response, or this request is in the token-metrics sample."""
+        ctx = st.ctx
+        if ctx is None or ctx.rewritten:
+            return True
+        rc = getattr(self.director, "request_control", None)
+        if rc is not None and getattr(rc, "response_complete", None):
+            return True
+        share = self.response_body_sample
+        if share >= 1.0:
+            return True
+        self._sample_acc += share
+        if self._sample_acc >= 1.0:
+            self._sample_acc -= 1.0
+            return True
+        return False
+
+    def _with_override(self, st: _Stream, reply: ep.ProcessingResponse) -> ep.ProcessingResponse:
+        """The response-headers reply, with the response body switched off for this request when
+        nothing needs it (every SSE chunk would otherwise cross the picker). Response trailers are
+        asked for, so the stream stays open to the end and in-flight accounting ends with the
+        exchange. Envoy 1.40 honours the override only when its filter sets allow_mode_override
+        and the request body mode is not FULL_DUPLEX_STREAMED (measured: tests/e2e/
+        test_mode_override.py); otherwise it ignores it, the body arrives and is handled as always."""
+        if st.resp_mode == NONE or st.override is not None or self._needs_response_body(st):
+            return reply
+        st.override = _override_modes(st.req_mode)
+        self.body_overrides += 1
+        out = ep.ProcessingResponse()
+        out.CopyFrom(reply)  # routed replies are shared per destination: never mutate one
+        out.mode_override.CopyFrom(st.override)
+        return out
+
     # ---- request phases ---------------------------------------------------------------------
     def _on_request_headers(self, st: _Stream, req: ep.ProcessingRequest) -> list[ep.ProcessingResponse]:
         if st.decided:  # out-of-order or repeated headers: nothing left to decide
@@ -386,10 +481,7 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
         if req.HasField("metadata_context"):
             st.subset = _struct_value(req.metadata_context, SUBSET_NAMESPACE, SUBSET_KEY)
         if rh.end_of_stream or st.req_mode in (NONE, STREAMED):
-            result = self._decide(st, None)
-            if isinstance(result, Rejected):
-                return self._reject(st, result)
-            return [_route_reply("request_headers", result)]
+            return self._then(st, self._decide(st, None), lambda r: [_route_reply("request_headers", r)])
         if st.req_mode in (BUFFERED, BUFFERED_PARTIAL):
             return [_EMPTY_REQ_HEADERS]
         return []  # duplex: held until the body ends
@@ -426,19 +518,22 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
         body = parts[0] if len(parts) == 1 else b"".join(parts)
         st.body_parts = []
         del parts
-        self._release(st)
         st.trim = len(body) >= TRIM_AFTER
         result = self._decide(st, body)
-        if isinstance(result, Rejected):
-            return self._reject(st, result)
-        if st.req_mode == DUPLEX:
-            out = [_route_reply("request_headers", result)]
-            out += _streamed_body("request_body", result.body if result.body is not None else body, end)
-        else:
-            out = [_route_reply("request_body", result)]
-        if trailers:
-            out.append(_REQ_TRAILERS)
-        return out
+        if not isinstance(result, Queued):
+            self._release(st)  # (a queued body stays counted in the buffer budget while it waits)
+
+        def build(r: Routed) -> list[ep.ProcessingResponse]:
+            if st.req_mode == DUPLEX:
+                out = [_route_reply("request_headers", r)]
+                out += _streamed_body("request_body", r.body if r.body is not None else body, end)
+            else:
+                out = [_route_reply("request_body", r)]
+            if trailers:
+                out.append(_REQ_TRAILERS)
+            return out
+
+        return self._then(st, result, build)
 
     def _on_request_trailers(self, st: _Stream) -> list[ep.ProcessingResponse]:
         if st.decided or st.req_mode != DUPLEX:
@@ -493,12 +588,12 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
             set_headers.append(_hvo(k, v))
         metadata = self._finish_response(st) if rh.end_of_stream else None  # a response without a body
         if not set_headers and not remove and metadata is None:
-            return [_EMPTY_RESP_HEADERS]
+            return [_EMPTY_RESP_HEADERS if rh.end_of_stream else self._with_override(st, _EMPTY_RESP_HEADERS)]
         reply = ep.ProcessingResponse(response_headers=ep.HeadersResponse(response=ep.CommonResponse(
             header_mutation=ep.HeaderMutation(set_headers=set_headers, remove_headers=remove))))
         if metadata is not None:
             reply.dynamic_metadata.CopyFrom(metadata)
-        return [reply]
+        return [reply if rh.end_of_stream else self._with_override(st, reply)]
 
     def _body_replies(self, st: _Stream, chunk: bytes, end: bool, original: bytes | None,
                       metadata: struct_pb2.Struct | None) -> list[ep.ProcessingResponse]:

@@ -42,16 +42,26 @@ from epp.datalayer import DataLayerConfig
 from epp.datastore import Datastore
 from epp.director import Director
 from epp.extproc import BUFFERED, DUPLEX, ExtProcServicer
+from epp.flowcontrol import build as flow_build
+from epp.flowcontrol.aio import AsyncFlowControl
+from epp.flowcontrol.metrics import FlowControlMetrics
 from epp.metrics.engines import apply_data_layer, apply_flag_overrides, apply_overrides
 from epp.metrics.scrape import Scraper
 from epp.metrics_http import KubeAuthorizer, KubeReviews, MetricsServer
 from epp.parsers import build_parser
 from epp.requestcontrol.base import build_request_control
 from epp.resources import pool_from_flags
-from epp.scheduling.config import PickerConfig, build_admission, build_scheduler, describe, load_config
+from epp.scheduling.config import (
+    ConfigError,
+    PickerConfig,
+    build_admission,
+    build_scheduler,
+    describe,
+    load_config,
+)
 from epp.scheduling.framework import Scheduler
 from epp.scheduling.scorers import pool_serves_adapters
-from epp.scheduling.session import SessionAffinityScorer
+from epp.scheduling.session import SessionAffinityScorer, configure_session_keys
 from epp.telemetry import Telemetry
 
 log = logging.getLogger("epp.server")
@@ -183,6 +193,11 @@ class App:
     def __init__(self, opts: Options, *, scheduler: Scheduler | None = None) -> None:
         """Build everything that needs no I/O; raises ConfigError / ResourceError for a bad config."""
         self.opts = opts
+        if opts.session_key_file:  # before anything signs a token; a bad file stops the start (exit 2)
+            try:
+                configure_session_keys(opts.session_key_file)
+            except ValueError as e:
+                raise ConfigError("--session-key-file", str(e)) from None
         self.config: PickerConfig = load_config(config_text(opts))
         self.engines = engine_specs(self.config.engine_metrics, opts, getattr(self.config, "data_layer", None))
         self.datastore = Datastore(opts.pool_name, opts.pool_namespace)
@@ -203,13 +218,15 @@ class App:
             register_kv_metrics(self.telemetry.registry, prod)
         if hasattr(self.scheduler, "plugin_timer"):
             self.scheduler.plugin_timer = self.telemetry.plugin_observed
+        self.flow: AsyncFlowControl | None = self._flow_control(opts)
         self.director = Director(self.datastore, self.scheduler, telemetry=self.telemetry,
                                  admission=build_admission(self.config),
                                  session_header=session_header(self.scheduler),
                                  max_body_bytes=opts.max_request_body_bytes,
                                  parser=build_parser(getattr(self.config, "parsers", None)
                                                      or getattr(self.config, "parser", None)),
-                                 request_control=build_request_control(self.config.plugins))
+                                 request_control=build_request_control(self.config.plugins),
+                                 flow_control=self.flow)
         self.scraper: Scraper | None = None
         self.kube: Any = None  # the KubeSource, when watching a cluster
         mode = BUFFERED if opts.default_body_mode == "buffered" else DUPLEX
@@ -229,7 +246,8 @@ class App:
             else:
                 decider = tracing.TracingDecider(decider, self.tracer_provider)
         self.decider = decider
-        self.servicer = ExtProcServicer(decider, default_body_mode=mode, default_response_mode=mode)
+        self.servicer = ExtProcServicer(decider, default_body_mode=mode, default_response_mode=mode,
+                                        response_body_sample=opts.response_body_sample)
         # active-active: readiness never follows the Lease (every replica takes traffic)
         self.health = PickerHealth(opts.ha_enable_leader_election and opts.mode == "epp"
                                    and opts.ha_mode != "active-active")
@@ -244,6 +262,21 @@ class App:
         self._tasks: list[asyncio.Task[Any]] = []
         self._ready: tuple[bool, bool, bool] | None = None
         self.cert: tls.KeyPair | None = None
+
+    def _flow_control(self, opts: Options) -> AsyncFlowControl | None:
+        """Flow control when `featureGates: [flowControl]`: its metrics join the picker's registry;
+        endpoint changes wake its dispatch."""
+        if not flow_build.enabled(self.config):
+            return None
+        s = flow_build.settings(self.config)
+        metrics = FlowControlMetrics(self.telemetry.registry, opts.pool_name, detector=s.detector_name)
+        controller = flow_build.build(self.config, lambda: self.datastore.candidates, metrics=metrics)
+        assert controller is not None
+        flow = AsyncFlowControl(controller)
+        self.datastore.subscribe(lambda added, removed: flow.notify())
+        log.info("flow control on", extra={"detector": s.detector_name, "default_ttl_s": s.default_ttl,
+                                           "max_requests": s.max_requests, "max_bytes": s.max_bytes})
+        return flow
 
     # ---- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -303,8 +336,10 @@ class App:
         ep_grpc.add_ExternalProcessorServicer_to_server(self.servicer, main)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, main)
         addr = hostport(o.grpc_bind_address or o.bind_address, o.grpc_port)
+        # --client-ca-file: mutual TLS, a client without a certificate from that CA fails the handshake
+        mtls = bool(o.secure_serving and o.client_ca_file)
         if o.secure_serving and o.enable_cert_reload and o.cert_path:
-            reloader = tls.ReloadingCert(o.cert_path)
+            reloader = tls.ReloadingCert(o.cert_path, o.client_ca_file if mtls else "")
             self.cert = reloader.current
 
             def fetch() -> grpc.ServerCertificateConfiguration | None:
@@ -312,15 +347,18 @@ class App:
                 if pair is None:
                     return None
                 self.cert = pair
-                log.info("serving certificate reloaded", extra={"path": o.cert_path})
-                return grpc.ssl_server_certificate_configuration([(pair.key, pair.cert)])
+                log.info("serving certificate reloaded", extra={"path": o.cert_path, "client_ca": o.client_ca_file})
+                return grpc.ssl_server_certificate_configuration([(pair.key, pair.cert)], reloader.ca)
 
             creds = grpc.dynamic_ssl_server_credentials(
-                grpc.ssl_server_certificate_configuration([(self.cert.key, self.cert.cert)]), fetch)
+                grpc.ssl_server_certificate_configuration([(self.cert.key, self.cert.cert)], reloader.ca), fetch,
+                require_client_authentication=mtls)
             self.grpc_port = main.add_secure_port(addr, creds)
         elif o.secure_serving:
             self.cert = (tls.load_dir(o.cert_path) if o.cert_path else None) or tls.self_signed()
-            creds = grpc.ssl_server_credentials([(self.cert.key, self.cert.cert)])
+            creds = grpc.ssl_server_credentials([(self.cert.key, self.cert.cert)],
+                                                tls.read_ca(o.client_ca_file) if mtls else None,
+                                                require_client_auth=mtls)
             self.grpc_port = main.add_secure_port(addr, creds)
         else:
             self.grpc_port = main.add_insecure_port(addr)
@@ -342,7 +380,8 @@ class App:
         await self._update_readiness()
         log.info("picker started", extra={
             "pool": f"{o.pool_namespace}/{o.pool_name}", "grpc_port": self.grpc_port,
-            "health_port": self.grpc_health_port, "metrics_port": self.metrics_port, "tls": o.secure_serving})
+            "health_port": self.grpc_health_port, "metrics_port": self.metrics_port, "tls": o.secure_serving,
+            "client_certs_required": mtls})
 
     def _metrics_off(self) -> bool:
         """The config wires data sources but no metrics-data-source (its warning says so): no scraping."""
@@ -405,6 +444,10 @@ class App:
         """Stop taking new streams, let open ones finish within `grace`, then stop everything."""
         grace = self.opts.shutdown_grace if grace is None else grace
         self.health.draining = True
+        if self.flow is not None:
+            n = self.flow.close()  # every queued request is answered 500 (rejected-shutting-down)
+            if n:
+                log.info("flow control shut down", extra={"evicted": n})
         with contextlib.suppress(Exception):
             await self.health.publish()
         await asyncio.gather(*(s.stop(grace) for s in self._servers), return_exceptions=True)
