@@ -18,8 +18,9 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from epp import __version__
+from epp import __version__, tls
 from epp.resources import GROUP_V1, GROUP_X, parse_selector
+from epp.scheduling.session import SESSION_KEY_ENV, read_session_keys
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -69,6 +70,16 @@ def _ports(text: str) -> list[int]:
     if not ports or any(p == 0 for p in ports):
         raise argparse.ArgumentTypeError(f"expected a list of ports 1-65535, got {text!r}")
     return ports
+
+
+def _share(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
+    return v
 
 
 def _endpoints(text: str) -> list[str]:
@@ -211,6 +222,8 @@ class Options:
     secure_serving: bool = True
     cert_path: str = ""
     enable_cert_reload: bool = False
+    client_ca_file: str = ""  # set: ext_proc clients must present a certificate this CA signed (mTLS)
+    session_key_file: str = ""  # session-token HMAC keys (signing key first); "": a random key per process
     config_file: str = ""
     config_text: str = ""
     refresh_metrics_interval: float = 0.05
@@ -225,6 +238,7 @@ class Options:
     endpoints: list[str] = field(default_factory=list)
     max_request_body_bytes: int = 16 * 1024 * 1024
     default_body_mode: str = "duplex"
+    response_body_sample: float = 0.02  # share of requests whose response body crosses the picker when not needed
     shutdown_grace: float = 30.0
     log_level: str = "info"
     log_format: str = "json"
@@ -309,6 +323,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="serve ext_proc over TLS (default true; self-signed unless --cert-path has a pair)")
     srv.add_argument("--cert-path", default="", help="directory holding tls.crt and tls.key")
     srv.add_argument("--enable-cert-reload", default=False, **B, help="reload the certificate when the files change")
+    srv.add_argument("--client-ca-file", default="", metavar="PATH",
+                     help="mutual TLS on the ext_proc port: require a client certificate signed by a CA in this "
+                          "PEM file and refuse the handshake without one (needs --secure-serving; re-read with "
+                          "--enable-cert-reload)")
+    srv.add_argument("--session-key-file", default=os.environ.get(SESSION_KEY_ENV, ""), metavar="PATH",
+                     help="keys that sign session-affinity tokens, one a line: the signing key first, then older "
+                          "keys still accepted (rotation); replicas behind one gateway share it (env "
+                          "EPP_SESSION_KEY_FILE; default: a random key per process)")
     srv.add_argument("--ha-enable-leader-election", default=False, **B,
                      help="run several replicas; readiness is SERVING only on the leader")
     srv.add_argument("--ha-mode", choices=["leader", "active-active"], default="leader",
@@ -319,6 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="larger request bodies are answered with 413 (default %(default)s)")
     srv.add_argument("--default-body-mode", choices=["duplex", "buffered"], default="duplex",
                      help="request body mode assumed when Envoy does not send protocol_config (default %(default)s)")
+    srv.add_argument("--response-body-sample", type=_share, default=0.02, metavar="SHARE",
+                     help="share (0..1) of requests whose response body still crosses the picker when nothing "
+                          "else needs it (a rewritten model name or a response plugin always does): token metrics "
+                          "are read from these; the others are told to skip it (mode_override, honoured when "
+                          "Envoy's filter sets allow_mode_override, as the generated configs do). 1: every body, "
+                          "as the reference (default %(default)s)")
     srv.add_argument("--event-loop", choices=["auto", "uvloop", "asyncio"], default="auto",
                      help="auto: uvloop when installed (about 8%% less CPU per request), else asyncio")
     srv.add_argument("--shutdown-grace", type=parse_duration, default=30.0,
@@ -448,6 +476,18 @@ def parse_args(argv: list[str]) -> Options:
             p.error(f"--manifests {m!r} does not exist")
     if a.cert_path and not os.path.isdir(a.cert_path):
         p.error(f"--cert-path {a.cert_path!r} is not a directory")
+    if a.client_ca_file:
+        if not a.secure_serving:
+            p.error("--client-ca-file needs --secure-serving (client certificates are part of TLS)")
+        try:
+            tls.read_ca(a.client_ca_file)
+        except (OSError, ValueError) as e:
+            p.error(f"--client-ca-file: {e}")
+    if a.session_key_file:
+        try:
+            read_session_keys(a.session_key_file)
+        except (OSError, ValueError) as e:
+            p.error(f"--session-key-file: {e}")
     try:
         level, fmt = _logging(a)
     except argparse.ArgumentTypeError as e:
@@ -471,6 +511,8 @@ def parse_args(argv: list[str]) -> Options:
         secure_serving=a.secure_serving,
         cert_path=a.cert_path,
         enable_cert_reload=a.enable_cert_reload,
+        client_ca_file=a.client_ca_file,
+        session_key_file=a.session_key_file,
         config_file=a.config_file,
         config_text=a.config_text,
         refresh_metrics_interval=a.refresh_metrics_interval,
@@ -485,6 +527,7 @@ def parse_args(argv: list[str]) -> Options:
         endpoints=a.endpoints,
         max_request_body_bytes=a.max_request_body_bytes,
         default_body_mode=a.default_body_mode,
+        response_body_sample=a.response_body_sample,
         shutdown_grace=a.shutdown_grace,
         log_level=level,
         log_format=fmt,

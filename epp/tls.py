@@ -1,4 +1,5 @@
-"""Serving certificates: a tls.crt/tls.key pair from --cert-path, or a self-signed one made at start."""
+"""Serving certificates: a tls.crt/tls.key pair from --cert-path, or a self-signed one made at start;
+and the CA bundle (--client-ca-file) that client certificates must chain to for mutual TLS."""
 
 from __future__ import annotations
 
@@ -62,33 +63,59 @@ def load_dir(path: str) -> KeyPair | None:
         return KeyPair(cert=f1.read(), key=f2.read())
 
 
+def read_ca(path: str) -> bytes:
+    """The PEM CA bundle at `path`, checked: ValueError when it holds no valid certificate (gRPC
+    would otherwise fail later, at the first handshake, with a less clear message)."""
+    with open(path, "rb") as f:
+        pem = f.read()
+    try:
+        certs = x509.load_pem_x509_certificates(pem)
+    except ValueError as e:
+        raise ValueError(f"{path}: no valid PEM certificate ({e})") from None
+    if not certs:
+        raise ValueError(f"{path}: no PEM certificate")
+    return pem
+
+
 class ReloadingCert:
     """Serves tls.crt/tls.key from a directory, re-read when either file changes (cert-manager
-    or a rotated Secret); gRPC asks at each new TLS handshake, so open streams are unaffected."""
+    or a rotated Secret), and the client CA bundle `ca_file` (when given) when it changes; gRPC
+    asks at each new TLS handshake, so open streams are unaffected."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, ca_file: str = "") -> None:
         self.path = path
+        self.ca_file = ca_file
         self._stamp = self._mtimes()
         pair = load_dir(path)
         if pair is None:
             raise FileNotFoundError(f"{path}: tls.crt and tls.key are required for certificate reload")
         self.current = pair
+        self.ca: bytes | None = read_ca(ca_file) if ca_file else None
 
-    def _mtimes(self) -> tuple[int, int]:
+    def _mtimes(self) -> tuple[int, ...]:
+        files = [os.path.join(self.path, "tls.crt"), os.path.join(self.path, "tls.key")]
+        if self.ca_file:
+            files.append(self.ca_file)
         try:
-            return (os.stat(os.path.join(self.path, "tls.crt")).st_mtime_ns,
-                    os.stat(os.path.join(self.path, "tls.key")).st_mtime_ns)
+            return tuple(os.stat(f).st_mtime_ns for f in files)
         except OSError:
-            return (0, 0)
+            return (0,) * len(files)
 
     def fetch(self) -> KeyPair | None:
-        """The new pair when the files changed and load cleanly, else None (keep the current one)."""
+        """The new pair when a file changed and all load cleanly (the CA bundle too: `ca`), else
+        None (keep the current ones: a half-written or bad file never replaces a good one)."""
         stamp = self._mtimes()
         if stamp == self._stamp:
             return None
         pair = load_dir(self.path)
         if pair is None:
             return None
+        ca = self.ca
+        if self.ca_file:
+            try:
+                ca = read_ca(self.ca_file)
+            except (OSError, ValueError):
+                return None
         self._stamp = stamp
-        self.current = pair
+        self.current, self.ca = pair, ca
         return pair

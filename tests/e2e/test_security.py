@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import ssl
 import time
 from pathlib import Path
 from typing import Any
@@ -255,80 +254,39 @@ async def test_a_fake_picker_is_refused(gateway: GatewayFactory, tmp_path: Path,
     assert e2e.sims[0].served_total == 0
 
 
-class MutualTLSProxy:
-    """A TLS front for a plaintext picker that demands a client certificate from `ca` (what the
-    picker's own client-CA option will do): counts the connections that completed the handshake."""
-
-    def __init__(self, ca: CA, ca_file: Path, folder: Path) -> None:
-        server = ca.issue(folder, ["127.0.0.1"])
-        self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(ca_file))
-        self.ctx.load_cert_chain(server.cert, server.key)
-        self.ctx.verify_mode = ssl.CERT_REQUIRED
-        self.ctx.set_alpn_protocols(["h2"])
-        self.target = 0  # the picker's plaintext port, set once known
-        self.accepted = 0
-        self.port = 0
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def __aenter__(self) -> MutualTLSProxy:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=self.ctx)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.server.close()
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.accepted += 1
-        try:
-            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target)
-        except OSError:
-            writer.close()
-            return
-        for src, dst in ((reader, up_w), (up_r, writer)):
-            task = asyncio.create_task(self._pipe(src, dst))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    @staticmethod
-    async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        try:
-            while data := await src.read(65536):
-                dst.write(data)
-                await dst.drain()
-        except (ConnectionError, ssl.SSLError):
-            pass
-        finally:
-            dst.close()
-
-
-@pytest.mark.parametrize("client_cert", [False, True], ids=["no-client-cert", "client-cert"])
-async def test_mutual_tls_to_the_picker(gateway: GatewayFactory, tmp_path: Path, client_cert: bool) -> None:
-    """With --epp-client-cert/--epp-client-key Envoy presents a certificate to the picker; a picker
-    side that requires one refuses an Envoy without it."""
+@pytest.mark.parametrize("client_cert", ["none", "from-the-ca", "other-ca"])
+async def test_mutual_tls_to_the_picker(gateway: GatewayFactory, tmp_path: Path, client_cert: str) -> None:
+    """With --epp-client-cert/--epp-client-key Envoy presents a certificate to the picker; the
+    picker's --client-ca-file refuses the TLS handshake of an Envoy without one from that CA, so
+    nothing is routed (FailClose: 5xx) and no stream is opened."""
     ca = CA()
     ca_file = ca.write(tmp_path / "ca.pem")
-    client = ca.issue(tmp_path / "client", ["envoy"], client=True)
-    files = {"cert_file": str(client.cert), "key_file": str(client.key)} if client_cert else {}
+    server = ca.issue(tmp_path / "picker", ["127.0.0.1"])
+    files: dict[str, str] = {}
+    if client_cert != "none":
+        issuer = ca if client_cert == "from-the-ca" else CA("other")
+        client = issuer.issue(tmp_path / "client", ["envoy"], client=True)
+        files = {"cert_file": str(client.cert), "key_file": str(client.key)}
     verify = PickerTLS(ca_file=str(ca_file), sans=("127.0.0.1",), **files)
-    async with MutualTLSProxy(ca, ca_file, tmp_path / "front") as proxy:
-
-        def through_proxy(config: dict[str, Any]) -> None:
-            cluster = next(c for c in config["static_resources"]["clusters"] if c["name"] == "epp.default.pool")
-            addr = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
-            proxy.target = addr["socket_address"]["port_value"]
-            addr["socket_address"]["port_value"] = proxy.port
-
-        e2e = await gateway(sims=1, picker_tls=verify, picker_options={"secure_serving": False},
-                            config_edit=through_proxy)
+    e2e = await gateway(sims=1, picker_tls=verify,
+                        picker_options={"cert_path": str(server.folder), "client_ca_file": str(ca_file)})
+    tls_ctx = _picker_tls_context(e2e.config)
+    assert ("tls_certificates" in tls_ctx) == (client_cert != "none")
+    for _ in range(2):
         r = await e2e.post("/v1/completions", PROMPT, timeout=BOUND)
-        if client_cert:
-            assert r.status == 200 and proxy.accepted >= 1
+        if client_cert == "from-the-ca":
+            assert r.status == 200
         else:
-            assert 500 <= r.status < 600 and proxy.accepted == 0 and e2e.picks == {}
+            assert 500 <= r.status < 600
+    if client_cert == "from-the-ca":
+        assert len(e2e.picks) == 2 and e2e.sims[0].served_total == 2
+    else:
+        assert e2e.picks == {} and e2e.sims[0].served_total == 0
+        assert e2e.picker.servicer.open_streams == 0
+        # Envoy saw the handshake fail (not a picker answer): its picker cluster counts the failures
+        stats = await e2e.envoy.stats("cluster.epp.default.pool.")
+        assert stats.get("cluster.epp.default.pool.ssl.connection_error", 0) + stats.get(
+            "cluster.epp.default.pool.upstream_cx_connect_fail", 0) >= 1, stats
 
 
 def _picker_tls_context(config: dict[str, Any]) -> dict[str, Any]:
