@@ -13,9 +13,10 @@ Request side:
 The mode comes from `protocol_config` on the first message (Envoy sends it); without one the
 configured default applies (duplex, as the reference ships).
 
-Response side: SSE bodies, and every body of a `"stream": true` request whatever its content type,
-are passed through chunk by chunk (with the client's model name restored when it was rewritten,
-and usage read from the stream); other bodies are held to end_of_stream, then usage is read and the
+Response side: SSE bodies, gRPC bodies (application/grpc: usage read from the framed vLLM
+messages of Generate/Embed calls), and every body of a `"stream": true` request whatever its
+content type, are passed through chunk by chunk (with the client's model name restored when it was
+rewritten, and usage read from the stream); other bodies are held to end_of_stream, then usage is read and the
 body returned whole. A held body that ends with trailers instead is sent on the trailers (body
 reply, end_of_stream false, then the trailers reply), as is a held restorer tail.
 
@@ -47,6 +48,7 @@ from epp.director import (
     RequestContext,
     Routed,
 )
+from epp.parsers import vllmgrpc
 
 log = logging.getLogger("epp.extproc")
 
@@ -55,6 +57,8 @@ LB_NAMESPACE = "envoy.lb"
 SUBSET_NAMESPACE = "envoy.lb.subset_hint"
 SUBSET_KEY = "x-gateway-destination-endpoint-subset"
 SERVED_KEY = "x-gateway-destination-endpoint-served"
+# ParsedRequest.api of the vLLM gRPC calls whose responses carry token counts -> the scanner's method
+_GRPC_METHODS = {"grpc-generate": "generate", "grpc-embed": "embed"}
 
 _Mode = processing_mode_pb2.ProcessingMode
 NONE, STREAMED, BUFFERED, BUFFERED_PARTIAL, DUPLEX = (
@@ -302,7 +306,7 @@ class _Stream:
         self.resp_body_seen = False
         self.resp_ended = False  # the last response-body reply went out
         self.restorer: openai.ModelRestorer | None = None
-        self.scanner: openai.SSEUsageScanner | None = None
+        self.scanner: openai.SSEUsageScanner | vllmgrpc.UsageScanner | None = None
         self.trim = False  # a huge body was let go: trim the heap once the replies are written
         self.override: processing_mode_pb2.ProcessingMode | None = None  # the mode_override sent
 
@@ -568,8 +572,11 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
                 if served is None:
                     served = h.raw_value.decode() if h.raw_value else h.value
         sse = "text/event-stream" in content_type
+        # gRPC answers (application/grpc, +proto...) are length-prefixed messages ending in trailers:
+        # never held, whatever the call
+        grpc_body = content_type.startswith("application/grpc")
         # as the reference: a `"stream": true` request's response is passed through whatever its type
-        st.resp_stream = sse or (ctx is not None and ctx.stream)
+        st.resp_stream = sse or grpc_body or (ctx is not None and ctx.stream)
         if ctx is None:
             if remove:
                 return [ep.ProcessingResponse(response_headers=ep.HeadersResponse(response=ep.CommonResponse(
@@ -581,6 +588,9 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
         ctx.status = status
         if sse:
             st.scanner = openai.SSEUsageScanner()
+        elif grpc_body and ctx.api in _GRPC_METHODS:
+            # usage from the framed GenerateResponse/EmbedResponse messages (passthrough calls: none)
+            st.scanner = vllmgrpc.UsageScanner(_GRPC_METHODS[ctx.api])
         if ctx.rewritten:
             st.restorer = openai.ModelRestorer(ctx.target_model, ctx.client_model)
             remove.append("content-length")  # the restored body may differ in length
