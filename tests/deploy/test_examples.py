@@ -82,3 +82,38 @@ def test_backend_ref_matches_the_chart(example: str) -> None:
         svc = out.get("Service")
         rule = out.get("DestinationRule")
         assert rule["spec"]["host"].startswith(svc["metadata"]["name"] + ".ml.svc")
+
+
+def _helm_commands(path: Path) -> list[tuple[str, str, dict[str, Any]]]:
+    """(release, chart, values) of each `helm install` in a file's comments (`\\` continues a line;
+    `--set a.b=v` as Helm reads simple strings)."""
+    lines = [line.removeprefix("#").strip() for line in path.read_text().splitlines() if line.startswith("#")]
+    joined = " ".join(lines).replace("\\ ", " ")
+    out = []
+    for part in joined.split("helm install ")[1:]:
+        words = part.split()
+        release, chart = words[0], words[1].removeprefix("deploy/charts/")
+        values: dict[str, Any] = {}
+        for i, w in enumerate(words):
+            if w == "--set":
+                key, _, value = words[i + 1].partition("=")
+                node = values
+                *parents, leaf = key.split(".")
+                for p in parents:
+                    node = node.setdefault(p, {})
+                node[leaf] = value
+        out.append((release, chart, values))
+    return out
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_helm_commands_in_examples_render(path: Path) -> None:
+    """The install commands the examples show render with this project's charts (required values given)."""
+    for release, chart, values in _helm_commands(path):
+        out = render(chart, values, release=release)
+        assert out.get("Deployment")["metadata"]["name"] == f"{release}-epp"
+
+
+def test_helm_commands_are_found() -> None:
+    found = {p.name: len(_helm_commands(p)) for p in FILES}
+    assert found["envoy-gateway.yaml"] == 1 and found["istio.yaml"] == 1
