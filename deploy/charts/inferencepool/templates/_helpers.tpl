@@ -42,7 +42,9 @@
 
 {{/* "true" when leader election is on: asked for, or more than one replica. */}}
 {{- define "epp.leaderElection" -}}
-{{- if or .Values.inferenceExtension.enableLeaderElection (gt (int .Values.inferenceExtension.replicas) 1) -}}true{{- end -}}
+{{- $ext := .Values.inferenceExtension -}}
+{{- $aa := eq (default "leader" $ext.haMode) "active-active" -}}
+{{- if or $ext.enableLeaderElection (and (gt (int $ext.replicas) 1) (not $aa)) -}}true{{- end -}}
 {{- end -}}
 
 {{/* The probes' gRPC health services: the reference asks `inference-extension` unless leader election is on. */}}
@@ -210,6 +212,10 @@ serving TLS).
 - {{ printf "/config/%s" $ext.pluginsConfigFile | quote }}
 {{- if include "epp.leaderElection" . }}
 - --ha-enable-leader-election
+{{- end }}
+{{- if eq (default "leader" $ext.haMode) "active-active" }}
+- --ha-mode
+- active-active
 {{- end }}
 {{- include "epp.extraFlags" . }}
 - --tracing={{ if $ext.tracing.enabled }}true{{ else }}false{{ end }}

@@ -63,9 +63,10 @@ else the reference's inferenceExtension.endpointsServer.createInferencePool (def
 {{- end -}}
 {{- end -}}
 
-{{/* "true" when leader election is on: more than one replica, as the reference. */}}
+{{/* "true" when leader election is on: more than one replica, as the reference (not with haMode active-active). */}}
 {{- define "epp.leaderElection" -}}
-{{- if gt (int .Values.inferenceExtension.replicas) 1 -}}true{{- end -}}
+{{- $aa := eq (default "leader" .Values.inferenceExtension.haMode) "active-active" -}}
+{{- if and (gt (int .Values.inferenceExtension.replicas) 1) (not $aa) -}}true{{- end -}}
 {{- end -}}
 
 {{/* The probes' gRPC health services: the reference asks `inference-extension` unless leader election is on. */}}
@@ -238,6 +239,10 @@ serving TLS).
 - {{ printf "/config/%s" $ext.pluginsConfigFile | quote }}
 {{- if include "epp.leaderElection" . }}
 - --ha-enable-leader-election
+{{- end }}
+{{- if eq (default "leader" $ext.haMode) "active-active" }}
+- --ha-mode
+- active-active
 {{- end }}
 {{- include "epp.extraFlags" . }}
 - --tracing={{ if $ext.tracing.enabled }}true{{ else }}false{{ end }}

@@ -1,0 +1,39 @@
+"""The charts run several active-active replicas without leader election (`haMode: active-active`)."""
+
+from __future__ import annotations
+
+import pytest
+
+import copy
+from typing import Any
+
+from tests.deploy.charts import container, flag, lint, load_values, render
+
+
+def values(chart: str, **ext: Any) -> dict[str, Any]:
+    v = copy.deepcopy(load_values(chart, "defaults"))
+    v.setdefault("inferenceExtension", {}).update(ext)
+    return v
+
+
+@pytest.mark.parametrize("chart", ["inferencepool", "standalone"])
+def test_active_active_replicas_without_leader_election(chart: str) -> None:
+    vals = values(chart, replicas=3, haMode="active-active")
+    out = render(chart, vals)
+    deploy = out.get("Deployment")
+    assert deploy["spec"]["replicas"] == 3
+    assert deploy["spec"].get("strategy", {}).get("type") != "Recreate"  # rolling updates: all are ready
+    c = container(out)
+    args = c["args"]
+    assert flag(args, "--ha-mode") == "active-active"
+    assert "--ha-enable-leader-election" not in args
+    assert c["readinessProbe"]["grpc"]["service"] == "inference-extension"
+    assert not lint(chart, vals)
+
+
+@pytest.mark.parametrize("chart", ["inferencepool", "standalone"])
+def test_leader_mode_is_the_default(chart: str) -> None:
+    c = container(render(chart, values(chart, replicas=2)))
+    assert "--ha-enable-leader-election" in c["args"] and flag(c["args"], "--ha-mode") is None
+    with pytest.raises(Exception, match="haMode"):
+        render(chart, values(chart, haMode="both"))
