@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         from epp import check_config
 
         return check_config.main(args[1:])
+    if args and args[0] == "sidecar":
+        from epp import sidecar
+
+        return sidecar.main(args[1:])
     opts = parse_args(args)
     logs.setup(opts.log_level, opts.log_format, time_encoding=opts.log_time_encoding,
                stacktrace_level=opts.log_stacktrace_level)

@@ -38,6 +38,7 @@ class SimRequest:
     model: str = ""
     data: Any = None  # anything the caller wants back in the result
     priority: int = 0  # < 0: sheddable (a router's admission check may refuse it)
+    remote_tokens: int = 0  # P/D: prompt tokens whose KV arrives from a prefill server (epp.sim.pd)
 
 
 @dataclass(slots=True)
@@ -273,6 +274,11 @@ class Cluster:
         self._in_system -= 1
         self._place(req, idx, arrival)
 
+    def hold(self) -> None:
+        """Count a request the policy will dispatch() later without choose() holding it (e.g. the
+        decode leg of a P/D request, placed after its KV transfer: epp.sim.pd)."""
+        self._in_system += 1
+
     def refuse(self, req: SimRequest, status: int, message: str, arrival: float) -> None:
         """Answer a held request with an error now (e.g. its queue TTL expired)."""
         self._in_system -= 1
@@ -291,6 +297,7 @@ class Cluster:
                                 error=e.message, request=req)
             self._complete(res)
             return
+        seq.remote_tokens = req.remote_tokens
         self._in_system += 1
         ep = server.endpoint
         ep.inflight += 1

@@ -118,6 +118,7 @@ class Seq:
     finish_reason: str = ""  # "length" or "abort"
     preemptions: int = 0
     token_ids: list[int] | None = None  # the prompt's ids, kept only while KV events are published
+    remote_tokens: int = 0  # P/D decode: prompt tokens whose KV came from a prefill pod (epp.sim.pd)
 
     @property
     def num_tokens(self) -> int:
@@ -279,8 +280,13 @@ class Engine:
                 limit = (seq.num_tokens - 1) // bs
                 hits, free_hits = kv.match(seq.hashes, limit) if limit else ([], 0)
                 hit_tokens = len(hits) * bs
-                n = min(seq.num_tokens - hit_tokens, budget)
-                need = -(-(hit_tokens + n) // bs) - len(hits)
+                # P/D: blocks transferred from a prefill pod are present without computing them
+                # (the first admission only; a preempted sequence recomputes, as vLLM does)
+                present = hit_tokens
+                if seq.remote_tokens and seq.scheduled is None:
+                    present = max(hit_tokens, min(seq.remote_tokens // bs, limit) * bs)
+                n = min(seq.num_tokens - present, budget)
+                need = -(-(present + n) // bs) - len(hits)
                 if need > kv.free_count - free_hits:
                     waiting.appendleft(seq)
                     break
@@ -288,7 +294,7 @@ class Engine:
                 seq.hashed = len(hits)
                 hits.extend(kv.allocate(need))
                 seq.blocks = hits
-                seq.num_computed = hit_tokens
+                seq.num_computed = present
                 seq.state = RUNNING
                 self.stats.prefix_queries += seq.num_tokens
                 self.stats.prefix_hits += hit_tokens

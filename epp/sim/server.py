@@ -39,6 +39,7 @@ from epp.sim.config import EngineConfig, Faults
 from epp.sim.engine import DONE, Engine, Seq, SimError
 from epp.sim.exposition import ENGINE_KINDS, make_registry, render
 from epp.sim.live import LiveDriver
+from epp.sim.pd import TransferCost, is_prefill_request, prefill_response_params, remote_tokens
 from epp.sim.tokens import chat_prompt, completion_prompt, detokenize, output_piece, output_text, token_ids
 
 log = logging.getLogger("epp.sim.server")
@@ -67,6 +68,8 @@ class ServedRecord:
     ttft: float | None = None
     e2e: float | None = None
     queue: float | None = None
+    kv_transfer: str = ""  # P/D: "prefill" (answered with kv_transfer_params) | "decode" (took remote KV)
+    transfer_tokens: int = 0  # P/D decode: prompt tokens whose KV came from the prefill pod
 
 
 @dataclass(slots=True)
@@ -81,6 +84,8 @@ class SimServerConfig:
     seed: int = 0  # fault-injection randomness
     engine: EngineConfig = field(default_factory=EngineConfig)
     faults: Faults = field(default_factory=Faults)
+    role: str = ""  # P/D: the pod's llm-d.ai/role (prefill, decode, ...), shown in /sim/state
+    transfer: TransferCost = field(default_factory=TransferCost)  # P/D: KV pull cost on a decode pod
 
 
 def _error(status: int, message: str, kind: str) -> web.Response:
@@ -261,11 +266,22 @@ class SimServer:
         served_model = model or self.cfg.engine.model
         opts = body.get("stream_options")
         include_usage = stream and isinstance(opts, dict) and opts.get("include_usage") is True
+        kv_params = body.get("kv_transfer_params")
+        extra: dict[str, Any] | None = None
+        if is_prefill_request(kv_params):  # P/D: a prefill pod's answer names the blocks to pull
+            rec.kv_transfer = "prefill"
+            extra = {"kv_transfer_params": prefill_response_params(
+                self.name, seq.prompt_tokens, self.cfg.engine.block_size, self.cfg.host, self.port)}
+        elif (pulled := remote_tokens(kv_params, self.cfg.engine.block_size, seq.prompt_tokens)) > 0:
+            # P/D decode: the prompt's KV arrives from the prefill pod (the transfer's time first)
+            seq.remote_tokens = rec.transfer_tokens = pulled
+            rec.kv_transfer = "decode"
+            await asyncio.sleep(self.driver.wall_delay(self.cfg.transfer.seconds(pulled)))
         self.driver.submit(seq)
         try:
             if stream:
                 return await self._stream(request, rec, seq, event, chat, served_model, include_usage)
-            return await self._whole(request, rec, seq, event, chat, served_model)
+            return await self._whole(request, rec, seq, event, chat, served_model, extra)
         finally:
             if seq.state != DONE:
                 self.driver.abort(seq)
@@ -291,7 +307,7 @@ class SimServer:
             request.transport.abort()
 
     async def _whole(self, request: web.Request, rec: ServedRecord, seq: Seq, event: asyncio.Event,
-                     chat: bool, model: str) -> web.StreamResponse:
+                     chat: bool, model: str, extra: dict[str, Any] | None = None) -> web.StreamResponse:
         while seq.state != DONE:
             await event.wait()
             event.clear()
@@ -313,6 +329,8 @@ class SimServer:
                     "choices": [{"index": 0, "text": text, "logprobs": None,
                                  "finish_reason": seq.finish_reason, "stop_reason": None}],
                     "usage": self._usage(seq)}
+        if extra:
+            body.update(extra)
         return web.json_response(body)
 
     async def _stream(self, request: web.Request, rec: ServedRecord, seq: Seq, event: asyncio.Event,
