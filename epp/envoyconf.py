@@ -11,13 +11,17 @@ asks only for the phases its features need):
 | profile  | req headers | req body             | req trailers | resp headers | resp body            | resp trailers |
 |----------|-------------|----------------------|--------------|--------------|----------------------|---------------|
 | duplex   | SEND        | FULL_DUPLEX_STREAMED | SEND         | SEND         | FULL_DUPLEX_STREAMED | SEND          |
-| buffered | SEND        | BUFFERED             | SKIP         | SEND         | NONE                 | SKIP          |
+| buffered | SEND        | BUFFERED             | SKIP         | SEND         | STREAMED (override)  | SEND          |
 | lean     | SEND        | FULL_DUPLEX_STREAMED | SEND         | SKIP         | NONE                 | SEND          |
 
 - Picking, model rewrite and the request-side objective/fairness headers need the request headers
   and body: every profile.
 - Usage (token counts), token metrics and restoring the client's model name in the response body
-  need the response body: duplex only.
+  need the response body: duplex for every request; buffered for the requests that need it (the
+  picker's `mode_override` on the response-headers reply turns the body off for the others:
+  `allow_mode_override` is set for this profile only, because Envoy 1.40 ignores an override
+  while the request body mode is FULL_DUPLEX_STREAMED; buffered's response trailers SEND keep the
+  ext_proc stream open to the end of the exchange once the body is off).
 - The served endpoint (fallback feedback), the conformance echo header and time to first byte need
   the response headers: duplex and buffered. The end of in-flight accounting needs the ext_proc
   stream to stay open until the exchange ends: with a FULL_DUPLEX_STREAMED request body Envoy 1.40
@@ -119,9 +123,13 @@ _MODES: dict[str, dict[str, str]] = {
         "request_header_mode": "SEND",
         "response_header_mode": "SEND",
         "request_body_mode": "BUFFERED",
-        "response_body_mode": "NONE",
+        # STREAMED, not FULL_DUPLEX_STREAMED: Envoy holds the body until the response-headers reply,
+        # whose mode_override switches it off for the requests that need nothing from it; an
+        # unchanged chunk is answered with an empty reply (no copy back)
+        "response_body_mode": "STREAMED",
         "request_trailer_mode": "SKIP",
-        "response_trailer_mode": "SKIP",
+        # with the body off, trailers SEND keep the stream open to the end (in-flight accounting)
+        "response_trailer_mode": "SEND",
     },
     "lean": {
         "request_header_mode": "SEND",
@@ -390,7 +398,9 @@ def _ext_proc(
         "grpc_service": {"envoy_grpc": {"cluster_name": cluster}},
         "processing_mode": dict(modes),
         "failure_mode_allow": fail_open,
-        "allow_mode_override": False,
+        # the picker drops the response body per request (epp.extproc); Envoy 1.40 honours that only
+        # when the request body is not FULL_DUPLEX_STREAMED, so the other profiles stay as shipped
+        "allow_mode_override": modes.get("response_body_mode") == "STREAMED",
         "message_timeout": _duration(message_timeout_s),
     }
     if lb_metadata:

@@ -54,7 +54,7 @@ POOL_B = PoolSpec(name="q", target_ports=(8000,), models=("qwen",), picker="127.
     ("profile", "expect"),
     [
         ("duplex", ("SEND", "FULL_DUPLEX_STREAMED", "SEND", "SEND", "FULL_DUPLEX_STREAMED", "SEND")),
-        ("buffered", ("SEND", "BUFFERED", "SKIP", "SEND", "NONE", "SKIP")),
+        ("buffered", ("SEND", "BUFFERED", "SKIP", "SEND", "STREAMED", "SEND")),
         ("lean", ("SEND", "FULL_DUPLEX_STREAMED", "SEND", "SKIP", "NONE", "SEND")),
     ],
 )
@@ -65,7 +65,7 @@ def test_processing_mode_per_profile(profile: str, expect: tuple[str, ...]) -> N
             "response_header_mode", "response_body_mode", "response_trailer_mode")  # fmt: skip
     assert tuple(mode[k] for k in keys) == expect
     assert ext["metadata_options"] == {"receiving_namespaces": {"untyped": ["envoy.lb"]}}
-    assert ext["allow_mode_override"] is False
+    assert ext["allow_mode_override"] is (profile == "buffered")  # honoured only without a duplex request body
     assert ext["failure_mode_allow"] is False
     assert ext["grpc_service"] == {"envoy_grpc": {"cluster_name": "epp.default.p"}}
 
