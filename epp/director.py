@@ -11,7 +11,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from epp import openai
@@ -40,6 +40,8 @@ FAIRNESS_HEADERS = ("x-llm-d-inference-fairness-id", FAIRNESS_HEADER)
 MODEL_REWRITE_HEADERS = ("x-llm-d-model-name-rewrite", MODEL_REWRITE_HEADER)
 DEFAULT_FAIRNESS_ID = "default-flow"
 REQUEST_ID_HEADER = "x-request-id"
+# Request headers a profile handler sets for the decode pod's sidecar (P/D, data parallel)
+DISAGG_HEADERS = ("x-prefiller-host-port", "x-encoder-hosts-ports", "x-data-parallel-host-port")
 # Conformance hooks: active only through the header-based-testing-filter and the
 # destination-endpoint-served-verifier plugins; the names stay here for tests and tools.
 CONFORMANCE_SELECT_HEADER = "test-epp-endpoint-selection"
@@ -140,6 +142,9 @@ class Routed:
     destination: str  # "ip:port[,ip:port...]", primary first; "" = no destination (no envoy.lb metadata)
     body: bytes | None
     set_headers: list[tuple[str, str]]
+    # Client request headers that must not reach the upstream (a set_headers entry of the same
+    # name replaces the client's value instead).
+    remove_headers: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -153,6 +158,17 @@ class Queued:
     target: str
     grpc: bool
     route: Callable[[], Routed | Rejected]
+
+
+def _prompt_tokens(parsed: ParsedRequest | None, body: bytes | None) -> int:
+    """The request's prompt size in tokens: the parser's exact count when it has one (token-id
+    requests, e.g. gRPC `extra["prompt_tokens"]`), else ~4 bytes a token of the body (not of the
+    prompt text, which is cut at openai.PROMPT_LIMIT)."""
+    if parsed is not None:
+        n = parsed.extra.get("prompt_tokens")
+        if isinstance(n, int) and not isinstance(n, bool) and n >= 0:
+            return n
+    return (len(body) if body is not None else 0) // 4
 
 
 def _parse_subset(value: object) -> list[str] | None:
@@ -315,8 +331,7 @@ class Director:
                 request_size=len(body) if body is not None else 0,
                 started=started,
                 routed_at=t1,
-                # ~4 bytes a token; the body, since the prompt text is cut at openai.PROMPT_LIMIT
-                prompt_tokens_est=(len(body) if body is not None else 0) // 4,
+                prompt_tokens_est=_prompt_tokens(parsed, body),
                 rewrite_source=source,
                 rewrite_rule=rule,
                 sched_seconds=t1 - t0,
@@ -328,14 +343,19 @@ class Director:
             sched.body = None
             if self.telemetry is not None:
                 self.telemetry.routed(ctx)
-            destination = ",".join(e.address for e in result.endpoints)
+            destination = result.destination or ",".join(e.address for e in result.endpoints)
             set_headers.append((DEST_HEADER, destination))
+            # P/D: the prefill (encode, data-parallel rank) pods the profile handler chose; a client
+            # never chooses them (the sidecar would call whatever host the header names)
+            set_headers.extend(result.headers)
+            remove = [h for h in DISAGG_HEADERS if h in headers]
             # As the reference: every request with a body carries the length of the body sent on
             # (changed or not), so the proxy never forwards a stale Content-Length.
             size = len(new_body) if new_body is not None else len(body) if body is not None else 0
             if size > 0:
                 set_headers.append(("content-length", str(size)))
-            return Routed(ctx=ctx, destination=destination, body=new_body, set_headers=set_headers)
+            return Routed(ctx=ctx, destination=destination, body=new_body, set_headers=set_headers,
+                          remove_headers=remove)
 
         if self.flow_control is None:
             return route()

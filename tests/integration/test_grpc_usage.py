@@ -204,3 +204,25 @@ async def test_passthrough_call_passes_through_unread(start_picker) -> None:
     passed, last = await answer(call, cut(lookalike, (3,)))
     assert passed == lookalike and [cost(r) for r in last] == [None]
     assert histogram_sums(app).get("inference_objective_input_tokens_sum", 0.0) == 0
+
+
+@pytest.mark.parametrize("ids", [5000, 20000])
+async def test_in_flight_tokens_are_the_prompt_token_count(start_picker, ids: int) -> None:
+    """A token-id request counts its exact prompt length (the parser's extra["prompt_tokens"], the
+    whole prompt even past the 16384 ids kept for prefix matching) on the endpoint while in flight,
+    not the body's bytes / 4; a text prompt still counts bytes / 4. Released at the end."""
+    app, ch = await start_picker(endpoints=[EP], config_text=CONFIG)
+    endpoint = next(iter(app.datastore.endpoints.values()))
+    body = generate_request(True, ids=ids)
+    assert len(body) // 4 != ids
+    call = ep_grpc.ExternalProcessorStub(ch).Process()
+    await route(call, GENERATE, body)
+    assert endpoint.inflight_tokens == ids
+    await answer(call, [generate_answer(prompt=ids, completion=2, cached=0)])
+    assert endpoint.inflight_tokens == 0
+    text = frame(pb.GenerateRequest(request_id="t", text="x" * 4000, stream=True).SerializeToString())
+    call = ep_grpc.ExternalProcessorStub(ch).Process()
+    await route(call, GENERATE, text)
+    assert endpoint.inflight_tokens == len(text) // 4
+    await answer(call, [generate_answer(prompt=1000, completion=2, cached=0)])
+    assert endpoint.inflight_tokens == 0
