@@ -97,7 +97,13 @@ def port_number(desc: str) -> Schema:
     return integer(desc, minimum=1, maximum=65535)
 
 
-def conditions(desc: str) -> Schema:
+def pending(condition_type: str) -> list[Schema]:
+    """The condition GIE and llm-d default a new status to (no controller has looked yet)."""
+    return [{"lastTransitionTime": "1970-01-01T00:00:00Z", "message": "Waiting for controller",
+             "reason": "Pending", "status": "Unknown", "type": condition_type}]
+
+
+def conditions(desc: str, **extra: Any) -> Schema:
     """metav1.Condition list, keyed by type."""
     cond = obj(
         {
@@ -121,6 +127,7 @@ def conditions(desc: str) -> Schema:
         desc,
         maxItems=8,
         **{"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+        **extra,
     )
 
 
@@ -341,7 +348,7 @@ def rewrite_schema() -> Schema:
             "model": obj(
                 {
                     "type": string("How value is compared; only Exact.", default="Exact", enum=["Exact"]),
-                    "value": string("The model name from the request body.", minLength=1, maxLength=253),
+                    "value": string("The model name from the request body.", minLength=1),
                 },
                 ["value"],
             )
@@ -350,12 +357,10 @@ def rewrite_schema() -> Schema:
     )
     target = obj(
         {
-            "modelRewrite": string(
-                "The model name written into the request body.", minLength=1, maxLength=253
-            ),
+            "modelRewrite": string("The model name written into the request body."),
             "weight": integer(
-                "Share of traffic sent to this target (all zero or unset: uniform).",
-                minimum=0,
+                "Share of traffic sent to this target (set on all targets or on none; unset: uniform).",
+                minimum=1,
                 maximum=1000000,
             ),
         },
@@ -375,11 +380,14 @@ def rewrite_schema() -> Schema:
             "poolRef": pool_ref(GROUP_V1),
             "rules": array(rule, "Rewrite rules (exact matches win over generic rules)."),
         },
-        ["poolRef"],
+        # as GIE v1.5.0 and llm-d v0.10.0 declare it: rules required, weights 1..1000000, names unbounded
+        ["poolRef", "rules"],
         "Model-name rewrites for requests to a pool.",
     )
     # status as GIE and llm-d declare it (conditions, e.g. Accepted); the picker never writes it
-    status = obj({"conditions": conditions("Conditions of the rewrite.")}, desc="Observed state.")
+    status = obj(
+        {"conditions": conditions("Conditions of the rewrite.", default=pending("Accepted"))}, desc="Observed state."
+    )
     return root_schema(
         "InferenceModelRewrite: rewrites the requested model name (read-only config).", spec, status
     )
@@ -399,7 +407,9 @@ def objective_schema() -> Schema:
         ["poolRef"],
         "A named priority, selected by the x-gateway-inference-objective request header.",
     )
-    status = obj({"conditions": conditions("Conditions of the objective.")}, desc="Observed state.")
+    status = obj(
+        {"conditions": conditions("Conditions of the objective.", default=pending("Ready"))}, desc="Observed state."
+    )
     return root_schema("InferenceObjective: a named request priority for a pool.", spec, status)
 
 
