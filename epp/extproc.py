@@ -146,8 +146,8 @@ def _route_reply(kind: str, routed: Routed) -> ep.ProcessingResponse:
     destination header, body unchanged) is built once per destination and reused: a reply message
     is never mutated after it is built, and building it is a measurable share of a request's CPU."""
     sh = routed.set_headers
-    simple = routed.body is None and 1 <= len(sh) <= 2 and sh[0][0] == DEST_HEADER and (
-        len(sh) == 1 or sh[1][0] == "content-length")
+    simple = routed.body is None and not routed.remove_headers and 1 <= len(sh) <= 2 and sh[0][0] == DEST_HEADER \
+        and (len(sh) == 1 or sh[1][0] == "content-length")
     if simple:
         key = (kind, routed.destination, sh[1][1] if len(sh) == 2 else "")
         reply = _ROUTE_REPLIES.get(key)
@@ -168,10 +168,14 @@ def _route_reply(kind: str, routed: Routed) -> ep.ProcessingResponse:
 
 
 def _common(routed: Routed, body_in_reply: bool) -> ep.CommonResponse:
-    common = ep.CommonResponse(
-        header_mutation=ep.HeaderMutation(set_headers=[_hvo(k, v) for k, v in routed.set_headers]),
-        clear_route_cache=True,
-    )
+    drop = routed.remove_headers
+    if drop:  # a header the decision sets replaces the client's; the others are removed
+        setting = {k for k, _ in routed.set_headers}
+        mutation = ep.HeaderMutation(set_headers=[_hvo(k, v, overwrite=k in drop) for k, v in routed.set_headers],
+                                     remove_headers=[h for h in drop if h not in setting])
+    else:
+        mutation = ep.HeaderMutation(set_headers=[_hvo(k, v) for k, v in routed.set_headers])
+    common = ep.CommonResponse(header_mutation=mutation, clear_route_cache=True)
     if body_in_reply and routed.body is not None:
         common.body_mutation.body = routed.body
     return common
