@@ -231,6 +231,7 @@ class Stack:
     """Simulators, the picker (unless round-robin) and Envoy, as child processes."""
 
     policy: str = "default"  # default (the picker) | round-robin (Envoy alone)
+    profile: str = "duplex"  # the generated Envoy config's processing profile (envoyconf.PROFILES)
     time_scale: float = 1.0
     pods: int = PODS
     listen_port: int = 0
@@ -279,7 +280,7 @@ class Stack:
             self.picker_metrics = f"http://127.0.0.1:{started['metrics_port']}/metrics"
             spec = envoyconf.PoolSpec(name=POOL, target_ports=(aliases[1] if aliases else 1,),
                                       picker=f"127.0.0.1:{started['grpc_port']}")  # fmt: skip
-            config = envoyconf.bootstrap([spec], "duplex", "original_dst", listen_address="127.0.0.1",
+            config = envoyconf.bootstrap([spec], self.profile, "original_dst", listen_address="127.0.0.1",
                                          listen_port=self.listen_port, admin_port=0, picker_tls=True)  # fmt: skip
         await self._start_envoy(config)
         await self._warm_up()
