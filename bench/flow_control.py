@@ -41,12 +41,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from routing_policies import PickerPolicy, policy  # noqa: E402
+from routing_policies import PickerPolicy, _Replica, policy  # noqa: E402
 from routing_quality import (  # noqa: E402
     POLL_INTERVAL,
     SETTLE,
     WARMUP_SHARE,
     Workload,
+    _bursty,
     _track_busy,
     capacity,
     measure,
@@ -77,20 +78,18 @@ class NoShedPicker(PickerPolicy):
     """The picker without its legacy admission (flow control in front decides instead)."""
 
     def choose(self, request: SimRequest, servers: Sequence[Any]) -> int:
-        idx = super().choose(request, servers)
-        for rep in self._replicas:
-            rep.admission = _NoShed()  # type: ignore[assignment]
-        return idx
+        if not self._replicas:
+            self._replicas = [_Replica(self.cfg, servers, self.clock, self._seed * 1000 + r) for r in range(self._n)]
+            for rep in self._replicas:
+                rep.admission = _NoShed()  # type: ignore[assignment]
+        return super().choose(request, servers)
 
 
 def picker(name: str, seed: int, *, shed: bool = True) -> PickerPolicy:
     spec = policy(name)
     assert spec.config is not None
     cls = PickerPolicy if shed else NoShedPicker
-    pol = cls(spec.config(), seed=seed)
-    if not shed:  # replicas exist after the first choose; make them now so the first request is not shed
-        pol._replicas = []
-    return pol
+    return cls(spec.config(), seed=seed)
 
 
 @dataclass(frozen=True)
@@ -235,8 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rate = _rate(base, servers, n, seed) * load / 100
 
         def stream(w: Any = w, rate: float = rate, sheddable: float = sheddable, critical: float = critical) -> Stream:
-            s = w.make(n + n_warm(n), rate, servers, seed) if not sheddable else \
-                __import__("routing_quality")._bursty(n + n_warm(n), rate, servers, seed, sheddable=sheddable)
+            s = (_bursty(n + n_warm(n), rate, servers, seed, sheddable=sheddable) if sheddable
+                 else w.make(n + n_warm(n), rate, servers, seed))
             if critical:
                 s = _critical(s, critical, seed)
             return warmed(s, n_warm(n))

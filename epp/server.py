@@ -272,6 +272,7 @@ class App:
         metrics = FlowControlMetrics(self.telemetry.registry, opts.pool_name, detector=s.detector_name)
         controller = flow_build.build(self.config, lambda: self.datastore.candidates, metrics=metrics)
         assert controller is not None
+        metrics.watch(controller)
         flow = AsyncFlowControl(controller)
         self.datastore.subscribe(lambda added, removed: flow.notify())
         log.info("flow control on", extra={"detector": s.detector_name, "default_ttl_s": s.default_ttl,

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from epp import __version__
-from epp.director import RequestContext, Routed
+from epp.director import Queued, Rejected, RequestContext, Routed
 
 log = logging.getLogger("epp.tracing")
 
@@ -135,6 +135,11 @@ class TracingDecider:
         with self.tracer.start_as_current_span(SPAN_NAME, context=parent, kind=self._kind,
                                                record_exception=False, set_status_on_exception=True) as span:
             result = self.inner.decide(headers, body, subset_hint, started)
+            if isinstance(result, Queued):  # flow control holds it: pass this span's context on at dispatch
+                self._inject_later(result)
+                if span.is_recording():
+                    span.set_attribute("gateway.flow_control.queued", True)
+                return result
             if not span.is_recording():  # not sampled: still pass the context on, skip the attributes
                 if isinstance(result, Routed):
                     self._inject(result)
@@ -149,6 +154,20 @@ class TracingDecider:
                                      "gateway.error": getattr(result, "code", "")})
                 span.set_status(self._status(self._error.status_code, getattr(result, "message", "")))
             return result
+
+    def _inject_later(self, queued: Queued) -> None:
+        carrier: dict[str, str] = {}
+        self._propagator.inject(carrier)
+        headers = [(k, v) for k, v in carrier.items() if k in ("traceparent", "tracestate")]
+        route = queued.route
+
+        def routed_with_context() -> Routed | Rejected:
+            out = route()
+            if isinstance(out, Routed):
+                out.set_headers.extend(headers)
+            return out
+
+        queued.route = routed_with_context
 
     def _inject(self, routed: Routed) -> None:
         carrier: dict[str, str] = {}

@@ -48,7 +48,12 @@ class AsyncFlowControl:
         fut: asyncio.Future[T | Drop] = loop.create_future()
 
         def done(item: Item) -> Any:
-            value: Any = bind() if item.outcome is Outcome.DISPATCHED else item.drop
+            try:
+                value: Any = bind() if item.outcome is Outcome.DISPATCHED else item.drop
+            except Exception as e:  # the binding failed: the waiter gets the error, never hangs
+                if not fut.done():
+                    fut.set_exception(e)
+                return None
             if fut.done():  # the waiter is gone (cancelled): give the binding back
                 if item.outcome is Outcome.DISPATCHED and unbind is not None:
                     unbind(value)

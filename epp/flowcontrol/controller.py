@@ -62,7 +62,7 @@ class Metrics(Protocol):
 
     def finished(self, item: Item, seconds: float) -> None: ...
 
-    def cycle(self, seconds: float, saturation: float, stale: int) -> None: ...
+    def cycle(self, seconds: float) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,22 +241,36 @@ class FlowController:
                 log.exception("flow-control completion callback failed", extra={"request_id": item.request_id})
 
     # ---- dispatch ---------------------------------------------------------------------------
+    def _gate(self, now: float) -> Sequence[Endpoint] | None:
+        """The endpoints the detector judges (None: an empty pool; [] : every pod stale and ignored)."""
+        pool = self.candidates()
+        if not pool:
+            return None
+        if self.settings.staleness_policy == STALENESS_IGNORE and self._stale_after is not None:
+            return [ep for ep in pool if fresh_metrics(ep, now, self._stale_after) is not None]
+        return pool
+
     def has_room(self, now: float | None = None) -> bool:
         """Whether the detector reports room now (False for an empty pool)."""
         now = self.clock() if now is None else now
-        pool = self.candidates()
-        self.pool_empty = not pool
-        if not pool:
+        gate = self._gate(now)
+        self.pool_empty = gate is None
+        if gate is None:
             self.last_saturation = 1.0
             return False
-        gate: Sequence[Endpoint] = pool
-        if self.settings.staleness_policy == STALENESS_IGNORE and self._stale_after is not None:
-            gate = [ep for ep in pool if fresh_metrics(ep, now, self._stale_after) is not None]
-            if not gate:
-                self.last_saturation = 0.0
-                return True
+        if not gate:
+            self.last_saturation = 0.0
+            return True
         self.last_saturation = self.detector.pool_saturation(gate, now)
         return not self.detector.pool_saturated(gate, now)
+
+    def saturation(self, now: float | None = None) -> float:
+        """The pool saturation gating dispatch (1.0 for an empty pool), for gauges."""
+        now = self.clock() if now is None else now
+        gate = self._gate(now)
+        if gate is None:
+            return 1.0
+        return self.detector.pool_saturation(gate, now) if gate else 0.0
 
     def dispatch(self, limit: int = MAX_DISPATCH_PER_CYCLE) -> int:
         """One dispatch cycle: dispatch while there is room and work, at most `limit`; the count."""
@@ -273,7 +287,7 @@ class FlowController:
             self._finalize(item, Outcome.DISPATCHED, now)
             n += 1
         if self.metrics is not None:
-            self.metrics.cycle(self.timer() - t0, self.last_saturation, self.stale_count(now))
+            self.metrics.cycle(self.timer() - t0)
         return n
 
     def _next(self) -> Item | None:
@@ -289,10 +303,11 @@ class FlowController:
                 return item
         return None
 
-    def stale_count(self, now: float) -> int:
+    def stale_count(self, now: float | None = None) -> int:
         """Candidates whose metrics are missing or stale (0 for a detector blind to metrics)."""
         if self._stale_after is None:
             return 0
+        now = self.clock() if now is None else now
         return sum(1 for ep in self.candidates() if fresh_metrics(ep, now, self._stale_after) is None)
 
     # ---- time -------------------------------------------------------------------------------

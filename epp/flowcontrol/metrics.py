@@ -90,7 +90,11 @@ class FlowControlMetrics:
         self.queue_duration.labels(f[0], f[1], outcome, self.pool, f[3], f[4]).observe(seconds)
         self.requests.labels(outcome, f[1], self.pool).inc()
 
-    def cycle(self, seconds: float, saturation: float, stale: int) -> None:
+    def cycle(self, seconds: float) -> None:
         self.cycle_duration.observe(seconds)
-        self._sat_child.set(saturation)
-        self._stale_child.set(stale)
+
+    def watch(self, controller: Any) -> None:
+        """Pool saturation and stale endpoints are read from the controller at scrape time (true
+        whether or not anything is queued)."""
+        self._sat_child.set_function(controller.saturation)
+        self._stale_child.set_function(controller.stale_count)

@@ -113,3 +113,19 @@ async def test_ten_thousand_waiters_cost_memory_only():
     afc.notify()
     outs = await asyncio.wait_for(asyncio.gather(*waiters), 10)
     assert all(o is pool[0] for o in outs)
+
+
+async def test_a_failing_binding_reaches_the_waiter_and_never_hangs():
+    pool, afc = _setup()
+    await afc.admit(FlowKey(0), _binder(pool))
+
+    def broken() -> Endpoint:
+        raise RuntimeError("scheduler bug")
+
+    waiter = asyncio.ensure_future(afc.admit(FlowKey(0), broken))
+    await asyncio.sleep(0)
+    pool[0].inflight = 0
+    afc.notify()
+    with pytest.raises(RuntimeError, match="scheduler bug"):
+        await asyncio.wait_for(waiter, 2)
+    assert afc.controller.live == 0
