@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-ms-per-token", type=float, default=d.prefill_ms_per_token)
     p.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens)
     p.add_argument("--max-tokens-cap", type=int, default=d.max_tokens_cap)
+    k = p.add_argument_group("KV events (vLLM's --kv-events-config, wire format of epp.sim.kvevents)")
+    k.add_argument("--kv-events-endpoint", default="",
+                   help="ZMQ PUB endpoint: bound when it has `*` (with --count, server i binds port + i: its "
+                        "data-parallel rank), else connected (a picker's centralized endpoint)")
+    k.add_argument("--kv-events-replay-endpoint", default="", help="ROUTER replay endpoint (bound; port + i too)")
+    k.add_argument("--kv-events-topic", default="", help="topic (default llm-d's kv@<host:port>@<model>)")
     f = p.add_argument_group("fault injection")
     f.add_argument("--error-rate", type=float, default=0.0, help="fraction of requests answered with an error")
     f.add_argument("--error-status", type=int, default=500)
@@ -57,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--unhealthy", action="store_true", help="/health answers 503")
     f.add_argument("--log-level", default="WARNING")
     return p
+
+
+def _plus(endpoint: str, i: int) -> str:
+    """`tcp://host:port` with port + i ("" stays "")."""
+    if not endpoint or i == 0:
+        return endpoint
+    head, _, port = endpoint.rpartition(":")
+    return f"{head}:{int(port) + i}"
 
 
 def configs_from_args(args: argparse.Namespace) -> list[SimServerConfig]:
@@ -79,8 +93,13 @@ def configs_from_args(args: argparse.Namespace) -> list[SimServerConfig]:
         faults.update({})  # validates
         name = args.name if args.count == 1 else (f"{args.name or 'sim'}-{i}")
         port = args.port + i if args.port else 0
+        kv, replay = args.kv_events_endpoint, args.kv_events_replay_endpoint
+        if args.count > 1 and "*" in kv:  # one publisher per rank, on consecutive ports (as vLLM's DP ranks)
+            kv, replay = _plus(kv, i), _plus(replay, i)
         out.append(SimServerConfig(host=args.host, port=port, name=name, engine_kind=args.engine,
-                                   time_scale=args.time_scale, seed=args.seed + i, engine=engine, faults=faults))
+                                   time_scale=args.time_scale, seed=args.seed + i, engine=engine, faults=faults,
+                                   kv_events_endpoint=kv, kv_events_replay=replay, kv_events_topic=args.kv_events_topic,
+                                   data_parallel_rank=i if args.count > 1 and kv else None))
     return out
 
 

@@ -84,6 +84,13 @@ class SimServerConfig:
     seed: int = 0  # fault-injection randomness
     engine: EngineConfig = field(default_factory=EngineConfig)
     faults: Faults = field(default_factory=Faults)
+    # KV events (epp.sim.kvevents), vLLM's --kv-events-config: a PUB endpoint (bound when it has `*`
+    # or port 0, else connected: the picker's centralized endpoint), an optional replay endpoint,
+    # the topic ("" = llm-d's kv@<host:port>@<model>) and the data-parallel rank put in the payload
+    kv_events_endpoint: str = ""
+    kv_events_replay: str = ""
+    kv_events_topic: str = ""
+    data_parallel_rank: int | None = None
     role: str = ""  # P/D: the pod's llm-d.ai/role (prefill, decode, ...), shown in /sim/state
     transfer: TransferCost = field(default_factory=TransferCost)  # P/D: KV pull cost on a decode pod
 
@@ -117,6 +124,8 @@ class SimServer:
         self._site: web.TCPSite | None = None
         self._refuse_task: asyncio.Task[None] | None = None
         self._active: set[asyncio.Task[Any]] = set()
+        self.kv_publisher: Any = None  # epp.sim.kvevents.ZmqPublisher when KV events are published
+        self.kv_recorder: Any = None
 
     # ---- lifecycle -----------------------------------------------------------------------
     @property
@@ -168,6 +177,14 @@ class SimServer:
         if not self.name:
             self.name = f"sim-{self.port}"
         self.driver.start()
+        if self.cfg.kv_events_endpoint:
+            from epp.sim.kvevents import KVEventRecorder, ZmqPublisher, topic_for
+
+            self.kv_publisher = ZmqPublisher(
+                self.cfg.kv_events_endpoint, self.cfg.kv_events_topic or topic_for(self.address, self.cfg.engine.model),
+                replay_endpoint=self.cfg.kv_events_replay, data_parallel_rank=self.cfg.data_parallel_rank)
+            self.kv_recorder = KVEventRecorder(self.engine, self.kv_publisher.sink)
+            log.info("sim server %s publishes KV events on %s", self.name, self.kv_publisher.endpoint)
         log.info("sim server %s listening on %s (engine %s, time scale %g)", self.name, self.url,
                  self.cfg.engine_kind, self.cfg.time_scale)
         return self
@@ -180,6 +197,10 @@ class SimServer:
             await self._runner.cleanup()
             self._runner = None
         await self.driver.stop()
+        if self.kv_publisher is not None:
+            self.kv_recorder.detach()
+            self.kv_publisher.close()
+            self.kv_publisher = None
 
     async def __aenter__(self) -> SimServer:
         return await self.start()

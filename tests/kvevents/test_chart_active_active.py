@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
-
 import copy
 from typing import Any
+
+import pytest
 
 from tests.deploy.charts import container, flag, lint, load_values, render
 
