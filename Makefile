@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint typecheck run demo demo-rr bench bench-full bench-peers generate check-generated clean
+.PHONY: install test lint typecheck run demo demo-rr bench bench-full bench-peers bench-precise generate check-generated clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -61,6 +61,14 @@ bench-full: install
 	$(BIN)/python bench/sched_decision.py
 	$(BIN)/python bench/metrics_parse.py
 	$(BIN)/python bench/kube_latency.py
+
+# precise prefix routing from engine KV events: DES routing quality (~7 min; PRECISE_ARGS=--quick for
+# a few minutes) and the cost figures (ingest, lookup, tokenizer, RSS)
+PRECISE_ARGS ?=
+bench-precise: install
+	$(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/python bench/precise_prefix.py $(PRECISE_ARGS)
+	$(BIN)/python bench/precise_prefix_cost.py $(PRECISE_ARGS)
 
 # live: our picker behind Envoy vs SGLang's and vLLM's Rust routers on the same 4 simulators (~25 min;
 # `make bench-peers PEERS_ARGS=--quick` for < 3 min)
