@@ -62,7 +62,7 @@ bench-full: install
 	$(BIN)/python bench/metrics_parse.py
 	$(BIN)/python bench/kube_latency.py
 
-# precise prefix routing from engine KV events: DES routing quality (~7 min; PRECISE_ARGS=--quick for
+# precise prefix routing from engine KV events: DES routing quality (~15 min; PRECISE_ARGS=--quick for
 # a few minutes) and the cost figures (ingest, lookup, tokenizer, RSS)
 PRECISE_ARGS ?=
 bench-precise: install

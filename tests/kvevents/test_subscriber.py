@@ -171,3 +171,31 @@ def test_malformed_messages_are_counted_not_fatal(index: PreciseIndex, sub: KVEv
     finally:
         raw.close(linger=0)
         pub.close()
+
+
+def test_flood_of_events_from_invented_endpoints_stays_bounded() -> None:
+    """Centralized mode, one publisher flooding stores for thousands of made-up endpoints as fast as
+    it can: the subscriber keeps up or drops (ZMQ's queue bound), the index never passes its bounds."""
+    import random as _random
+
+    index = PreciseIndex(max_pods=16, max_entries_per_pod=300, max_entries=2000)
+    sub = KVEventSubscriber(index)
+    try:
+        bound = sub.bind("tcp://127.0.0.1:0")
+        pub = ZmqPublisher(bound, "kv@probe:1@m")
+        try:
+            assert wait_for(lambda: (pub.publish([stored(1, None)]), index.size_of("probe:1") > 0)[1])
+            rng = _random.Random(3)
+            for i in range(6000):
+                pub.topic = f"kv@10.9.{i % 40}.{i % 250}:8000@m"
+                hs = [rng.getrandbits(64) for _ in range(8)]
+                pub.publish([encode_stored(hs, None, [rng.randrange(1000) for _ in range(128)], 16)])
+                if i % 500 == 0:
+                    assert index.entries <= 2000 and len(index.addresses()) <= 16
+            assert wait_for(lambda: index.stats.refused_pods > 0)
+            assert index.entries <= 2000 and len(index.addresses()) <= 16
+            assert all(index.size_of(a) <= 300 for a in index.addresses())
+        finally:
+            pub.close()
+    finally:
+        sub.stop()
