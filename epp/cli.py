@@ -227,6 +227,7 @@ class Options:
     config_file: str = ""
     config_text: str = ""
     refresh_metrics_interval: float = 0.05
+    refresh_metrics_idle_interval: float = 0.5  # 0: every endpoint at --refresh-metrics-interval always
     refresh_prometheus_metrics_interval: float = 5.0
     metrics_staleness_threshold: float = 2.0
     ha_enable_leader_election: bool = False
@@ -357,6 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     sch.add_argument("--config-text", default="", help="EndpointPickerConfig YAML given inline")
     sch.add_argument("--refresh-metrics-interval", type=parse_duration, default=0.05,
                      help="how often each model server is scraped (default 50ms)")
+    sch.add_argument("--refresh-metrics-idle-interval", type=parse_duration, default=0.5,
+                     help="a model server with no request in flight whose metrics stopped changing is scraped "
+                          "ever slower, up to this interval; a request routed to it or a change brings it back "
+                          "to --refresh-metrics-interval at once (0: off; default 500ms, under the 2s staleness)")
     sch.add_argument("--refresh-prometheus-metrics-interval", type=parse_duration, default=5.0,
                      help="how often pool-average gauges are recomputed (default 5s)")
     sch.add_argument("--metrics-staleness-threshold", type=parse_duration, default=2.0,
@@ -516,6 +521,7 @@ def parse_args(argv: list[str]) -> Options:
         config_file=a.config_file,
         config_text=a.config_text,
         refresh_metrics_interval=a.refresh_metrics_interval,
+        refresh_metrics_idle_interval=a.refresh_metrics_idle_interval,
         refresh_prometheus_metrics_interval=a.refresh_prometheus_metrics_interval,
         metrics_staleness_threshold=a.metrics_staleness_threshold,
         ha_enable_leader_election=a.ha_enable_leader_election,

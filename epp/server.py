@@ -321,7 +321,8 @@ class App:
             self.sources.append(self.elector)
             await self.elector.start()
         if o.mode == "epp" and not self._metrics_off():
-            self.scraper = Scraper(self.datastore, interval=o.refresh_metrics_interval, engines=self.engines)
+            self.scraper = Scraper(self.datastore, interval=o.refresh_metrics_interval, engines=self.engines,
+                                   idle_interval=o.refresh_metrics_idle_interval or None)
             self.scraper.start()
             log.info("scheduling profile", extra={"profile": describe(self.config)})
 

@@ -50,6 +50,7 @@ DEFAULT_TIMEOUT = 1.0
 DEFAULT_CONCURRENCY = 128
 DEFAULT_MAX_PAGE_BYTES = 4 << 20
 DEFAULT_MAX_BACKOFF = 2.0
+CALM_AFTER = 3  # polls in a row with the same signals before an idle endpoint is polled slower
 
 # The classic text format (not OpenMetrics), uncompressed: on a LAN gzip costs both sides CPU for nothing.
 _HEADERS = {"Accept": "text/plain;version=0.0.4;q=1,*/*;q=0.1", "Accept-Encoding": "identity"}
@@ -77,6 +78,8 @@ class _Target:
     failing: bool = False
     backoff: float = 0.0  # the current delay after a failed poll (0 while polls succeed)
     polls: int = 0  # polls attempted (tests and benchmarks watch the backoff through it)
+    calm: int = 0  # successful polls in a row whose signals did not change
+    gap: float = 0.0  # the current delay between polls while healthy (grows while calm and idle)
     stopped: bool = False
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
@@ -100,6 +103,12 @@ def only_requested(text: str, names: frozenset[str]) -> bool:
         if line[:cut] not in names:
             return False
     return True
+
+
+def _signals(m: Metrics) -> tuple[object, ...]:
+    """What scorers read from one scrape, without its time: equal tuples mean nothing changed."""
+    return (m.waiting, m.running, m.kv_usage, m.lora_running, m.lora_waiting, m.lora_max, m.models,
+            m.block_size, m.num_blocks, tuple(m.custom.items()) if m.custom else ())
 
 
 def _has_required(text: str, spec: EngineSpec) -> bool:
@@ -127,6 +136,7 @@ class Scraper:
         rng: random.Random | None = None,
         max_page_bytes: int = DEFAULT_MAX_PAGE_BYTES,
         max_backoff: float = DEFAULT_MAX_BACKOFF,
+        idle_interval: float | None = None,
     ) -> None:
         """`port`/`path`/`scheme` override where every model server's metrics are read (default:
         the engine's, see EngineSpec); `ssl` is passed to aiohttp for https (False: do not verify;
@@ -134,7 +144,12 @@ class Scraper:
         fraction of the interval. `max_concurrency` bounds polls in flight: a poll to a silent pod
         holds its slot until `timeout`, so keep it well above the number of pods that may hang at
         once. `name_filter=False` never tries `?name[]=`. `max_page_bytes` caps one page;
-        `max_backoff` caps the delay between polls of a failing endpoint (at least the interval)."""
+        `max_backoff` caps the delay between polls of a failing endpoint (at least the interval).
+        `idle_interval` (None: off) adapts the rate to traffic and to change: an endpoint with no
+        request in flight whose signals stayed the same for CALM_AFTER polls is polled ever slower,
+        up to every `idle_interval` s (keep it under the staleness threshold); a request routed to
+        it, or a change on its page, brings it back to `interval` at once (the wait is cut in
+        `interval` slices that look at its in-flight count)."""
         if interval <= 0 or timeout <= 0 or max_concurrency < 1 or max_page_bytes < 1:
             raise ValueError("interval, timeout, max_page_bytes must be positive, max_concurrency at least 1")
         self.datastore = datastore
@@ -148,6 +163,7 @@ class Scraper:
         self.ssl = ssl
         self.max_page_bytes = max_page_bytes
         self.max_backoff = max(max_backoff, interval)
+        self.idle_interval = idle_interval if idle_interval and idle_interval > interval else None
         self.jitter = min(max(jitter, 0.0), 0.9)
         self.name_filter = name_filter
         self._rng = rng or random.Random()
@@ -248,17 +264,41 @@ class Scraper:
         next_at = loop.time()
         while not target.stopped:
             await self.poll_once(target)
+            step = interval * (1.0 + rng.uniform(-jitter, jitter))
             if target.failing:
                 # back off a failing endpoint: a broken or hostile server costs less and less
                 target.backoff = min(max(target.backoff * 2, interval * 2), self.max_backoff)
                 next_at += target.backoff
+            elif self.idle_interval is not None and target.calm >= CALM_AFTER and target.endpoint.inflight == 0:
+                # nothing routed there and nothing changed: the page costs the server to render
+                target.backoff = 0.0
+                target.gap = min(max(target.gap * 2, step * 2), self.idle_interval)
+                next_at += target.gap
             else:
                 target.backoff = 0.0
-                next_at += interval * (1.0 + rng.uniform(-jitter, jitter))
+                target.gap = step
+                next_at += step
             now = loop.time()
             if next_at < now:  # the poll overran (timeouts): start the next one now, not a burst
                 next_at = now
-            await asyncio.sleep(next_at - now)
+            if target.gap > interval and not target.failing:
+                await self._idle_wait(target, next_at, interval)
+            else:
+                await asyncio.sleep(next_at - now)
+
+    @staticmethod
+    async def _idle_wait(target: _Target, until: float, step: float) -> None:
+        """Sleep to `until` in `step` slices, cut short when a request is routed to the endpoint."""
+        loop = asyncio.get_running_loop()
+        ep = target.endpoint
+        while not target.stopped:
+            left = until - loop.time()
+            if left <= 0:
+                return
+            await asyncio.sleep(min(step, left))
+            if ep.inflight > 0:
+                target.calm = 0
+                return
 
     async def poll_once(self, target: _Target) -> None:
         """One poll of one endpoint: fetch, parse, record the outcome."""
@@ -351,6 +391,8 @@ class Scraper:
         if target.stopped:
             return
         ep = target.endpoint
+        old = ep.metrics
+        target.calm = target.calm + 1 if old is not None and _signals(old) == _signals(metrics) else 0
         ep.metrics = metrics
         ep.scrape_ok = True
         self.polls_ok += 1

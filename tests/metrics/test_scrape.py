@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from epp.datastore import Datastore, Endpoint
 from epp.metrics import age, is_stale
 from epp.metrics.engines import ENGINES
-from epp.metrics.scrape import Scraper, only_requested
+from epp.metrics.scrape import CALM_AFTER, Scraper, only_requested
 from tests.metrics import pages
 
 FAST = 0.02  # poll interval for tests (seconds)
@@ -670,3 +670,48 @@ async def test_flag_path_and_port_reach_every_engine(servers: Any, scrapers: Any
     ep = ds.endpoints["127.0.0.1:1"]
     await until(lambda: ep.metrics is not None)
     assert ep.metrics is not None and ep.metrics.waiting == 3
+
+
+# ---- light on the engines: the poll rate follows traffic and change (idle_interval) ----------
+IDLE = 0.2
+
+
+async def test_a_steady_idle_page_is_polled_ever_slower(servers: Any, scrapers: Any) -> None:
+    calm_srv, plain_srv = await servers(), await servers()
+    ds_calm, ds_plain = datastore(calm_srv.address), datastore(plain_srv.address)
+    calm = scrapers(ds_calm, idle_interval=IDLE)
+    plain = scrapers(ds_plain)
+    target = calm._targets[calm_srv.address]
+    await until(lambda: target.gap == IDLE)  # doubled up to the cap while nothing changes
+    p0, q0 = calm.polls()[calm_srv.address], plain.polls()[plain_srv.address]
+    await until(lambda: plain.polls()[plain_srv.address] - q0 >= 40)  # ~0.8 s at the base rate
+    assert calm.polls()[calm_srv.address] - p0 <= 10  # the same window: at most ~1 in 4 of the polls
+    assert ds_calm.endpoints[calm_srv.address].metrics is not None
+
+
+async def test_traffic_or_a_change_brings_the_base_rate_back(servers: Any, scrapers: Any) -> None:
+    srv = await servers()
+    ds = datastore(srv.address)
+    s = scrapers(ds, idle_interval=IDLE)
+    ep = ds.endpoints[srv.address]
+    target = s._targets[srv.address]
+    await until(lambda: target.gap == IDLE)
+    ep.inflight = 1  # a request routed there: polled again at once, and at the base rate while it lasts
+    n = s.polls()[srv.address]
+    await until(lambda: s.polls()[srv.address] >= n + 2 * CALM_AFTER)
+    assert target.gap <= FAST * 1.1
+    ep.inflight = 0
+    await until(lambda: target.gap == IDLE)
+    srv.page = pages.vllm(waiting=42)  # the page changed: seen within one idle gap, then the base rate
+    await until(lambda: ep.metrics is not None and ep.metrics.waiting == 42)
+    assert target.calm < CALM_AFTER
+    n = s.polls()[srv.address]
+    await until(lambda: s.polls()[srv.address] >= n + 1)
+    assert target.gap <= FAST * 1.1
+
+
+async def test_off_by_default(servers: Any, scrapers: Any) -> None:
+    srv = await servers()
+    s = scrapers(datastore(srv.address))
+    await until(lambda: s.polls()[srv.address] >= 4 * CALM_AFTER)
+    assert s._targets[srv.address].gap <= FAST * 1.1
