@@ -55,6 +55,7 @@ log = logging.getLogger("epp.producers.precise")
 DEFAULT_SOCKET_PORT = 5557
 DEFAULT_MAX_BLOCKS = 16384  # 256K tokens at 16 a block: matching never reads further
 _KEYS = "precise-keys"  # request.scratch: (producer name, RequestKeys)
+_TOTAL = "precise-total-blocks"  # request.scratch: the prompt's blocks when only a prefix's ids are known
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,9 +309,14 @@ class PrecisePrefixCacheProducer:
             self.tokenizer = next((p for p in self._plugins.values()
                                    if isinstance(p, TokenProducer) and p.params.backend != "estimate"), None)
             self._plugins = {}
+        whole = True
         if ids is None and self.tokenizer is not None:
             try:
-                ids = self.tokenizer.ids_for(_prompt(request), messages_of(request.body))
+                by_request = getattr(self.tokenizer, "ids_for_request", None)
+                if by_request is not None:  # a token-producer: may only know a prefix (background renders)
+                    ids, whole = by_request(request.model, request.body, _prompt(request), messages_of(request.body))
+                else:
+                    ids = self.tokenizer.ids_for(_prompt(request), messages_of(request.body))
             except ValueError as e:  # the tokenizer's own errors (a template that raised, ...)
                 self.tokenize_failures += 1
                 if self.tokenize_failures == 1:
@@ -324,6 +330,9 @@ class PrecisePrefixCacheProducer:
             return None
         salt = request.scratch.get(CACHE_SALT) or salt_of(request.body)
         keys = self.kv_index.request_keys(ids, request.model, self.params.max_blocks, salt)
+        if not whole:  # ids of a prefix only: the share is of the whole prompt's estimated blocks
+            est = len(request.prompt.encode("utf-8", "surrogatepass")) // 4 // self.params.block_tokens
+            request.scratch[_TOTAL] = max(keys.count, min(est, self.params.max_blocks))
         request.scratch[_KEYS] = (self.name, keys)
         return keys
 
@@ -333,7 +342,7 @@ class PrecisePrefixCacheProducer:
         if keys is None or not keys.count:
             return None
         matched = self.kv_index.match(keys, [ep.address for ep in endpoints])
-        total = float(keys.count)
+        total = float(request.scratch.get(_TOTAL, keys.count))
         return [m / total for m in matched]
 
     def _approx_blocks(self, request: SchedulingRequest) -> Any:

@@ -5,10 +5,10 @@
 - `vllm` / `modelName`: the engine's tokens. The ids come from the model's own tokenizer files
   when the picker has them (`vllm.tokenizerPath`, ours: a mounted directory; else `modelName` in
   the HF cache — never downloaded), rendered with the model's chat template (epp.tokens.local).
-  The engine's `/render` endpoints (`vllm.url`, `vllm.timeout`) are served by an async client
-  (epp.tokens.render.RenderClient, `render`); the request path schedules synchronously, so it is not
-  called per request yet. Without tokenizer files every request falls back to the estimate: counted
-  (`fallbacks`) and logged once;
+  Without the files, the engine's `/render` endpoints (`vllm.url`, `vllm.timeout`) are called in the
+  background (epp.tokens.render_cache): the request path schedules synchronously and never waits, so
+  a conversation's first turn gets the estimate (counted in `fallbacks`) and its later turns the ids
+  the engine rendered for the earlier turn, as their prefix;
 - `udsTokenizerConfig` (llm-d's deprecated sidecar): refused, use `vllm`.
 
 A precise-prefix-cache-producer without a tokenizer of its own reads ids from here (`ids_for`).
@@ -56,9 +56,11 @@ class TokenProducer:
         self.fallbacks = 0  # requests that got no ids (the estimate instead)
         self.tokenizer: Any = None
         self.render: Any = None
+        self.rendered: Any = None  # RenderCache: background renders, when no tokenizer files
         if params.backend == "vllm":
             from epp.tokens.local import LocalTokenizer, TokenizerError
             from epp.tokens.render import RenderClient
+            from epp.tokens.render_cache import RenderCache
 
             self.render = RenderClient(params.url, params.model_name, params.timeout)
             try:
@@ -66,7 +68,9 @@ class TokenProducer:
             except TokenizerError as e:
                 if params.tokenizer_path:  # named explicitly: a config error
                     raise ConfigError("vllm.tokenizerPath", str(e)) from None
-                log.warning("token-producer %s: %s; prompts get token estimates", name, e)
+                self.rendered = RenderCache(self.render)
+                log.warning("token-producer %s: %s; the engine renders in the background (a conversation's "
+                            "later turns get its tokens, first turns the estimate)", name, e)
 
     @classmethod
     def parse(cls, p: Params) -> TokenParams:
@@ -93,6 +97,17 @@ class TokenProducer:
 
     def estimate(self, text: str) -> int:
         return estimate_tokens(text)
+
+    def ids_for_request(self, model: str, body: Mapping[str, Any] | None, prompt: str,
+                        messages: Sequence[Mapping[str, Any]] | None) -> tuple[list[int] | None, bool]:
+        """(ids, whole): the prompt's ids from the tokenizer files (whole), or the ids of the longest
+        earlier request this one begins with, rendered by the engine in the background (a prefix)."""
+        if self.tokenizer is None and self.rendered is not None and isinstance(body, Mapping):
+            ids = self.rendered.lookup(self.params.model_name or model, body, messages)
+            if ids is None:
+                self.fallbacks += 1
+            return ids, False
+        return self.ids_for(prompt, messages), True
 
     def ids_for(self, prompt: str, messages: Sequence[Mapping[str, Any]] | None) -> list[int] | None:
         """The prompt's token ids (chat messages through the model's template), or None: estimate."""

@@ -135,3 +135,47 @@ def test_hf_cache_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     dirs = hf_cache_dirs()
     assert dirs[0] == tmp_path / "a" and dirs[1] == tmp_path / "b" / "hub"
     assert os.fspath(dirs[2]).endswith(".cache/huggingface/hub")
+
+
+async def test_background_renders_serve_the_next_turn() -> None:
+    """No tokenizer files: the engine renders each chat request in the background; the next turn of
+    the conversation gets the earlier turn's ids as its prefix, without waiting on the request path."""
+    import random as _random
+
+    from epp.producers.precise_prefix import PrecisePrefixCacheProducer, parse_params
+    from epp.producers.token import TokenProducer
+    from epp.scheduling.framework import SchedulingRequest
+    from epp.scheduling.loadguard import LoadGuard
+    from epp.scheduling.registry import BuildContext, Params
+    from epp.scheduling.saturation import SaturationDetector
+
+    async with SimServer() as sim:
+        model = sim.cfg.engine.model
+        ctx = BuildContext(rng=_random.Random(0), detector=SaturationDetector(), guard=LoadGuard())
+        tp = TokenProducer("tp", TokenProducer.parse(Params(
+            {"modelName": "acme/not-cached", "vllm": {"url": sim.url, "timeout": "1s"}}, "")), ctx)
+        assert tp.tokenizer is None and tp.rendered is not None
+        ctx.plugins["tp"] = tp
+        prod = PrecisePrefixCacheProducer("pp", parse_params(Params({}, "")), ctx)
+        turn1 = [{"role": "system", "content": "you are a careful assistant " * 20},
+                 {"role": "user", "content": "first question about the documents " * 10}]
+        body1 = {"model": model, "messages": turn1}
+        r1 = SchedulingRequest(request_id="1", model=model, prompt=str(turn1), body=body1)
+        assert prod.keys(r1) is None  # the first turn: nothing rendered yet (the estimate)
+        await tp.rendered.drain()
+        assert tp.rendered.size == 1 and tp.render.renders == 1
+        # the engine holds turn 1's blocks (its events, as a publisher would send them)
+        ids1 = token_ids(chat_prompt(turn1))
+        from epp.kvevents.wire import encode_payload, encode_stored
+        n = len(ids1) // 16
+        prod.feed("10.0.0.1:8000", model, encode_payload([encode_stored(list(range(1, n + 1)), None,
+                                                                        ids1[:n * 16], 16)], 0.0))
+        turn2 = [*turn1, {"role": "assistant", "content": "an answer"}, {"role": "user", "content": "and then?"}]
+        r2 = SchedulingRequest(request_id="2", model=model, prompt=str(turn2), body={"model": model, "messages": turn2})
+        from epp.datastore import Endpoint
+        eps = [Endpoint(address=f"10.0.0.{i}:8000", ip=f"10.0.0.{i}", port=8000, pod="p") for i in (1, 2)]
+        got = prod.ratios(r2, eps)
+        assert got[0] > 0.5 and got[1] == 0.0
+        assert tp.rendered.hits == 1
+        await tp.rendered.drain()
+        await tp.render.close()
