@@ -9,7 +9,7 @@ this process drives it from CPU 1 over real gRPC.
    client's own scheduling, so it is an upper bound);
 3. with --requests N: RSS of the picker process every N/10 requests of a closed-loop run (the lean
    profile by default, the cheapest, so a million requests take the least time).
-usage: python bench/picker_latency.py [--profile duplex] [--seconds 8] [--requests 1000000]
+usage: python bench/picker_latency.py [--profile duplex] [--seconds 8] [--requests 1000000] [--picker-arg=ARG]
 """
 
 from __future__ import annotations
@@ -87,11 +87,13 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--requests", type=int, default=0, help="also: RSS over this many requests (lean profile)")
     ap.add_argument("--rss-profile", default="lean", choices=["duplex", "buffered", "lean"])
+    ap.add_argument("--picker-arg", action="append", default=[], metavar="ARG",
+                    help="one more picker flag, e.g. --picker-arg=--gc-tuning=false (repeatable)")
     a = ap.parse_args()
 
     port = free_port()
     ms, addrs = metrics_server(a.endpoints)
-    p = subprocess.Popen(picker_cmd(port, addrs), stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(picker_cmd(port, addrs) + a.picker_arg, stderr=subprocess.DEVNULL)
     addr = f"127.0.0.1:{port}"
     try:
         wait_port(port)

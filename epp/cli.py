@@ -239,6 +239,7 @@ class Options:
     endpoints: list[str] = field(default_factory=list)
     max_request_body_bytes: int = 16 * 1024 * 1024
     default_body_mode: str = "duplex"
+    gc_tuning: bool = True  # gc.freeze() after start and higher collector thresholds (epp.__main__)
     response_body_sample: float = 0.02  # share of requests whose response body crosses the picker when not needed
     shutdown_grace: float = 30.0
     log_level: str = "info"
@@ -348,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "are read from these; the others are told to skip it (mode_override, honoured when "
                           "Envoy's filter sets allow_mode_override, as the generated configs do). 1: every body, "
                           "as the reference (default %(default)s)")
+    srv.add_argument("--gc-tuning", default=True, **B,
+                     help="after start, freeze the heap out of the cyclic collector and raise its thresholds "
+                          "(fewer, shorter pauses while serving; default true)")
     srv.add_argument("--event-loop", choices=["auto", "uvloop", "asyncio"], default="auto",
                      help="auto: uvloop when installed (about 8%% less CPU per request), else asyncio")
     srv.add_argument("--shutdown-grace", type=parse_duration, default=30.0,
@@ -533,6 +537,7 @@ def parse_args(argv: list[str]) -> Options:
         endpoints=a.endpoints,
         max_request_body_bytes=a.max_request_body_bytes,
         default_body_mode=a.default_body_mode,
+        gc_tuning=a.gc_tuning,
         response_body_sample=a.response_body_sample,
         shutdown_grace=a.shutdown_grace,
         log_level=level,
