@@ -348,3 +348,52 @@ SIGKILL never comes before the picker has let its open streams finish. */}}
 {{- int $set -}}
 {{- end -}}
 {{- end -}}
+
+{{/* (ours) The P/D picker config (pd.enabled): llm-d's pd-epp-config shape, plus the data layer. */}}
+{{- define "epp.pdPluginsConfig" -}}
+{{- $ds := .Values.inferenceExtension.metricsDataSource -}}
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+  - type: approx-prefix-cache-producer
+    parameters:
+      blockSizeTokens: 16
+      autoTune: false
+      maxPrefixTokensToMatch: 16384
+      lruCapacityPerServer: 31250
+  - type: prefix-cache-scorer
+  - type: queue-scorer
+  - type: prefill-filter
+  - type: decode-filter
+  - type: max-score-picker
+  - type: prefix-based-pd-decider
+    parameters:
+      nonCachedTokens: {{ int .Values.pd.nonCachedTokens }}
+  - type: disagg-profile-handler
+    parameters:
+      deciders:
+        prefill: prefix-based-pd-decider
+  - type: metrics-data-source
+    parameters:
+      scheme: {{ $ds.scheme | quote }}
+      path: {{ $ds.path | quote }}
+      insecureSkipVerify: {{ $ds.insecureSkipVerify }}
+  - type: core-metrics-extractor
+schedulingProfiles:
+  - name: prefill
+    plugins:
+      - pluginRef: prefill-filter
+      - pluginRef: max-score-picker
+      - pluginRef: prefix-cache-scorer
+        weight: 2
+      - pluginRef: queue-scorer
+        weight: 1
+  - name: decode
+    plugins:
+      - pluginRef: decode-filter
+      - pluginRef: max-score-picker
+      - pluginRef: prefix-cache-scorer
+        weight: 2
+      - pluginRef: queue-scorer
+        weight: 1
+{{- end -}}
