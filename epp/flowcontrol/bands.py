@@ -3,13 +3,13 @@
 A band holds every flow of one priority; its fairness policy picks the flow, the flow's queue
 (made by the band's ordering policy) the request. `ring` holds the band's flows that may have
 requests, in the order they became active: round-robin rotates it, global-strict scans it, and a
-flow found empty there is dropped from it (so an idle tenant costs nothing per dispatch).
+flow found empty there is dropped from it and forgotten (an idle tenant costs nothing, and a client
+sending ever new fairness ids cannot grow memory beyond what is queued).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from epp.flowcontrol.policy import FairnessPolicy, FlowQueue, OrderingPolicy
@@ -64,12 +64,23 @@ class Band:
         self.live -= 1
         self.bytes -= item.byte_size
 
-    def active(self) -> Iterator[Flow]:
-        """The flows with requests, dropping empty ones met at the front of the ring."""
+    def active(self) -> list[Flow]:
+        """The flows with requests; the ring is rebuilt without the empty ones (they are forgotten)."""
         ring = self.ring
-        while ring and ring[0].queue.live == 0:
-            ring.popleft().in_ring = False
-        return (f for f in ring if f.queue.live)
+        live = [f for f in ring if f.queue.live]
+        if len(live) != len(ring):
+            for f in ring:
+                if not f.queue.live:
+                    self.drop(f)
+            self.ring = deque(live)
+        return live
+
+    def drop(self, flow: Flow) -> None:
+        """An empty flow leaves the ring and is forgotten (a tenant that sent one request costs
+        nothing afterwards); it is made again on its next request."""
+        flow.in_ring = False
+        if flow.queue.live == 0 and self.flows.get(flow.key.fairness_id) is flow:
+            del self.flows[flow.key.fairness_id]
 
     def fits(self, byte_size: int) -> bool:
         return self.live + 1 <= self.max_requests and self.bytes + byte_size <= self.max_bytes

@@ -28,5 +28,5 @@ class RoundRobinFairnessPolicy:
             if f.queue.live:
                 ring.append(f)  # its turn is taken: to the back
                 return f
-            f.in_ring = False
+            band.drop(f)
         return None

@@ -216,3 +216,19 @@ def test_many_flows_cancel_storm_keeps_memory_bounded():
     assert h.fc.queued() == 100 and slots < 100 + 64 * 50 + 1
     h.free(100)
     assert sorted(h.order[1:]) == sorted(i.request_id for i in items[4900:])
+
+
+@pytest.mark.parametrize("fairness", ["global-strict-fairness-policy", "round-robin-fairness-policy"])
+def test_one_shot_tenants_are_forgotten(fairness):
+    h = Harness(FlowSettings(default_band=BandSettings(fairness=fairness)), slots=1)
+    h.submit("busy")
+    for i in range(50):
+        h.submit(f"a{i}", tenant="steady")  # a tenant with a backlog all along
+    for i in range(20_000):
+        h.submit(f"x{i}", tenant=f"one-shot-{i}")
+        h.free()  # one dispatch per arrival: the backlog stays
+    band = h.fc.bands[0]
+    assert h.fc.queued() == 50
+    # flows with requests, plus (round-robin) those emptied since their last turn: bounded by the queue
+    bound = 2 * h.fc.queued() + 2
+    assert len(band.flows) <= bound and len(band.ring) <= bound, (len(band.flows), len(band.ring))
