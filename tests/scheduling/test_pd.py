@@ -258,3 +258,15 @@ def test_data_parallel_needs_one_profile():
     with pytest.raises(ConfigError) as e:
         load_config(text)
     assert "exactly one scheduling profile" in str(e.value)
+
+
+def test_the_deploy_files_shape_without_block_settings():
+    # llm-d's deploy/config/pd-epp-config.yaml gives the producer only its two caps (autoTune on)
+    text = PD_CONFIG.replace("    blockSizeTokens: 16\n    autoTune: false\n", "")
+    assert "autoTune" not in text
+    sched = pd_scheduler(text)
+    eps = pool("prefill", "decode")
+    _, headers = route(sched, req(LONG), eps)
+    assert PREFILL_HEADER in headers
+    _, headers = route(sched, req(SHORT), eps)
+    assert PREFILL_HEADER not in headers
