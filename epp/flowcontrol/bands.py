@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from epp.flowcontrol.policy import FairnessPolicy, FlowQueue, OrderingPolicy
 from epp.flowcontrol.types import FlowKey, Item
@@ -27,6 +28,7 @@ class Flow:
     queue: FlowQueue
     in_ring: bool = False
     last_used: float = 0.0
+    marked: Any = None  # the fairness policy's per-flow note (global-strict: the head it has indexed)
 
 
 @dataclass(slots=True, eq=False)
@@ -42,6 +44,7 @@ class Band:
     ring: deque[Flow] = field(default_factory=deque)
     live: int = 0
     bytes: int = 0
+    state: Any = None  # the fairness policy's per-band state
 
     def flow(self, fairness_id: str, now: float) -> Flow:
         """The flow for a fairness id, created on first use."""
@@ -55,7 +58,10 @@ class Band:
         flow.queue.push(item)
         self.live += 1
         self.bytes += item.byte_size
-        if not flow.in_ring:
+        on_push = getattr(self.fairness, "on_push", None)
+        if on_push is not None:  # the policy keeps its own index instead of the ring
+            on_push(self, flow, item)
+        elif not flow.in_ring:
             flow.in_ring = True
             self.ring.append(flow)
 
