@@ -35,7 +35,7 @@ chunk), e2e p50/p90/p99, output tokens/s, prefix-cache hit rate (vllm:prefix_cac
 queries_total deltas from the simulators' /metrics), per-pod spread (requests each simulator served:
 coefficient of variation), errors, CPU per request of the router's processes (utime + stime from
 /proc/<pid>/stat of the router's process group, Envoy included for ours and envoy-rr, less the idle
-rate measured just before the traffic) and /proc/loadavg at the start and the end (the machine is
+rate measured for 1 s after the traffic) and /proc/loadavg at the start and the end (the machine is
 shared: the noise is stated with every figure). Repeats are interleaved (policy order rotates per
 repeat); tables show medians over repeats and the spread of p90 TTFT ((max - min) / median).
 
@@ -456,9 +456,6 @@ async def run_cell(policy: str, w: LiveWorkload, rate: float, seconds: float, wa
         results: list[Sent] = []
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                          timeout=aiohttp.ClientTimeout(total=120)) as session:
-            idle0 = group_cpu(running.router_pids)
-            await asyncio.sleep(IDLE_S)
-            idle_rate = (group_cpu(running.router_pids) - idle0) / IDLE_S  # CPU s per s with no traffic
             loop = asyncio.get_running_loop()
             start = loop.time()
             tasks: list[asyncio.Task[Sent]] = []
@@ -483,6 +480,10 @@ async def run_cell(policy: str, w: LiveWorkload, rate: float, seconds: float, wa
             window = loop.time() - t_measure
             cpu = group_cpu(running.router_pids) - cpu0
             after = await sim_counters(session, running.sims)
+            # idle after the traffic, not before it: a router may still be busy starting up then
+            idle0 = group_cpu(running.router_pids)
+            await asyncio.sleep(IDLE_S)
+            idle_rate = (group_cpu(running.router_pids) - idle0) / IDLE_S  # CPU s per s with no traffic
         load1 = loadavg()
     finally:
         await running.stop()
@@ -726,6 +727,46 @@ def _v_own_load(doc: dict[str, Any]) -> None:
     _weights(doc)["inflight-load-scorer"]["weight"] = 2
 
 
+def _prefix_params(doc: dict[str, Any]) -> dict[str, Any]:
+    for p in doc["plugins"]:
+        if p["type"] == "prefix-cache-scorer":
+            return p.setdefault("parameters", {})  # type: ignore[no-any-return]
+    raise KeyError("prefix-cache-scorer")
+
+
+def _v_longmatch(doc: dict[str, Any]) -> None:
+    # match up to 1024 blocks (64K characters, where the prompt text is cut) instead of 256
+    _prefix_params(doc)["maxPrefixBlocksToMatch"] = 1024
+
+
+def _v_no_inflight(doc: dict[str, Any]) -> None:
+    _drop(doc, "inflight-load-scorer")
+
+
+def _v_prefix6_long(doc: dict[str, Any]) -> None:
+    _v_prefix6(doc)
+    _v_longmatch(doc)
+
+
+def _v_nohit(doc: dict[str, Any], weight: int = 2) -> None:
+    # cold requests (no prefix cached anywhere) spread over the pods least recently given one,
+    # as the peers send them to the smallest tree; warm requests score alike everywhere
+    doc["plugins"].insert(-1, {"type": "no-hit-lru-scorer"})
+    doc["schedulingProfiles"][0]["plugins"].insert(-1, {"pluginRef": "no-hit-lru-scorer", "weight": weight})
+
+
+def _v_best(doc: dict[str, Any]) -> None:
+    _v_prefix6(doc)
+    _v_longmatch(doc)
+    _v_nohit(doc)
+
+
+def _v_best1(doc: dict[str, Any]) -> None:
+    _v_prefix6(doc)
+    _v_longmatch(doc)
+    _v_nohit(doc, weight=1)
+
+
 def _v_sticky(doc: dict[str, Any]) -> None:
     # hard affinity like the peers' cache-aware policies: keep the pods holding >= 50% of the prompt's
     # prefix unless their in-flight prefill is 1 s worse than the best other pod's
@@ -734,7 +775,9 @@ def _v_sticky(doc: dict[str, Any]) -> None:
     doc["schedulingProfiles"][0]["plugins"].insert(0, {"pluginRef": "prefix-cache-affinity-filter"})
 
 
-VARIANTS = {"prefix6": _v_prefix6, "no-kv": _v_no_kv, "own-load": _v_own_load, "sticky": _v_sticky}
+VARIANTS = {"prefix6": _v_prefix6, "no-kv": _v_no_kv, "own-load": _v_own_load, "sticky": _v_sticky,
+            "longmatch": _v_longmatch, "no-inflight": _v_no_inflight, "prefix6-long": _v_prefix6_long,
+            "nohit": _v_nohit, "prefix6-long-nohit": _v_best, "prefix6-long-nohit1": _v_best1}
 
 
 def variant_text(name: str) -> str:
@@ -746,9 +789,74 @@ def variant_text(name: str) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
+# ---- the peers' cache-aware policy, as a discrete-event policy ------------------------------------------
+class CacheAwareTwin:
+    """What SGLang's and vLLM's `cache_aware` do, for the discrete-event twin (from their documented
+    options, not their code): load = the router's own in-flight count per worker; when
+    max - min load > `abs_threshold` and max > `rel_threshold` x min, the least loaded worker; else the
+    worker whose tree shares the longest prefix with the request (character-exact; here in
+    `grain`-character steps, 4 by default, a token), if that share exceeds `cache_threshold`; else
+    the worker with the smallest tree. The chosen worker's tree gets the request's text. Trees are
+    never evicted (their eviction runs every 60-120 s against a 32-64M-character budget)."""
+
+    def __init__(self, cache_threshold: float = 0.3, abs_threshold: int = 64, rel_threshold: float = 1.5,
+                 grain: int = 4, cold: str = "smallest-tree") -> None:
+        self.cache_threshold = cache_threshold
+        self.cold = cold  # smallest-tree (theirs) | least-load (ablation)
+        self.abs_threshold = abs_threshold
+        self.rel_threshold = rel_threshold
+        self.grain = grain
+        self._trees: list[set[int]] = []
+        self._sizes: list[int] = []
+
+    def _prefixes(self, text: str) -> list[int]:
+        import xxhash
+
+        h = 0
+        out = []
+        g = self.grain
+        for i in range(0, len(text) - g + 1, g):
+            h = xxhash.xxh3_64_intdigest(text[i:i + g].encode("utf-8", "surrogatepass"), seed=h)
+            out.append(h)
+        return out
+
+    def choose(self, request: SimRequest, servers: Sequence[Any]) -> int:
+        n = len(servers)
+        if not self._trees:
+            self._trees = [set() for _ in range(n)]
+            self._sizes = [0] * n
+        text = (request.model or "") + "\x00" + request.prompt
+        keys = self._prefixes(text)
+        loads = [s.inflight for s in servers]
+        hi, lo = max(loads), min(loads)
+        if hi - lo > self.abs_threshold and hi > lo * self.rel_threshold:
+            pick = loads.index(lo)
+        else:
+            matched = []
+            for tree in self._trees:
+                k = 0
+                for h in keys:  # prefixes nest: stop at the first one the tree lacks
+                    if h not in tree:
+                        break
+                    k += 1
+                matched.append(k)
+            best = max(matched)
+            if keys and best / len(keys) > self.cache_threshold:
+                pick = min((i for i in range(n) if matched[i] == best), key=lambda i: loads[i])
+            elif self.cold == "least-load":
+                pick = loads.index(lo)
+            else:
+                pick = self._sizes.index(min(self._sizes))
+        tree = self._trees[pick]
+        before = len(tree)
+        tree.update(keys)
+        self._sizes[pick] += (len(tree) - before) * self.grain
+        return pick
+
+
 # ---- discrete-event variants -------------------------------------------------------------------------
 def des_variants(names: Sequence[str], loads: Sequence[int], caps: dict[str, float], seed: int, n: int,
-                 configs: dict[str, str]) -> list[str]:
+                 configs: dict[str, str], ablate: bool = False) -> list[str]:
     """Our default, the reference and each --config-text variant on the live workloads in the
     discrete-event twin (virtual time; no hop, no scrape jitter beyond the twin's 50 ms polling)."""
     import routing_policies as rp
@@ -756,7 +864,12 @@ def des_variants(names: Sequence[str], loads: Sequence[int], caps: dict[str, flo
 
     from epp.scheduling.config import load_config
 
-    specs = [rp.policy("round-robin"), rp.policy("reference"), rp.policy("default")]
+    specs = [rp.policy("round-robin"), rp.PolicySpec("peers' cache_aware (twin)", lambda _s, _r: CacheAwareTwin()),
+             rp.policy("reference"), rp.policy("default")]
+    if ablate:  # which part of the peers' policy matters
+        specs[2:2] = [rp.PolicySpec("twin, 64-char grain", lambda _s, _r: CacheAwareTwin(grain=64)),
+                      rp.PolicySpec("twin, cold to least load", lambda _s, _r: CacheAwareTwin(cold="least-load")),
+                      rp.PolicySpec("twin, balance at 4", lambda _s, _r: CacheAwareTwin(abs_threshold=4))]
     for name, text in configs.items():
         specs.append(rp.picker_spec(f"ours:{name}", lambda t=text: load_config(t), name))
     rows = []
@@ -803,6 +916,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--report", type=Path, help="no runs: the tables (and plot) of a saved --json file")
     ap.add_argument("--des-variants", action="store_true", help="discrete-event twin only: our profile variants")
     ap.add_argument("--des-requests", type=int, default=1500)
+    ap.add_argument("--twin-ablation", action="store_true", help="with --des-variants: parts of the peers' policy")
     args = ap.parse_args(argv)
 
     configs: dict[str, str] = {}
@@ -840,7 +954,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         caps = capacities(wls, args.seed, args.recompute_capacity)
         if args.des_variants:
-            parts = des_variants(wls, loads, caps, args.seed, args.des_requests, configs)
+            parts = des_variants(wls, loads, caps, args.seed, args.des_requests, configs, args.twin_ablation)
             text = "\n\n".join(parts) + "\n"
             print(text)
             if args.markdown:
