@@ -41,6 +41,7 @@ from prometheus_client.metrics_core import Metric
 from epp import __version__
 from epp.datastore import Datastore, Endpoint
 from epp.director import Rejected, RequestContext
+from epp.scheduling.disagg import DISAGG_DECISION
 from epp.scheduling.prefix import PREFIX_HIT_BYTES, PREFIX_HIT_RATIO
 
 log = logging.getLogger("epp.telemetry")
@@ -349,6 +350,13 @@ class Telemetry:
         self.rewrite_decisions = Counter("inference_extension_model_rewrite_decisions_total",
                                          "Total number of inference model rewrite decisions.",
                                          ("model_rewrite_name", "model_name", "target_model"), registry=r)
+        # P/D: one per routed request under disagg-profile-handler (llm-d's names, both generations)
+        self.disagg_decisions = Counter("llm_d_inference_scheduler_disagg_decision_total",
+                                        "Total number of disaggregation routing decisions made.",
+                                        ("model_name", "decision_type"), registry=r)
+        self.disagg_decisions_llmd = Counter("llm_d_epp_disagg_decision_total",
+                                             "Total number of disaggregation routing decisions made.",
+                                             ("plugin_name", "plugin_type", "model_name", "decision_type"), registry=r)
         self.prefix_size = Gauge("inference_extension_prefix_indexer_size", "Size of the prefix indexer.",
                                  registry=r)
         self.prefix_hit_ratio = Histogram("inference_extension_prefix_indexer_hit_ratio",
@@ -445,6 +453,11 @@ class Telemetry:
             if ratio is not None:
                 self.prefix_hit_ratio.observe(ratio)
                 self.prefix_hit_bytes.observe(scratch.get(PREFIX_HIT_BYTES, 0))
+            disagg = scratch.get(DISAGG_DECISION)
+            if disagg is not None:
+                name, kind, decision = disagg
+                self.disagg_decisions.labels(target or "unknown", decision).inc()
+                self.disagg_decisions_llmd.labels(name, kind, target or "unknown", decision).inc()
         if ctx.rewrite_source != "none" and ctx.client_model != ctx.target_model:
             self.rewrite_decisions.labels(ctx.rewrite_rule, model, target).inc()
 

@@ -1066,7 +1066,8 @@ def build_scheduler(
         hp = handler.params
         profiles = {spec.name: profile(spec) for spec in (cfg.profiles or (cfg.profile,))}
         return DisaggScheduler(hp, profiles, prefill_decider=ctx.plugins.get(hp.prefill_decider) or None,
-                               encode_decider=ctx.plugins.get(hp.encode_decider) or None)
+                               encode_decider=ctx.plugins.get(hp.encode_decider) or None,
+                               handler_name=handler.name, handler_type=handler.type)
     if handler is not None and isinstance(handler.params, DataParallelParams):
         return DataParallelScheduler(handler.params, profile(cfg.profile))
     return profile(cfg.profile)

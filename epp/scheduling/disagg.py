@@ -36,6 +36,8 @@ _LEGACY = ("decodeProfile", "prefillProfile", "encodeProfile", "prefillDeciderPl
 _IGNORED_LEGACY = ("prefixPluginType", "prefixPluginName", "primaryPort", "hashBlockSize", "threshold")
 # request.scratch key: what the prefill/encode stages chose, for on_routed / on_finished
 _STAGES = "disagg:stages"
+# request.scratch key: (handler name, handler type, decision type) for the picker's metrics
+DISAGG_DECISION = "disagg:decision"
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,8 +137,10 @@ class DisaggScheduler:
     result's endpoints are the decode profile's, its headers name the prefill / encode picks."""
 
     def __init__(self, params: DisaggParams, profiles: dict[str, ProfileScheduler],
-                 prefill_decider: Any = None, encode_decider: Any = None) -> None:
+                 prefill_decider: Any = None, encode_decider: Any = None, *,
+                 handler_name: str = "disagg-profile-handler", handler_type: str = "disagg-profile-handler") -> None:
         self.p = params
+        self.handler_name, self.handler_type = handler_name, handler_type
         self.profiles = profiles
         self.decode = profiles[params.decode]
         self.prefill = profiles.get(params.prefill)
@@ -187,7 +191,9 @@ class DisaggScheduler:
         if "encode" in stages:
             headers.append((ENCODE_HEADER, ",".join(e.address for e in stages["encode"][1])))
         key = "-".join(s for s in ("encode", "prefill") if s in stages)
-        self.decisions[f"{key}-decode" if key else "decode-only"] += 1
+        decision = f"{key}-decode" if key else "decode-only"
+        self.decisions[decision] += 1
+        request.scratch[DISAGG_DECISION] = (self.handler_name, self.handler_type, decision)
         request.scratch[_STAGES] = stages
         picked = {name: eps for name, (_, eps, _) in stages.items()}
         picked["decode"] = result.endpoints

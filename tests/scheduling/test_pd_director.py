@@ -89,3 +89,15 @@ async def test_completions_and_the_cached_repeat(start_picker, tmp_path):
     # the picker knows the decode pod holds the prompt now: decode alone, on the same pod
     assert PREFILL not in second
     assert second["x-gateway-destination-endpoint"] == first["x-gateway-destination-endpoint"]
+
+
+async def test_decisions_are_counted_under_llmds_metric_names(start_picker, tmp_path):
+    app, ch = await start(start_picker, tmp_path)
+    for text in (LONG, "hi", "hello"):
+        await exchange(ch, [request_headers(), *body_chunks(chat("m", text))])
+    reg = app.telemetry.registry
+    labels = {"plugin_name": "disagg-profile-handler", "plugin_type": "disagg-profile-handler", "model_name": "m"}
+    assert reg.get_sample_value("llm_d_epp_disagg_decision_total", {**labels, "decision_type": "prefill-decode"}) == 1
+    assert reg.get_sample_value("llm_d_epp_disagg_decision_total", {**labels, "decision_type": "decode-only"}) == 2
+    assert reg.get_sample_value("llm_d_inference_scheduler_disagg_decision_total",
+                                {"model_name": "m", "decision_type": "decode-only"}) == 2
