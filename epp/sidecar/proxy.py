@@ -19,7 +19,6 @@ P/D handoff when the picker named a prefill pod (protocol.md §12, llm-d's nixlv
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import random
@@ -346,9 +345,11 @@ class Sidecar:
                     if tail:
                         await resp.write(tail)
             except (aiohttp.ClientError, ConnectionResetError) as e:
+                # the engine's answer broke off: end the client's connection too, so it sees a
+                # truncated response rather than a clean end
                 log.warning("decoder stream ended early: %s", e)
-                with contextlib.suppress(Exception):
-                    request.transport.close() if request.transport is not None else None
+                if request.transport is not None:
+                    request.transport.close()
                 return resp
             await resp.write_eof()
             return resp

@@ -15,6 +15,8 @@ Routes:
 - `GET /sim/served[?since=N]` (what this server served), `DELETE /sim/served`, `GET /sim/state`,
   `GET|POST /sim/faults` (read / change the fault knobs), `POST /sim/refuse {"seconds": S}`.
 Every response carries `x-sim-server: <name>` and echoes `x-request-id`.
+P/D (epp.sim.pd): a request with `kv_transfer_params.do_remote_decode` is answered with the
+`kv_transfer_params` a decode pod pulls with; one bringing them skips the transferred prefill.
 """
 
 from __future__ import annotations

@@ -277,3 +277,20 @@ async def test_client_going_away_mid_stream_does_not_hang(engines, make_sidecar)
             await r.content.readline()  # the first bytes of the stream
     await wait_for(lambda: not decode.engine.running and not decode.engine.waiting, 10, "decode aborted")
     await asyncio.sleep(0)
+
+
+async def test_engine_dying_mid_stream_is_not_a_clean_end(engines, make_sidecar) -> None:
+    prefill, decode = engines
+    sc = await make_sidecar()
+    decode.faults.update({"die_after_chunks": 3})
+    got = b""
+    clean = True
+    async with aiohttp.ClientSession() as http:
+        try:
+            async with http.post(f"http://127.0.0.1:{sc.port}/v1/completions",
+                                 json={"prompt": LONG, "max_tokens": 50, "stream": True},
+                                 headers={PREFILL_HEADER: prefill.address}) as r:
+                got = await r.read()
+        except aiohttp.ClientPayloadError:
+            clean = False
+    assert not clean and b"[DONE]" not in got  # the client learns the stream broke
