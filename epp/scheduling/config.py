@@ -1094,6 +1094,9 @@ def describe(cfg: PickerConfig) -> str:
         cond = " (with adapters)" if e.only_with_lora else ""
         parts.append(f"{spec.name}{w}{cond}")
     extra = f" detector={cfg.detector_plugin}" if cfg.detector_plugin else ""
+    if cfg.handler != DEFAULT_HANDLER:
+        others = [p.name for p in cfg.profiles if p.name != cfg.profile.name]
+        extra += f" handler={cfg.handler}" + (f" (also profiles {', '.join(others)})" if others else "")
     if cfg.admitters:
         extra += " admitters=" + ",".join(a.name for a in cfg.admitters)
     return f"preset={cfg.preset} profile={cfg.profile.name}: " + ", ".join(parts) + extra
