@@ -16,6 +16,11 @@ Workloads (Poisson arrivals): `long` — 4k-token prompts sharing nothing, 256 o
 
 Reports TTFT and TPOT p50/p90 (ms), output tokens/s, share disaggregated. Run:
     .venv/bin/python bench/pd.py [--pods 4] [--requests 600] [--quick] [--json out.json]
+
+`--sidecar-cost N` instead measures the live sidecar (epp.sidecar) over loopback against two
+simulated engines at a near-zero time scale: wall ms per request sent to the engine directly,
+through the sidecar without a prefill header, and through it with one (prefill leg + decode leg),
+N requests each, one at a time, and the sidecar process's CPU per request.
 """
 
 from __future__ import annotations
@@ -146,6 +151,47 @@ def setups(pods: int, quick: bool) -> list[tuple[str, list[str], str]]:
     return out
 
 
+async def _sidecar_cost(n: int) -> None:
+    import aiohttp
+
+    from epp.sidecar.options import SidecarOptions
+    from epp.sidecar.proxy import Sidecar
+    from epp.sim.server import SimServer, SimServerConfig
+
+    prefill = await SimServer(SimServerConfig(name="prefill", time_scale=1e-4)).start()
+    engine = await SimServer(SimServerConfig(name="decode", time_scale=1e-4)).start()
+    sc = await Sidecar(SidecarOptions(port=0, host="127.0.0.1", engine_host="127.0.0.1", secure_proxy=False,
+                                      model_server_port=engine.port)).start()
+    body = {"prompt": "x" * 8000, "max_tokens": 16, "stream": True}
+    cases = [("engine directly", f"{engine.url}/v1/completions", {}),
+             ("sidecar, no prefill header", f"http://127.0.0.1:{sc.port}/v1/completions", {}),
+             ("sidecar, P/D (two legs)", f"http://127.0.0.1:{sc.port}/v1/completions",
+              {PREFILL_HEADER: prefill.address})]
+    try:
+        async with aiohttp.ClientSession() as http:
+            print(f"{n} streamed requests each (2k-token prompt, 16 tokens), one at a time")
+            for name, url, headers in cases:
+                for _ in range(20):  # warm up connections
+                    async with http.post(url, json=body, headers=headers) as r:
+                        await r.read()
+                times = []
+                cpu0 = time.process_time()
+                for _ in range(n):
+                    t0 = time.perf_counter()
+                    async with http.post(url, json=body, headers=headers) as r:
+                        await r.read()
+                        assert r.status == 200
+                    times.append(time.perf_counter() - t0)
+                cpu = (time.process_time() - cpu0) / n
+                times.sort()
+                print(f"  {name:28} p50 {times[n // 2] * 1e3:6.2f} ms  p90 {times[int(n * 0.9)] * 1e3:6.2f} ms  "
+                      f"process CPU {cpu * 1e3:5.2f} ms/request (client, sidecar and engines in one process)")
+    finally:
+        await sc.stop()
+        await prefill.stop()
+        await engine.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pods", type=int, default=4)
@@ -153,7 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="fewer setups and requests (a smoke run)")
     ap.add_argument("--json", default="")
+    ap.add_argument("--sidecar-cost", type=int, default=0, metavar="N")
     args = ap.parse_args(argv)
+    if args.sidecar_cost:
+        import asyncio
+
+        asyncio.run(_sidecar_cost(args.sidecar_cost))
+        return 0
     n = 150 if args.quick else args.requests
     # per-pod arrival rates: moderate and high load for each workload
     rates = {"long": (1.0, 2.0), "mixed": (3.0, 6.0)}
