@@ -71,6 +71,48 @@ async def _serve(opts: Options) -> int:
     return 0
 
 
+def supervise(workers: int, args: list[str]) -> int:
+    """`--workers N`: N picker processes (`python -m epp` with the same flags) serving one ext_proc
+    port through SO_REUSEPORT, the kernel spreading connections over them; this process only starts
+    them, passes SIGTERM/SIGINT on and waits. Worker 0 serves --metrics-port; the others bind an
+    OS-assigned one. If a worker dies, the others are stopped and its exit code is returned, so the
+    pod restarts whole. Each worker scrapes the pool and counts in-flight requests on its own."""
+    import subprocess
+    import time
+
+    children: list[subprocess.Popen[bytes]] = []
+    stopping = False
+
+    def forward(sig: int, _frame: object = None) -> None:
+        nonlocal stopping
+        stopping = True
+        for c in children:
+            if c.poll() is None:
+                c.send_signal(sig)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for i in range(workers):
+        argv = [sys.executable, "-m", "epp", *args, "--worker-index", str(i)]
+        if i:
+            argv += ["--metrics-port", "0"]
+        children.append(subprocess.Popen(argv))
+    rc = 0
+    while True:
+        running = False
+        for c in children:
+            code = c.poll()
+            if code is None:
+                running = True
+            elif code != 0 and rc == 0:
+                rc = code if code > 0 else 128 - code  # killed by a signal: the shell's convention
+                if not stopping:  # a worker failed on its own: take the rest down with it
+                    forward(signal.SIGTERM)
+        if not running:
+            return rc
+        time.sleep(0.2)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] == "envoy-config":
@@ -86,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return sidecar.main(args[1:])
     opts = parse_args(args)
+    if opts.workers > 1 and opts.worker_index < 0:
+        return supervise(opts.workers, args)
     logs.setup(opts.log_level, opts.log_format, time_encoding=opts.log_time_encoding,
                stacktrace_level=opts.log_stacktrace_level)
     if opts.event_loop != "asyncio":

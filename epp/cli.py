@@ -118,6 +118,29 @@ def _base_models(text: str) -> dict[str, str]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def cpu_limit() -> int:
+    """CPUs this process may use: the cgroup v2 quota (`cpu.max`, a pod's CPU limit) rounded up,
+    else the affinity mask; at least 1."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        with open("/sys/fs/cgroup/cpu.max", encoding="ascii") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
+def _workers(text: str) -> int:
+    if text == "auto":
+        return cpu_limit()
+    v = _positive_int(text)
+    if v > 256:
+        raise argparse.ArgumentTypeError(f"at most 256 workers, got {v}")
+    return v
+
+
 def _positive_int(text: str) -> int:
     try:
         v = int(text)
@@ -239,6 +262,8 @@ class Options:
     endpoints: list[str] = field(default_factory=list)
     max_request_body_bytes: int = 16 * 1024 * 1024
     default_body_mode: str = "duplex"
+    workers: int = 1  # picker processes serving the ext_proc port together (SO_REUSEPORT)
+    worker_index: int = -1  # set by the supervisor in each worker process; -1: not a worker
     gc_tuning: bool = True  # gc.freeze() after start and higher collector thresholds (epp.__main__)
     response_body_sample: float = 0.02  # share of requests whose response body crosses the picker when not needed
     shutdown_grace: float = 30.0
@@ -349,6 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "are read from these; the others are told to skip it (mode_override, honoured when "
                           "Envoy's filter sets allow_mode_override, as the generated configs do). 1: every body, "
                           "as the reference (default %(default)s)")
+    srv.add_argument("--workers", type=_workers, default=1, metavar="N|auto",
+                     help="picker processes serving one ext_proc port (SO_REUSEPORT; the kernel spreads "
+                          "connections over them); auto: the CPUs this process may use (the pod's CPU limit). "
+                          "Each worker scrapes and counts in-flight requests on its own; only the first serves "
+                          "--metrics-port (default 1)")
+    srv.add_argument("--worker-index", type=int, default=-1, help=argparse.SUPPRESS)
     srv.add_argument("--gc-tuning", default=True, **B,
                      help="after start, freeze the heap out of the cyclic collector and raise its thresholds "
                           "(fewer, shorter pauses while serving; default true)")
@@ -501,6 +532,10 @@ def parse_args(argv: list[str]) -> Options:
         level, fmt = _logging(a)
     except argparse.ArgumentTypeError as e:
         p.error(str(e))
+    if a.workers > 1 and a.grpc_port == 0:
+        p.error("--workers above 1 needs a fixed --grpc-port (the workers share it)")
+    if a.workers > 1 and a.ha_enable_leader_election:
+        p.error("--workers above 1 and --ha-enable-leader-election do not go together (one Lease per process)")
     if a.refresh_metrics_interval <= 0:
         p.error("--refresh-metrics-interval must be positive")
     notices = [f"--{name} has no effect here: {why}" for name, why in NO_EFFECT.items()
@@ -538,6 +573,8 @@ def parse_args(argv: list[str]) -> Options:
         max_request_body_bytes=a.max_request_body_bytes,
         default_body_mode=a.default_body_mode,
         gc_tuning=a.gc_tuning,
+        workers=a.workers,
+        worker_index=a.worker_index,
         response_body_sample=a.response_body_sample,
         shutdown_grace=a.shutdown_grace,
         log_level=level,

@@ -330,7 +330,8 @@ class App:
 
         # the receive limit follows the body cap, so an oversized message is refused by its length
         # prefix instead of being read whole first
-        grpc_opts: list[tuple[str, Any]] = [("grpc.so_reuseport", 0),
+        reuse = 1 if o.workers > 1 else 0  # --workers: every worker listens on the same port
+        grpc_opts: list[tuple[str, Any]] = [("grpc.so_reuseport", reuse),
                                             ("grpc.max_receive_message_length", o.grpc_recv_limit)]
         if o.grpc_max_send_msg_size:
             grpc_opts.append(("grpc.max_send_message_length", o.grpc_max_send_msg_size))
@@ -366,7 +367,7 @@ class App:
             self.grpc_port = main.add_insecure_port(addr)
         self._servers.append(main)
         if o.grpc_health_port != o.grpc_port or o.grpc_health_port == 0:
-            hs = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            hs = grpc.aio.server(options=[("grpc.so_reuseport", reuse)])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, hs)
             self.grpc_health_port = hs.add_insecure_port(hostport(o.bind_address, o.grpc_health_port))
             self._servers.append(hs)
