@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from epp.datastore import Endpoint
 from epp.scheduling.framework import SchedulingRequest, SchedulingResult
-from epp.scheduling.profile import ProfileScheduler
+from epp.scheduling.profile import ProfileScheduler, WeightedScorer
 from epp.scheduling.registry import HANDLER, BuildContext, ConfigError, Params, register
 
 DP_HEADER = "x-data-parallel-host-port"
@@ -57,6 +57,11 @@ class DataParallelScheduler:
         self.p = params
         self.profile = profile
         self.name = profile.name
+
+    @property
+    def scorers(self) -> tuple[WeightedScorer, ...]:
+        """The profile's scorers (what the server inspects, e.g. for a session-affinity scorer)."""
+        return self.profile.scorers
 
     @property
     def max_endpoints(self) -> int:

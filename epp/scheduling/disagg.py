@@ -24,7 +24,7 @@ from typing import Any
 
 from epp.datastore import Endpoint
 from epp.scheduling.framework import SchedulingRequest, SchedulingResult
-from epp.scheduling.profile import ProfileScheduler
+from epp.scheduling.profile import ProfileScheduler, WeightedScorer
 from epp.scheduling.registry import HANDLER, REQUEST_CONTROL, BuildContext, ConfigError, Params, register
 
 PREFILL_HEADER = "x-prefiller-host-port"
@@ -153,6 +153,11 @@ class DisaggScheduler:
                                           "encode-prefill-decode": 0, "failed": 0}
 
     # ---- the Scheduler interface -----------------------------------------------------------
+    @property
+    def scorers(self) -> tuple[WeightedScorer, ...]:
+        """The decode profile's scorers (what the server inspects, e.g. for a session-affinity scorer)."""
+        return self.decode.scorers
+
     @property
     def max_endpoints(self) -> int:
         return self.decode.max_endpoints

@@ -270,3 +270,15 @@ def test_the_deploy_files_shape_without_block_settings():
     assert PREFILL_HEADER in headers
     _, headers = route(sched, req(SHORT), eps)
     assert PREFILL_HEADER not in headers
+
+
+def test_the_server_sees_the_decode_profiles_scorers():
+    from epp.server import session_header
+
+    text = PD_CONFIG.replace("- type: max-score-picker\n",
+                             "- type: max-score-picker\n- type: session-affinity-scorer\n")
+    text = text.replace("  - pluginRef: decode-filter\n",
+                        "  - pluginRef: decode-filter\n  - pluginRef: session-affinity-scorer\n")
+    sched = pd_scheduler(text)
+    assert sched.scorers is sched.decode.scorers
+    assert session_header(sched) == "x-session-token"
