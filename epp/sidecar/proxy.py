@@ -22,6 +22,7 @@ import asyncio
 import json
 import logging
 import random
+import re
 import ssl
 import uuid
 from collections.abc import Iterable, Mapping
@@ -52,6 +53,9 @@ HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-author
 CHUNK = 64 * 1024
 MAX_PREFILL_ANSWER = 16 * 1024 * 1024  # a one-token answer plus transfer params; more is an error
 MAX_JSON_REWRITE = 16 * 1024 * 1024  # non-streamed answers larger than this pass without the usage fix
+# host:port as a prefill target may be written: an IPv4 or DNS name, or a bracketed IPv6, and a port
+# (nothing that could carry a path, query or userinfo into the URL)
+HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):\d{1,5}")
 
 
 def prefill_params() -> dict[str, Any]:
@@ -216,6 +220,8 @@ class Sidecar:
             log.debug("encoder hosts ignored: encode disaggregation is not built in this sidecar")
         if not target:
             return await self._passthrough(request)
+        if HOST_PORT.fullmatch(target) is None:
+            return _error(400, "BadRequestError", f"{PREFILL_HEADER}: not a host:port: {target[:100]!r}")
         if not self.allowlist.allowed(target):
             self.refused += 1
             log.error("SSRF protection: prefill target %s not in the allow-list (client %s, path %s)", target,

@@ -294,3 +294,12 @@ async def test_engine_dying_mid_stream_is_not_a_clean_end(engines, make_sidecar)
         except aiohttp.ClientPayloadError:
             clean = False
     assert not clean and b"[DONE]" not in got  # the client learns the stream broke
+
+
+@pytest.mark.parametrize("target", ["169.254.169.254:80/latest/meta-data?x=", "user@127.0.0.1:80", "127.0.0.1",
+                                    "[::1:80", "host:port"])
+async def test_a_prefill_target_must_be_host_port(engines, make_sidecar, target: str) -> None:
+    sc = await make_sidecar()
+    status, raw, _ = await post(sc, {"prompt": "hi", "max_tokens": 1}, {PREFILL_HEADER: target})
+    assert status == 400 and b"not a host:port" in raw
+    assert sc.prefills == 0 and not engines[1].served
