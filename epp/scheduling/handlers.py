@@ -1,9 +1,9 @@
 """Profile handlers: which of the config's `schedulingProfiles` run for a request.
 
 `single-profile-handler` (the default when a config names none) runs the one profile there is. The
-handlers that choose among several profiles (`disagg-profile-handler` for P/D, `data-parallel-
-profile-handler`) are known types refused as not yet supported (see pending.py); a handler class
-answers `select(names)` with the profiles to run, so they fit here when they come.
+handlers that run several profiles a request or change the destination live beside it:
+`disagg-profile-handler` (P/D, disagg.py) and `data-parallel-profile-handler` (dataparallel.py);
+config.build_scheduler wraps the profiles in the scheduler each needs.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ class SingleProfileHandler(NoParams):
         """Raise ConfigError unless exactly one profile is configured (the reference's rule)."""
         if len(profiles) != 1:
             raise ConfigError(path, f"single-profile-handler runs exactly one profile; got {len(profiles)} "
-                                    f"({', '.join(profiles)}). Choosing among profiles needs "
-                                    "disagg-profile-handler: not yet supported (P/D disaggregation)")
+                                    f"({', '.join(profiles)}). Several profiles a request need "
+                                    "disagg-profile-handler (P/D disaggregation)")
 
     @staticmethod
     def select(profiles: Sequence[str]) -> str:

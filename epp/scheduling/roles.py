@@ -2,9 +2,8 @@
 `prefill-filter`, `encode-filter`, with the reference's role sets.
 
 `decode-filter` also keeps pods without the label (an unlabelled pool serves prefill and decode
-alike), so llm-d's single-profile configs, which all list it, route over a plain pool too. The
-profile handler that sends a request through prefill and decode profiles is not built yet
-(disagg-profile-handler: P/D disaggregation); these filters work in any one profile.
+alike), so llm-d's single-profile configs, which all list it, route over a plain pool too. Under
+disagg-profile-handler (disagg.py) they separate the prefill and decode profiles' candidates.
 """
 
 from __future__ import annotations
