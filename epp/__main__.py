@@ -71,6 +71,16 @@ async def _serve(opts: Options) -> int:
     return 0
 
 
+def _worker_dies_with_supervisor() -> None:
+    """In a worker before exec: SIGTERM when the supervisor dies, even by SIGKILL (no orphans
+    holding the port)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def supervise(workers: int, args: list[str]) -> int:
     """`--workers N`: N picker processes (`python -m epp` with the same flags) serving one ext_proc
     port through SO_REUSEPORT, the kernel spreading connections over them; this process only starts
@@ -96,7 +106,7 @@ def supervise(workers: int, args: list[str]) -> int:
         argv = [sys.executable, "-m", "epp", *args, "--worker-index", str(i)]
         if i:
             argv += ["--metrics-port", "0"]
-        children.append(subprocess.Popen(argv))
+        children.append(subprocess.Popen(argv, preexec_fn=_worker_dies_with_supervisor))
     rc = 0
     while True:
         running = False

@@ -37,6 +37,15 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def alive(pid: int) -> bool:
+    """Running (not gone, not a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def cpu_ticks(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -87,15 +96,13 @@ async def test_two_workers_share_the_port_and_stop_together():
         p.send_signal(signal.SIGTERM)
         assert p.wait(timeout=20) == 0
         for _ in range(50):
-            if not any(os.path.exists(f"/proc/{k}") and open(f"/proc/{k}/stat").read().split()[2] != "Z"
-                       for k in kids):
+            if not [k for k in kids if alive(k)]:
                 break
             time.sleep(0.1)
-        assert not [k for k in kids if os.path.exists(f"/proc/{k}")
-                    and open(f"/proc/{k}/stat").read().split()[2] != "Z"]
+        assert not [k for k in kids if alive(k)]
     finally:
         if p.poll() is None:
-            p.kill()
+            p.kill()  # the workers follow (PR_SET_PDEATHSIG)
             p.wait(timeout=10)
 
 
@@ -110,3 +117,28 @@ def test_a_worker_that_cannot_start_takes_the_rest_down():
                             "--bind-address", "127.0.0.1", "--secure-serving=false"],
                            capture_output=True, timeout=60)
     assert p.returncode != 0
+
+
+async def test_workers_die_with_a_killed_supervisor():
+    port, hport = free_port(), free_port()
+    p = subprocess.Popen([sys.executable, "-m", "epp", "--workers", "2", "--pool-name", "p", "--endpoints", EPS,
+                          "--grpc-port", str(port), "--grpc-health-port", str(hport), "--metrics-port", "0",
+                          "--bind-address", "127.0.0.1", "--secure-serving=false", "--drain-timeout", "0s",
+                          "--shutdown-grace", "1s"], stderr=subprocess.DEVNULL)
+    kids: list[int] = []
+    try:
+        await wait_serving(hport)
+        for _ in range(100):
+            kids = children(p.pid)
+            if len(kids) == 2:
+                break
+            await asyncio.sleep(0.1)
+        assert len(kids) == 2
+    finally:
+        p.kill()  # SIGKILL: no chance to pass anything on
+        p.wait(timeout=10)
+    for _ in range(100):  # bounded: the kernel sends each worker SIGTERM (PR_SET_PDEATHSIG)
+        if not [k for k in kids if alive(k)]:
+            break
+        await asyncio.sleep(0.1)
+    assert not [k for k in kids if alive(k)]
