@@ -19,6 +19,7 @@ P/D handoff when the picker named a prefill pod (protocol.md §12, llm-d's nixlv
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -53,6 +54,7 @@ HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-author
 CHUNK = 64 * 1024
 MAX_PREFILL_ANSWER = 16 * 1024 * 1024  # a one-token answer plus transfer params; more is an error
 MAX_JSON_REWRITE = 16 * 1024 * 1024  # non-streamed answers larger than this pass without the usage fix
+CERT_CHECK = 2.0  # seconds between checks of --cert-path for a rotated pair
 # host:port as a prefill target may be written: an IPv4 or DNS name, or a bracketed IPv6, and a port
 # (nothing that could carry a path, query or userinfo into the URL)
 HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):\d{1,5}")
@@ -118,6 +120,7 @@ class Sidecar:
         self.port = opts.port
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._cert_task: asyncio.Task[None] | None = None
         # counters for tests and logs
         self.prefills = 0
         self.prefill_attempts = 0
@@ -152,6 +155,11 @@ class Sidecar:
         return self
 
     async def stop(self) -> None:
+        if self._cert_task is not None:
+            self._cert_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._cert_task
+            self._cert_task = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -161,25 +169,36 @@ class Sidecar:
             self._session = None
 
     def _server_ssl(self) -> ssl.SSLContext | None:
+        """The serving context: --cert-path's pair, else a self-signed one. With --cert-path the
+        files are checked every CERT_CHECK seconds and a changed, valid pair is loaded into the same
+        context (new connections get it; a bad or half-written pair keeps the last good one)."""
         if not self.opts.secure_proxy:
             return None
-        import os
-        import tempfile
-
         from epp import tls
 
-        pair = tls.load_dir(self.opts.cert_path) if self.opts.cert_path else tls.self_signed()
-        if pair is None:
-            raise OSError(f"--cert-path {self.opts.cert_path}: tls.crt and tls.key are required")
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        with tempfile.TemporaryDirectory() as d:  # the ssl module loads key pairs from files only
-            crt, key = os.path.join(d, "tls.crt"), os.path.join(d, "tls.key")
-            with open(crt, "wb") as f:
-                f.write(pair.cert)
-            with open(key, "wb") as f:
-                f.write(pair.key)
-            ctx.load_cert_chain(crt, key)
+        if not self.opts.cert_path:
+            return _context(tls.self_signed())
+        try:
+            reloader = tls.ReloadingCert(self.opts.cert_path)
+        except (FileNotFoundError, ValueError) as e:
+            raise OSError(f"--cert-path {self.opts.cert_path}: {e}") from None
+        ctx = _context(reloader.current)
+
+        async def watch() -> None:
+            while True:
+                await asyncio.sleep(CERT_CHECK)
+                pair = reloader.fetch()
+                if pair is None:
+                    continue
+                try:
+                    _context(pair)  # the pair loads on its own first: a failed load must not half-change ctx
+                    _load(ctx, pair)
+                    log.info("sidecar serving certificate reloaded from %s", self.opts.cert_path)
+                except (ssl.SSLError, ValueError, OSError) as e:
+                    log.warning("sidecar certificate in %s not loaded (%s); keeping the last one",
+                                self.opts.cert_path, e)
+
+        self._cert_task = asyncio.create_task(watch())
         return ctx
 
     def _client_ssl(self, stage: str) -> bool:
@@ -359,6 +378,28 @@ class Sidecar:
                 return resp
             await resp.write_eof()
             return resp
+
+
+def _context(pair: Any) -> ssl.SSLContext:
+    """A TLS 1.2+ server context for a PEM key pair."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    _load(ctx, pair)
+    return ctx
+
+
+def _load(ctx: ssl.SSLContext, pair: Any) -> None:
+    """Load a PEM key pair into `ctx` (the ssl module reads pairs from files only)."""
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        crt, key = os.path.join(d, "tls.crt"), os.path.join(d, "tls.key")
+        with open(crt, "wb") as f:
+            f.write(pair.cert)
+        with open(key, "wb") as f:
+            f.write(pair.key)
+        ctx.load_cert_chain(crt, key)
 
 
 def _error_bytes(status: int, kind: str, message: str) -> bytes:

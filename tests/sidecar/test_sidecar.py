@@ -303,3 +303,43 @@ async def test_a_prefill_target_must_be_host_port(engines, make_sidecar, target:
     status, raw, _ = await post(sc, {"prompt": "hi", "max_tokens": 1}, {PREFILL_HEADER: target})
     assert status == 400 and b"not a host:port" in raw
     assert sc.prefills == 0 and not engines[1].served
+
+
+async def test_serving_certificate_from_cert_path_is_reloaded(engines, make_sidecar, tmp_path: Path,
+                                                              monkeypatch) -> None:
+    import ssl as _ssl
+
+    from cryptography import x509
+
+    from epp import tls
+    from epp.sidecar import proxy
+
+    monkeypatch.setattr(proxy, "CERT_CHECK", 0.05)
+
+    def write(names: list[str]) -> None:
+        pair = tls.self_signed(names)
+        (tmp_path / "tls.crt").write_bytes(pair.cert)
+        (tmp_path / "tls.key").write_bytes(pair.key)
+
+    async def served_cn() -> str:
+        reader, writer = await asyncio.open_connection("127.0.0.1", sc.port, ssl=ctx)
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        writer.close()
+        cert = x509.load_der_x509_certificate(der)
+        return cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value
+
+    write(["first.example"])
+    ctx = _ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, _ssl.CERT_NONE
+    sc = await make_sidecar(secure_proxy=True, cert_path=str(tmp_path))
+    assert await served_cn() == "first.example"
+    pair = tls.self_signed(["torn.example"])  # a new certificate with a half-written key: kept out
+    (tmp_path / "tls.crt").write_bytes(pair.cert)
+    (tmp_path / "tls.key").write_bytes(pair.key[:40])
+    await asyncio.sleep(0.2)
+    assert await served_cn() == "first.example"
+    write(["second.example"])
+    deadline = asyncio.get_running_loop().time() + 10
+    while await served_cn() != "second.example":
+        assert asyncio.get_running_loop().time() < deadline, "certificate not reloaded"
+        await asyncio.sleep(0.05)
