@@ -144,10 +144,13 @@ class Sidecar:
         await self.allowlist.start()
         self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=2.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, o.host, o.port, ssl_context=self._server_ssl(), reuse_address=True)
+        ctx = self._server_ssl()
+        site = web.TCPSite(self._runner, o.host, o.port, ssl_context=ctx, reuse_address=True)
         await site.start()
         if o.port == 0:
             self.port = self._runner.addresses[0][1]
+        for rank in range(1, o.data_parallel_size):  # rank r's listener, in front of its engine
+            await web.TCPSite(self._runner, o.host, self.port + rank, ssl_context=ctx, reuse_address=True).start()
         for w in o.warnings:
             log.warning(w)
         log.info("sidecar listening on %s:%d (%s), engine %s, kv connector %s", o.host, self.port,
@@ -210,14 +213,21 @@ class Sidecar:
         return web.Response(status=200)
 
     def _engine_url(self, request: web.Request) -> str | web.Response:
-        dp = request.headers.get(DP_HEADER, "")
+        """The local engine's URL for a request: rank r's engine (`--model-server-port` + r) for a
+        request that arrived on rank r's listener (`--port` + r), or on the primary port with
+        `x-data-parallel-host-port: host:<--port + r>`; rank 0's otherwise."""
+        size = self.opts.data_parallel_size
         port = self.opts.model_server_port
-        if dp and self.opts.data_parallel_size > 1:
-            _, _, p = dp.rpartition(":")
-            rank = int(p) - self.opts.port if p.isdigit() else -1
-            if not 0 <= rank < self.opts.data_parallel_size:
-                return _error(400, "BadRequestError", f"{DP_HEADER} {dp!r} names no data-parallel rank")
-            port += rank
+        if size > 1:
+            local = request.transport.get_extra_info("sockname") if request.transport is not None else None
+            rank = local[1] - self.port if isinstance(local, tuple) and len(local) >= 2 else 0
+            dp = request.headers.get(DP_HEADER, "")
+            if rank == 0 and dp:
+                _, _, p = dp.rpartition(":")
+                rank = int(p) - self.port if p.isdigit() else -1
+                if not 0 <= rank < size:
+                    return _error(400, "BadRequestError", f"{DP_HEADER} {dp!r} names no data-parallel rank")
+            port += rank if 0 <= rank < size else 0
         scheme = "https" if "decoder" in self.opts.enable_tls else "http"
         return f"{scheme}://{self.opts.engine_host}:{port}{request.rel_url}"
 

@@ -255,16 +255,42 @@ async def test_ssrf_fails_closed_until_the_pool_is_read(engines, make_sidecar, t
     assert status == 403
 
 
-async def test_data_parallel_header_picks_the_rank_engine(engines, make_sidecar) -> None:
-    _, decode = engines
-    sc = await make_sidecar(data_parallel_size=2, port=0)
-    sc.opts.port = sc.port
-    status, _, _ = await post(sc, {"prompt": "hi", "max_tokens": 1},
-                              {"x-data-parallel-host-port": f"10.0.0.1:{sc.port}"})
-    assert status == 200 and decode.served
-    status, raw, _ = await post(sc, {"prompt": "hi", "max_tokens": 1},
-                                {"x-data-parallel-host-port": f"10.0.0.1:{sc.port + 5}"})
-    assert status == 400
+def port_pair() -> int:
+    """A port p with p and p + 1 both free on 127.0.0.1."""
+    import socket
+
+    for _ in range(100):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            p = a.getsockname()[1]
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", p + 1))
+                except OSError:
+                    continue
+                return int(p)
+    raise RuntimeError("no free port pair")
+
+
+async def test_data_parallel_ranks_by_listener_and_by_header(make_sidecar) -> None:
+    base = port_pair()
+    ranks = [await SimServer(SimServerConfig(name=f"rank-{r}", port=base + r, time_scale=0.01)).start()
+             for r in range(2)]
+    try:
+        front = port_pair()
+        sc = await make_sidecar(data_parallel_size=2, port=front, model_server_port=base)
+        async with aiohttp.ClientSession() as http:
+            for port, headers, rank in ((front, {}, 0), (front + 1, {}, 1),
+                                        (front, {"x-data-parallel-host-port": f"10.0.0.1:{front + 1}"}, 1)):
+                async with http.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": "hi", "max_tokens": 1},
+                                     headers=headers) as r:
+                    assert r.status == 200 and r.headers["x-sim-server"] == f"rank-{rank}"
+        status, _, _ = await post(sc, {"prompt": "hi", "max_tokens": 1},
+                                  {"x-data-parallel-host-port": f"10.0.0.1:{front + 5}"})
+        assert status == 400
+    finally:
+        for s in ranks:
+            await s.stop()
 
 
 async def test_client_going_away_mid_stream_does_not_hang(engines, make_sidecar) -> None:
