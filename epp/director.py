@@ -10,7 +10,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -74,6 +74,14 @@ class Admission(Protocol):
     """Decides whether a request is shed (429) before scheduling."""
 
     def check(self, request: SchedulingRequest, candidates: Sequence[Endpoint], now: float) -> str | None: ...
+
+
+class Preparer(Protocol):
+    """Async work a request needs before it is scheduled (the engine's render of its tokens)."""
+
+    def needs_prepare(self, request: SchedulingRequest) -> bool: ...
+
+    async def prepare(self, request: SchedulingRequest) -> None: ...
 
 
 class Telemetry(Protocol):
@@ -158,6 +166,8 @@ class Queued:
     target: str
     grpc: bool
     route: Callable[[], Routed | Rejected]
+    # awaited before flow control and route() (preparers: the engine's render of the prompt's tokens)
+    prepare: Callable[[], Awaitable[None]] | None = None
 
 
 def _prompt_tokens(parsed: ParsedRequest | None, body: bytes | None) -> int:
@@ -206,6 +216,7 @@ class Director:
         parser: RequestParser | None = None,
         request_control: RequestControl | None = None,
         flow_control: AsyncFlowControl | None = None,
+        preparers: Sequence[Preparer] | None = None,
     ) -> None:
         self.datastore = datastore
         self.session_header = session_header
@@ -217,6 +228,13 @@ class Director:
         self.parser: RequestParser = parser if parser is not None else OpenAIParser()
         self.request_control = request_control or RequestControl()
         self.flow_control = flow_control  # set: requests wait in flow control instead of being shed
+        # None: the scheduler's own (token producers that render through the engine); empty: no
+        # request ever waits before scheduling
+        if preparers is None:
+            from epp.producers.precise_prefix import find_preparers  # lazy: a plugin module
+
+            preparers = find_preparers(scheduler)
+        self.preparers: tuple[Preparer, ...] = tuple(preparers)
 
     # ---- request path ---------------------------------------------------------------------
     def decide(
@@ -226,7 +244,8 @@ class Director:
         subset_hint: object = None,
         started: float | None = None,
     ) -> Routed | Rejected | Queued:
-        """Decide for one request. `body` None means a header-only request. With flow control the
+        """Decide for one request. `body` None means a header-only request. With flow control, or
+        when a preparer must first await something for it (the engine's render of its tokens), the
         answer is Queued: the caller awaits `wait(queued)` for the decision."""
         started = time.perf_counter() if started is None else started
         request_id = headers.get(REQUEST_ID_HEADER) or ""
@@ -357,17 +376,36 @@ class Director:
             return Routed(ctx=ctx, destination=destination, body=new_body, set_headers=set_headers,
                           remove_headers=remove)
 
-        if self.flow_control is None:
+        prepare = self._prepare_for(sched) if self.preparers and body is not None else None
+        if self.flow_control is None and prepare is None:
             return route()
         # Flow control: the request waits in its flow's queue; route() runs when it is dispatched
         # (late binding: the endpoints are chosen on the pool as it is then).
         return Queued(key=FlowKey(priority, fairness_id(headers)), byte_size=len(body) if body is not None else 0,
-                      request_id=request_id, model=client_model, target=target, grpc=grpc, route=route)
+                      request_id=request_id, model=client_model, target=target, grpc=grpc, route=route,
+                      prepare=prepare)
+
+    def _prepare_for(self, sched: SchedulingRequest) -> Callable[[], Awaitable[None]] | None:
+        """The preparers this request needs, as one awaitable step (None: it needs none)."""
+        todo = [p for p in self.preparers if p.needs_prepare(sched)]
+        if not todo:
+            return None
+
+        async def prepare() -> None:
+            for p in todo:
+                try:
+                    await p.prepare(sched)
+                except Exception:  # a preparer's bug must not fail the request: it is scheduled without
+                    log.exception("pre-scheduling step failed", extra={"request_id": sched.request_id})
+
+        return prepare
 
     async def wait(self, queued: Queued) -> Routed | Rejected:
         """Wait while flow control holds the request; its decision, or the flow-control error with
         the `x-llm-d-request-dropped-reason` header. Cancelled (the stream went away): the request
-        leaves its queue at once."""
+        leaves its queue at once. A request with a pre-scheduling step awaits it first."""
+        if queued.prepare is not None:
+            await queued.prepare()
         fc = self.flow_control
         if fc is None:
             return queued.route()

@@ -305,10 +305,7 @@ class PrecisePrefixCacheProducer:
         if got is not None and got[0] == self.name:
             return got[1]  # type: ignore[no-any-return]
         ids = request.scratch.get(TOKEN_IDS)
-        if self.tokenizer is None and self._plugins:
-            self.tokenizer = next((p for p in self._plugins.values()
-                                   if isinstance(p, TokenProducer) and p.params.backend != "estimate"), None)
-            self._plugins = {}
+        self.token_source()
         whole = True
         if ids is None and self.tokenizer is not None:
             try:
@@ -335,6 +332,15 @@ class PrecisePrefixCacheProducer:
             request.scratch[_TOTAL] = max(keys.count, min(est, self.params.max_blocks))
         request.scratch[_KEYS] = (self.name, keys)
         return keys
+
+    def token_source(self) -> Tokenizer | None:
+        """This producer's tokenizer: its own, else the config's token-producer (not `estimate`),
+        found on first use."""
+        if self.tokenizer is None and self._plugins:
+            self.tokenizer = next((p for p in self._plugins.values()
+                                   if isinstance(p, TokenProducer) and p.params.backend != "estimate"), None)
+            self._plugins = {}
+        return self.tokenizer
 
     def precise_ratios(self, request: SchedulingRequest, endpoints: Sequence[Endpoint]) -> list[float] | None:
         """Per endpoint: weighted leading cached blocks / the prompt's blocks; None without tokens."""
@@ -466,6 +472,17 @@ def find_producers(scheduler: Any) -> list[PrecisePrefixCacheProducer]:
 
     walk(scheduler, 0)
     return list(found.values())
+
+
+def find_preparers(scheduler: Any) -> list[TokenProducer]:
+    """The token producers a built scheduler's precise producers read that must await the engine's
+    render before scheduling (the Director's preparers); empty when none renders (no cost then)."""
+    out: dict[int, TokenProducer] = {}
+    for prod in find_producers(scheduler):
+        src = prod.token_source()
+        if isinstance(src, TokenProducer) and src.renders:
+            out[id(src)] = src
+    return list(out.values())
 
 
 def wire(producers: Sequence[PrecisePrefixCacheProducer], data_layer: Any, specs: Any) -> None:

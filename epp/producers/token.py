@@ -5,10 +5,12 @@
 - `vllm` / `modelName`: the engine's tokens. The ids come from the model's own tokenizer files
   when the picker has them (`vllm.tokenizerPath`, ours: a mounted directory; else `modelName` in
   the HF cache — never downloaded), rendered with the model's chat template (epp.tokens.local).
-  Without the files, the engine's `/render` endpoints (`vllm.url`, `vllm.timeout`) are called in the
-  background (epp.tokens.render_cache): the request path schedules synchronously and never waits, so
-  a conversation's first turn gets the estimate (counted in `fallbacks`) and its later turns the ids
-  the engine rendered for the earlier turn, as their prefix;
+  Without the files, the engine's `/render` endpoints (`vllm.url`, `vllm.timeout`) give them
+  (epp.tokens.render_cache): a request for which nothing is rendered yet (a conversation's first
+  turn) awaits its render before it is scheduled (`prepare`, the Director's pre-scheduling step),
+  for at most `vllm.timeout`; after a timeout or failure it is scheduled on the estimate (counted in
+  `fallbacks`, logged once). A later turn uses the ids rendered for the earlier turn as its prefix
+  at once (its own render runs in the background, for the turn after);
 - `udsTokenizerConfig` (llm-d's deprecated sidecar): refused, use `vllm`.
 
 A precise-prefix-cache-producer without a tokenizer of its own reads ids from here (`ids_for`).
@@ -21,7 +23,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from epp.scheduling.framework import SchedulingRequest
 from epp.scheduling.registry import PRODUCER, BuildContext, ConfigError, Params, register
+from epp.tokens import TOKEN_IDS, messages_of
 
 log = logging.getLogger("epp.producers.token")
 
@@ -56,7 +60,9 @@ class TokenProducer:
         self.fallbacks = 0  # requests that got no ids (the estimate instead)
         self.tokenizer: Any = None
         self.render: Any = None
-        self.rendered: Any = None  # RenderCache: background renders, when no tokenizer files
+        self.rendered: Any = None  # RenderCache: engine renders, when no tokenizer files
+        self.render_waits = 0  # requests that awaited a render before scheduling
+        self.render_timeouts = 0  # ... and were scheduled without it (timeout, failure)
         if params.backend == "vllm":
             from epp.tokens.local import LocalTokenizer, TokenizerError
             from epp.tokens.render import RenderClient
@@ -69,8 +75,8 @@ class TokenProducer:
                 if params.tokenizer_path:  # named explicitly: a config error
                     raise ConfigError("vllm.tokenizerPath", str(e)) from None
                 self.rendered = RenderCache(self.render)
-                log.warning("token-producer %s: %s; the engine renders in the background (a conversation's "
-                            "later turns get its tokens, first turns the estimate)", name, e)
+                log.warning("token-producer %s: %s; the engine renders the prompts (a request with nothing "
+                            "rendered yet waits for it, at most %.3gs)", name, e, params.timeout)
 
     @classmethod
     def parse(cls, p: Params) -> TokenParams:
@@ -94,6 +100,38 @@ class TokenProducer:
                 raise ConfigError(p.field("modelName"), "the vllm backend needs modelName")
         p.done()
         return out
+
+    @property
+    def renders(self) -> bool:
+        """Whether ids come from the engine's render endpoints (requests may await them)."""
+        return self.tokenizer is None and self.rendered is not None
+
+    def needs_prepare(self, request: SchedulingRequest) -> bool:
+        """Whether `request` must await the engine's render: no ids yet, and none rendered for it
+        or for an earlier turn of its conversation."""
+        if not self.renders or TOKEN_IDS in request.scratch or not isinstance(request.body, Mapping):
+            return False
+        return not self.rendered.known(self.params.model_name or request.model, request.body,
+                                       messages_of(request.body))
+
+    async def prepare(self, request: SchedulingRequest) -> None:
+        """Await the engine's render of `request` (at most `vllm.timeout`) and set its ids in
+        `request.scratch`. Not in time or failed: the ids are set empty (the scheduler uses the
+        estimate and does not ask the engine again for this request), counted and logged once."""
+        body = request.body
+        if not self.renders or not isinstance(body, Mapping):
+            return
+        self.render_waits += 1
+        ids = await self.rendered.render(self.params.model_name or request.model, body, messages_of(body),
+                                         self.params.timeout)
+        if ids is None:
+            self.fallbacks += 1
+            self.render_timeouts += 1
+            if self.render_timeouts == 1:
+                log.warning("token-producer %s: the engine's render did not answer within %.3gs; scheduling on "
+                            "the estimate (counted, logged once)", self.name, self.params.timeout)
+            ids = []
+        request.scratch[TOKEN_IDS] = ids
 
     def estimate(self, text: str) -> int:
         return estimate_tokens(text)

@@ -77,6 +77,7 @@ class Faults:
     die_after_chunks: int = -1  # >= 0: drop the connection after that many SSE chunks (non-stream: at once)
     unhealthy: bool = False  # /health answers 503
     fail_models: tuple[str, ...] = field(default=())  # models whose requests always fail
+    render_delay_ms: float = 0.0  # wall-clock ms before a /render endpoint answers (a slow tokenizer)
 
     def update(self, changes: dict[str, object]) -> None:
         """Apply a JSON object of changes atomically; a bad key or value raises ValueError."""

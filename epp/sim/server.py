@@ -536,6 +536,8 @@ class SimServer:
     async def _render_completions(self, request: web.Request) -> web.Response:
         """vLLM's /v1/completions/render: the request in, one `{token_ids}` per prompt out (no inference)."""
         body = await self._json_body(request)
+        if self.faults.render_delay_ms > 0:
+            await asyncio.sleep(self.faults.render_delay_ms / 1000)
         try:
             texts = self._prompt_texts(body.get("prompt"))
         except SimError as e:
@@ -545,6 +547,8 @@ class SimServer:
     async def _render_chat(self, request: web.Request) -> web.Response:
         """vLLM's /v1/chat/completions/render: the chat request in, its templated prompt's `{token_ids}` out."""
         body = await self._json_body(request)
+        if self.faults.render_delay_ms > 0:
+            await asyncio.sleep(self.faults.render_delay_ms / 1000)
         try:
             text = chat_prompt(self._messages(body))
         except SimError as e:

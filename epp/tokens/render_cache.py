@@ -1,12 +1,15 @@
-"""Engine-rendered token ids without blocking the request path.
+"""Engine-rendered token ids, kept so a conversation is rendered once a turn.
 
-The request path schedules synchronously, so the engine's `/render` cannot be awaited per request.
-Instead each chat request is rendered in the background (at most `max_inflight` at once) and its
-ids kept under a chained hash of its messages; a later request whose messages *begin with* a
-rendered request's messages (the next turn of a conversation: the earlier messages, then the
-assistant's reply and a new user message) reuses those ids as its prefix. The first turn of a
-conversation gets no ids (the caller falls back to its estimate); from the second on, the leading
-blocks are the engine's own tokens. Completions reuse ids for an identical prompt only.
+Each request is rendered by a task of its own (at most `max_inflight` at once) and its ids kept
+under a chained hash of its messages; a later request whose messages *begin with* a rendered
+request's messages (the next turn of a conversation: the earlier messages, then the assistant's
+reply and a new user message) reuses those ids as its prefix. Completions reuse ids for an
+identical prompt only.
+
+Two ways in: `lookup` (synchronous: what is known now, this request's render started in the
+background) and `render` (awaited before scheduling, epp.producers.token's `prepare`: joins the
+request's render, in flight or new, for at most a timeout; the render itself goes on after a
+timeout and serves the conversation's next turn).
 
 Bounded: at most `max_entries` rendered requests and `max_ids` ids (oldest dropped first).
 """
@@ -50,8 +53,7 @@ class RenderCache:
         self.max_inflight = max(1, max_inflight)
         self._cache: OrderedDict[int, list[int]] = OrderedDict()
         self._ids = 0
-        self._pending: set[int] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._pending: dict[int, asyncio.Task[None]] = {}  # key -> its render in flight
         self.hits = 0
         self.misses = 0
         self.dropped = 0  # renders not started: too many in flight, or no running loop
@@ -63,6 +65,36 @@ class RenderCache:
         prompt = body.get("prompt")
         text = json.dumps([model, prompt], default=str)
         return xxhash.xxh64_intdigest(text.encode("utf-8", "surrogatepass")), []
+
+    def known(self, model: str, body: Mapping[str, Any], messages: Sequence[Any] | None) -> bool:
+        """Whether `lookup` would give ids now (this request's, or an earlier turn's); counts nothing."""
+        key, chain = self._key(model, body, messages)
+        return key in self._cache or any(h in self._cache for h in chain[1:-1])
+
+    async def render(self, model: str, body: Mapping[str, Any], messages: Sequence[Any] | None,
+                     wait: float) -> list[int] | None:
+        """This request's own ids: cached, or its render (joined when one is in flight) awaited for
+        at most `wait` seconds. None: not rendered in time, failed, or too many renders in flight."""
+        key, _ = self._key(model, body, messages)
+        got = self._cache.get(key)
+        if got is not None:
+            self._cache.move_to_end(key)
+            self.hits += 1
+            return got
+        task = self._start(key, body, bool(messages))
+        if task is None:
+            self.misses += 1
+            return None
+        try:
+            await asyncio.wait_for(asyncio.shield(task), wait)
+        except TimeoutError:
+            pass  # the render goes on (bounded by the client's timeout) and serves the next turn
+        got = self._cache.get(key)
+        if got is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return got
 
     def lookup(self, model: str, body: Mapping[str, Any], messages: Sequence[Any] | None) -> list[int] | None:
         """Ids of the longest rendered request this one begins with (None: none yet); starts this
@@ -85,27 +117,28 @@ class RenderCache:
             self.hits += 1
         return got
 
-    def _start(self, key: int, body: Mapping[str, Any], chat: bool) -> None:
-        if key in self._pending:
-            return
+    def _start(self, key: int, body: Mapping[str, Any], chat: bool) -> asyncio.Task[None] | None:
+        """The render of `key`: the one in flight, else a new one (None: too many, or no loop)."""
+        task = self._pending.get(key)
+        if task is not None:
+            return task
         if len(self._pending) >= self.max_inflight:
             self.dropped += 1
-            return
+            return None
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             self.dropped += 1
-            return
-        self._pending.add(key)
+            return None
         task = loop.create_task(self._render(key, dict(body), chat))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._pending[key] = task
+        return task
 
     async def _render(self, key: int, body: dict[str, Any], chat: bool) -> None:
         try:
             ids = await self.client.ids(body, chat)
         finally:
-            self._pending.discard(key)
+            self._pending.pop(key, None)
         if ids is None:
             return
         self._cache[key] = ids
@@ -116,8 +149,8 @@ class RenderCache:
 
     async def drain(self) -> None:
         """Wait for the renders in flight (tests, shutdown)."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        while self._pending:
+            await asyncio.gather(*list(self._pending.values()), return_exceptions=True)
 
     @property
     def size(self) -> int:
