@@ -56,6 +56,7 @@ class Envoy:
     ports: dict[str, int]  # listener name -> bound port
     admin: str
     log_path: Path
+    proc: asyncio.subprocess.Process | None = None  # for tests that signal it themselves
 
     @property
     def url(self) -> str:
@@ -111,7 +112,7 @@ async def run_envoy(config: Mapping[str, Any], tmp_path: Path, timeout: float = 
                 await asyncio.sleep(0.05)
             statuses = await _get_json(session, f"http://{admin}/listeners?format=json")
         ports = {s["name"]: s["local_address"]["socket_address"]["port_value"] for s in statuses["listener_statuses"]}
-        yield Envoy(ports=ports, admin=admin, log_path=log_path)
+        yield Envoy(ports=ports, admin=admin, log_path=log_path, proc=proc)
     finally:
         if proc.returncode is None:
             proc.terminate()

@@ -416,7 +416,7 @@ SIGKILL never comes before the picker has let its open streams finish. */}}
 {{- define "epp.terminationGrace" -}}
 {{- $set := .Values.inferenceExtension.terminationGracePeriodSeconds -}}
 {{- if kindIs "invalid" $set -}}
-{{- add (int (ceil (include "epp.shutdownSeconds" .))) 5 -}}
+{{- add (max (int (ceil (include "epp.shutdownSeconds" .))) (int (include "epp.envoyPreStopSeconds" .))) 5 -}}
 {{- else -}}
 {{- int $set -}}
 {{- end -}}
@@ -431,5 +431,20 @@ empty), so nothing off the pod can open an ext_proc stream; "" = the picker's --
 {{- $ext.extProcBindAddress -}}
 {{- else if and (include "epp.envoyInPod" .) (empty $ext.networkPolicy.gatewayPeers) -}}
 127.0.0.1
+{{- end -}}
+{{- end -}}
+
+{{/* Seconds the built-in Envoy waits in its preStop hook before it gets SIGTERM: envoy.preStopSleepSeconds,
+else the picker's drain + grace (rounded up), with no hook (0) when no built-in Envoy runs. Envoy exits at
+once on SIGTERM, cutting the streams it carries; held back, it keeps them (and late arrivals the picker
+still routes while it drains) until the picker is done. */}}
+{{- define "epp.envoyPreStopSeconds" -}}
+{{- $set := .Values.envoy.preStopSleepSeconds -}}
+{{- if not (and (include "epp.envoyInPod" .) (not .Values.inferenceExtension.sidecar.image)) -}}
+0
+{{- else if kindIs "invalid" $set -}}
+{{- int (ceil (include "epp.shutdownSeconds" .)) -}}
+{{- else -}}
+{{- int $set -}}
 {{- end -}}
 {{- end -}}
