@@ -182,3 +182,27 @@ _json_values = st.recursive(
 def test_array_scan_counts_exactly_the_arrays(value, ascii_only):
     raw = json.dumps(value, ensure_ascii=ascii_only).encode()
     assert openai._arrays_outside_strings(raw) == _count_lists(value)
+
+
+def test_fast_decoder_gives_what_json_gives():
+    """msgspec decodes bodies; whatever it refuses json decodes, so accepted bodies, values and
+    error messages are json's."""
+    import json as _json
+
+    from epp.openai import _decode, _loads
+
+    cases = [b'{"model":"m","messages":[{"role":"user","content":"h\\u00e9 \\"q\\" \\n"}],"stream":true}',
+             b'{"a":1,"a":2}', b'{"n":123456789012345678901234567890,"f":1.5e300,"z":-0.0}',
+             b'{"x":NaN,"y":Infinity}', b'{"big":1e999}', b'{"s":"\\ud800"}', b'[' * 900 + b']' * 900]
+    for raw in cases:
+        got, want = _loads(raw), _json.loads(raw)
+        assert repr(got) == repr(want), raw[:40]
+        assert repr(_decode(raw)) == repr(want)
+    for bad in (b'{"model": }', b'{"a":1', b"\xff\xfe{}"):
+        with pytest.raises(ValueError) as fast:
+            _loads(bad)
+        with pytest.raises(ValueError) as slow:
+            _json.loads(bad)
+        assert type(fast.value) is type(slow.value) and str(fast.value) == str(slow.value)
+    with pytest.raises(RecursionError):
+        _loads(b"[" * 100000 + b"]" * 100000)
