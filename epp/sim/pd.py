@@ -7,7 +7,8 @@ do_remote_decode: false, remote_engine_id, remote_block_ids, remote_host, remote
 A decode request carrying those params skips the prefill it would otherwise do: the blocks named
 arrive by transfer, costing `base_ms + ms_per_token x tokens` (simulated) before the sequence is
 queued, and only the prompt's last partial block is computed locally. The transferred blocks land
-in the decode pod's prefix cache, as vLLM registers them.
+in the decode pod's prefix cache, as vLLM registers them. In the discrete-event mode the prefill
+pod keeps the prompt's blocks in use until the transfer ends (vLLM frees them once pulled).
 
 Defaults: a Llama-3.1-8B token's KV is 128 KiB (see epp.sim.config); over a 200 Gb/s RDMA link
 (~25 GB/s) that is ~5 µs a token (`ms_per_token` 0.005), plus ~1 ms to set the transfer up.
@@ -22,6 +23,7 @@ from typing import Any
 from epp.datastore import Endpoint
 from epp.sim.config import EngineConfig
 from epp.sim.des import Cluster, RequestResult, SimRequest
+from epp.sim.tokens import block_hashes
 
 PREFILL, DECODE, BOTH = "prefill", "decode", "both"
 
@@ -167,11 +169,27 @@ class PDPolicy:
             block = cluster.servers[leg.decode].engine.cfg.block_size
             tokens = (res.prompt_tokens // block) * block
             decode_req = replace(leg.original, data=leg, remote_tokens=tokens)
+            held = self._hold_blocks(cluster.servers[leg.prefill].engine, leg.original)
             cluster.hold()
             at = cluster.now + self.transfer.seconds(tokens)
-            cluster.call_at(at, lambda: cluster.dispatch(decode_req, leg.decode, cluster.now))
+
+            def pulled() -> None:
+                cluster.servers[leg.prefill].engine.kv.release(held)  # the decode pod has the KV now
+                cluster.dispatch(decode_req, leg.decode, cluster.now)
+
+            cluster.call_at(at, pulled)
             return
         self._finish(leg, res)
+
+    @staticmethod
+    def _hold_blocks(engine: Any, req: SimRequest) -> list[int]:
+        """Pin the prompt's blocks on the prefill engine until the decode pod has pulled them (vLLM's
+        NIXL connector frees them only then): they stay used, not merely cached."""
+        cfg = engine.cfg
+        hashes = block_hashes(req.prompt, cfg.block_size, req.model or cfg.model, cfg.chars_per_token)
+        held, _ = engine.kv.match(hashes, len(hashes))
+        engine.kv.take(held)
+        return held
 
     def _finish(self, leg: _Leg, decode: RequestResult) -> None:
         disagg = leg.prefill >= 0

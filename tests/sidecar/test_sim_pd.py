@@ -51,3 +51,16 @@ def test_des_pd_legs_and_transfer_cost():
     assert abs(results[50.0] - results[0.0] - 0.05) < 0.02  # the transfer is on the TTFT path
     s = summarize_pd(list(out.values()))
     assert s["requests"] == 2 and s["errors"] == 0 and s["disaggregated"] == 0.5 and s["tpot_p50"] > 0
+
+
+def test_des_prefill_pod_holds_the_blocks_until_the_transfer_ends():
+    def choose(req, eps):
+        return 1, 0
+
+    cluster, policy = pd_cluster(["prefill", "decode"], choose, transfer=TransferCost(base_ms=500.0, ms_per_token=0),
+                                 poll_interval=None)
+    seen: list[tuple[float, int]] = []
+    for t in (0.3, 0.45, 0.9):  # prefill ends ~0.06 s in; the 500 ms transfer runs until ~0.56 s
+        cluster.call_at(t, lambda t=t: seen.append((t, cluster.servers[0].engine.kv.used_count)))
+    run_pd(cluster, policy, [(0.0, SimRequest("long", PROMPT, max_tokens=4))])
+    assert [used for _, used in seen] == [62, 62, 0]  # 62 full prompt blocks pinned, then freed
