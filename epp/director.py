@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from epp import openai
 from epp.datastore import Datastore, Endpoint
+from epp.flowcontrol.slo_deadline import slo_ttft_seconds
 from epp.flowcontrol.types import DROPPED_REASON_HEADER, Drop, FlowKey
 from epp.models import NoValidTarget
 from epp.parsers import ParsedRequest, ParseError, RequestParser
@@ -166,6 +167,7 @@ class Queued:
     target: str
     grpc: bool
     route: Callable[[], Routed | Rejected]
+    slo_ttft: float | None = None  # x-llm-d-slo-ttft-ms in seconds (slo-deadline-ordering-policy)
     # awaited before flow control and route() (preparers: the engine's render of the prompt's tokens)
     prepare: Callable[[], Awaitable[None]] | None = None
 
@@ -383,6 +385,7 @@ class Director:
         # (late binding: the endpoints are chosen on the pool as it is then).
         return Queued(key=FlowKey(priority, fairness_id(headers)), byte_size=len(body) if body is not None else 0,
                       request_id=request_id, model=client_model, target=target, grpc=grpc, route=route,
+                      slo_ttft=slo_ttft_seconds(headers),
                       prepare=prepare)
 
     def _prepare_for(self, sched: SchedulingRequest) -> Callable[[], Awaitable[None]] | None:
@@ -410,7 +413,8 @@ class Director:
         if fc is None:
             return queued.route()
         out = await fc.admit(queued.key, queued.route, byte_size=queued.byte_size, request_id=queued.request_id,
-                             model=queued.model, target_model=queued.target, unbind=self._unbind)
+                             model=queued.model, target_model=queued.target, unbind=self._unbind,
+                             slo_ttft=queued.slo_ttft)
         if isinstance(out, Drop):
             err = self._error(out.status, out.code, out.message, queued.grpc, detail=f"flow control: {out.reason}")
             err.headers = ((DROPPED_REASON_HEADER, out.reason),)

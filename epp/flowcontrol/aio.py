@@ -39,7 +39,7 @@ class AsyncFlowControl:
 
     async def admit(self, key: FlowKey, bind: Callable[[], T], *, byte_size: int = 0, request_id: str = "",
                     model: str = "", target_model: str = "", ttl: float | None = None,
-                    unbind: Callable[[T], Any] | None = None) -> T | Drop:
+                    unbind: Callable[[T], Any] | None = None, slo_ttft: float | None = None) -> T | Drop:
         """Wait for dispatch, then return `bind()` (called in the dispatch cycle: the endpoint is
         chosen at that moment); or the Drop that answers the client. If the waiting coroutine is
         cancelled (client gone) the request leaves its queue at once; a binding already made for
@@ -62,7 +62,7 @@ class AsyncFlowControl:
             return value
 
         item = self.controller.submit(key, byte_size, done, request_id=request_id, ttl=ttl, model=model,
-                                      target_model=target_model)
+                                      target_model=target_model, slo_ttft=slo_ttft)
         if not item.done:
             self._arm()
         try:

@@ -35,6 +35,8 @@ from epp.flowcontrol.fcfs import FcfsOrderingPolicy
 from epp.flowcontrol.global_strict import GlobalStrictFairnessPolicy
 from epp.flowcontrol.policy import FairnessPolicy, OrderingPolicy
 from epp.flowcontrol.round_robin import RoundRobinFairnessPolicy
+from epp.flowcontrol.shortest_prompt import ShortestPromptFirstOrderingPolicy
+from epp.flowcontrol.slo_deadline import SloDeadlineOrderingPolicy
 from epp.flowcontrol.types import DEFAULT_FAIRNESS_ID, FlowKey, Item, Outcome
 from epp.scheduling.cycle import fresh_metrics
 
@@ -102,7 +104,7 @@ class FlowSettings:
 def builtin_policies() -> dict[str, Any]:
     """The policies flow control provides without a declaration, by type name."""
     return {p.name: p for p in (GlobalStrictFairnessPolicy(), RoundRobinFairnessPolicy(), FcfsOrderingPolicy(),
-                                EdfOrderingPolicy())}
+                                EdfOrderingPolicy(), SloDeadlineOrderingPolicy(), ShortestPromptFirstOrderingPolicy())}
 
 
 class FlowController:
@@ -163,13 +165,15 @@ class FlowController:
     # ---- requests ---------------------------------------------------------------------------
     def submit(self, key: FlowKey, byte_size: int = 0, on_done: Callable[[Item], Any] | None = None, *,
                payload: Any = None, request_id: str = "", ttl: float | None = None, model: str = "",
-               target_model: str = "") -> Item:
-        """Queue a request and run a dispatch cycle; the returned item may already be done."""
+               target_model: str = "", slo_ttft: float | None = None) -> Item:
+        """Queue a request and run a dispatch cycle; the returned item may already be done.
+        `slo_ttft` (seconds) is the request's TTFT objective, read by `slo-deadline-ordering-policy`."""
         now = self.clock()
         self._seq += 1
         item = Item(key=key if key.fairness_id else FlowKey(key.priority, DEFAULT_FAIRNESS_ID),
                     byte_size=max(0, int(byte_size)), enqueued=now, ttl=self._ttl(ttl), on_done=on_done,
-                    payload=payload, request_id=request_id, model=model, target_model=target_model, seq=self._seq)
+                    payload=payload, request_id=request_id, model=model, target_model=target_model, seq=self._seq,
+                    slo_ttft=slo_ttft if slo_ttft is not None and slo_ttft >= 0 else math.inf)
         if self.closed:
             self._finalize(item, Outcome.REJECTED_OTHER, now)
             return item

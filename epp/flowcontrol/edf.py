@@ -4,26 +4,32 @@ arrival order between equal deadlines."""
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from epp.flowcontrol.policy import COMPACT_MIN_DEAD
 from epp.flowcontrol.types import Item
 from epp.scheduling.registry import FLOW_POLICY, BuildContext, Params, register
 
 
+def _deadline(item: Item) -> float:
+    return item.deadline
+
+
 class DeadlineQueue:
-    """A heap on (deadline, arrival) with lazy removal: O(log n) push and pop, O(1) discard."""
+    """A heap on (key(item), arrival) with lazy removal: O(log n) push and pop, O(1) discard. The key
+    is the item's TTL deadline unless the ordering policy gives its own (fixed at push)."""
 
-    __slots__ = ("_dead", "_h", "bytes", "live")
+    __slots__ = ("_dead", "_h", "_key", "bytes", "live")
 
-    def __init__(self) -> None:
+    def __init__(self, key: Callable[[Item], float] = _deadline) -> None:
+        self._key = key
         self._h: list[tuple[float, int, Item]] = []
         self._dead = 0
         self.live = 0
         self.bytes = 0
 
     def push(self, item: Item) -> None:
-        heapq.heappush(self._h, (item.deadline, item.seq, item))
+        heapq.heappush(self._h, (self._key(item), item.seq, item))
         self.live += 1
         self.bytes += item.byte_size
 

@@ -97,6 +97,7 @@ class Item:
     band: Any = None  # the band it waits in, while queued
     pool_empty: bool = False  # the pool had no endpoints when the outcome was decided
     result: Any = None  # what on_done returned (for dispatched items: the binding)
+    slo_ttft: float = math.inf  # the request's TTFT objective in seconds (x-llm-d-slo-ttft-ms); inf = none
 
     @property
     def deadline(self) -> float:

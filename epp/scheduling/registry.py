@@ -148,6 +148,7 @@ BUILTIN_MODULES: list[str] = [
     "epp.datalayer.extractors.core_metrics",
     "epp.parsers.vllmgrpc",
     "epp.flowcontrol.fcfs", "epp.flowcontrol.edf", "epp.flowcontrol.global_strict", "epp.flowcontrol.round_robin",
+    "epp.flowcontrol.slo_deadline", "epp.flowcontrol.shortest_prompt",
     "epp.parsers.openai_parser", "epp.parsers.passthrough", "epp.requestcontrol.served_verifier", "epp.requestcontrol.attribute_reporter",  # noqa: E501
 ]
 _loaded: set[str] = set()

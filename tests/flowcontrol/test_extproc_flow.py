@@ -53,14 +53,16 @@ spec: {priority: -1, poolRef: {name: pool}}
 class Stream:
     """One open ext_proc stream: the request is sent, the reply awaited, the response finished later."""
 
-    def __init__(self, channel: grpc.aio.Channel, name: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, channel: grpc.aio.Channel, name: str, headers: dict[str, str] | None = None,
+                 content: str = "") -> None:
         self.name = name
+        self.content = content or name
         self.call = ep_grpc.ExternalProcessorStub(channel).Process()
         self.headers = {"x-request-id": name, **(headers or {})}
         self.reply: asyncio.Task[Any] | None = None
 
     async def send(self) -> None:
-        for m in [request_headers(extra=self.headers), *body_chunks(chat("m", self.name))]:
+        for m in [request_headers(extra=self.headers), *body_chunks(chat("m", self.content))]:
             await self.call.write(m)
         self.reply = asyncio.ensure_future(self.call.read())
 
@@ -137,6 +139,54 @@ async def test_higher_band_first(start_picker, tmp_path: Path):
         order.append(current.name)
     await current.finish()
     assert order == ["high", "mid", "low"]
+
+
+async def _drain_order(busy: Stream, queued: list[Stream]) -> list[str]:
+    """Finish the busy stream, then each dispatched one in turn; the order the queued ones went."""
+    order: list[str] = []
+    current = busy
+    for _ in queued:
+        await current.finish()
+        done, _ = await asyncio.wait([s.reply for s in queued if s.name not in order],
+                                     return_when=asyncio.FIRST_COMPLETED, timeout=10)
+        assert len(done) == 1
+        current = next(s for s in queued if s.reply in done)
+        routed(current.reply.result())
+        order.append(current.name)
+    await current.finish()
+    return order
+
+
+async def test_slo_deadline_ordering_serves_the_tightest_objective_first(start_picker):
+    extra = "defaultPriorityBand: {orderingPolicyRef: slo}"
+    text = config(extra).replace("plugins:\n", "plugins:\n- {name: slo, type: slo-deadline-ordering-policy}\n")
+    app, ch = await start_picker(endpoints=[EP], config_text=text)
+    fc = app.flow.controller
+    busy = Stream(ch, "busy")
+    await busy.send()
+    await busy.reply
+    queued = [Stream(ch, "none"), Stream(ch, "loose", {"x-llm-d-slo-ttft-ms": "5000"}),
+              Stream(ch, "tight", {"x-slo-ttft-ms": "100"}), Stream(ch, "bad", {"x-llm-d-slo-ttft-ms": "soon"})]
+    for s in queued:
+        await s.send()
+    await until(lambda: fc.live == 4, "four queued")
+    assert await _drain_order(busy, queued) == ["tight", "loose", "none", "bad"]
+
+
+async def test_shortest_prompt_first_ordering_through_the_picker(start_picker):
+    extra = "defaultPriorityBand: {orderingPolicyRef: spf}"
+    text = config(extra).replace("plugins:\n", "plugins:\n- {name: spf, type: shortest-prompt-first-ordering-policy}\n")
+    app, ch = await start_picker(endpoints=[EP], config_text=text)
+    fc = app.flow.controller
+    busy = Stream(ch, "busy")
+    await busy.send()
+    await busy.reply
+    queued = [Stream(ch, "doc", content="d" * 60_000), Stream(ch, "chat", content="c" * 4_000),
+              Stream(ch, "short")]
+    for s in queued:
+        await s.send()
+    await until(lambda: fc.live == 3, "three queued")
+    assert await _drain_order(busy, queued) == ["short", "chat", "doc"]
 
 
 async def test_round_robin_fairness_between_two_tenants(start_picker):
