@@ -80,8 +80,9 @@ LLMD_FAIRNESS_HEADER = "x-llm-d-inference-fairness-id"
 LLMD_REWRITE_HEADER = "x-llm-d-model-name-rewrite"
 # Set only by the picker (or the router) for Envoy and the model servers: a client's copy would
 # choose the destination (ORIGINAL_DST reads the header as given when the picker does not answer)
-# or a disaggregated prefill/encode host. Removed at the edge in every generated config.
-CONTROL_HEADERS = (DEST_HEADER, SERVED_HEADER, "x-prefiller-host-port", "x-encoder-hosts-ports")
+# or a disaggregated prefill/encode host or data-parallel rank. Removed at the edge in every generated config.
+DP_HEADER = "x-data-parallel-host-port"  # set by data-parallel-profile-handler, read by the sidecar
+CONTROL_HEADERS = (DEST_HEADER, SERVED_HEADER, "x-prefiller-host-port", "x-encoder-hosts-ports", DP_HEADER)
 # Routed on in multi-pool configs (set by the body-based-routing callout): removed there.
 ROUTING_HEADERS = (MODEL_HEADER, BASE_MODEL_HEADER)
 # A client's choice of priority, fairness flow, target model or endpoint: removed at the edge unless

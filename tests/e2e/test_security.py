@@ -194,6 +194,7 @@ CLIENT_CHOICES = {
     CONFORMANCE_HEADER: "127.0.0.1:1",
     "x-prefiller-host-port": "127.0.0.1:2",
     "x-encoder-hosts-ports": "127.0.0.1:3",
+    "x-data-parallel-host-port": "127.0.0.1:5",
     SERVED_HEADER: "127.0.0.1:4",
 }
 
