@@ -1,7 +1,7 @@
 """Live peer benchmark: our picker behind Envoy against SGLang's and vLLM's Rust routers, same servers.
 
     .venv/bin/python bench/peers.py --quick        # < 3 min: 3 workloads at 90%, cache-aware peers, 1 repeat
-    .venv/bin/python bench/peers.py                # `make bench-peers`: the whole matrix, ~25 min
+    .venv/bin/python bench/peers.py                # `make bench-peers`: the whole matrix, ~32 min here
     options: --workloads shared-prefix ...  --loads 70 90  --policies ours envoy-rr ...  --repeats 2
              --seconds 6  --warmup 2  --config-text NAME=YAML|@FILE  --variant NAME (our picker with another
              profile as policy ours:NAME; repeatable)
