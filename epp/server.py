@@ -46,7 +46,7 @@ from epp.flowcontrol import build as flow_build
 from epp.flowcontrol.aio import AsyncFlowControl
 from epp.flowcontrol.metrics import FlowControlMetrics
 from epp.metrics.engines import apply_data_layer, apply_flag_overrides, apply_overrides
-from epp.metrics.scrape import Scraper
+from epp.metrics.scrape import ScrapeThread
 from epp.metrics_http import KubeAuthorizer, KubeReviews, MetricsServer
 from epp.parsers import build_parser
 from epp.requestcontrol.base import build_request_control
@@ -227,7 +227,7 @@ class App:
                                                      or getattr(self.config, "parser", None)),
                                  request_control=build_request_control(self.config.plugins),
                                  flow_control=self.flow)
-        self.scraper: Scraper | None = None
+        self.scraper: ScrapeThread | None = None
         self.kube: Any = None  # the KubeSource, when watching a cluster
         mode = BUFFERED if opts.default_body_mode == "buffered" else DUPLEX
         decider: Any = self.director  # a Decider, maybe wrapped
@@ -321,8 +321,9 @@ class App:
             self.sources.append(self.elector)
             await self.elector.start()
         if o.mode == "epp" and not self._metrics_off():
-            self.scraper = Scraper(self.datastore, interval=o.refresh_metrics_interval, engines=self.engines,
-                                   idle_interval=o.refresh_metrics_idle_interval or None)
+            # on a thread with its own loop: nothing but requests on the serving loop
+            self.scraper = ScrapeThread(self.datastore, interval=o.refresh_metrics_interval, engines=self.engines,
+                                        idle_interval=o.refresh_metrics_idle_interval or None)
             self.scraper.start()
             log.info("scheduling profile", extra={"profile": describe(self.config)})
 

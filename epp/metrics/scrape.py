@@ -23,6 +23,9 @@ to `max_backoff` seconds and returns to the interval with the first good poll.
 
 Where a page lives comes from the endpoint's engine (EngineSpec.scheme/path/port: trtllm-serve
 on /prometheus/metrics, Triton on port 8002) unless the Scraper is given scheme/path/port itself.
+
+`ScrapeThread` runs a Scraper on an event loop of its own in a thread, so polls, page parsing and
+their timers never run on the serving loop (what the picker process uses).
 """
 
 from __future__ import annotations
@@ -31,9 +34,11 @@ import asyncio
 import logging
 import random
 import ssl as ssl_lib
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 from urllib.parse import quote
 
 import aiohttp
@@ -137,6 +142,7 @@ class Scraper:
         max_page_bytes: int = DEFAULT_MAX_PAGE_BYTES,
         max_backoff: float = DEFAULT_MAX_BACKOFF,
         idle_interval: float | None = None,
+        follow: bool = True,
     ) -> None:
         """`port`/`path`/`scheme` override where every model server's metrics are read (default:
         the engine's, see EngineSpec); `ssl` is passed to aiohttp for https (False: do not verify;
@@ -149,7 +155,8 @@ class Scraper:
         request in flight whose signals stayed the same for CALM_AFTER polls is polled ever slower,
         up to every `idle_interval` s (keep it under the staleness threshold); a request routed to
         it, or a change on its page, brings it back to `interval` at once (the wait is cut in
-        `interval` slices that look at its in-flight count)."""
+        `interval` slices that look at its in-flight count). `follow=False`: start() does not
+        subscribe to the datastore (ScrapeThread passes the changes on itself)."""
         if interval <= 0 or timeout <= 0 or max_concurrency < 1 or max_page_bytes < 1:
             raise ValueError("interval, timeout, max_page_bytes must be positive, max_concurrency at least 1")
         self.datastore = datastore
@@ -172,7 +179,7 @@ class Scraper:
         self._session: aiohttp.ClientSession | None = None
         self._sem: asyncio.Semaphore | None = None
         self._running = False
-        self._subscribed = False
+        self._subscribed = not follow
         self.polls_ok = 0  # counters for tests, benchmarks and telemetry
         self.polls_failed = 0
 
@@ -409,3 +416,101 @@ class Scraper:
         if not target.failing:
             target.failing = True
             log.warning("metrics scrape failing", extra={"endpoint": ep.address, "error": reason})
+
+
+_T = TypeVar("_T")
+
+
+def _copied(fn: Callable[[], _T]) -> _T:
+    """fn() copying a table the scraper thread may change meanwhile: copied again when it did."""
+    for _ in range(100):
+        try:
+            return fn()
+        except RuntimeError:  # "dictionary changed size during iteration"
+            continue
+    return fn()
+
+
+class ScrapeThread:
+    """A Scraper on its own event loop in a daemon thread: no poll, parse or poll timer runs on the
+    serving loop. The datastore's endpoint changes are passed to it with call_soon_threadsafe; its
+    results are single attribute writes on the Endpoint objects (`metrics`, `scrape_ok`), which
+    readers on the serving loop see whole (the GIL makes each write atomic)."""
+
+    def __init__(self, datastore: Datastore, **kw: object) -> None:
+        """`kw`: the Scraper's own parameters."""
+        self.datastore = datastore
+        self.scraper = Scraper(datastore, follow=False, **kw)  # type: ignore[arg-type]
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._subscribed = False
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Start the thread and the polls. Call from the serving loop: it is blocked until the
+        scraper has taken its snapshot of the endpoints, so no change falls between the snapshot
+        and the subscription."""
+        if self._thread is not None:
+            return
+        ready = threading.Event()
+        failed: list[BaseException] = []
+
+        def begin() -> None:
+            try:
+                self.scraper.start()
+            except BaseException as e:  # reported to start()'s caller
+                failed.append(e)
+            ready.set()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            asyncio.set_event_loop(loop)
+            loop.call_soon(begin)
+            try:
+                loop.run_forever()
+            finally:
+                loop.close()
+
+        self._thread = threading.Thread(target=run, name="scraper", daemon=True)
+        self._thread.start()
+        if not ready.wait(timeout):
+            raise RuntimeError("the scraper thread did not start")
+        if failed:
+            raise failed[0]
+        if not self._subscribed:
+            self.datastore.subscribe(self._on_endpoints)
+            self._subscribed = True
+
+    def _on_endpoints(self, added: list[Endpoint], removed: list[Endpoint]) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self.scraper._on_endpoints, list(added), list(removed))
+
+    def call(self, fn: Callable[[], object]) -> None:
+        """Run `fn` on the scraper's loop (tests)."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(fn)
+
+    async def stop(self) -> None:
+        """Stop every poll, close the session, end the thread."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        self._loop = None
+        try:
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.scraper.stop(), loop))
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            await asyncio.to_thread(thread.join, 10.0)
+            self._thread = None
+
+    @property
+    def polling(self) -> frozenset[str]:
+        return _copied(lambda: self.scraper.polling)
+
+    def polls(self) -> dict[str, int]:
+        return _copied(self.scraper.polls)
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        return self._thread

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
@@ -715,3 +716,30 @@ async def test_off_by_default(servers: Any, scrapers: Any) -> None:
     s = scrapers(datastore(srv.address))
     await until(lambda: s.polls()[srv.address] >= 4 * CALM_AFTER)
     assert s._targets[srv.address].gap <= FAST * 1.1
+
+
+# ---- a quiet serving loop: ScrapeThread -------------------------------------------------------
+async def test_scrape_thread_polls_off_the_serving_loop(servers: Any) -> None:
+    from epp.metrics.scrape import ScrapeThread
+
+    a, b = await servers(pages.vllm(waiting=3)), await servers(pages.vllm(waiting=5))
+    ds = datastore(a.address)
+    st = ScrapeThread(ds, interval=FAST, timeout=0.5)
+    st.start()
+    try:
+        assert st.thread is not None and st.thread.is_alive() and st.thread is not threading.current_thread()
+        ep = ds.endpoints[a.address]
+        await until(lambda: ep.metrics is not None and ep.metrics.waiting == 3)
+        # the serving loop blocked: polls go on in the thread (the servers answer from their own
+        # loop in this test, so count attempts, not answers)
+        n = st.polls()[a.address]
+        time.sleep(0.3)
+        assert st.polls()[a.address] > n
+        ds.set_static_endpoints([a.address, b.address])  # changes reach the thread's scraper
+        await until(lambda: b.address in st.polling)
+        await until(lambda: ds.endpoints[b.address].metrics is not None)
+        ds.set_static_endpoints([b.address])
+        await until(lambda: st.polling == frozenset({b.address}))
+    finally:
+        await st.stop()
+    assert st.thread is None and not [t for t in threading.enumerate() if t.name == "scraper"]
