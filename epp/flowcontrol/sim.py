@@ -3,8 +3,12 @@ of any cluster policy (round-robin, the picker's scheduler, ...).
 
 Every request is held (`choose` returns None) and submitted to the controller; when it is
 dispatched, the inner policy chooses its server at that moment (late binding) and the cluster
-starts it. Dispatch cycles run on arrivals, completions and metric snapshots landing; TTL expiry
-runs at the earliest deadline (one pending timer).
+starts it. Dispatch cycles run on arrivals, completions, first tokens and metric snapshots
+landing; TTL expiry runs at the earliest deadline (one pending timer).
+
+A detector that accounts what it lets through (`dispatched(request_id, endpoint, byte_size)` and
+`released(request_id)`, as `epp.flowcontrol.prefill.PrefillBudgetDetector`) is told of every
+dispatch, and of every first token and completion.
 """
 
 from __future__ import annotations
@@ -32,11 +36,13 @@ class FlowControlPolicy:
     """A cluster policy: flow control, then `inner` picks the server when a request is dispatched."""
 
     def __init__(self, inner: Any, settings: FlowSettings, detector: Detector, *,
-                 fairness_of: Callable[[SimRequest], str] = tenant_of) -> None:
+                 fairness_of: Callable[[SimRequest], str] = tenant_of,
+                 work_of: Callable[[SimRequest, int], int] | None = None) -> None:
         self.inner = inner
         self.settings = settings
         self.detector = detector
         self.fairness_of = fairness_of
+        self.work_of = work_of  # (request, server index) -> prefill tokens, for an accounting detector
         self.cluster: Cluster | None = None
         self.fc: FlowController | None = None
         self._choose = getattr(inner, "choose", inner)
@@ -46,6 +52,8 @@ class FlowControlPolicy:
         self._refused: SimError | None = None
         self._timer_at = math.inf
         self.outcomes: dict[str, int] = {}
+        self._accounts = callable(getattr(detector, "dispatched", None)) and callable(getattr(detector, "released",
+                                                                                              None))
 
     def bind(self, cluster: Cluster) -> None:
         self.cluster = cluster
@@ -71,7 +79,14 @@ class FlowControlPolicy:
     def on_complete(self, result: RequestResult) -> None:
         if self._inner_complete is not None:
             self._inner_complete(result)
+        if self._accounts:
+            self.detector.released(result.request_id)  # type: ignore[attr-defined]
         if self.fc is not None:
+            self.fc.dispatch()
+            self._arm()
+
+    def on_first_token(self, request: SimRequest, index: int) -> None:
+        if self._accounts and self.fc is not None and self.detector.released(request.request_id):  # type: ignore[attr-defined]
             self.fc.dispatch()
             self._arm()
 
@@ -96,6 +111,10 @@ class FlowControlPolicy:
                 else:
                     cluster.refuse(request, e.status, e.message, arrival)
                 return
+            if self._accounts and isinstance(idx, int) and 0 <= idx < len(cluster.endpoints):
+                work = self.work_of(request, idx) if self.work_of is not None else None
+                self.detector.dispatched(request.request_id, cluster.endpoints[idx],  # type: ignore[attr-defined]
+                                         item.byte_size, work)
             if now_choosing:
                 self._immediate = idx
             else:

@@ -127,7 +127,8 @@ class Cluster:
     A policy may also hold a request (flow control): `choose` returns None, and the policy later
     calls `dispatch(request, index, arrival)` or `refuse(request, status, message, arrival)`. Optional
     policy hooks, looked up by name: `bind(cluster)` once at construction, `on_metrics(endpoint)`
-    when a polled snapshot becomes visible.
+    when a polled snapshot becomes visible, `on_first_token(request, index)` when a request's first
+    token is sampled (what a router streaming the response sees: its prefill is done).
     """
 
     def __init__(self, servers: int | Sequence[EngineConfig] = 1, policy: Policy | ChooseFn | None = None, *,
@@ -154,6 +155,7 @@ class Cluster:
         self._choose: ChooseFn = choose if choose is not None else policy  # type: ignore[assignment]
         self._on_complete: Callable[[RequestResult], Any] | None = getattr(policy, "on_complete", None)
         self._on_metrics: Callable[[Endpoint], Any] | None = getattr(policy, "on_metrics", None)
+        self._on_first_token: Callable[[SimRequest, int], Any] | None = getattr(policy, "on_first_token", None)
         self.policy = policy
         self.now = 0.0
         self.results: list[RequestResult] = []
@@ -298,6 +300,8 @@ class Cluster:
             self._complete(res)
             return
         seq.remote_tokens = req.remote_tokens
+        if self._on_first_token is not None:
+            seq.notify = self._first_token_notifier(idx)
         self._in_system += 1
         ep = server.endpoint
         ep.inflight += 1
@@ -305,6 +309,16 @@ class Cluster:
         server.engine.add(seq)
         if not server.busy:
             self._start_step(server)
+
+    def _first_token_notifier(self, idx: int) -> Callable[[Seq], None]:
+        hook = self._on_first_token
+        assert hook is not None
+
+        def notify(seq: Seq) -> None:  # called after every sampled token: act on the first only
+            if seq.generated == 1 and seq.finish_reason != "abort":
+                hook(seq.tag, idx)
+
+        return notify
 
     def _start_step(self, server: VirtualServer) -> None:
         duration = server.engine.begin_step(self.now)
