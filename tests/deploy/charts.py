@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import functools
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,7 +176,9 @@ def flag(args: list[str], name: str) -> str | None:
 def local_args(out: Rendered, workdir: Path, ports: dict[str, int]) -> list[str]:
     """The rendered picker's args rewritten for a process on this machine: the config file becomes the
     ConfigMap's text in `workdir`, the three listening ports the given ones (from the OS), a mounted
-    serving certificate a fresh self-signed pair, and everything listens on loopback only."""
+    serving certificate a fresh self-signed pair, the session key file the release's Secret (see
+    `_session_key_file`), a client CA bundle a fresh self-signed certificate, and everything listens on
+    loopback only."""
     from epp.tls import self_signed
 
     args = list(container(out)["args"])
@@ -204,6 +208,16 @@ def local_args(out: Rendered, workdir: Path, ports: dict[str, int]) -> list[str]
             result += [a, str(certs)]
             i += 2
             continue
+        if a == "--session-key-file":
+            result += [a, str(_session_key_file(out, workdir))]
+            i += 2
+            continue
+        if a == "--client-ca-file":
+            ca = workdir / "client-ca.crt"
+            ca.write_bytes(self_signed(["client-ca"]).cert)
+            result += [a, str(ca)]
+            i += 2
+            continue
         if a in replace:
             result += [a, replace[a]]
             i += 2
@@ -211,6 +225,23 @@ def local_args(out: Rendered, workdir: Path, ports: dict[str, int]) -> list[str]
         result.append(a)
         i += 1
     return [*result, "--bind-address", "127.0.0.1"]
+
+
+def _session_key_file(out: Rendered, workdir: Path) -> Path:
+    """The session key file as the pod sees it: the chart's Secret's key (decoded) when the release
+    creates the Secret; for a Secret named in values (not in the release) a key derived from its name,
+    so that every process started from one render holds the same key, as the pods would."""
+    pod = out.get("Deployment")["spec"]["template"]["spec"]
+    secret = next(v for v in pod["volumes"] if v["name"] == "session-key")["secret"]
+    item = secret["items"][0]["key"]
+    created = [o for o in out.all("Secret") if o["metadata"]["name"] == secret["secretName"]]
+    if created:
+        key = base64.b64decode(created[0]["data"][item])
+    else:
+        key = hashlib.sha256(secret["secretName"].encode()).hexdigest().encode()
+    path = workdir / "session-key"
+    path.write_bytes(key + b"\n")
+    return path
 
 
 def local_env(out: Rendered, namespace: str, otel_endpoint: str) -> dict[str, str]:

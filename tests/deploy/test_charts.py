@@ -328,6 +328,13 @@ def test_metric_flags_name_the_engine_tables_metrics(server_type: str) -> None:
         assert named["lora-info-metric"] == "" and not spec.lora
 
 
+def _token_secret(out: Rendered) -> dict[str, Any]:
+    """The release's one service-account token Secret (besides it: the session key's)."""
+    found = [s for s in out.all("Secret") if s.get("type") == "kubernetes.io/service-account-token"]
+    assert len(found) == 1, found
+    return found[0]
+
+
 def test_monitoring_auth_objects(rendered: dict[tuple[str, str], Rendered]) -> None:
     out = rendered[("inferencepool", "monitoring-auth")]
     sa = "llama-epp"
@@ -340,7 +347,7 @@ def test_monitoring_auth_objects(rendered: dict[tuple[str, str], Rendered]) -> N
     binding = out.get("ClusterRoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"] == "llama-epp-ml"
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": "ml"}]
-    secret = out.get("Secret")
+    secret = _token_secret(out)
     assert secret["type"] == "kubernetes.io/service-account-token"
     assert secret["metadata"]["annotations"] == {"kubernetes.io/service-account.name": sa}
     mon = out.get("ServiceMonitor")
@@ -351,7 +358,7 @@ def test_monitoring_auth_objects(rendered: dict[tuple[str, str], Rendered]) -> N
     assert mon["spec"]["selector"]["matchLabels"].items() <= out.get("Service")["metadata"]["labels"].items()
 
     noauth = rendered[("inferencepool", "monitoring-noauth")]
-    assert not noauth.all("Secret")
+    assert [s["metadata"]["name"] for s in noauth.all("Secret")] == ["llama-epp-session-key"]
     assert "authorization" not in noauth.get("ServiceMonitor")["spec"]["endpoints"][0]
     assert "--metrics-endpoint-auth=false" in container(noauth)["args"]
 
@@ -383,7 +390,7 @@ def test_provider_objects(rendered: dict[tuple[str, str], Rendered]) -> None:
     assert hc["spec"]["default"]["config"]["httpHealthCheck"] == {"requestPath": "/health", "port": 8000}
     assert gke.get("GCPBackendPolicy")["spec"]["default"]["timeoutSec"] == 300
     pm = gke.get("PodMonitoring")
-    secret = gke.get("Secret")
+    secret = _token_secret(gke)
     assert pm["spec"]["endpoints"][0]["authorization"]["credentials"]["secret"] == {
         "name": secret["metadata"]["name"], "key": "token"}  # fmt: skip
     assert pm["spec"]["endpoints"][0]["port"] == "http-metrics"

@@ -397,3 +397,10 @@ schedulingProfiles:
       - pluginRef: queue-scorer
         weight: 1
 {{- end -}}
+
+{{/* (ours) The Secret holding the session-token key: sessionKey.secretName, else the chart's own
+(<name>-session-key); "" when sessionKey.enabled is false (each process then makes a random key). */}}
+{{- define "epp.sessionKeySecret" -}}
+{{- $sk := .Values.inferenceExtension.sessionKey -}}
+{{- if $sk.enabled -}}{{ default (printf "%s-session-key" (include "epp.name" .)) $sk.secretName }}{{- end -}}
+{{- end -}}
