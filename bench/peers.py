@@ -893,6 +893,34 @@ def des_variants(names: Sequence[str], loads: Sequence[int], caps: dict[str, flo
             + table(["cell", *(s.name for s in specs)], rows)]
 
 
+def routing_quality_check(variants: dict[str, str], loads: Sequence[int], servers: int, n: int,
+                          seed: int) -> list[str]:
+    """The variants on bench/routing_quality.py's own workloads (its servers: 500k-token caches),
+    against its reference and default profiles and the peers' twin: p90 TTFT, ms."""
+    import routing_policies as rp
+    import routing_quality as rq
+
+    from epp.scheduling.config import load_config
+
+    specs = [rp.PolicySpec("peers' cache_aware (twin)", lambda _s, _r: CacheAwareTwin()), rp.policy("reference"),
+             rp.policy("default")]
+    for name, text in variants.items():
+        specs.append(rp.picker_spec(f"ours:{name}", lambda t=text: load_config(t), name))
+    rows = []
+    for w in rq.WORKLOADS:
+        cap, _ = rq.capacity(w, servers, n, seed, 0.1)
+        for load in loads:
+            row = [f"{w.name} {load}%"]
+            for spec in specs:
+                results, busy, _ = rq.simulate(w, servers, cap * load / 100.0, n, seed, spec)
+                m = rq.measure(results, busy, servers)
+                row.append(f"{m['ttft_p50'] * 1000:.0f} / {m['ttft_p90'] * 1000:.0f}")
+            rows.append(row)
+            log(f"routing-quality {w.name} {load}% done")
+    return [f"bench/routing_quality.py workloads, {servers} servers, {n} requests, seed {seed}: TTFT p50 / p90 ms\n\n"
+            + table(["cell", *(s.name for s in specs)], rows)]
+
+
 # ---- main --------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -916,6 +944,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--report", type=Path, help="no runs: the tables (and plot) of a saved --json file")
     ap.add_argument("--des-variants", action="store_true", help="discrete-event twin only: our profile variants")
     ap.add_argument("--des-requests", type=int, default=1500)
+    ap.add_argument("--routing-quality", action="store_true",
+                    help="discrete-event only: the --variant profiles on bench/routing_quality.py's workloads")
     ap.add_argument("--twin-ablation", action="store_true", help="with --des-variants: parts of the peers' policy")
     args = ap.parse_args(argv)
 
@@ -949,6 +979,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_json = args.json or RESULTS / f"{stem}.json"
     out_md = args.markdown or RESULTS / f"{stem}.md"
 
+    if args.routing_quality:
+        parts = routing_quality_check(configs, args.loads or [85, 95], 8, args.des_requests, args.seed)
+        text = "\n\n".join(parts) + "\n"
+        print(text)
+        if args.markdown:
+            args.markdown.write_text(text)
+        return 0
     if args.report:
         data = json.loads(args.report.read_text())
     else:
