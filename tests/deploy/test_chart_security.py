@@ -9,9 +9,12 @@ import asyncio
 import base64
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
 import yaml
@@ -20,7 +23,7 @@ from epp import envoyconf
 from epp.scheduling import session
 from tests.deploy.charts import CHARTS, Rendered, container, flag, render
 from tests.deploy.envoy_run import envoy_binary, validate
-from tests.deploy.test_charts import POOL, _start_picker, _stop
+from tests.deploy.test_charts import POOL, _free_port, _start_picker, _stop
 from tests.e2e.certs import CA
 from tests.extproc_client import body_chunks, chat, exchange, request_headers, response_headers, set_headers
 from tests.integration.test_process import wait_serving
@@ -281,3 +284,65 @@ def test_standalone_switched_envoy_configs_pass_envoy_validate(tmp_path: Path) -
             paths.append(path)
     results = validate(paths)
     assert {p.name: out for p, (code, out) in results.items() if code != 0} == {}
+
+
+@pytest.mark.envoy
+@pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary")
+@pytest.mark.parametrize("picker_cert", ["from-the-ca", "wrong-san", "self-signed"])
+async def test_standalone_envoy_verifies_the_picker_as_rendered(tmp_path: Path, picker_cert: str) -> None:
+    """The render with envoy.verifyPicker run for real: the picker with the rendered args, Envoy with the
+    rendered config (ports from the OS, the CA at its mounted path replaced by the test's CA file) and a
+    simulated model server. A picker certificate from the CA for the Service's name routes; one for
+    another name, or the picker's own self-signed one, is refused (FailClose: 5xx, nothing served)."""
+    from epp.sim.config import DEFAULT_MODEL
+    from tests.deploy.charts import local_env
+    from tests.deploy.envoy_run import run_envoy
+    from tests.deploy.test_shutdown import _local_envoy_config
+
+    gen = _generator()
+    ca = CA()
+    ca_file = ca.write(tmp_path / "ca.pem")
+    sim_port = _free_port()
+    sim = subprocess.Popen(
+        [sys.executable, "-m", "epp.sim", "--port", str(sim_port), "--log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    picker = None
+    try:
+        assert sim.stdout is not None and "SIM READY" in sim.stdout.readline()
+        values = _merge(_merge(POOL, CERT_MANAGER), {
+            "envoy": {"verifyPicker": {"enabled": True}, "profile": "lean"},
+            "inferencePool": {"targetPorts": [{"number": sim_port}]},
+            "inferenceExtension": {"monitoring": {"prometheus": {"auth": {"enabled": False}}}}})
+        out = render("standalone", values)
+        pool = out.get("InferencePool")
+        pod = {"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": "sim-0", "namespace": "ml", "labels": pool["spec"]["selector"]["matchLabels"]},
+               "status": {"podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]}}  # fmt: skip
+        manifests = tmp_path / "objects.yaml"
+        manifests.write_text(yaml.safe_dump_all([pool, pod]))
+        extra = ["--manifests", str(manifests)]
+        if picker_cert != "self-signed":  # the mounted serving Secret: a pair from the CA (last --cert-path wins)
+            sans = ["llama-epp.ml.svc"] if picker_cert == "from-the-ca" else ["other.ml.svc", "127.0.0.1"]
+            extra += ["--cert-path", str(ca.issue(tmp_path / "serving", sans).folder)]
+        picker, ports, log = _start_picker(out, tmp_path, extra, local_env(out, "ml", "http://127.0.0.1:9"))
+        await wait_serving(ports["health"])
+        config = _local_envoy_config(out, ports["grpc"])
+        text = envoyconf.dumps(config)
+        assert gen.PICKER_CA in text
+        config = yaml.safe_load(text.replace(gen.PICKER_CA, str(ca_file)))
+        async with run_envoy(config, tmp_path) as envoy, aiohttp.ClientSession() as client:
+            body = {"model": DEFAULT_MODEL, "prompt": "hello", "max_tokens": 2}
+            statuses = []
+            for _ in range(3):
+                async with client.post(f"{envoy.url}/v1/completions", json=body,
+                                       timeout=aiohttp.ClientTimeout(total=30)) as reply:
+                    statuses.append(reply.status)
+        if picker_cert == "from-the-ca":
+            assert statuses == [200, 200, 200], (statuses, envoy.log()[-2000:])
+        else:
+            assert all(500 <= s < 600 for s in statuses), statuses
+    finally:
+        _stop(picker)
+        sim.kill()
+        sim.wait(timeout=10)
