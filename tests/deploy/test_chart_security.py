@@ -193,6 +193,8 @@ SWITCHES = {
     "allow": {"envoy": {"allowClientHeaders": [envoyconf.OBJECTIVE_HEADER, envoyconf.LLMD_FAIRNESS_HEADER]}},
     "both": {"envoy": {"verifyPicker": {"enabled": True, "caSecretName": "picker-ca", "caKey": "bundle.pem"},
                        "allowClientHeaders": list(envoyconf.CLIENT_HEADERS)}},
+    "mtls": {"envoy": {"verifyPicker": {"enabled": True, "clientCertSecretName": "envoy-client"}},
+             "inferenceExtension": {"tls": {"clientCA": {"secretName": "llama-epp-tls"}}}},
 }
 
 
@@ -226,7 +228,10 @@ def test_standalone_envoy_switches_give_what_envoyconf_gives(profile: str, switc
     allow = tuple(values["envoy"].get("allowClientHeaders", ()))
     tls: bool | envoyconf.PickerTLS = True
     if verify:
-        tls = envoyconf.PickerTLS(ca_file=gen.PICKER_CA, sans=tuple(verify.get("sans") or ["llama-epp.ml.svc"]))
+        client = bool(verify.get("clientCertSecretName"))
+        tls = envoyconf.PickerTLS(ca_file=gen.PICKER_CA, sans=tuple(verify.get("sans") or ["llama-epp.ml.svc"]),
+                                  cert_file=gen.PICKER_CLIENT_CERT if client else "",
+                                  key_file=gen.PICKER_CLIENT_KEY if client else "")
     expected = yaml.safe_load(envoyconf.dumps(gen.config(profile, tls, allow)))
     assert _envoy_config(out) == expected
     envoy = container(out, "envoy")
@@ -239,6 +244,18 @@ def test_standalone_envoy_switches_give_what_envoyconf_gives(profile: str, switc
         assert f"{mounts['picker-ca']['mountPath']}/ca.crt" == gen.PICKER_CA
     else:
         assert "picker-ca" not in mounts and _volume(out, "picker-ca") is None
+    if verify.get("clientCertSecretName"):
+        assert mounts["picker-client-cert"]["mountPath"] == "/etc/envoy/picker-client" == str(
+            Path(gen.PICKER_CLIENT_CERT).parent)
+        assert _volume(out, "picker-client-cert") == {"name": "picker-client-cert", "secret": {
+            "secretName": "envoy-client", "items": [{"key": "tls.crt", "path": "tls.crt"},
+                                                    {"key": "tls.key", "path": "tls.key"}]}}  # fmt: skip
+        # the picker asks for a client certificate from the serving Secret's CA
+        assert flag(container(out)["args"], "--client-ca-file") == "/etc/epp/client-ca/ca.crt"
+        assert _volume(out, "client-ca") == {"name": "client-ca", "secret": {
+            "secretName": "llama-epp-tls", "items": [{"key": "ca.crt", "path": "ca.crt"}]}}
+    else:
+        assert "picker-client-cert" not in mounts and flag(container(out)["args"], "--client-ca-file") is None
 
 
 def test_standalone_without_switches_embeds_the_generated_file() -> None:
@@ -260,6 +277,13 @@ def test_standalone_envoy_client_header_names_are_envoyconfs() -> None:
         (_merge(CERT_MANAGER, {"envoy": {"verifyPicker": {"enabled": True}, "pickerTLS": False}}), "pickerTLS"),
         ({"envoy": {"allowClientHeaders": ["x-gateway-destination-endpoint"]}}, "allowClientHeaders"),
         ({"envoy": {"verifyPicker": {"enabled": True, "sans": ["a b"]}}}, "sans"),
+        # the built-in Envoy would be refused by its own picker
+        (_merge(CERT_MANAGER, {"inferenceExtension": {"tls": {"clientCA": {"secretName": "ca"}}}}),
+         "needs a client certificate"),
+        (_merge(CERT_MANAGER, {"envoy": {"verifyPicker": {"clientCertSecretName": "c"}}}), "needs envoy.verifyPicker"),
+        (_merge(CERT_MANAGER, {"envoy": {"pickerTLS": False},
+                               "inferenceExtension": {"tls": {"clientCA": {"secretName": "ca"}}}}),
+         "mutual TLS is TLS"),
     ],
 )
 def test_standalone_envoy_switches_refuse_what_cannot_work(values: dict[str, Any], message: str) -> None:
@@ -274,12 +298,15 @@ def test_standalone_switched_envoy_configs_pass_envoy_validate(tmp_path: Path) -
     gen = _generator()
     ca = CA()
     ca_file = ca.write(tmp_path / "ca.pem")
+    client = ca.issue(tmp_path / "client", ["envoy"], client=True)
     paths = []
     for profile in envoyconf.PROFILES:
         for switch in SWITCHES:
             out, _ = _switched(profile, switch)
             text = out.get("ConfigMap", "llama-epp-envoy")["data"]["envoy.yaml"]
             path = tmp_path / f"{profile}-{switch}.yaml"
+            text = text.replace(gen.PICKER_CLIENT_CERT, str(client.cert))
+            text = text.replace(gen.PICKER_CLIENT_KEY, str(client.key))
             path.write_text(text.replace(gen.PICKER_CA, str(ca_file)))
             paths.append(path)
     results = validate(paths)
@@ -288,12 +315,14 @@ def test_standalone_switched_envoy_configs_pass_envoy_validate(tmp_path: Path) -
 
 @pytest.mark.envoy
 @pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary")
-@pytest.mark.parametrize("picker_cert", ["from-the-ca", "wrong-san", "self-signed"])
+@pytest.mark.parametrize("picker_cert", ["from-the-ca", "wrong-san", "self-signed", "mutual", "mutual-other-ca"])
 async def test_standalone_envoy_verifies_the_picker_as_rendered(tmp_path: Path, picker_cert: str) -> None:
     """The render with envoy.verifyPicker run for real: the picker with the rendered args, Envoy with the
     rendered config (ports from the OS, the CA at its mounted path replaced by the test's CA file) and a
     simulated model server. A picker certificate from the CA for the Service's name routes; one for
-    another name, or the picker's own self-signed one, is refused (FailClose: 5xx, nothing served)."""
+    another name, or the picker's own self-signed one, is refused (FailClose: 5xx). With mutual TLS
+    (tls.clientCA + verifyPicker.clientCertSecretName) the picker takes Envoy's certificate from the CA
+    and refuses one from another CA."""
     from epp.sim.config import DEFAULT_MODEL
     from tests.deploy.charts import local_env
     from tests.deploy.envoy_run import run_envoy
@@ -310,10 +339,13 @@ async def test_standalone_envoy_verifies_the_picker_as_rendered(tmp_path: Path, 
     picker = None
     try:
         assert sim.stdout is not None and "SIM READY" in sim.stdout.readline()
+        mutual = picker_cert.startswith("mutual")
         values = _merge(_merge(POOL, CERT_MANAGER), {
             "envoy": {"verifyPicker": {"enabled": True}, "profile": "lean"},
             "inferencePool": {"targetPorts": [{"number": sim_port}]},
             "inferenceExtension": {"monitoring": {"prometheus": {"auth": {"enabled": False}}}}})
+        if mutual:
+            values = _merge(values, SWITCHES["mtls"])
         out = render("standalone", values)
         pool = out.get("InferencePool")
         pod = {"apiVersion": "v1", "kind": "Pod",
@@ -323,13 +355,22 @@ async def test_standalone_envoy_verifies_the_picker_as_rendered(tmp_path: Path, 
         manifests.write_text(yaml.safe_dump_all([pool, pod]))
         extra = ["--manifests", str(manifests)]
         if picker_cert != "self-signed":  # the mounted serving Secret: a pair from the CA (last --cert-path wins)
-            sans = ["llama-epp.ml.svc"] if picker_cert == "from-the-ca" else ["other.ml.svc", "127.0.0.1"]
+            sans = ["other.ml.svc", "127.0.0.1"] if picker_cert == "wrong-san" else ["llama-epp.ml.svc"]
             extra += ["--cert-path", str(ca.issue(tmp_path / "serving", sans).folder)]
+        if mutual:  # the mounted client CA bundle: the test's CA (the last --client-ca-file wins)
+            assert flag(container(out)["args"], "--client-ca-file")
+            extra += ["--client-ca-file", str(ca_file)]
         picker, ports, log = _start_picker(out, tmp_path, extra, local_env(out, "ml", "http://127.0.0.1:9"))
         await wait_serving(ports["health"])
         config = _local_envoy_config(out, ports["grpc"])
         text = envoyconf.dumps(config)
         assert gen.PICKER_CA in text
+        if mutual:
+            assert gen.PICKER_CLIENT_CERT in text
+            issuer = ca if picker_cert == "mutual" else CA("other")
+            envoy_cert = issuer.issue(tmp_path / "envoy-client", ["envoy"], client=True)
+            text = text.replace(gen.PICKER_CLIENT_CERT, str(envoy_cert.cert))
+            text = text.replace(gen.PICKER_CLIENT_KEY, str(envoy_cert.key))
         config = yaml.safe_load(text.replace(gen.PICKER_CA, str(ca_file)))
         async with run_envoy(config, tmp_path) as envoy, aiohttp.ClientSession() as client:
             body = {"model": DEFAULT_MODEL, "prompt": "hello", "max_tokens": 2}
@@ -338,7 +379,7 @@ async def test_standalone_envoy_verifies_the_picker_as_rendered(tmp_path: Path, 
                 async with client.post(f"{envoy.url}/v1/completions", json=body,
                                        timeout=aiohttp.ClientTimeout(total=30)) as reply:
                     statuses.append(reply.status)
-        if picker_cert == "from-the-ca":
+        if picker_cert in ("from-the-ca", "mutual"):
             assert statuses == [200, 200, 200], (statuses, envoy.log()[-2000:])
         else:
             assert all(500 <= s < 600 for s in statuses), statuses

@@ -25,6 +25,8 @@ PICKER = "127.0.0.1:9002"
 
 
 PICKER_CA = "/etc/envoy/picker-ca/ca.crt"  # where the chart mounts the CA of envoy.verifyPicker
+# where it mounts the client certificate of envoy.verifyPicker.clientCertSecretName (mutual TLS)
+PICKER_CLIENT_CERT, PICKER_CLIENT_KEY = "/etc/envoy/picker-client/tls.crt", "/etc/envoy/picker-client/tls.key"
 
 
 def config(

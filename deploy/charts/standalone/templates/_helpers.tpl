@@ -472,6 +472,24 @@ still routes while it drains) until the picker is done. */}}
 {{- fail "envoy.verifyPicker needs the picker to serve a CA-issued certificate: set inferenceExtension.tls.secretName or tls.certManager.enabled (its own certificate is self-signed)" -}}
 {{- end -}}
 {{- default (include "epp.tlsSecret" .) $v.caSecretName -}}
+{{- else if $v.clientCertSecretName -}}
+{{- fail "envoy.verifyPicker.clientCertSecretName needs envoy.verifyPicker.enabled (Envoy presents its certificate only to a picker it has verified)" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* (ours) The picker's client CA Secret (inferenceExtension.tls.clientCA.secretName: --client-ca-file), ""
+when unset. With the built-in Envoy that Envoy must present a certificate: envoy.verifyPicker.clientCertSecretName. */}}
+{{- define "epp.clientCASecret" -}}
+{{- $ca := .Values.inferenceExtension.tls.clientCA | default dict -}}
+{{- if $ca.secretName -}}
+{{- if not (include "epp.secureServing" .) -}}
+{{- fail "inferenceExtension.tls.clientCA needs TLS on ext_proc (envoy.pickerTLS / secureServing): mutual TLS is TLS" -}}
+{{- end -}}
+{{- $builtin := and (include "epp.envoyInPod" .) (not .Values.inferenceExtension.sidecar.image) -}}
+{{- if and $builtin (not (.Values.envoy.verifyPicker | default dict).clientCertSecretName) -}}
+{{- fail "inferenceExtension.tls.clientCA: the built-in Envoy needs a client certificate for the picker (envoy.verifyPicker.clientCertSecretName)" -}}
+{{- end -}}
+{{- $ca.secretName -}}
 {{- end -}}
 {{- end -}}
 
@@ -505,6 +523,9 @@ and --allow-client-header (tests/deploy/test_chart_security.py compares the two)
 {{- if hasPrefix "epp." .name -}}
 {{- $ctx := .transport_socket.typed_config.common_tls_context -}}
 {{- $_ := set $ctx "validation_context" (dict "trusted_ca" (dict "filename" "/etc/envoy/picker-ca/ca.crt") "match_typed_subject_alt_names" $matchers) -}}
+{{- if $.Values.envoy.verifyPicker.clientCertSecretName -}}
+{{- $_ := set $ctx "tls_certificates" (list (dict "certificate_chain" (dict "filename" "/etc/envoy/picker-client/tls.crt") "private_key" (dict "filename" "/etc/envoy/picker-client/tls.key"))) -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
