@@ -137,6 +137,12 @@ def pool_serves_adapters(endpoints: Sequence[Endpoint]) -> bool:
     return False
 
 
+@dataclass(frozen=True, slots=True)
+class InflightParams:
+    tokens_per_request: float = 1024.0
+    replicas: int = 1  # ours: picker replicas in active-active mode (each sees only its own in-flight)
+
+
 @register("inflight-load-scorer", SCORER)
 class InflightLoadScorer:
     """Fewer requests (and estimated prompt tokens) routed here and not yet finished is better.
@@ -144,19 +150,25 @@ class InflightLoadScorer:
     load = inflight + inflight_tokens / tokensPerRequest; score = (min load + 1) / (load + 1).
     The ratio form decides firmly between 0 and 1 in flight (a burst between two scrapes spreads)
     yet barely separates 20 from 21 (steady streaming load is left to the engine signals).
+    `replicas` (ours, default 1): with N active-active picker replicas each counts only the requests
+    it routed itself, about 1/N of the pool's, so its loads are scaled by N to stand for the pool's
+    (in the discrete-event benchmark this recovers part of what replicas lose; docs/precise-prefix.md).
     """
 
     BOUNDED = True  # scores are constants or ratios in 0..1 by construction
 
-    def __init__(self, name: str, params: float, ctx: BuildContext) -> None:
+    def __init__(self, name: str, params: float | InflightParams, ctx: BuildContext) -> None:
         self.name = name
-        self.per_token = 1.0 / params if params > 0 else 0.0
+        p = params if isinstance(params, InflightParams) else InflightParams(float(params))
+        self.per_token = 1.0 / p.tokens_per_request if p.tokens_per_request > 0 else 0.0
+        self.scale = float(p.replicas)
 
     @classmethod
-    def parse(cls, p: Params) -> float:
+    def parse(cls, p: Params) -> InflightParams:
         v = p.number("tokensPerRequest", 1024.0, lo=0)
+        n = p.integer("replicas", 1, lo=1, hi=1024)
         p.done()
-        return v
+        return InflightParams(v, n)
 
     def score(self, cycle: Cycle, endpoints: Sequence[Endpoint]) -> list[float]:
         k = self.per_token
@@ -165,6 +177,9 @@ class InflightLoadScorer:
         if lo < 0:  # never expected (the director clamps at 0), but keep the ratio in 0..1
             loads = [x if x > 0 else 0.0 for x in loads]
             lo = min(loads)
+        if self.scale != 1.0:
+            loads = [x * self.scale for x in loads]
+            lo *= self.scale
         base = lo + 1.0
         return [base / (x + 1.0) for x in loads]
 

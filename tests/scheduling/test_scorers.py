@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 import random
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from epp.scheduling.loadguard import LoadGuard
-from epp.scheduling.registry import BuildContext
+from epp.scheduling.registry import BuildContext, ConfigError
 from epp.scheduling.saturation import SaturationDetector
 from epp.scheduling.scorers import (
     InflightLoadScorer,
@@ -99,6 +100,21 @@ def test_inflight_scorer_never_divides_by_zero_on_negative_counts():
     s = InflightLoadScorer("i", 1000.0, CTX)
     out = s.score(cycle(), [ep(1, inflight=-1), ep(2, inflight=2)])
     assert out == [1.0, 1 / 3]
+
+
+def test_inflight_scorer_scaled_by_active_active_replicas():
+    from epp.scheduling.registry import Params
+    from epp.scheduling.scorers import InflightParams
+
+    assert InflightLoadScorer.parse(Params({}, "p")) == InflightParams(1024.0, 1)
+    got = InflightLoadScorer.parse(Params({"replicas": 4, "tokensPerRequest": 0}, "p"))
+    assert got == InflightParams(0.0, 4)
+    with pytest.raises(ConfigError):
+        InflightLoadScorer.parse(Params({"replicas": 0}, "p"))
+    # each of 4 replicas sees about a quarter of the pool's requests: 0 vs 1 of its own stands for 0 vs 4
+    s = InflightLoadScorer("i", got, CTX)
+    assert s.score(cycle(), [ep(1, inflight=0), ep(2, inflight=1)]) == [1.0, 0.2]
+    assert InflightLoadScorer("i", 0.0, CTX).score(cycle(), [ep(1, inflight=0), ep(2, inflight=1)]) == [1.0, 0.5]
 
 
 @given(st.lists(st.one_of(st.none(), st.floats(0, 1e6)), min_size=1, max_size=40))
