@@ -334,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--slo-ttft", type=float, default=1.0)
     ap.add_argument("--concurrency", type=int, default=96, help="maxConcurrency of the concurrency detector")
-    ap.add_argument("--prefill-budget", type=int, default=6000, help="tokens of the prefill budget per pod")
+    ap.add_argument("--prefill-budget", type=int, default=4000, help="tokens of the prefill budget per pod")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--markdown", type=Path, default=None)
     args = ap.parse_args(argv)
