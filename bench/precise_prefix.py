@@ -115,9 +115,30 @@ def _load_only() -> str:
 PRECISE = {"type": "precise-prefix-cache-scorer",
            "parameters": {"tokenizer": {"backend": "sim"}, "speculativeIndexing": True}}
 PRECISE_NOSPEC = {"type": "precise-prefix-cache-scorer", "parameters": {"tokenizer": {"backend": "sim"}}}
+def _inflight_replicas(text: str, n: int) -> str:
+    """`text` with the in-flight scorer told there are n active-active replicas (its counts × n)."""
+    doc = _doc(text)
+    for p in doc["plugins"]:
+        if p["type"] == "inflight-load-scorer":
+            p.setdefault("parameters", {})["replicas"] = n
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def _reference_deploy() -> str:
+    """GIE's default profile with the approximate index as llm-d's deploy configs set it: no auto-tune,
+    `lruCapacityPerServer: 31250` (far more than a simulated pod's cache: after evictions the index
+    still believes the evicted prefixes are there)."""
+    doc = _doc(REFERENCE_CONFIG_TEXT)
+    for p in doc["plugins"]:
+        if p["type"] == "prefix-cache-scorer":
+            p["parameters"] = {"autoTune": False, "lruCapacityPerServer": 31250, "blockSizeTokens": 16}
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
 CONFIGS = {
     "load-only": _load_only,
     "reference": lambda: REFERENCE_CONFIG_TEXT,
+    "reference, LRU 31250": _reference_deploy,
     "default": lambda: DEFAULT_CONFIG_TEXT,
     "precise": lambda: _swap_prefix(PRECISE),
     "precise, no speculation": lambda: _swap_prefix(PRECISE_NOSPEC),
@@ -135,6 +156,7 @@ def _multi_turn_long(n: int, rate: float, servers: int, seed: int):  # type: ign
                       reply_tokens=(128, 512), turns=8.0, think_s=4.0, max_context_chars=120000, seed=seed)
 
 
+MULTI_TENANT_HEAVY = 6.0  # × the multi-tenant rate: 144 req/s, near what 8 servers sustain at these hit rates
 # KV demand: 150 × 6,000 tokens of shared context against 8 × 9,632 blocks × 16 tokens: 73%
 MULTI_TENANT_BLOCKS = 9632
 WORKLOADS = {
@@ -142,6 +164,9 @@ WORKLOADS = {
                               "tokens, uniform; the shared contexts fill 73% of the "
                               "cluster's KV cache",
                               EngineConfig(num_gpu_blocks=MULTI_TENANT_BLOCKS)), 24.0),
+    "multi-tenant-heavy": (Workload("multi-tenant-heavy", _multi_tenant, "the multi-tenant workload at 6× the "
+                                    "rate (near the servers' capacity at these hit rates)",
+                                    EngineConfig(num_gpu_blocks=MULTI_TENANT_BLOCKS)), 24.0 * MULTI_TENANT_HEAVY),
     "multi-turn-long": (Workload("multi-turn-long", _multi_turn_long,
                                  "agentic sessions: 4 Zipf(1) tool preambles of 17,500 tokens (70K chars, past "
                                  "the approximate index's cut), 8 turns on average of 250-1,000 new tokens plus "
@@ -153,11 +178,14 @@ WORKLOADS = {
 
 
 def run_one(w: Workload, rate: float, servers: int, n: int, seed: int, policy: str, delay: float,
-            replicas: int = 1) -> dict[str, float]:
+            replicas: int = 1, inflight_replicas: int = 1) -> dict[str, float]:
     if policy == "random":
         pol: Any = RandomChoice(seed)
     else:
-        pol = PickerPolicy(load_config(CONFIGS[policy]()), replicas=replicas, seed=seed)
+        text = CONFIGS[policy]()
+        if inflight_replicas > 1:
+            text = _inflight_replicas(text, inflight_replicas)
+        pol = PickerPolicy(load_config(text), replicas=replicas, seed=seed)
     cluster = Cluster(servers, pol, engine=w.engine, seed=seed, poll_interval=POLL_INTERVAL)
     _ENGINES.clear()
     _ENGINES.update({s.endpoint.address: s.engine for s in cluster.servers})
@@ -190,7 +218,8 @@ def run_one(w: Workload, rate: float, servers: int, n: int, seed: int, policy: s
     return m
 
 
-ORDER = ("random", "load-only", "reference", "default", "precise", "precise, no speculation", "oracle")
+ORDER = ("random", "load-only", "reference", "reference, LRU 31250", "default", "precise", "precise, no speculation",
+         "oracle")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -222,10 +251,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"hit {runs[pname]['hit_rate']:.2f}  ({time.time() - t:.0f} s)", flush=True)
         if "precise" in args.policies:
             for r in args.replicas:
-                key = f"precise ×{r} replicas"
-                runs[key] = run_one(w, rate, args.servers, n, args.seed, "precise", args.delay, replicas=r)
-                print(f"{wname:16s} {key:24s} p90 TTFT {runs[key]['ttft_p90'] * 1000:8.0f} ms  "
-                      f"hit {runs[key]['hit_rate']:.2f}", flush=True)
+                # as deployed before the fix (each replica's own in-flight counts), then with the
+                # in-flight scorer told the replica count (its counts × r)
+                for key, scale in ((f"precise ×{r} replicas, unscaled", 1), (f"precise ×{r} replicas", r)):
+                    runs[key] = run_one(w, rate, args.servers, n, args.seed, "precise", args.delay, replicas=r,
+                                        inflight_replicas=scale)
+                    print(f"{wname:16s} {key:24s} p90 TTFT {runs[key]['ttft_p90'] * 1000:8.0f} ms  "
+                          f"hit {runs[key]['hit_rate']:.2f}", flush=True)
         data["runs"][wname] = {"rate": rate, "note": w.note, "policies": runs}
         (out_dir / "precise_prefix.json").write_text(json.dumps(data, indent=1))
     md = render(data)
@@ -253,9 +285,12 @@ def render(data: dict[str, Any]) -> str:
             p, o, a = pol["precise"]["ttft_p90"], pol["oracle"]["ttft_p90"], pol["default"]["ttft_p90"]
             lines += ["", f"precise / oracle p90 TTFT: {p / o:.2f}; default (approximate) / precise: {a / p:.2f}"]
             for r in (2, 4):
-                k = f"precise ×{r} replicas"
-                if k in pol:
-                    lines.append(f"{k} / one replica p90 TTFT: {pol[k]['ttft_p90'] / p:.2f}")
+                for k in (f"precise ×{r} replicas, unscaled", f"precise ×{r} replicas"):
+                    if k in pol:
+                        lines.append(f"{k} / one replica p90 TTFT: {pol[k]['ttft_p90'] / p:.2f}")
+            for ref in ("reference", "reference, LRU 31250"):
+                if ref in pol:
+                    lines.append(f"{ref} (approximate) / precise p90 TTFT: {pol[ref]['ttft_p90'] / p:.2f}")
         lines.append("")
     return "\n".join(lines)
 
