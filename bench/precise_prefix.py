@@ -8,7 +8,10 @@
 Discrete-event simulator (epp.sim.des), virtual time, deterministic per seed; the same workload is
 replayed against every policy on identical clusters (metrics polled every 50 ms). Policies:
 - random; load-only (our default profile without prefix affinity); reference (GIE's default
-  profile, approximate index); default (our default profile, approximate index);
+  profile, approximate index, auto-tuned to each pod's `num_gpu_blocks` as GIE v1.5 does);
+  `reference, LRU 31250` (the same with llm-d's deploy configs' index: `autoTune: false`,
+  `lruCapacityPerServer: 31250`, more than 3× a simulated pod's cache); default (our default
+  profile, approximate index);
 - precise: our default profile with `precise-prefix-cache-scorer` in place of the approximate
   prefix scorer: every server publishes its KV events in vLLM's wire format (epp.sim.kvevents),
   delivered `--delay` virtual seconds after each engine step and decoded into each picker replica's
@@ -16,10 +19,12 @@ replayed against every policy on identical clusters (metrics polled every 50 ms)
   entries on (TTL 2 s);
 - oracle: the same profile, prefix score read from the engines' caches directly at decision time.
 Active-active: precise with 2 and 4 picker replicas, requests split round-robin between them, each
-with its own index and in-flight counts.
+with its own index and in-flight counts: `unscaled` as they are, then with `inflight-load-scorer`
+`replicas: N` (each replica's counts × N).
 
 Workloads: `multi-tenant` (llm-d's: 150 tenants × 6,000-token shared context + 100-token question,
 uniform popularity, 8 servers whose caches hold ~1.37× the shared contexts, i.e. KV demand ~73%),
+`multi-tenant-heavy` (the same at 6× the rate, 144 req/s: near the servers' capacity),
 `multi-turn-long` (agentic sessions growing to ~120 K characters, far past the approximate index's
 cut), and the existing `shared-prefix` and `multi-turn` of bench/routing_quality.py.
 
