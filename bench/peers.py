@@ -767,6 +767,15 @@ def _v_best1(doc: dict[str, Any]) -> None:
     _v_nohit(doc, weight=1)
 
 
+def _v_nohit1(doc: dict[str, Any]) -> None:
+    _v_nohit(doc, weight=1)
+
+
+def _v_long_nohit1(doc: dict[str, Any]) -> None:
+    _v_longmatch(doc)
+    _v_nohit(doc, weight=1)
+
+
 def _v_sticky(doc: dict[str, Any]) -> None:
     # hard affinity like the peers' cache-aware policies: keep the pods holding >= 50% of the prompt's
     # prefix unless their in-flight prefill is 1 s worse than the best other pod's
@@ -777,7 +786,8 @@ def _v_sticky(doc: dict[str, Any]) -> None:
 
 VARIANTS = {"prefix6": _v_prefix6, "no-kv": _v_no_kv, "own-load": _v_own_load, "sticky": _v_sticky,
             "longmatch": _v_longmatch, "no-inflight": _v_no_inflight, "prefix6-long": _v_prefix6_long,
-            "nohit": _v_nohit, "prefix6-long-nohit": _v_best, "prefix6-long-nohit1": _v_best1}
+            "nohit": _v_nohit, "prefix6-long-nohit": _v_best, "prefix6-long-nohit1": _v_best1,
+            "nohit1": _v_nohit1, "long-nohit1": _v_long_nohit1}
 
 
 def variant_text(name: str) -> str:
