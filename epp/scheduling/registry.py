@@ -11,13 +11,13 @@ from __future__ import annotations
 import difflib
 import math
 import random
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from epp.datastore import Endpoint
+from epp.units import go_duration, kube_quantity
 
 if TYPE_CHECKING:
     from epp.scheduling.cycle import Cycle
@@ -191,10 +191,6 @@ def did_you_mean(name: str, known: Sequence[str]) -> str:
 
 
 # ---- parameter reading ---------------------------------------------------------------------------
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_DURATION_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
 def parse_duration(value: object, path: str) -> float:
     """Seconds from a number (seconds) or a Go-style duration string ("200ms", "1m30s")."""
     if isinstance(value, bool):
@@ -202,26 +198,15 @@ def parse_duration(value: object, path: str) -> float:
     if isinstance(value, int | float):
         secs = float(value)
     elif isinstance(value, str) and value:
-        pos, secs = 0, 0.0
-        text = value.strip()
-        while pos < len(text):
-            m = _DURATION_PART.match(text, pos)
-            if m is None:
-                raise ConfigError(path, f"expected a duration like 200ms or 2s, got {value!r}")
-            secs += float(m.group(1)) * _DURATION_UNIT[m.group(2)]
-            pos = m.end()
-        if pos == 0:
-            raise ConfigError(path, f"expected a duration like 200ms or 2s, got {value!r}")
+        try:
+            secs = go_duration(value)
+        except ValueError:
+            raise ConfigError(path, f"expected a duration like 200ms or 2s, got {value!r}") from None
     else:
         raise ConfigError(path, f"expected a duration, got {value!r}")
     if not math.isfinite(secs) or secs <= 0:
         raise ConfigError(path, f"must be a positive duration, got {value!r}")
     return secs
-
-
-_QUANTITY = re.compile(r"^([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)(Ki|Mi|Gi|Ti|Pi|Ei|m|k|M|G|T|P|E)?$")
-_QUANTITY_UNIT = {None: 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
-                  "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
 
 
 def parse_quantity(value: object, path: str) -> int:
@@ -230,8 +215,11 @@ def parse_quantity(value: object, path: str) -> int:
         raise ConfigError(path, f"expected a quantity like 100, 1k or 1Gi, got {value!r}")
     if isinstance(value, int | float):
         amount = float(value)
-    elif isinstance(value, str) and (m := _QUANTITY.match(value.strip())) is not None:
-        amount = float(m.group(1)) * _QUANTITY_UNIT[m.group(2)]
+    elif isinstance(value, str):
+        try:
+            amount = kube_quantity(value)
+        except ValueError:
+            raise ConfigError(path, f"expected a quantity like 100, 1k or 1Gi, got {value!r}") from None
     else:
         raise ConfigError(path, f"expected a quantity like 100, 1k or 1Gi, got {value!r}")
     if not math.isfinite(amount) or amount < 0:
