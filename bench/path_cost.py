@@ -1,17 +1,18 @@
 """CPU per request of the whole routing path, side by side, at the same request rate (issue 17).
 
     .venv/bin/python bench/path_cost.py                  # every path, 8 s each, ~2 min
-    options: --paths ours ours-buffered envoy-rr sglang-rr vllm-rr  --rate 16  --seconds 8
+    options: --paths ours ours-duplex envoy-rr sglang-rr vllm-rr  --rate 16  --seconds 8
              --tokens 128  --prompt-chars 800  --repeats 1  --json PATH
 
 Every cell gets fresh processes: 4 simulated vLLM servers in real time (`python -m epp.sim`, as
 `make demo` runs them) and the path under test:
 
   ours           Envoy + our picker as `make demo` runs them: the config `python -m epp envoy-config`
-                 generates (default profile duplex, picker over TLS, ORIGINAL_DST), `python -m epp`
-                 with no tuning flags;
-  ours-buffered  the same with the generated buffered profile (response body only for the requests
-                 that need it: mode_override);
+                 generates (its default profile, buffered: the response body only for the requests
+                 that need it, mode_override; picker over TLS, ORIGINAL_DST), `python -m epp` with no
+                 tuning flags;
+  ours-duplex    the same with the generated duplex profile (the reference's: every SSE chunk of the
+                 response crosses the picker);
   envoy-rr       the same Envoy with the picker taken out (STATIC cluster, ROUND_ROBIN): the floor;
   sglang-rr / vllm-rr   the Rust routers (bench/peers.py's command lines), round robin: full proxies.
 
@@ -47,7 +48,7 @@ import peers  # noqa: E402  (launch code and the /proc readers are shared with t
 from epp.demo import Stack  # noqa: E402
 from epp.sim.des import SimRequest  # noqa: E402
 
-PATHS = ("ours", "ours-buffered", "envoy-rr", "sglang-rr", "vllm-rr")
+PATHS = ("ours", "ours-duplex", "envoy-rr", "sglang-rr", "vllm-rr")
 WARMUP_S = 2.0
 IDLE_S = 1.5
 _WORDS = ("token", "cache", "route", "pod", "model", "batch")
@@ -67,9 +68,11 @@ class Cell:
 
 
 async def start(path: str) -> Cell:
-    if path in ("ours", "ours-buffered", "envoy-rr"):
+    if path in ("ours", "ours-duplex", "envoy-rr"):
         stack = Stack(policy="round-robin" if path == "envoy-rr" else "default", pods=peers.PODS,
-                      sim_args=SIM_ARGS, profile="buffered" if path == "ours-buffered" else "duplex")
+                      sim_args=SIM_ARGS)
+        if path == "ours-duplex":
+            stack.profile = "duplex"
         try:
             await stack.start()
         except BaseException:

@@ -2,8 +2,8 @@
 
 Starts 4 simulated vLLM servers (`python -m epp.sim`; the last one serves two LoRA adapters), the
 picker in no-cluster mode (`python -m epp --manifests DIR`, an InferencePool and one Pod per
-simulator written to a temporary directory) and Envoy (config from `epp.envoyconf`: duplex
-profile, ORIGINAL_DST on the picker's header, picker over TLS with gRPC health checks). Then it
+simulator written to a temporary directory) and Envoy (config from `epp.envoyconf`: its default
+buffered profile, ORIGINAL_DST on the picker's header, picker over TLS with gRPC health checks). Then it
 sends a mixed workload through Envoy for `--seconds` (shared-prefix chat, multi-turn chat, LoRA
 completions, plain completions; half of them streaming) with at most `--concurrency` requests in
 flight, prints a report and stops everything.
@@ -231,7 +231,7 @@ class Stack:
     """Simulators, the picker (unless round-robin) and Envoy, as child processes."""
 
     policy: str = "default"  # default (the picker) | round-robin (Envoy alone)
-    profile: str = "duplex"  # the generated Envoy config's processing profile (envoyconf.PROFILES)
+    profile: str = envoyconf.DEFAULT_PROFILE  # the generated Envoy config's processing profile (envoyconf.PROFILES)
     time_scale: float = 1.0
     pods: int = PODS
     listen_port: int = 0

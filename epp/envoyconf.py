@@ -14,6 +14,9 @@ asks only for the phases its features need):
 | buffered | SEND        | BUFFERED             | SKIP         | SEND         | STREAMED (override)  | SEND          |
 | lean     | SEND        | FULL_DUPLEX_STREAMED | SEND         | SKIP         | NONE                 | SEND          |
 
+buffered is the default (DEFAULT_PROFILE): per request it costs the picker 3 messages, where duplex
+costs two per SSE chunk of the response; duplex is the reference gateway's profile.
+
 - Picking, model rewrite and the request-side objective/fairness headers need the request headers
   and body: every profile.
 - Usage (token counts), token metrics and restoring the client's model name in the response body
@@ -65,6 +68,9 @@ import yaml
 from epp import resources
 
 PROFILES = ("duplex", "buffered", "lean")
+# The shipped default: the cheapest profile that keeps every feature (FailOpen works only here, and
+# the response body crosses the picker only for the requests that need it). duplex is the reference's.
+DEFAULT_PROFILE = "buffered"
 ROUTINGS = ("original_dst", "override_host")
 DEST_HEADER = "x-gateway-destination-endpoint"
 SERVED_HEADER = "x-gateway-destination-endpoint-served"  # stamped by the router on the response
@@ -455,7 +461,7 @@ def _per_route_picker(pool: PoolSpec) -> dict[str, Any]:
 
 def bootstrap(
     pools: Sequence[PoolSpec],
-    profile: str = "duplex",
+    profile: str = DEFAULT_PROFILE,
     routing: str = "original_dst",
     *,
     listen_address: str = "0.0.0.0",
@@ -866,7 +872,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="DNS name resolving to the pool's pod IPs, e.g. a headless Service (override-host routing)",
     )
     env = p.add_argument_group("envoy")
-    env.add_argument("--profile", choices=PROFILES, default="duplex", help="processing profile (default %(default)s)")
+    env.add_argument("--profile", choices=PROFILES, default=DEFAULT_PROFILE,
+                     help="processing profile (default %(default)s; duplex is the reference's)")
     env.add_argument(
         "--routing",
         choices=["original-dst", "override-host"],

@@ -70,6 +70,26 @@ def test_processing_mode_per_profile(profile: str, expect: tuple[str, ...]) -> N
     assert ext["grpc_service"] == {"envoy_grpc": {"cluster_name": "epp.default.p"}}
 
 
+def test_default_profile_is_buffered_with_the_override(capsys: pytest.CaptureFixture[str]) -> None:
+    # what ships: bootstrap() and `python -m epp envoy-config` without --profile give the cheap profile
+    # (the response body reaches the picker only when its mode_override keeps it), not the reference's duplex
+    assert envoyconf.DEFAULT_PROFILE == "buffered"
+    for ext in (_filters(bootstrap([POOL]))[envoyconf.EPP_FILTER],
+                _filters(_cli_config(capsys, ["--pool-name", "p", "--endpoint-selector", "app=x",
+                                              "--endpoint-target-ports", "8000"]))[envoyconf.EPP_FILTER]):
+        assert ext["processing_mode"] == envoyconf._MODES["buffered"]
+        assert ext["allow_mode_override"] is True
+    duplex = _filters(_cli_config(capsys, ["--pool-name", "p", "--endpoint-selector", "app=x",
+                                           "--endpoint-target-ports", "8000", "--profile", "duplex"]))
+    assert duplex[envoyconf.EPP_FILTER]["processing_mode"]["response_body_mode"] == "FULL_DUPLEX_STREAMED"
+    assert duplex[envoyconf.EPP_FILTER]["allow_mode_override"] is False
+
+
+def _cli_config(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict[str, Any]:
+    assert envoyconf.main(argv) == 0
+    return dict(yaml.safe_load(capsys.readouterr().out))
+
+
 def test_failure_mode_from_pool_object() -> None:
     obj = {
         "apiVersion": "inference.networking.k8s.io/v1",
@@ -89,7 +109,10 @@ def test_failure_mode_from_pool_object() -> None:
     assert spec.target_ports == (8000, 8001)
     # FailOpen fails open only with the buffered profile and override_host routing: refused otherwise
     with pytest.raises(ValueError, match="FailOpen needs the buffered profile.*FailOpen needs override_host"):
-        bootstrap([spec])
+        bootstrap([spec], "duplex")
+    with pytest.raises(ValueError, match="FailOpen needs override_host") as e:
+        bootstrap([spec])  # the default profile is buffered: only the routing is wrong
+    assert "profile" not in str(e.value)
     spec = dataclasses.replace(spec, endpoints_dns="llama-pods.ml.svc")
     config = bootstrap([spec], "buffered", "override_host")
     assert _filters(config)[envoyconf.EPP_FILTER]["failure_mode_allow"] is True
@@ -328,7 +351,8 @@ def test_bad_picker_tls(kwargs: dict[str, Any], message: str) -> None:
 
 def test_cli_hardening_flags(capsys: pytest.CaptureFixture[str]) -> None:
     base = ["--pool-name", "p", "--endpoint-selector", "app=x", "--endpoint-target-ports", "8000"]
-    rc = envoyconf.main([*base, "--epp-ca-file", "/ca.crt", "--epp-san", "epp.svc", "--epp-client-cert", "/c.crt",
+    rc = envoyconf.main([*base, "--profile", "duplex", "--epp-ca-file", "/ca.crt", "--epp-san", "epp.svc",
+                         "--epp-client-cert", "/c.crt",
                          "--epp-client-key", "/c.key", "--allow-client-header", "x-gateway-inference-objective",
                          "--request-timeout", "60", "--max-request-bytes", "1048576", "--message-timeout", "30"])
     assert rc == 0

@@ -261,7 +261,7 @@ def test_standalone_envoy_switches_give_what_envoyconf_gives(profile: str, switc
 def test_standalone_without_switches_embeds_the_generated_file() -> None:
     out = render("standalone", _merge(POOL, CERT_MANAGER))
     text = out.get("ConfigMap", "llama-epp-envoy")["data"]["envoy.yaml"]
-    assert text == (CHARTS / "standalone" / "files" / "envoy-duplex-tls.yaml").read_text()
+    assert text == (CHARTS / "standalone" / "files" / "envoy-buffered-tls.yaml").read_text()
 
 
 def test_standalone_envoy_client_header_names_are_envoyconfs() -> None:

@@ -503,7 +503,7 @@ def test_standalone_wiring(case: str, rendered: dict[tuple[str, str], Rendered])
         tls = True
     else:  # the built-in Envoy: its config is the generated file, byte for byte
         envoy_values = values.get("envoy", {})
-        profile = envoy_values.get("profile", "duplex")
+        profile = envoy_values.get("profile", envoyconf.DEFAULT_PROFILE)
         tls = envoy_values.get("pickerTLS", True)
         cm = out.get("ConfigMap", "llama-epp-envoy")
         verify = envoy_values.get("verifyPicker", {}).get("enabled")
