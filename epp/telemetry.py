@@ -381,9 +381,9 @@ class Telemetry:
         self._sched_e2e = fast_observe(self.sched_e2e)
         self._added_latency = fast_observe(self.added_latency)
         self._children: dict[tuple[str, str], _Children] = {}
-        self._totals: dict[tuple[str, str, str], Any] = {}
+        # (family, label values) -> child; values are bounded (LabelBound, config names, error codes)
+        self._labelled: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self._attempts: dict[tuple[str, str], tuple[Any, tuple[str, ...]]] = {}
-        self._plugin_children: dict[tuple[str, str, str], Any] = {}
         self._served_pods: set[str] = set()
         self._ds: Datastore | None = None
         self._model_table: Any = None
@@ -437,11 +437,7 @@ class Telemetry:
     def routed(self, ctx: RequestContext) -> None:
         model, target = self._labels(ctx.client_model, ctx.target_model)
         c = self._for(model, target)
-        priority = self.priorities(str(ctx.sched.priority))
-        total = self._totals.get((model, target, priority))
-        if total is None:
-            total = self._totals[(model, target, priority)] = self.request_total.labels(model, target, priority)
-        total.inc()
+        self._child(self.request_total, model, target, self.priorities(str(ctx.sched.priority))).inc()
         c.running.inc()
         if ctx.request_size:
             c.req_size(ctx.request_size)
@@ -456,10 +452,19 @@ class Telemetry:
             disagg = scratch.get(DISAGG_DECISION)
             if disagg is not None:
                 name, kind, decision = disagg
-                self.disagg_decisions.labels(target or "unknown", decision).inc()
-                self.disagg_decisions_llmd.labels(name, kind, target or "unknown", decision).inc()
+                self._child(self.disagg_decisions, target or "unknown", decision).inc()
+                self._child(self.disagg_decisions_llmd, name, kind, target or "unknown", decision).inc()
         if ctx.rewrite_source != "none" and ctx.client_model != ctx.target_model:
-            self.rewrite_decisions.labels(ctx.rewrite_rule, model, target).inc()
+            self._child(self.rewrite_decisions, ctx.rewrite_rule, model, target).inc()
+
+    def _child(self, family: Any, *values: str) -> Any:
+        """`family.labels(*values)`, kept: label values here are bounded, and the lookup
+        prometheus_client does per call (a lock, a dict) would otherwise repeat per request."""
+        key = (family, values)
+        child = self._labelled.get(key)
+        if child is None:
+            child = self._labelled[key] = family.labels(*values)
+        return child
 
     def _attempt(self, target: str, ep: Endpoint | None) -> Any:
         key = (target, ep.address if ep is not None else "")
@@ -471,15 +476,11 @@ class Telemetry:
 
     def plugin_observed(self, point: str, plugin_type: str, plugin_name: str, seconds: float) -> None:
         """One timed plugin call (the scheduler samples one request in N)."""
-        key = (point, plugin_type, plugin_name)
-        child = self._plugin_children.get(key)
-        if child is None:
-            child = self._plugin_children[key] = self.plugin_duration.labels(*key)
-        child.observe(seconds)
+        self._child(self.plugin_duration, point, plugin_type, plugin_name).observe(seconds)
 
     def rejected(self, ctx: RequestContext | None, model: str, target: str, error: Rejected) -> None:
         model, target = self._labels(model, target)
-        self.request_error_total.labels(model, target, error.code).inc()
+        self._child(self.request_error_total, model, target, error.code).inc()
         if error.status == 429 and error.code == "ResourceExhausted":
             self._attempt(target, None).inc()
 
@@ -509,7 +510,7 @@ class Telemetry:
                 self._latency(ctx, model, target, c, now)
         else:
             code = f"upstream_{status}" if len(status) == 3 and status.isdigit() else "upstream_other"
-            self.request_error_total.labels(model, target, code).inc()
+            self._child(self.request_error_total, model, target, code).inc()
 
     def _latency(self, ctx: RequestContext, model: str, target: str, c: _Children, now: float) -> None:
         """TTFT = first response byte - request start; TPOT = (end - first byte) / (output tokens - 1);
@@ -535,9 +536,9 @@ class Telemetry:
         if limit is None:
             return
         violated = value > limit
-        self.request_metric.labels(model, target, f"{kind}_slo_violation").set(1 if violated else 0)
+        self._child(self.request_metric, model, target, f"{kind}_slo_violation").set(1 if violated else 0)
         if violated:
-            self.slo_violations.labels(model, target, kind).inc()
+            self._child(self.slo_violations, model, target, kind).inc()
 
     # ---- pool gauges ------------------------------------------------------------------------
     def refresh_pool(self, ds: Datastore, staleness: float, now: float | None = None,
