@@ -22,8 +22,9 @@ same pickers behind flow control (`+fc util`: utilization detector, the referenc
 legacy shedding is off (flow control decides, as in the reference). `+fc prefill N`: the prefill
 budget (epp.flowcontrol.prefill: dispatch while a pod has < N tokens sent and not yet answered with
 a first token; the tokens are the prompt less that pod's cached prefix, as a precise prefix index
-knows them), bound at dispatch to the pod with room that has the most of the prompt cached (then
-the least pending prefill), FCFS or `shortest-prompt-first-ordering-policy` (`spf`).
+knows them), bound at dispatch to the pod with room, and no more than 1.25 × the mean in-flight
+requests (+1), that has the most of the prompt cached (then the least pending prefill), FCFS or
+`shortest-prompt-first-ordering-policy` (`spf`).
 
 The bursty goal is also set against a bound no schedule can beat (`ideal_p90_bound`): the eight
 servers pooled into one, every request's prefill only its tokens no earlier request shared
@@ -137,9 +138,12 @@ class _Hashes:
 
 
 class PrefillBinder:
-    """Late binding for the prefill budget: among the pods with room, the one holding the most of the
-    prompt in its prefix cache, then the least pending prefill. Reads the engines' caches directly,
-    as a precise prefix index (KV events) would know them."""
+    """Late binding for the prefill budget: among the pods with room and at most BALANCE × the mean
+    in-flight requests (+1; decodes must not pile onto the pods that cache a hot prefix), the one
+    holding the most of the prompt in its prefix cache, then the least pending prefill. Reads the
+    engines' caches directly, as a precise prefix index (KV events) would know them."""
+
+    BALANCE = 1.25
 
     def __init__(self, detector: PrefillBudgetDetector, cfg: EngineConfig) -> None:
         self.detector = detector
@@ -162,7 +166,9 @@ class PrefillBinder:
     def choose(self, req: SimRequest, servers: Sequence[Any]) -> int:
         det = self.detector
         room = [i for i, ep in enumerate(servers) if det.load(ep) < 1.0] or list(range(len(servers)))
-        return max(room, key=lambda i: (self.cached(req, i), -det.load(servers[i]), -i))
+        mean = sum(ep.inflight for ep in servers) / len(servers)
+        fair = [i for i in room if servers[i].inflight <= self.BALANCE * mean + 1] or room
+        return max(fair, key=lambda i: (self.cached(req, i), -det.load(servers[i]), -i))
 
 
 def _prefill(budget: int, ordering: str, cfg: EngineConfig) -> Callable[[int], Any]:
