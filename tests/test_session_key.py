@@ -19,7 +19,7 @@ import pytest
 
 from epp.scheduling import session
 from tests.extproc_client import body_chunks, chat, exchange, request_headers, response_headers, set_headers
-from tests.integration.test_process import free_port, wait_serving
+from tests.procs import free_port, wait_serving
 
 EPS = ["127.0.0.1:9", "127.0.0.1:10", "127.0.0.1:11"]
 CURRENT, OLDER = b"k" * 32, b"an-older-key-still-accepted-0001"

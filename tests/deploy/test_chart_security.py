@@ -23,10 +23,10 @@ from epp import envoyconf
 from epp.scheduling import session
 from tests.deploy.charts import CHARTS, Rendered, container, flag, render
 from tests.deploy.envoy_run import envoy_binary, validate
-from tests.deploy.test_charts import POOL, _free_port, _start_picker, _stop
+from tests.deploy.test_charts import POOL, _start_picker, _stop
 from tests.e2e.certs import CA
 from tests.extproc_client import body_chunks, chat, exchange, request_headers, response_headers, set_headers
-from tests.integration.test_process import wait_serving
+from tests.procs import free_port, wait_serving
 
 KEY_FILE = "/etc/epp/session/key"
 SESSION_CONFIG = """\
@@ -331,7 +331,7 @@ async def test_standalone_envoy_verifies_the_picker_as_rendered(tmp_path: Path, 
     gen = _generator()
     ca = CA()
     ca_file = ca.write(tmp_path / "ca.pem")
-    sim_port = _free_port()
+    sim_port = free_port()
     sim = subprocess.Popen(
         [sys.executable, "-m", "epp.sim", "--port", str(sim_port), "--log-level", "warning"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

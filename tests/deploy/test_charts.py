@@ -40,6 +40,7 @@ from tests.deploy.charts import (
 )
 from tests.deploy.crdschema import Validator
 from tests.deploy.envoy_run import envoy_binary, validate
+from tests.procs import free_port
 
 CRDS = Validator()
 K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version() + ".0")
@@ -607,14 +608,6 @@ def test_charts_do_not_package_the_generator() -> None:
 
 
 # ---- the picker starts with the args each render gives ---------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _manifests(out: Rendered, path: Path) -> None:
     """The release's inference objects as a no-cluster manifests file (the pool, objectives, ...)."""
     kinds = ("InferencePool", "InferenceObjective", "InferenceModelRewrite", "InferenceModel")
@@ -641,7 +634,7 @@ def _start_picker(
     for attempt in range(3):
         run = workdir / f"run{attempt}"
         run.mkdir()
-        ports = {"grpc": _free_port(), "health": _free_port(), "metrics": _free_port()}
+        ports = {"grpc": free_port(), "health": free_port(), "metrics": free_port()}
         log_path = run / "picker.log"
         with log_path.open("w") as log:
             proc = subprocess.Popen([sys.executable, "-m", "epp", *local_args(out, run, ports), *extra],
@@ -675,7 +668,7 @@ async def test_picker_starts_with_the_rendered_args(
     manifests = tmp_path / "objects.yaml"
     _manifests(out, manifests)
     extra = ["--manifests", str(manifests)]
-    env = local_env(out, "ml", f"http://127.0.0.1:{_free_port()}")
+    env = local_env(out, "ml", f"http://127.0.0.1:{free_port()}")
     proc = None
     with contextlib.ExitStack() as stack:
         if "--ha-enable-leader-election" in c["args"]:
@@ -717,7 +710,7 @@ async def test_rendered_sglang_args_read_sglangs_metrics(
     from epp.sim.config import DEFAULT_MODEL
 
     out = rendered[("inferencepool", "sglang")]
-    sim_port = _free_port()
+    sim_port = free_port()
     sim = subprocess.Popen(
         [sys.executable, "-m", "epp.sim", "--engine", "sglang", "--port", str(sim_port), "--time-scale", "20",
          "--log-level", "warning"],

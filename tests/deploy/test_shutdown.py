@@ -18,7 +18,8 @@ import yaml
 
 from tests.deploy.charts import Rendered, container, local_env, render
 from tests.deploy.envoy_run import envoy_binary, run_envoy
-from tests.deploy.test_charts import _free_port, _health, _start_picker, _stop
+from tests.deploy.test_charts import _health, _start_picker, _stop
+from tests.procs import free_port
 
 pytestmark = [pytest.mark.envoy, pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary")]
 
@@ -85,7 +86,7 @@ async def test_open_stream_survives_pod_deletion(hook: bool, tmp_path: Path) -> 
     the stream is cut, which is what the hook is for."""
     from epp.sim.config import DEFAULT_MODEL
 
-    sim_port = _free_port()
+    sim_port = free_port()
     sim = subprocess.Popen(
         [sys.executable, "-m", "epp.sim", "--port", str(sim_port), "--step-base-ms", "20",
          "--decode-ms-per-seq", "0", "--log-level", "warning"],

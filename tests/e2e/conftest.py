@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,13 +162,6 @@ class E2E:
             if idle or loop.time() > deadline:
                 return counts
             await asyncio.sleep(0.02)
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on (connections are refused): a dead endpoint."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 GatewayFactory = Callable[..., Any]

@@ -12,8 +12,9 @@ import pytest
 from epp.datastore import Endpoint
 from epp.envoyconf import EPP_FILTER
 from epp.scheduling.framework import SchedulingRequest, SchedulingResult
-from tests.e2e.conftest import E2E, MODEL, GatewayFactory, free_port, needs_envoy
+from tests.e2e.conftest import E2E, MODEL, GatewayFactory, needs_envoy
 from tests.e2e.test_routing import chat
+from tests.procs import free_port
 
 pytestmark = [pytest.mark.envoy, needs_envoy]
 

@@ -13,7 +13,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.extproc_client import body_chunks, chat, exchange, request_headers, set_headers
-from tests.integration.test_process import free_port, picker_proc, wait_serving  # noqa: F401 (fixture)
+from tests.integration.test_process import picker_proc  # noqa: F401 (fixture)
+from tests.procs import wait_serving
 
 DEST = "x-gateway-destination-endpoint"
 WORKERS = 6

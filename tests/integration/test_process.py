@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import grpc
 import pytest
@@ -16,12 +13,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.extproc_client import body_chunks, chat, request_headers, response_headers, set_headers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.procs import free_port, wait_serving
 
 
 @pytest.fixture
@@ -41,19 +33,6 @@ def picker_proc():
         if p.poll() is None:
             p.kill()
         p.wait(timeout=10)
-
-
-async def wait_serving(hport: int, timeout: float = 30.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        with contextlib.suppress(grpc.aio.AioRpcError):
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{hport}") as ch:
-                r = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="readiness"),
-                                                               timeout=1)
-                if r.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-        await asyncio.sleep(0.1)
-    raise AssertionError("picker never became ready")
 
 
 async def test_sigterm_finishes_open_streams_then_exits(picker_proc):

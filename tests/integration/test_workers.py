@@ -17,7 +17,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 from epp.cli import cpu_limit, parse_args
 from tests.extproc_client import body_chunks, chat, request_headers, set_headers
-from tests.integration.test_process import free_port, wait_serving
+from tests.procs import free_port, wait_serving
 
 EPS = "10.0.0.1:8000,10.0.0.2:8000"
 _TICK = os.sysconf("SC_CLK_TCK")

@@ -12,7 +12,8 @@ import pytest
 from epp.kvevents.keys import RequestKeys
 from epp.sim.kvevents import KVEventRecorder, ZmqPublisher, topic_for
 from epp.sim.tokens import token_ids
-from tests.e2e.conftest import MODEL, free_port, gateway, needs_envoy  # noqa: F401  (gateway: a fixture)
+from tests.e2e.conftest import MODEL, gateway, needs_envoy  # noqa: F401  (gateway: a fixture)
+from tests.procs import free_port
 
 pytestmark = [pytest.mark.envoy, needs_envoy]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,6 +20,7 @@ from epp.metrics import age, is_stale
 from epp.metrics.engines import ENGINES
 from epp.metrics.scrape import CALM_AFTER, Scraper, only_requested
 from tests.metrics import pages
+from tests.procs import free_port
 
 FAST = 0.02  # poll interval for tests (seconds)
 
@@ -208,12 +208,6 @@ def datastore(*addresses: str) -> Datastore:
     ds = Datastore("pool")
     ds.set_static_endpoints(addresses)
     return ds
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def messages(caplog: pytest.LogCaptureFixture, text: str) -> int:

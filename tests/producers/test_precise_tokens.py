@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from epp.sim.tokens import chat_prompt, token_ids
 from epp.tokens.local import LocalTokenizer, TokenizerError, resolve
 from epp.tokens.prefix_cache import PrefixTokenCache
 from epp.tokens.render import RenderClient
+from tests.procs import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from precise_prefix_cost import TEMPLATE, make_tokenizer_dir
@@ -105,12 +105,6 @@ def test_prefix_cache_is_bounded() -> None:
         assert cache.size <= 1000 + 400
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_render_client_against_the_simulator_and_fallback(caplog: pytest.LogCaptureFixture) -> None:
     async with SimServer() as sim:
         rc = RenderClient(sim.url, model=sim.cfg.engine.model)
@@ -119,7 +113,7 @@ async def test_render_client_against_the_simulator_and_fallback(caplog: pytest.L
         assert await rc.ids({"prompt": "abcdefgh"}, chat=False) == token_ids("abcdefgh")
         assert rc.renders == 2 and rc.fallbacks == 0
         await rc.close()
-    dead = RenderClient(f"http://127.0.0.1:{_free_port()}", timeout=0.5)
+    dead = RenderClient(f"http://127.0.0.1:{free_port()}", timeout=0.5)
     caplog.set_level(logging.WARNING, "epp.tokens")
     for _ in range(3):
         assert await dead.ids({"prompt": "x"}, chat=False) is None
