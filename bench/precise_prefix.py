@@ -20,7 +20,8 @@ replayed against every policy on identical clusters (metrics polled every 50 ms)
 - oracle: the same profile, prefix score read from the engines' caches directly at decision time.
 Active-active: precise with 2 and 4 picker replicas, requests split round-robin between them, each
 with its own index and in-flight counts: `unscaled` as they are, then with `inflight-load-scorer`
-`replicas: N` (each replica's counts × N).
+`replicas: N` (each replica's counts × N), then that and the producer's `rendezvousOnMiss` (a prefix
+no endpoint holds scores 1.0 on its rendezvous home, the same from every replica).
 
 Workloads: `multi-tenant` (llm-d's: 150 tenants × 6,000-token shared context + 100-token question,
 uniform popularity, 8 servers whose caches hold ~1.37× the shared contexts, i.e. KV demand ~73%),
@@ -119,6 +120,8 @@ def _load_only() -> str:
 
 PRECISE = {"type": "precise-prefix-cache-scorer",
            "parameters": {"tokenizer": {"backend": "sim"}, "speculativeIndexing": True}}
+PRECISE_HOME = {"type": "precise-prefix-cache-scorer",
+                "parameters": {"tokenizer": {"backend": "sim"}, "speculativeIndexing": True, "rendezvousOnMiss": True}}
 PRECISE_NOSPEC = {"type": "precise-prefix-cache-scorer", "parameters": {"tokenizer": {"backend": "sim"}}}
 def _inflight_replicas(text: str, n: int) -> str:
     """`text` with the in-flight scorer told there are n active-active replicas (its counts × n)."""
@@ -147,6 +150,7 @@ CONFIGS = {
     "default": lambda: DEFAULT_CONFIG_TEXT,
     "precise": lambda: _swap_prefix(PRECISE),
     "precise, no speculation": lambda: _swap_prefix(PRECISE_NOSPEC),
+    "precise, rendezvous on miss": lambda: _swap_prefix(PRECISE_HOME),
     "oracle": lambda: _swap_prefix({"type": "oracle-prefix-scorer"}),
 }
 
@@ -224,7 +228,7 @@ def run_one(w: Workload, rate: float, servers: int, n: int, seed: int, policy: s
 
 
 ORDER = ("random", "load-only", "reference", "reference, LRU 31250", "default", "precise", "precise, no speculation",
-         "oracle")
+         "precise, rendezvous on miss", "oracle")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -258,8 +262,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             for r in args.replicas:
                 # as deployed before the fix (each replica's own in-flight counts), then with the
                 # in-flight scorer told the replica count (its counts × r)
-                for key, scale in ((f"precise ×{r} replicas, unscaled", 1), (f"precise ×{r} replicas", r)):
-                    runs[key] = run_one(w, rate, args.servers, n, args.seed, "precise", args.delay, replicas=r,
+                # in-flight scorer told the replica count (its counts × r), then that and
+                # rendezvousOnMiss (every replica sends a cold prefix to the same home)
+                for key, pname, scale in ((f"precise ×{r} replicas, unscaled", "precise", 1),
+                                          (f"precise ×{r} replicas", "precise", r),
+                                          (f"precise ×{r} replicas, rendezvous on miss",
+                                           "precise, rendezvous on miss", r)):
+                    runs[key] = run_one(w, rate, args.servers, n, args.seed, pname, args.delay, replicas=r,
                                         inflight_replicas=scale)
                     print(f"{wname:16s} {key:24s} p90 TTFT {runs[key]['ttft_p90'] * 1000:8.0f} ms  "
                           f"hit {runs[key]['hit_rate']:.2f}", flush=True)
@@ -293,6 +302,10 @@ def render(data: dict[str, Any]) -> str:
                 for k in (f"precise ×{r} replicas, unscaled", f"precise ×{r} replicas"):
                     if k in pol:
                         lines.append(f"{k} / one replica p90 TTFT: {pol[k]['ttft_p90'] / p:.2f}")
+                k, one = f"precise ×{r} replicas, rendezvous on miss", "precise, rendezvous on miss"
+                if k in pol and one in pol:
+                    lines.append(f"{k} / one replica (precise / same option) p90 TTFT: "
+                                 f"{pol[k]['ttft_p90'] / p:.2f} / {pol[k]['ttft_p90'] / pol[one]['ttft_p90']:.2f}")
             for ref in ("reference", "reference, LRU 31250"):
                 if ref in pol:
                     lines.append(f"{ref} (approximate) / precise p90 TTFT: {pol[ref]['ttft_p90'] / p:.2f}")

@@ -79,6 +79,7 @@ class PreciseParams:
     model_name: str = ""  # the model of per-pod topics that do not name one
     tokenizer: Mapping[str, Any] = field(default_factory=dict)  # ours: {backend: local|sim, path}
     producer: str = ""  # scorer only: prefixMatchInfoProducerName
+    rendezvous_on_miss: bool = False  # ours: a prefix no endpoint holds scores 1.0 on its rendezvous home
 
 
 def _backend_configs(p: Params) -> dict[str, float]:
@@ -163,6 +164,7 @@ def parse_params(p: Params, *, scorer: bool = False) -> PreciseParams:
         max_blocks=p.integer("maxPrefixBlocksToMatch", DEFAULT_MAX_BLOCKS, lo=1, hi=1 << 20),
         max_pods=DEFAULT_MAX_PODS, max_entries_per_pod=per_pod, max_entries=size,
         model_name=p.string("modelName", ""), tokenizer=dict(tok or {}),
+        rendezvous_on_miss=p.boolean("rendezvousOnMiss", False),
         producer=p.string("prefixMatchInfoProducerName", "") if scorer else "",
     )
     return out
@@ -368,11 +370,32 @@ class PrecisePrefixCacheProducer:
         precise = self.precise_ratios(request, endpoints)
         publishing = [self.kv_index.publishes(ep.address) for ep in endpoints]
         if all(publishing):
-            return precise if precise is not None else [0.0] * len(endpoints)
-        blocks = self._approx_blocks(request)
-        approx = self.fallback.match(blocks, endpoints, 1.0 / blocks.count) if blocks.count else [0.0] * len(endpoints)
-        return [(precise[i] if precise is not None else 0.0) if pub else approx[i]
-                for i, pub in enumerate(publishing)]
+            out = precise if precise is not None else [0.0] * len(endpoints)
+        else:
+            blocks = self._approx_blocks(request)
+            approx = (self.fallback.match(blocks, endpoints, 1.0 / blocks.count) if blocks.count
+                      else [0.0] * len(endpoints))
+            out = [(precise[i] if precise is not None else 0.0) if pub else approx[i]
+                   for i, pub in enumerate(publishing)]
+        if self.params.rendezvous_on_miss and precise is not None and not any(out):
+            self._home(request, endpoints, out)
+        return out
+
+    def _home(self, request: SchedulingRequest, endpoints: Sequence[Endpoint], out: list[float]) -> None:
+        """A prefix no endpoint holds (nor speculatively): 1.0 for its rendezvous home (the highest
+        hash of its first blocks' key among endpoints within 1.25× the mean load), so every replica
+        sends a new prefix to the same endpoint before any event can tell them where it went."""
+        from epp.scheduling.prefix import DEFAULT_RENDEZVOUS_BLOCKS, DEFAULT_RENDEZVOUS_EPSILON, rendezvous_home
+
+        keys = self.keys(request)
+        if keys is None or not keys.count:
+            return
+        k = min(DEFAULT_RENDEZVOUS_BLOCKS, keys.count)
+        loads = [max(ep.metrics.waiting + ep.metrics.running, ep.inflight) if ep.metrics is not None
+                 else float(ep.inflight) for ep in endpoints]
+        home = rendezvous_home(keys.upto(k)[k - 1], endpoints, loads, DEFAULT_RENDEZVOUS_EPSILON)
+        if home >= 0:
+            out[home] = 1.0
 
     def on_routed(self, request: SchedulingRequest, endpoint: Endpoint) -> None:
         if not self.kv_index.publishes(endpoint.address):
