@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
 from typing import Any
+
+from epp.resources import InferencePool, ResourceError, parse_object
 
 log = logging.getLogger("epp.sidecar.allowlist")
 
@@ -28,15 +29,6 @@ def host_of(host_port: str) -> str:
     if sep and port.isdigit() and ":" not in host:
         return host
     return hp
-
-
-def selector_of(pool: Mapping[str, Any]) -> dict[str, str]:
-    """The pod selector of an InferencePool: v1 `spec.selector.matchLabels`, v1alpha2 `spec.selector`."""
-    spec = pool.get("spec") or {}
-    sel = spec.get("selector") or {}
-    if isinstance(sel, Mapping) and isinstance(sel.get("matchLabels"), Mapping):
-        sel = sel["matchLabels"]
-    return {str(k): str(v) for k, v in sel.items()} if isinstance(sel, Mapping) else {}
 
 
 class AllowList:
@@ -94,12 +86,13 @@ class AllowList:
     def _read(self) -> set[str]:
         from kubernetes import client
 
-        pool = client.CustomObjectsApi(self._api).get_namespaced_custom_object(
+        from epp.sources.kube import label_selector  # lazy, as kubernetes itself: only with SSRF protection
+
+        raw = client.CustomObjectsApi(self._api).get_namespaced_custom_object(
             self.group, self.version, self.namespace, "inferencepools", self.name, _request_timeout=10)
-        selector = selector_of(pool) if isinstance(pool, Mapping) else {}
-        if not selector:
-            return set()
-        text = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
-        pods = client.CoreV1Api(self._api).list_namespaced_pod(self.namespace, label_selector=text,
-                                                                _request_timeout=10)
+        pool = parse_object(raw, self.namespace)  # the picker's own reading of both apiVersions
+        if not isinstance(pool, InferencePool):
+            raise ResourceError("kind", f"expected an InferencePool, got {type(pool).__name__}")
+        pods = client.CoreV1Api(self._api).list_namespaced_pod(
+            self.namespace, label_selector=label_selector(pool.selector), _request_timeout=10)
         return {p.status.pod_ip for p in pods.items if p.status is not None and p.status.pod_ip}

@@ -27,7 +27,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -130,7 +130,7 @@ def _pool_spec(pool: InferencePool | None) -> tuple[Any, ...] | None:
     return (tuple(sorted(pool.selector.items())), pool.target_ports, pool.app_protocol, pool.picker)
 
 
-def label_selector(selector: dict[str, str]) -> str:
+def label_selector(selector: Mapping[str, str]) -> str:
     """matchLabels as a label-selector string (`k=v,k2=v2`)."""
     return ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
 
