@@ -21,26 +21,19 @@ from typing import Any
 from epp import __version__, tls
 from epp.resources import GROUP_V1, GROUP_X, parse_selector
 from epp.scheduling.session import SESSION_KEY_ENV, read_session_keys
+from epp.units import go_duration
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
-_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def parse_duration(text: str) -> float:
     """Seconds from `250ms`, `2s`, `1m30s` or `0.05`."""
-    t = text.strip()
     try:
-        value = float(t)
+        value = float(text)
     except ValueError:
-        pos, total = 0, 0.0
-        for m in _DURATION.finditer(t):
-            if m.start() != pos:
-                break
-            total += float(m.group(1)) * _UNITS[m.group(2)]
-            pos = m.end()
-        if pos != len(t) or not t:
+        try:
+            return go_duration(text)
+        except ValueError:
             raise argparse.ArgumentTypeError(f"invalid duration {text!r} (use e.g. 50ms, 5s, 1m)") from None
-        return total
     if value < 0:
         raise argparse.ArgumentTypeError(f"duration must not be negative: {text!r}")
     return value
@@ -251,6 +244,7 @@ class Options:
     config_text: str = ""
     refresh_metrics_interval: float = 0.05
     refresh_metrics_idle_interval: float = 0.5  # 0: every endpoint at --refresh-metrics-interval always
+    refresh_metrics_quiet_interval: float = 0.2  # 0: a busy endpoint at --refresh-metrics-interval always
     refresh_prometheus_metrics_interval: float = 5.0
     metrics_staleness_threshold: float = 2.0
     ha_enable_leader_election: bool = False
@@ -397,6 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a model server with no request in flight whose metrics stopped changing is scraped "
                           "ever slower, up to this interval; a request routed to it or a change brings it back "
                           "to --refresh-metrics-interval at once (0: off; default 500ms, under the 2s staleness)")
+    sch.add_argument("--refresh-metrics-quiet-interval", type=parse_duration, default=0.2,
+                     help="(ours) a model server with requests in flight but none routed there or ended there "
+                          "since its last scrape is scraped ever slower, up to this interval; the next dispatch "
+                          "or completion brings it back to --refresh-metrics-interval (0: off; default 200ms)")
     sch.add_argument("--refresh-prometheus-metrics-interval", type=parse_duration, default=5.0,
                      help="how often pool-average gauges are recomputed (default 5s)")
     sch.add_argument("--metrics-staleness-threshold", type=parse_duration, default=2.0,
@@ -561,6 +559,7 @@ def parse_args(argv: list[str]) -> Options:
         config_text=a.config_text,
         refresh_metrics_interval=a.refresh_metrics_interval,
         refresh_metrics_idle_interval=a.refresh_metrics_idle_interval,
+        refresh_metrics_quiet_interval=a.refresh_metrics_quiet_interval,
         refresh_prometheus_metrics_interval=a.refresh_prometheus_metrics_interval,
         metrics_staleness_threshold=a.metrics_staleness_threshold,
         ha_enable_leader_election=a.ha_enable_leader_election,

@@ -323,7 +323,8 @@ class App:
         if o.mode == "epp" and not self._metrics_off():
             # on a thread with its own loop: nothing but requests on the serving loop
             self.scraper = ScrapeThread(self.datastore, interval=o.refresh_metrics_interval, engines=self.engines,
-                                        idle_interval=o.refresh_metrics_idle_interval or None)
+                                        idle_interval=o.refresh_metrics_idle_interval or None,
+                                        quiet_interval=o.refresh_metrics_quiet_interval or None)
             self.scraper.start()
             log.info("scheduling profile", extra={"profile": describe(self.config)})
 

@@ -2,8 +2,9 @@
 
 Tasks start and stop with the endpoint set (Datastore.subscribe). Each polls every `interval`
 seconds (`--refresh-metrics-interval`, 50 ms), with a random start offset and a little per-cycle
-jitter so that pods are not polled in lock-step; a semaphore bounds the polls in flight, and one
-aiohttp session keeps connections alive between polls.
+jitter so that pods are not polled in lock-step; a semaphore bounds the polls in flight, and each
+endpoint keeps one HTTP/1.1 connection alive between polls (epp.metrics.http: raw asyncio streams,
+a fraction of aiohttp's CPU per poll; bench/metrics_poller.py).
 
 Each poll first asks for only the needed families (`?name[]=...`, honoured by prometheus_client
 based servers such as vLLM: the server renders a few lines instead of a 40 KB page). A response that
@@ -41,11 +42,9 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 from urllib.parse import quote
 
-import aiohttp
-from yarl import URL
-
 from epp.datastore import Datastore, Endpoint, Metrics
 from epp.metrics.engines import ENGINES, EngineSpec, MissingMetrics, read_metrics, resolve_engine
+from epp.metrics.http import HTTPGetError, PageConnection, PageTooLargeError
 from epp.metrics.parse import TooManySeries
 
 log = logging.getLogger("epp.metrics.scrape")
@@ -76,15 +75,17 @@ class _Target:
     endpoint: Endpoint
     engine_label: str | None = None  # endpoint.engine the spec was resolved from
     spec: EngineSpec | None = None
-    plain_url: URL | None = None
-    filtered_url: URL | None = None
+    conn: PageConnection | None = None  # kept alive between polls
+    plain_url: str | None = None  # path (and query) on the connection's server
+    filtered_url: str | None = None
     use_filter: bool | None = None  # None: not yet known; True: honoured; False: plain URL only
     ssl: ssl_lib.SSLContext | bool = True
     failing: bool = False
     backoff: float = 0.0  # the current delay after a failed poll (0 while polls succeed)
     polls: int = 0  # polls attempted (tests and benchmarks watch the backoff through it)
     calm: int = 0  # successful polls in a row whose signals did not change
-    gap: float = 0.0  # the current delay between polls while healthy (grows while calm and idle)
+    gap: float = 0.0  # the current delay between polls while healthy (grows while calm and idle, or quiet)
+    seen: tuple[int, int] = (0, 0)  # the endpoint's in-flight (count, tokens) when the last poll began
     stopped: bool = False
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
@@ -116,6 +117,12 @@ def _signals(m: Metrics) -> tuple[object, ...]:
             m.block_size, m.num_blocks, tuple(m.custom.items()) if m.custom else ())
 
 
+def _activity(ep: Endpoint) -> tuple[int, int]:
+    """What this picker's own traffic changes on an endpoint: equal values, nothing routed there or
+    ended there in between (almost surely: a start and an end of equal prompt sizes cancel out)."""
+    return (ep.inflight, ep.inflight_tokens)
+
+
 def _has_required(text: str, spec: EngineSpec) -> bool:
     """Some name of each required signal appears at a line start (a cheap pre-check)."""
     return all(any(f"\n{n}" in text or text.startswith(n) for n in alts) for alts in spec.required_names)
@@ -142,10 +149,11 @@ class Scraper:
         max_page_bytes: int = DEFAULT_MAX_PAGE_BYTES,
         max_backoff: float = DEFAULT_MAX_BACKOFF,
         idle_interval: float | None = None,
+        quiet_interval: float | None = None,
         follow: bool = True,
     ) -> None:
         """`port`/`path`/`scheme` override where every model server's metrics are read (default:
-        the engine's, see EngineSpec); `ssl` is passed to aiohttp for https (False: do not verify;
+        the engine's, see EngineSpec); `ssl` is used for https (a context; True: verify; False: do not verify;
         default: the engine's `insecure_skip_verify`). `jitter` is the per-cycle spread as a
         fraction of the interval. `max_concurrency` bounds polls in flight: a poll to a silent pod
         holds its slot until `timeout`, so keep it well above the number of pods that may hang at
@@ -155,8 +163,14 @@ class Scraper:
         request in flight whose signals stayed the same for CALM_AFTER polls is polled ever slower,
         up to every `idle_interval` s (keep it under the staleness threshold); a request routed to
         it, or a change on its page, brings it back to `interval` at once (the wait is cut in
-        `interval` slices that look at its in-flight count). `follow=False`: start() does not
-        subscribe to the datastore (ScrapeThread passes the changes on itself)."""
+        `interval` slices that look at its in-flight count). `quiet_interval` (None: off) ties a
+        busy endpoint's rate to this picker's traffic: with requests in flight but none routed
+        there or finished there since its last poll (its in-flight count and tokens unchanged),
+        it is polled ever slower, up to every `quiet_interval` s; the first dispatch or completion
+        brings it back to `interval` (the page a decision reads after a change this picker made is
+        at most ~`interval` old; changes it did not make show within `quiet_interval`).
+        `follow=False`: start() does not subscribe to the datastore (ScrapeThread passes the
+        changes on itself)."""
         if interval <= 0 or timeout <= 0 or max_concurrency < 1 or max_page_bytes < 1:
             raise ValueError("interval, timeout, max_page_bytes must be positive, max_concurrency at least 1")
         self.datastore = datastore
@@ -171,12 +185,12 @@ class Scraper:
         self.max_page_bytes = max_page_bytes
         self.max_backoff = max(max_backoff, interval)
         self.idle_interval = idle_interval if idle_interval and idle_interval > interval else None
+        self.quiet_interval = quiet_interval if quiet_interval and quiet_interval > interval else None
         self.jitter = min(max(jitter, 0.0), 0.9)
         self.name_filter = name_filter
         self._rng = rng or random.Random()
         self._targets: dict[str, _Target] = {}
         self._retiring: set[asyncio.Task[None]] = set()  # cancelled with their endpoint, still unwinding
-        self._session: aiohttp.ClientSession | None = None
         self._sem: asyncio.Semaphore | None = None
         self._running = False
         self._subscribed = not follow
@@ -190,18 +204,6 @@ class Scraper:
             return
         self._running = True
         self._sem = asyncio.Semaphore(self.max_concurrency)
-        connector = aiohttp.TCPConnector(
-            limit=self.max_concurrency * 2,  # a poll may hold two connections (filter probe, then plain)
-            use_dns_cache=True,
-            keepalive_timeout=max(30.0, self.interval * 4),
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None),  # the poll's own deadline covers it: one timer
-            cookie_jar=aiohttp.DummyCookieJar(),
-            auto_decompress=False,
-            headers=_HEADERS,
-        )
         if not self._subscribed:
             self.datastore.subscribe(self._on_endpoints)
             self._subscribed = True
@@ -221,9 +223,9 @@ class Scraper:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for t in targets:
+            if t.conn is not None:
+                t.conn.close()
 
     @property
     def polling(self) -> frozenset[str]:
@@ -265,6 +267,13 @@ class Scraper:
 
     # ---- polling -------------------------------------------------------------------------
     async def _run(self, target: _Target) -> None:
+        try:
+            await self._loop_polls(target)
+        finally:
+            if target.conn is not None:
+                target.conn.close()
+
+    async def _loop_polls(self, target: _Target) -> None:
         loop = asyncio.get_running_loop()
         interval, jitter, rng = self.interval, self.jitter, self._rng
         await asyncio.sleep(rng.uniform(0, interval))  # spread first polls over one interval
@@ -281,6 +290,13 @@ class Scraper:
                 target.backoff = 0.0
                 target.gap = min(max(target.gap * 2, step * 2), self.idle_interval)
                 next_at += target.gap
+            elif (self.quiet_interval is not None and target.endpoint.inflight > 0
+                  and _activity(target.endpoint) == target.seen):
+                # busy, but nothing this picker did changed it since the last poll: a fresh page per
+                # change is what decisions need, not one per interval (each poll costs both sides)
+                target.backoff = 0.0
+                target.gap = min(max(target.gap * 2, step * 2), self.quiet_interval)
+                next_at += target.gap
             else:
                 target.backoff = 0.0
                 target.gap = step
@@ -295,7 +311,8 @@ class Scraper:
 
     @staticmethod
     async def _idle_wait(target: _Target, until: float, step: float) -> None:
-        """Sleep to `until` in `step` slices, cut short when a request is routed to the endpoint."""
+        """Sleep to `until` in `step` slices, cut short when a request is routed to the endpoint
+        or one ends there (its in-flight accounting moved since the last poll began)."""
         loop = asyncio.get_running_loop()
         ep = target.endpoint
         while not target.stopped:
@@ -303,14 +320,16 @@ class Scraper:
             if left <= 0:
                 return
             await asyncio.sleep(min(step, left))
-            if ep.inflight > 0:
+            if _activity(ep) != target.seen:
                 target.calm = 0
+                target.gap = 0.0
                 return
 
     async def poll_once(self, target: _Target) -> None:
         """One poll of one endpoint: fetch, parse, record the outcome."""
         assert self._sem is not None
         target.polls += 1
+        target.seen = _activity(target.endpoint)  # a change from here on is news for the next poll
         async with self._sem:
             try:
                 async with asyncio.timeout(self.timeout):
@@ -319,7 +338,7 @@ class Scraper:
                 self._failed(target, str(err))
             except TimeoutError:
                 self._failed(target, f"timed out after {self.timeout:g}s")
-            except (aiohttp.ClientError, OSError, ValueError) as err:
+            except (OSError, ValueError, EOFError) as err:
                 self._failed(target, f"{type(err).__name__}: {err}" if str(err) else type(err).__name__)
             except Exception as err:  # never let one odd reply end this endpoint's polling for good
                 self._failed(target, f"unexpected {type(err).__name__}: {err}")
@@ -333,35 +352,30 @@ class Scraper:
             if target.spec is None or spec.name != target.spec.name:
                 target.use_filter = None if self.name_filter else False
             target.spec, target.engine_label = spec, ep.engine
-            host = f"[{ep.ip}]" if ":" in ep.ip else ep.ip
             scheme = self.scheme or spec.scheme
-            base = f"{scheme}://{host}:{self.port or spec.port or ep.port}{self.path or spec.path}"
+            path = self.path or spec.path
             target.ssl = self.ssl if self.ssl is not None else not spec.insecure_skip_verify
+            if target.conn is not None:
+                target.conn.close()
+            target.conn = PageConnection(scheme, ep.ip, self.port or spec.port or ep.port, target.ssl, _HEADERS)
             query = "&".join(f"name%5B%5D={quote(n, safe='')}" for n in spec.names)
-            target.plain_url = URL(base, encoded=True)
-            target.filtered_url = URL(f"{base}?{query}", encoded=True)
+            target.plain_url = path
+            target.filtered_url = f"{path}?{query}"
         return target.spec
 
-    async def _fetch(self, url: URL, ssl: ssl_lib.SSLContext | bool = True) -> str:
-        assert self._session is not None
-        limit = self.max_page_bytes
-        async with self._session.get(url, allow_redirects=False, ssl=ssl) as resp:
-            if resp.status != 200:
-                resp.close()  # an error page is not worth reading; the connection goes with it
-                raise ScrapeError(f"HTTP {resp.status}")
-            if resp.content_length is not None and resp.content_length > limit:
-                resp.close()
-                raise PageTooLarge(f"page of {resp.content_length} bytes is over the {limit}-byte cap")
-            chunks: list[bytes] = []
-            size = 0
-            async for chunk in resp.content.iter_any():
-                size += len(chunk)
-                if size > limit:
-                    # an endless or huge stream: stop reading and drop the connection
-                    resp.close()
-                    raise PageTooLarge(f"page passed the {limit}-byte cap")
-                chunks.append(chunk)
-        return b"".join(chunks).decode("utf-8", "replace")
+    async def _fetch(self, target: _Target, url: str) -> str:
+        """The page at `url` (a path on the target's server), capped at max_page_bytes; a redirect
+        is not followed (an error like any non-200 status)."""
+        assert target.conn is not None
+        try:
+            body = await target.conn.get(url, self.max_page_bytes)
+        except PageTooLargeError as e:
+            raise PageTooLarge(str(e)) from None
+        except HTTPGetError as e:
+            raise ScrapeError(str(e)) from None
+        except asyncio.IncompleteReadError:
+            raise ScrapeError("connection closed before the page ended") from None
+        return body.decode("utf-8", "replace")
 
     async def _scrape(self, target: _Target) -> Metrics:
         spec = self._resolve(target)
@@ -369,18 +383,18 @@ class Scraper:
         if target.use_filter:
             # Honoured when probed: trusted from then on (no per-poll check). A reply that lacks
             # the families sends the endpoint back to probing, and this poll to the full page.
-            text = await self._fetch(target.filtered_url, target.ssl)
+            text = await self._fetch(target, target.filtered_url)
             try:
                 return read_metrics(spec, text, time.monotonic())
             except MissingMetrics:
                 target.use_filter = None
                 log.info("metrics name filter reply lacks the families, probing again",
                          extra={"endpoint": target.endpoint.address})
-                return read_metrics(spec, await self._fetch(target.plain_url, target.ssl), time.monotonic())
+                return read_metrics(spec, await self._fetch(target, target.plain_url), time.monotonic())
         if target.use_filter is None:
             probe: str | None
             try:
-                probe = await self._fetch(target.filtered_url, target.ssl)
+                probe = await self._fetch(target, target.filtered_url)
             except PageTooLarge:
                 raise
             except ScrapeError:
@@ -389,10 +403,10 @@ class Scraper:
                 metrics = read_metrics(spec, probe, time.monotonic())
                 target.use_filter = True
                 return metrics
-            metrics = read_metrics(spec, await self._fetch(target.plain_url, target.ssl), time.monotonic())
+            metrics = read_metrics(spec, await self._fetch(target, target.plain_url), time.monotonic())
             target.use_filter = False  # only once the full page proved good
             return metrics
-        return read_metrics(spec, await self._fetch(target.plain_url, target.ssl), time.monotonic())
+        return read_metrics(spec, await self._fetch(target, target.plain_url), time.monotonic())
 
     def _succeeded(self, target: _Target, metrics: Metrics) -> None:
         if target.stopped:

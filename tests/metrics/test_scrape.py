@@ -705,6 +705,34 @@ async def test_traffic_or_a_change_brings_the_base_rate_back(servers: Any, scrap
     assert target.gap <= FAST * 1.1
 
 
+async def test_a_busy_endpoint_is_polled_per_change_of_its_traffic(servers: Any, scrapers: Any) -> None:
+    # quiet_interval: requests in flight, but none routed there or ended there since the last poll:
+    # the rate falls to one poll per quiet_interval; a dispatch or a completion brings it back at once
+    quiet_srv, plain_srv = await servers(), await servers()
+    ds_quiet, ds_plain = datastore(quiet_srv.address), datastore(plain_srv.address)
+    ep = ds_quiet.endpoints[quiet_srv.address]
+    ep.inflight, ep.inflight_tokens = 2, 300
+    ds_plain.endpoints[plain_srv.address].inflight = 2
+    quiet = scrapers(ds_quiet, quiet_interval=IDLE)
+    plain = scrapers(ds_plain, quiet_interval=None)
+    target = quiet._targets[quiet_srv.address]
+    await until(lambda: target.gap == IDLE)
+    p0, q0 = quiet.polls()[quiet_srv.address], plain.polls()[plain_srv.address]
+    await until(lambda: plain.polls()[plain_srv.address] - q0 >= 40)  # ~0.8 s at the base rate
+    assert quiet.polls()[quiet_srv.address] - p0 <= 10
+    # a request routed there (count and tokens move): the next poll comes within a base interval
+    srv_page_before = ep.metrics
+    quiet_srv.page = pages.vllm(waiting=7)
+    ep.inflight, ep.inflight_tokens = 3, 450
+    await until(lambda: ep.metrics is not srv_page_before and ep.metrics is not None and ep.metrics.waiting == 7)
+    assert target.gap <= IDLE / 2  # woken, not waited out: the gap starts over from the base rate
+    # the endpoint idle (nothing in flight): the idle rule, not this one, decides
+    ep.inflight, ep.inflight_tokens = 0, 0
+    n = quiet.polls()[quiet_srv.address]
+    await until(lambda: quiet.polls()[quiet_srv.address] >= n + 3)
+    assert target.gap <= FAST * 1.1  # idle_interval is off here: the base rate
+
+
 async def test_off_by_default(servers: Any, scrapers: Any) -> None:
     srv = await servers()
     s = scrapers(datastore(srv.address))
