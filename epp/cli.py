@@ -24,7 +24,6 @@ from epp.scheduling.session import SESSION_KEY_ENV, read_session_keys
 from epp.units import go_duration
 
 
-
 def parse_duration(text: str) -> float:
     """Seconds from `250ms`, `2s`, `1m30s` or `0.05`."""
     try:
