@@ -7,28 +7,21 @@ import heapq
 from typing import Any
 
 from epp.flowcontrol.bands import Band, Flow
-from epp.flowcontrol.policy import COMPACT_MIN_DEAD
+from epp.flowcontrol.policy import PolicyBase
+from epp.flowcontrol.queues import COMPACT_MIN_DEAD
 from epp.flowcontrol.types import Item
-from epp.scheduling.registry import FLOW_POLICY, BuildContext, Params, register
+from epp.scheduling.registry import FLOW_POLICY, register
 
 Entry = tuple[tuple[float, int], int, Flow, Item]
 
 
 @register("global-strict-fairness-policy", FLOW_POLICY)
-class GlobalStrictFairnessPolicy:
+class GlobalStrictFairnessPolicy(PolicyBase):
     """A heap of the flows' heads per band (`band.state`), O(log flows) a pick. An entry goes stale
     when its item leaves the head (dispatched, cancelled, expired); a stale entry met at the top is
     replaced by its flow's current head, or the flow is forgotten when it is empty."""
 
     kind = "fairness"
-
-    def __init__(self, name: str = "global-strict-fairness-policy", params: object = None,
-                 ctx: BuildContext | None = None) -> None:
-        self.name = name
-
-    @classmethod
-    def parse(cls, p: Params) -> None:
-        p.done()
 
     @staticmethod
     def _heap(band: Band) -> list[Entry]:

@@ -5,9 +5,9 @@
 - a fairness policy (`global-strict-fairness-policy`, `round-robin-fairness-policy`) picks, in one
   priority band, the flow whose head request goes next.
 
-Queues remove lazily: `discard` takes an item out of the counts at once (a cancelled or expired
-request no longer holds capacity) and the slot is skipped when it reaches the head; a queue with
-more dead slots than live ones is compacted, so memory stays proportional to what is queued.
+Queues remove lazily (`queues.py`). `PolicyBase` and `KeyedOrderingPolicy` are what the policy
+plugins share: built with no arguments under their registered type name, no parameters unless a
+policy reads some, and (ordering) one number per request that orders it.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Protocol
 
+from epp.flowcontrol.queues import DeadlineQueue
 from epp.flowcontrol.types import Item
+from epp.scheduling.registry import BuildContext, NoParams, type_name_of
 
 if TYPE_CHECKING:
     from epp.flowcontrol.bands import Band, Flow
-
-COMPACT_MIN_DEAD = 64  # compact a queue once it holds this many dead slots and more dead than live
 
 
 class FlowQueue(Protocol):
@@ -58,3 +58,29 @@ class FairnessPolicy(Protocol):
 
     def pick(self, band: Band) -> Flow | None:
         """The flow whose head goes next among the band's non-empty flows (None: all empty)."""
+
+
+class PolicyBase(NoParams):
+    """A flow-control policy plugin: `kind` says which of the two it is; the name defaults to the
+    type name it is registered under (the controller builds the defaults without arguments)."""
+
+    kind = ""
+
+    def __init__(self, name: str = "", params: object = None, ctx: BuildContext | None = None) -> None:
+        self.name = name or type_name_of(self)
+
+
+class KeyedOrderingPolicy(PolicyBase):
+    """An ordering policy whose order is one number per request (`key`, fixed when it is queued):
+    smaller first, arrival order on ties; each flow is a heap on it."""
+
+    kind = "ordering"
+
+    def key(self, item: Item) -> float:
+        raise NotImplementedError
+
+    def new_queue(self) -> FlowQueue:
+        return DeadlineQueue(self.key)
+
+    def order_key(self, item: Item) -> tuple[float, int]:
+        return (self.key(item), item.seq)

@@ -4,22 +4,15 @@ tenant sending ten times as much gets no more turns than any other tenant with r
 from __future__ import annotations
 
 from epp.flowcontrol.bands import Band, Flow
-from epp.scheduling.registry import FLOW_POLICY, BuildContext, Params, register
+from epp.flowcontrol.policy import PolicyBase
+from epp.scheduling.registry import FLOW_POLICY, register
 
 
 @register("round-robin-fairness-policy", FLOW_POLICY)
-class RoundRobinFairnessPolicy:
+class RoundRobinFairnessPolicy(PolicyBase):
     """Rotates the band's ring of active flows: the front flow goes, then moves to the back (O(1))."""
 
     kind = "fairness"
-
-    def __init__(self, name: str = "round-robin-fairness-policy", params: object = None,
-                 ctx: BuildContext | None = None) -> None:
-        self.name = name
-
-    @classmethod
-    def parse(cls, p: Params) -> None:
-        p.done()
 
     def pick(self, band: Band) -> Flow | None:
         ring = band.ring

@@ -10,7 +10,7 @@ at most 6.4 s. Body size is the proxy for prefill work the picker has before any
 
 from __future__ import annotations
 
-from epp.flowcontrol.edf import DeadlineQueue
+from epp.flowcontrol.policy import KeyedOrderingPolicy
 from epp.flowcontrol.types import Item
 from epp.scheduling.registry import FLOW_POLICY, BuildContext, Params, register
 
@@ -18,18 +18,15 @@ DEFAULT_AGING_PER_KIB = 0.05  # seconds of head start a request gives up per KiB
 
 
 @register("shortest-prompt-first-ordering-policy", FLOW_POLICY)
-class ShortestPromptFirstOrderingPolicy:
+class ShortestPromptFirstOrderingPolicy(KeyedOrderingPolicy):
     """Virtual deadline = enqueue + agingSecondsPerKiB × KiB; earliest first, arrival order on ties."""
 
-    kind = "ordering"
-
-    def __init__(self, name: str = "shortest-prompt-first-ordering-policy", params: object = None,
-                 ctx: BuildContext | None = None) -> None:
-        self.name = name
+    def __init__(self, name: str = "", params: object = None, ctx: BuildContext | None = None) -> None:
+        super().__init__(name)
         self.aging = float(params) if isinstance(params, int | float) else DEFAULT_AGING_PER_KIB
 
     @classmethod
-    def parse(cls, p: Params) -> float:
+    def parse(cls, p: Params) -> float:  # type: ignore[override]
         aging = p.number("agingSecondsPerKiB", DEFAULT_AGING_PER_KIB, lo=0, lo_open=True)
         p.done()
         return aging
@@ -38,8 +35,4 @@ class ShortestPromptFirstOrderingPolicy:
         """When the request stops yielding to smaller ones (the clock's time)."""
         return item.enqueued + self.aging * item.byte_size / 1024.0
 
-    def new_queue(self) -> DeadlineQueue:
-        return DeadlineQueue(self.virtual_deadline)
-
-    def order_key(self, item: Item) -> tuple[float, int]:
-        return (self.virtual_deadline(item), item.seq)
+    key = virtual_deadline

@@ -11,9 +11,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from epp.flowcontrol.edf import DeadlineQueue
+from epp.flowcontrol.policy import KeyedOrderingPolicy
 from epp.flowcontrol.types import Item
-from epp.scheduling.registry import FLOW_POLICY, BuildContext, Params, register
+from epp.scheduling.registry import FLOW_POLICY, register
 
 SLO_TTFT_HEADERS = ("x-llm-d-slo-ttft-ms", "x-slo-ttft-ms")  # the second is the deprecated alias
 MAX_SLO_MS = 2**53  # larger values (or negative, or not an integer) count as no objective
@@ -39,21 +39,7 @@ def slo_deadline(item: Item) -> float:
 
 
 @register("slo-deadline-ordering-policy", FLOW_POLICY)
-class SloDeadlineOrderingPolicy:
+class SloDeadlineOrderingPolicy(KeyedOrderingPolicy):
     """Earliest SLO deadline first; requests without an objective last, in arrival order. No parameters."""
 
-    kind = "ordering"
-
-    def __init__(self, name: str = "slo-deadline-ordering-policy", params: object = None,
-                 ctx: BuildContext | None = None) -> None:
-        self.name = name
-
-    @classmethod
-    def parse(cls, p: Params) -> None:
-        p.done()
-
-    def new_queue(self) -> DeadlineQueue:
-        return DeadlineQueue(slo_deadline)
-
-    def order_key(self, item: Item) -> tuple[float, int]:
-        return (slo_deadline(item), item.seq)
+    key = staticmethod(slo_deadline)
