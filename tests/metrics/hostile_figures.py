@@ -15,18 +15,11 @@ from dataclasses import replace
 
 from epp.metrics.engines import ENGINES
 from epp.metrics.scrape import Scraper
+from tests.metrics.cardinality_figures import rss_mib
 from tests.metrics.test_hostile import Hostile
 from tests.metrics.test_scrape import datastore
 
 SECONDS = 5.0
-
-
-def rss_mib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) // 1024
-    return 0
 
 
 async def main(caps: bool) -> None:
