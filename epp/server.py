@@ -471,7 +471,6 @@ class App:
             await self.scraper.stop()
         if self.metrics_http is not None:
             self.metrics_http.close()
-        self.telemetry.close()
         if self.tracer_provider is not None:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self.tracer_provider.shutdown)  # flushes queued spans

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -34,7 +33,6 @@ from prometheus_client import (
     Gauge,
     Histogram,
     disable_created_metrics,
-    start_http_server,
 )
 from prometheus_client.metrics_core import Metric
 
@@ -387,8 +385,6 @@ class Telemetry:
         self._served_pods: set[str] = set()
         self._ds: Datastore | None = None
         self._model_table: Any = None
-        self._http: Any = None
-        self._task: asyncio.Task[None] | None = None
 
     def _families(self) -> list[Any]:
         return [self.request_total, self.request_error_total, self.request_duration, self.request_sizes,
@@ -578,19 +574,3 @@ class Telemetry:
             except Exception:
                 log.exception("pool gauge refresh failed")
             await asyncio.sleep(interval)
-
-    # ---- HTTP -------------------------------------------------------------------------------
-    def serve(self, port: int, addr: str = "0.0.0.0") -> int:
-        """Serve /metrics on a daemon thread (scrapes never wait on the event loop); returns the port."""
-        server, thread = start_http_server(port, addr, registry=self.registry)
-        self._http = (server, thread)
-        return int(server.server_port)
-
-    def close(self) -> None:
-        if self._http is not None:
-            server, thread = self._http
-            server.shutdown()
-            server.server_close()
-            if isinstance(thread, threading.Thread):
-                thread.join(timeout=2)
-            self._http = None
