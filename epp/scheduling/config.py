@@ -217,9 +217,6 @@ class PickerConfig:
                 return p
         raise KeyError(name)
 
-    def of_kind(self, kind: str) -> tuple[PluginSpec, ...]:
-        return tuple(p for p in self.plugins if p.kind == kind)
-
     @property
     def admission_detector(self) -> SaturationDetector | ConcurrencyDetector:
         return self.detector if self.detector is not None else self.saturation
