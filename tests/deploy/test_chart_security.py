@@ -27,21 +27,9 @@ from tests.deploy.test_charts import POOL, _start_picker, _stop
 from tests.e2e.certs import CA
 from tests.extproc_client import body_chunks, chat, exchange, request_headers, response_headers, set_headers
 from tests.procs import free_port, wait_serving
+from tests.test_session_key import CONFIG as SESSION_CONFIG  # the same session-affinity config
 
 KEY_FILE = "/etc/epp/session/key"
-SESSION_CONFIG = """\
-apiVersion: inference.networking.x-k8s.io/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: session-affinity-scorer
-  parameters: {loadGuard: false}
-- type: max-score-picker
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: session-affinity-scorer
-  - pluginRef: max-score-picker
-"""
 # three endpoints (nothing listens there: picking needs no model server)
 POD_IPS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
 
