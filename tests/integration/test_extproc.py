@@ -14,6 +14,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from epp.scheduling.framework import LeastInflightScheduler
+from tests.e2e.conftest import CONFORMANCE_CONFIG  # the conformance plugins, as the e2e suite runs them
 from tests.extproc_client import (
     BUFFERED,
     body_chunks,
@@ -716,21 +717,6 @@ async def test_conformance_headers_do_nothing_without_the_plugins(start_picker):
         rh = [r for r in replies if r.WhichOneof("response") == "response_headers"][0]
         assert "x-conformance-test-served-endpoint" not in str(rh)
     assert len(seen) > 1  # the selection header did not pin the pick
-
-
-CONFORMANCE_CONFIG = """\
-apiVersion: inference.networking.x-k8s.io/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- type: header-based-testing-filter
-- type: queue-scorer
-- type: destination-endpoint-served-verifier
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: header-based-testing-filter
-  - pluginRef: queue-scorer
-"""
 
 
 async def test_conformance_plugins_pin_and_echo_when_configured(start_picker):
