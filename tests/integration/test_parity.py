@@ -20,7 +20,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import struct_pb2
@@ -223,39 +222,6 @@ def _page(q: float, kv: float, models: tuple[str, ...]) -> str:
     return page
 
 
-class PodServers:
-    """One aiohttp /metrics server a pod, pod i on its own loopback address 127.0.1.(i+1) (as the
-    reference's pods have distinct IPs: subset hints match on the IP), port from the OS."""
-
-    def __init__(self) -> None:
-        self.runners: list[web.AppRunner] = []
-
-    async def add(self, page: str) -> str:
-        app = web.Application()
-
-        async def metrics(_: web.Request) -> web.Response:
-            return web.Response(text=page, content_type="text/plain")
-
-        app.router.add_get("/metrics", metrics)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        host = f"127.0.1.{len(self.runners) + 1}"
-        await web.TCPSite(runner, host, 0).start()
-        self.runners.append(runner)
-        return f"{host}:{runner.addresses[0][1]}"
-
-    async def close(self) -> None:
-        for r in self.runners:
-            await r.cleanup()
-
-
-@pytest.fixture
-async def servers():
-    s = PodServers()
-    yield s
-    await s.close()
-
-
 @pytest.fixture
 def manifest(tmp_path: Path) -> str:
     (tmp_path / "objects.yaml").write_text(textwrap.dedent(MANIFEST))
@@ -267,7 +233,10 @@ def picker(start_picker, servers, manifest):
     """`app, ch, addrs = await picker([(queue, kv, *models), ...])`: one metric server per pod."""
 
     async def _start(pods, config: str = REFERENCE_TEST_CONFIG):
-        addrs = [await servers.add(_page(p[0], p[1], tuple(p[2:]))) for p in pods]
+        # pod i on its own loopback address 127.0.1.(i+1), as the reference's pods have distinct IPs
+        # (subset hints match on the IP)
+        addrs = [await servers.add(_page(p[0], p[1], tuple(p[2:])), host=f"127.0.1.{i + 1}")
+                 for i, p in enumerate(pods)]
         app, ch = await start_picker(endpoints=addrs or [], manifests=[manifest], config_text=config,
                                      refresh_metrics_interval=0.02)
         if addrs:

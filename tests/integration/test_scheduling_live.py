@@ -6,9 +6,6 @@ import asyncio
 import json
 import time
 
-import pytest
-from aiohttp import web
-
 from tests.extproc_client import body_chunks, chat, exchange, request_headers, set_headers
 
 
@@ -26,44 +23,6 @@ def vllm_page(waiting: float = 0, running: float = 0, kv: float = 0.0, loras: st
                  f'vllm:lora_requests_info{{max_lora="{max_lora}",running_lora_adapters="{loras}",'
                  f'waiting_lora_adapters=""}} {time.time()}\n')
     return page
-
-
-class MetricServers:
-    """N aiohttp servers on loopback whose /metrics pages the test sets."""
-
-    def __init__(self) -> None:
-        self.pages: dict[str, str] = {}
-        self.runners: list[web.AppRunner] = []
-
-    async def add(self, page: str) -> str:
-        app = web.Application()
-        runner = web.AppRunner(app)
-        holder: dict[str, str] = {}
-
-        async def metrics(_: web.Request) -> web.Response:
-            return web.Response(text=self.pages[holder["addr"]], content_type="text/plain")
-
-        app.router.add_get("/metrics", metrics)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        addr = f"127.0.0.1:{port}"
-        holder["addr"] = addr
-        self.pages[addr] = page
-        self.runners.append(runner)
-        return addr
-
-    async def close(self) -> None:
-        for r in self.runners:
-            await r.cleanup()
-
-
-@pytest.fixture
-async def servers():
-    s = MetricServers()
-    yield s
-    await s.close()
 
 
 async def fresh(app, n: int) -> None:
