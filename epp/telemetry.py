@@ -378,6 +378,8 @@ class Telemetry:
             r.register(LlmdCopies(self._families()))
         self._sched_e2e = fast_observe(self.sched_e2e)
         self._added_latency = fast_observe(self.added_latency)
+        self._prefix_hit_ratio = fast_observe(self.prefix_hit_ratio)
+        self._prefix_hit_bytes = fast_observe(self.prefix_hit_bytes)
         self._children: dict[tuple[str, str], _Children] = {}
         # (family, label values) -> child; values are bounded (LabelBound, config names, error codes)
         self._labelled: dict[tuple[Any, tuple[str, ...]], Any] = {}
@@ -443,8 +445,8 @@ class Telemetry:
         if scratch:
             ratio = scratch.get(PREFIX_HIT_RATIO)
             if ratio is not None:
-                self.prefix_hit_ratio.observe(ratio)
-                self.prefix_hit_bytes.observe(scratch.get(PREFIX_HIT_BYTES, 0))
+                self._prefix_hit_ratio(ratio)
+                self._prefix_hit_bytes(scratch.get(PREFIX_HIT_BYTES, 0))
             disagg = scratch.get(DISAGG_DECISION)
             if disagg is not None:
                 name, kind, decision = disagg
