@@ -324,7 +324,8 @@ class App:
             # on a thread with its own loop: nothing but requests on the serving loop
             self.scraper = ScrapeThread(self.datastore, interval=o.refresh_metrics_interval, engines=self.engines,
                                         idle_interval=o.refresh_metrics_idle_interval or None,
-                                        quiet_interval=o.refresh_metrics_quiet_interval or None)
+                                        quiet_interval=o.refresh_metrics_quiet_interval or None,
+                                        max_age=self.config.saturation.stale_after)
             self.scraper.start()
             log.info("scheduling profile", extra={"profile": describe(self.config)})
 

@@ -150,6 +150,7 @@ class Scraper:
         max_backoff: float = DEFAULT_MAX_BACKOFF,
         idle_interval: float | None = None,
         quiet_interval: float | None = None,
+        max_age: float | None = None,
         follow: bool = True,
     ) -> None:
         """`port`/`path`/`scheme` override where every model server's metrics are read (default:
@@ -169,6 +170,9 @@ class Scraper:
         it is polled ever slower, up to every `quiet_interval` s; the first dispatch or completion
         brings it back to `interval` (the page a decision reads after a change this picker made is
         at most ~`interval` old; changes it did not make show within `quiet_interval`).
+        `max_age` (None: no bound) is the age past which readers take a page for stale (the
+        scheduler's metricsStalenessThreshold): both slower rates are capped at half of it, so a
+        healthy endpoint is never scored as a stale one because the poller chose to wait.
         `follow=False`: start() does not subscribe to the datastore (ScrapeThread passes the
         changes on itself)."""
         if interval <= 0 or timeout <= 0 or max_concurrency < 1 or max_page_bytes < 1:
@@ -184,6 +188,13 @@ class Scraper:
         self.ssl = ssl
         self.max_page_bytes = max_page_bytes
         self.max_backoff = max(max_backoff, interval)
+        if max_age is not None and max_age > 0:
+            # A page older than max_age scores as the worst pod (epp.scheduling.cycle): a gap that
+            # long sends traffic away from a healthy pod, off its cached prefixes. Half leaves room
+            # for the jitter and the poll's own time on a loaded machine.
+            cap = max_age / 2
+            idle_interval = min(idle_interval, cap) if idle_interval else idle_interval
+            quiet_interval = min(quiet_interval, cap) if quiet_interval else quiet_interval
         self.idle_interval = idle_interval if idle_interval and idle_interval > interval else None
         self.quiet_interval = quiet_interval if quiet_interval and quiet_interval > interval else None
         self.jitter = min(max(jitter, 0.0), 0.9)
