@@ -57,12 +57,6 @@ class RequestParser(Protocol):
 
 DEFAULT_PARSER = "openai-parser"
 
-# Path suffixes a parser type claims when the class does not say (`claims`); none = the fallback.
-_CLAIMS: dict[str, tuple[str, ...]] = {
-    "vllmgrpc-parser": ("vllm.grpc.engine.VllmEngine/Generate", "vllm.grpc.engine.VllmEngine/Embed"),
-}
-
-
 def _one(spec: Any) -> RequestParser:
     from epp.scheduling.registry import PARSER, plugin_type  # lazy: the parser modules import the registry
 
@@ -77,9 +71,7 @@ def _one(spec: Any) -> RequestParser:
 
 def claims_of(parser: Any) -> tuple[str, ...]:
     """The path suffixes a parser serves (no slashes at either end); () = every path (a fallback)."""
-    claims = getattr(parser, "claims", None)
-    if claims is None:
-        claims = _CLAIMS.get(getattr(parser, "type_name", ""), ())
+    claims = getattr(parser, "claims", ())
     return tuple(c.strip().strip("/") for c in claims if c.strip().strip("/"))
 
 
@@ -126,13 +118,7 @@ def build_parser(spec: Any = None) -> RequestParser:
     if isinstance(spec, list | tuple):
         if len(spec) <= 1:
             return _one(spec[0] if spec else None)
-        built = []
-        for sp in spec:
-            parser = _one(sp)
-            if getattr(parser, "claims", None) is None and not hasattr(parser, "type_name"):
-                parser.type_name = sp.type  # type: ignore[attr-defined]  # for claims_of's table
-            built.append(parser)
-        return ParserRegistry(built)
+        return ParserRegistry([_one(sp) for sp in spec])
     return _one(spec)
 
 

@@ -177,6 +177,8 @@ class VllmGrpcParser:
 
     needs_body = True
     parse = ParseDispatch()  # Cls.parse(Params) for the config, instance.parse(...) per request
+    # path suffixes it serves when several parsers are configured (as llm-d's vllmgrpc-parser claims them)
+    claims = ("vllm.grpc.engine.VllmEngine/Generate", "vllm.grpc.engine.VllmEngine/Embed")
 
     def __init__(self, name: str = "vllmgrpc-parser", params: None = None, ctx: object = None) -> None:
         self.name = name
