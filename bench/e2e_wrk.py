@@ -1,12 +1,13 @@
 """Latency the picker's path adds, measured by a load generator that is not Python (`wrk`).
 
-    .venv/bin/python bench/e2e_wrk.py [--seconds 6] [--connections 1 4] [--paths ours ours-buffered envoy-rr]
+    .venv/bin/python bench/e2e_wrk.py [--seconds 6] [--connections 1 4] [--paths ours ours-duplex envoy-rr]
 
 4 simulated vLLM servers (`python -m epp.sim --time-scale 0.01`: a 1-token completion answers in
 well under a millisecond, so the path is what is measured) behind Envoy: with the picker as
-`make demo` runs it (generated duplex profile, TLS), with the generated buffered profile, or Envoy
-alone round-robin. `wrk` (Debian's package: `apt-get install wrk`) posts 1-token completions over
-keep-alive connections, closed loop: with 1 connection the path is unloaded; the capacity line
+`make demo` runs it (the generated default profile, buffered; TLS), with the generated duplex
+profile (the reference's), or Envoy alone round-robin. `wrk` (Debian's package: `apt-get install
+wrk`) posts 1-token completions over keep-alive connections, closed loop: with 1 connection the
+path is unloaded; the capacity line
 (16 connections) says what share of it each connection count used. Added latency = a percentile
 of the path minus the same percentile of Envoy alone at the same connection count. CPU of the
 picker and Envoy per request from /proc, and the load average, are printed with every row.
@@ -62,8 +63,9 @@ def wrk(url: str, connections: int, seconds: float, script: Path) -> dict[str, f
 
 
 async def cell(path: str, conns: list[int], seconds: float, script: Path) -> list[dict[str, float | str]]:
-    stack = Stack(policy="round-robin" if path == "envoy-rr" else "default", time_scale=0.01,
-                  profile="buffered" if path == "ours-buffered" else "duplex")
+    stack = Stack(policy="round-robin" if path == "envoy-rr" else "default", time_scale=0.01)
+    if path == "ours-duplex":
+        stack.profile = "duplex"
     rows: list[dict[str, float | str]] = []
     try:
         await stack.start()
@@ -110,8 +112,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=6.0)
     p.add_argument("--connections", type=int, nargs="+", default=[1, 4])
-    p.add_argument("--paths", nargs="+", default=["ours", "ours-buffered", "envoy-rr"],
-                   choices=["ours", "ours-buffered", "envoy-rr"])
+    p.add_argument("--paths", nargs="+", default=["ours", "ours-duplex", "envoy-rr"],
+                   choices=["ours", "ours-duplex", "envoy-rr"])
     return asyncio.run(amain(p.parse_args()))
 
 
