@@ -316,25 +316,31 @@ class Scraper:
             if next_at < now:  # the poll overran (timeouts): start the next one now, not a burst
                 next_at = now
             if target.gap > interval and not target.failing:
-                await self._idle_wait(target, next_at, interval)
+                if await self._idle_wait(target, next_at, interval):
+                    # woken before next_at: the schedule starts over from this poll, else every
+                    # early wake would push the next unwoken poll later by the rest of its wait
+                    # (after a busy second, a quiet pod went unpolled for longer than its page
+                    # stays fresh)
+                    next_at = loop.time()
             else:
                 await asyncio.sleep(next_at - now)
 
     @staticmethod
-    async def _idle_wait(target: _Target, until: float, step: float) -> None:
+    async def _idle_wait(target: _Target, until: float, step: float) -> bool:
         """Sleep to `until` in `step` slices, cut short when a request is routed to the endpoint
-        or one ends there (its in-flight accounting moved since the last poll began)."""
+        or one ends there (its in-flight accounting moved since the last poll began); True if cut short."""
         loop = asyncio.get_running_loop()
         ep = target.endpoint
         while not target.stopped:
             left = until - loop.time()
             if left <= 0:
-                return
+                return False
             await asyncio.sleep(min(step, left))
             if _activity(ep) != target.seen:
                 target.calm = 0
                 target.gap = 0.0
-                return
+                return True
+        return False
 
     async def poll_once(self, target: _Target) -> None:
         """One poll of one endpoint: fetch, parse, record the outcome."""

@@ -94,3 +94,30 @@ def test_a_threshold_under_the_base_rate_turns_the_slower_rates_off() -> None:
     assert s.idle_interval is None and s.quiet_interval is None
     s = Scraper(ds, interval=0.05, idle_interval=0.5, quiet_interval=0.2)  # no bound given: as configured
     assert (s.idle_interval, s.quiet_interval) == (0.5, 0.2)
+
+
+async def test_early_wakes_do_not_push_the_next_poll_later(page_server: str) -> None:
+    # A busy endpoint whose traffic moves at every base interval is woken early again and again;
+    # when its traffic then stops moving (requests still in flight), it must still be polled at
+    # the capped quiet rate, not after the rest of every earlier wait added up.
+    ds = Datastore("pool")
+    ds.set_static_endpoints([page_server])
+    ep = ds.endpoints[page_server]
+    ep.inflight, ep.inflight_tokens = 2, 300
+    s = Scraper(ds, interval=BASE, timeout=0.5, quiet_interval=1.0, max_age=0.2)
+    s.start()
+    try:
+        target = s._targets[page_server]
+        widest = await widest_gap(lambda: target.gap, lambda: s.polls()[page_server], 5)
+        assert widest > BASE * 1.5  # the quiet rule applies
+        for _ in range(60):  # ~1.2 s of traffic: a dispatch or a completion every base interval
+            ep.inflight_tokens += 1 if ep.inflight_tokens % 2 else -1
+            await asyncio.sleep(BASE)
+        # the traffic stops moving: count polls while a clock tick of 0.6 s passes in 5 ms steps
+        # (an early-wake drift of ~1 s polled nothing in that window; the 0.1 s cap polls ~6 times)
+        n = s.polls()[page_server]
+        for _ in range(120):
+            await asyncio.sleep(0.005)
+        assert s.polls()[page_server] - n >= 2
+    finally:
+        await s.stop()
