@@ -98,6 +98,7 @@ async def test_first_turn_awaits_the_render_and_gets_a_precise_hit(start_picker:
     assert await route(ch, turn2) == sims[1].address
     assert tp.render_waits == 3
     await tp.rendered.drain()
+    await tp.render.close()
 
 
 async def test_concurrent_first_turns_share_one_render(start_picker: Any, sims: list[SimServer]) -> None:
@@ -107,6 +108,7 @@ async def test_concurrent_first_turns_share_one_render(start_picker: Any, sims: 
     got = await asyncio.gather(route(ch, conversation(7)), route(ch, conversation(7)))
     assert got == [sims[2].address] * 2
     assert tp.render.renders == 1 and tp.render_waits == 2
+    await tp.render.close()
 
 
 async def test_a_render_timeout_still_routes(start_picker: Any, sims: list[SimServer],
@@ -121,6 +123,8 @@ async def test_a_render_timeout_still_routes(start_picker: Any, sims: list[SimSe
     assert sum("did not answer" in r.message for r in caplog.records) == 1  # logged once
     # the engine was not asked twice for the same request (the estimate was the decision)
     assert tp.render.renders == 0 and tp.render.fallbacks <= 2
+    await tp.rendered.drain()
+    await tp.render.close()
 
 
 async def test_no_render_backend_no_preparers(start_picker: Any, sims: list[SimServer]) -> None:
