@@ -395,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     sch.add_argument("--refresh-metrics-quiet-interval", type=parse_duration, default=0.2,
                      help="(ours) a model server with requests in flight but none routed there or ended there "
                           "since its last scrape is scraped ever slower, up to this interval; the next dispatch "
-                          "or completion brings it back to --refresh-metrics-interval (0: off; default 200ms)")
+                          "or completion brings it back to --refresh-metrics-interval (0: off; default 200ms; like the "
+                          "idle interval, capped at half the scheduler's metrics staleness threshold)")
     sch.add_argument("--refresh-prometheus-metrics-interval", type=parse_duration, default=5.0,
                      help="how often pool-average gauges are recomputed (default 5s)")
     sch.add_argument("--metrics-staleness-threshold", type=parse_duration, default=2.0,
