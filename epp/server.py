@@ -465,6 +465,11 @@ class App:
         for prod in getattr(self, "kv_producers", ()):
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(prod.stop)
+        for prep in self.director.preparers:  # engine render clients hold an HTTP session
+            render = getattr(prep, "render", None)
+            if render is not None:
+                with contextlib.suppress(Exception):
+                    await render.close()
         for src in self.sources:
             with contextlib.suppress(Exception):
                 await src.stop()
