@@ -16,7 +16,9 @@ replayed against every policy on identical clusters (metrics polled every 50 ms)
   prefix scorer: every server publishes its KV events in vLLM's wire format (epp.sim.kvevents),
   delivered `--delay` virtual seconds after each engine step and decoded into each picker replica's
   own index (every replica hears every event); token ids from the sim's tokenizer; speculative
-  entries on (TTL 2 s);
+  entries on (TTL 2 s from the pick, llm-d's lifetime); `precise, held in flight` the same with
+  `speculativeHoldInFlight: true` (entries held while their request is in flight, until the
+  endpoint's BlockStored for the block or the request's finish, then the TTL);
 - oracle: the same profile, prefix score read from the engines' caches directly at decision time.
 Active-active: precise with 2 and 4 picker replicas, requests split round-robin between them, each
 with its own index and in-flight counts: `unscaled` as they are, then with `inflight-load-scorer`
@@ -122,6 +124,9 @@ PRECISE = {"type": "precise-prefix-cache-scorer",
            "parameters": {"tokenizer": {"backend": "sim"}, "speculativeIndexing": True}}
 PRECISE_HOME = {"type": "precise-prefix-cache-scorer",
                 "parameters": {"tokenizer": {"backend": "sim"}, "speculativeIndexing": True, "rendezvousOnMiss": True}}
+PRECISE_HOLD = {"type": "precise-prefix-cache-scorer",
+                "parameters": {"tokenizer": {"backend": "sim"}, "speculativeIndexing": True,
+                               "speculativeHoldInFlight": True}}
 PRECISE_NOSPEC = {"type": "precise-prefix-cache-scorer", "parameters": {"tokenizer": {"backend": "sim"}}}
 def _inflight_replicas(text: str, n: int) -> str:
     """`text` with the in-flight scorer told there are n active-active replicas (its counts × n)."""
@@ -149,6 +154,7 @@ CONFIGS = {
     "reference, LRU 31250": _reference_deploy,
     "default": lambda: DEFAULT_CONFIG_TEXT,
     "precise": lambda: _swap_prefix(PRECISE),
+    "precise, held in flight": lambda: _swap_prefix(PRECISE_HOLD),
     "precise, no speculation": lambda: _swap_prefix(PRECISE_NOSPEC),
     "precise, rendezvous on miss": lambda: _swap_prefix(PRECISE_HOME),
     "oracle": lambda: _swap_prefix({"type": "oracle-prefix-scorer"}),
@@ -224,10 +230,15 @@ def run_one(w: Workload, rate: float, servers: int, n: int, seed: int, policy: s
         st = producers[0].kv_index.stats
         m["stored_blocks"] = float(st.stored_blocks)
         m["index_entries"] = float(producers[0].kv_index.entries)
+        m["speculated"] = float(st.speculated)
+        m["speculative_expired"] = float(st.speculative_expired)
+        m["speculative_expired_unconfirmed"] = float(st.speculative_expired_unconfirmed)
+        m["speculative_confirmed"] = float(st.speculative_confirmed)
     return m
 
 
-ORDER = ("random", "load-only", "reference", "reference, LRU 31250", "default", "precise", "precise, no speculation",
+ORDER = ("random", "load-only", "reference", "reference, LRU 31250", "default", "precise", "precise, held in flight",
+         "precise, no speculation",
          "precise, rendezvous on miss", "oracle")
 
 
@@ -240,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=0)
     ap.add_argument("--delay", type=float, default=0.01)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--replicas", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--replicas", type=int, nargs="*", default=[2, 4])
     ap.add_argument("--rate-scale", type=float, default=1.0)
     ap.add_argument("--no-plots", action="store_true")
     args = ap.parse_args(argv)
@@ -256,8 +267,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for pname in args.policies:
             t = time.time()
             runs[pname] = run_one(w, rate, args.servers, n, args.seed, pname, args.delay)
+            spec = runs[pname].get("speculative_expired")
+            extra = (f"  spec expired {spec:.0f} (unconfirmed {runs[pname]['speculative_expired_unconfirmed']:.0f})"
+                     if spec is not None else "")
             print(f"{wname:16s} {pname:24s} p90 TTFT {runs[pname]['ttft_p90'] * 1000:8.0f} ms  "
-                  f"hit {runs[pname]['hit_rate']:.2f}  ({time.time() - t:.0f} s)", flush=True)
+                  f"hit {runs[pname]['hit_rate']:.2f}  ({time.time() - t:.0f} s){extra}", flush=True)
         if "precise" in args.policies:
             for r in args.replicas:
                 # as deployed before the fix (each replica's own in-flight counts), then with the

@@ -7,7 +7,12 @@ endpoints hold key k" as a bitmask of endpoint slots, so a lookup ANDs one integ
 
 Lookups give, per endpoint, the longest run of leading blocks it holds, each block counted with the
 best tier's weight (GPU 1.0, CPU 0.8 by default) — llm-d's LongestPrefix scoring. Speculative
-entries (after a pick, before the engine's events arrive) count with the GPU weight until their TTL.
+entries (after a pick, before the engine's events arrive) count with the GPU weight. An entry made
+for a request is *held* while that request is in flight — under load a request can wait in the
+engine's queue far longer than the TTL, and an entry that expired then sent the tenant's next
+requests elsewhere — and its TTL starts only when the last request holding it finishes
+(`release`) or the endpoint's own BlockStored for that key arrives. A held entry still expires
+after `max_hold` (a request whose finish is never reported cannot pin it for ever).
 
 Engine and picker block sizes may differ: an engine block maps to the picker blocks it overlaps
 (removing it drops them: they are no longer whole), and an engine block that ends inside a picker
@@ -17,8 +22,8 @@ hashes held the same tokens, the endpoint loses credit early — a miss, never a
 
 Memory is bounded whatever the stream: at most `max_pods` endpoints, `max_entries_per_pod` engine
 blocks each (oldest dropped first) and `max_entries` over all; speculative entries at most
-`max_speculative`. All methods take the index's lock: subscribers write from their threads while the
-serving loop reads.
+`max_speculative` (the earliest to expire dropped first). All methods take the index's lock:
+subscribers write from their threads while the serving loop reads.
 """
 
 from __future__ import annotations
@@ -26,7 +31,6 @@ from __future__ import annotations
 import heapq
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, islice
@@ -42,6 +46,7 @@ DEFAULT_MAX_ENTRIES_PER_POD = 1_000_000
 DEFAULT_MAX_ENTRIES = 8_000_000
 DEFAULT_MAX_SPECULATIVE = 1_000_000
 DEFAULT_SPECULATIVE_TTL = 2.0
+DEFAULT_MAX_HOLD = 300.0  # a held speculative entry's longest life (its request's finish never came)
 
 # Chain state of an engine block that ends inside a picker block: the key before the open picker
 # block, the open block's tokens so far (packed) and the engine blocks those tokens came from.
@@ -86,6 +91,10 @@ class IndexStats:
     lookups: int = 0
     lookup_blocks: int = 0  # request blocks looked up
     lookup_hit_blocks: int = 0  # of those, the best endpoint's matched blocks
+    speculated: int = 0  # speculative entries made or renewed
+    speculative_expired: int = 0  # entries whose TTL ran out
+    speculative_expired_unconfirmed: int = 0  # of those, ones the endpoint had not (yet) published
+    speculative_confirmed: int = 0  # held entries released by the endpoint's own BlockStored
 
 
 class PreciseIndex:
@@ -95,7 +104,7 @@ class PreciseIndex:
                  tier_weights: Mapping[str, float] | None = None, *, max_pods: int = DEFAULT_MAX_PODS,
                  max_entries_per_pod: int = DEFAULT_MAX_ENTRIES_PER_POD, max_entries: int = DEFAULT_MAX_ENTRIES,
                  speculative_ttl: float = DEFAULT_SPECULATIVE_TTL, max_speculative: int = DEFAULT_MAX_SPECULATIVE,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 max_hold: float = DEFAULT_MAX_HOLD, clock: Callable[[], float] = time.monotonic) -> None:
         if block_tokens < 1:
             raise ValueError("block_tokens must be >= 1")
         self.block_tokens = block_tokens
@@ -106,6 +115,8 @@ class PreciseIndex:
         self.max_entries = max(1, max_entries)
         self.speculative_ttl = speculative_ttl
         self.max_speculative = max(0, max_speculative)
+        self.max_hold = max(max_hold, speculative_ttl)
+        self.release_on_store = True  # the endpoint's BlockStored for a held key starts its TTL
         self.clock = clock
         self.lock = threading.Lock()
         self.stats = IndexStats()
@@ -115,10 +126,12 @@ class PreciseIndex:
         self._next_slot = 0
         self._total = 0
         self._seeds: dict[str, int] = {}
-        # speculative entries: key -> mask, (key, slot) -> expiry, FIFO of (expiry, key, slot)
+        # speculative entries: key -> mask, (key, slot) -> expiry, a heap of (expiry, key, slot)
+        # (stale heap items are skipped), (key, slot) -> requests in flight holding it
         self._spec: dict[int, int] = {}
         self._spec_exp: dict[tuple[int, int], float] = {}
-        self._spec_q: deque[tuple[float, int, int]] = deque()
+        self._spec_q: list[tuple[float, int, int]] = []
+        self._spec_held: dict[tuple[int, int], int] = {}
 
     # ---- reading -------------------------------------------------------------------------
     @property
@@ -243,39 +256,88 @@ class PreciseIndex:
         return out
 
     # ---- speculative entries -------------------------------------------------------------
-    def speculate(self, address: str, keys: RequestKeys | Sequence[int], ttl: float | None = None) -> int:
-        """Count `keys` as held by `address` until now + ttl (default speculative_ttl); returns how many."""
+    def speculate(self, address: str, keys: RequestKeys | Sequence[int], ttl: float | None = None,
+                  hold: bool = False) -> int:
+        """Count `keys` as held by `address` until now + ttl (default speculative_ttl); with `hold`,
+        until `release` (or `max_hold`) and then the ttl. Returns how many keys."""
         if self.max_speculative == 0:
             return 0
         ks = keys.all() if isinstance(keys, RequestKeys) else list(keys)
+        ks = ks[: self.max_speculative]
         now = self.clock()
-        exp = now + (self.speculative_ttl if ttl is None else ttl)
+        life = self.max_hold if hold else (self.speculative_ttl if ttl is None else ttl)
+        exp = now + life
         with self.lock:
             self._expire(now)
             pod = self._pod(address)
             if pod is None:
                 return 0
-            spec, spec_exp, q = self._spec, self._spec_exp, self._spec_q
+            spec, spec_exp, q, held = self._spec, self._spec_exp, self._spec_q, self._spec_held
             bit, slot = pod.bit, pod.slot
-            for k in ks[: self.max_speculative]:
+            push = heapq.heappush
+            for k in ks:
                 spec[k] = spec.get(k, 0) | bit
-                spec_exp[(k, slot)] = exp
-                q.append((exp, k, slot))
-            while len(q) > self.max_speculative:
-                self._spec_drop(*q.popleft(), force=True)
+                ks_ = (k, slot)
+                cur = spec_exp.get(ks_)
+                if hold:
+                    held[ks_] = held.get(ks_, 0) + 1
+                if cur is None or cur < exp:
+                    spec_exp[ks_] = exp
+                    push(q, (exp, k, slot))
+            self.stats.speculated += len(ks)
+            while len(spec_exp) > self.max_speculative and q:  # over the cap: the earliest to expire go
+                self._spec_drop(*heapq.heappop(q), evict=True)
+            if len(q) > 4 * max(len(spec_exp), 1024):  # stale heap items: rebuild (bounded memory)
+                self._spec_q = [(e, k, s) for (k, s), e in spec_exp.items()]
+                heapq.heapify(self._spec_q)
             return len(ks)
+
+    def release(self, address: str, keys: RequestKeys | Sequence[int]) -> None:
+        """A request that held `keys` on `address` (speculate(hold=True)) finished: the entries no
+        other request in flight holds start their TTL now."""
+        ks = keys.all() if isinstance(keys, RequestKeys) else list(keys)
+        with self.lock:
+            pod = self._pods.get(address)
+            if pod is None or not self._spec_held:
+                return
+            slot, exp = pod.slot, self.clock() + self.speculative_ttl
+            for k in ks[: self.max_speculative]:
+                self._unhold((k, slot), exp, 1)
+
+    def _unhold(self, ks: tuple[int, int], exp: float, n: int) -> None:
+        held = self._spec_held
+        c = held.get(ks)
+        if c is None:
+            return
+        if c > n:
+            held[ks] = c - n
+            return
+        del held[ks]
+        cur = self._spec_exp.get(ks)
+        if cur is not None and cur > exp:
+            self._spec_exp[ks] = exp
+            heapq.heappush(self._spec_q, (exp, *ks))
 
     def _expire(self, now: float) -> None:
         q = self._spec_q
         while q and q[0][0] <= now:
-            self._spec_drop(*q.popleft())
+            self._spec_drop(*heapq.heappop(q))
 
-    def _spec_drop(self, exp: float, key: int, slot: int, force: bool = False) -> None:
-        cur = self._spec_exp.get((key, slot))
-        if cur is None or (cur > exp and not force):
-            return  # renewed since: a later queue entry expires it
-        del self._spec_exp[(key, slot)]
-        m = self._spec.get(key, 0) & ~(1 << slot)
+    def _spec_drop(self, exp: float, key: int, slot: int, force: bool = False, evict: bool = False) -> None:
+        ks = (key, slot)
+        cur = self._spec_exp.get(ks)
+        if cur is None or (cur != exp and not force):
+            return  # renewed or shortened since: another heap item expires it
+        del self._spec_exp[ks]
+        self._spec_held.pop(ks, None)
+        bit = 1 << slot
+        if not (force or evict):
+            st = self.stats
+            st.speculative_expired += 1
+            gpu = self._where.get("gpu")
+            if gpu is None or not gpu.get(key, 0) & bit:
+                st.speculative_expired_unconfirmed += 1
+        m = self._spec.get(key, 0) & ~bit
         if m:
             self._spec[key] = m
         else:
@@ -406,6 +468,13 @@ class PreciseIndex:
                 tier.partial[h] = (keys[j - 1] if j else base, data[j * B * 4:end * 4], open_blocks)
             pod.entries += 1
             self._total += 1
+        if self._spec_held and self.release_on_store:  # the engine holds these now: held entries start their TTL
+            exp, slot, held = self.clock() + self.speculative_ttl, pod.slot, self._spec_held
+            for k in keys:
+                c = held.get((k, slot))
+                if c is not None:
+                    self.stats.speculative_confirmed += 1
+                    self._unhold((k, slot), exp, c)
         self._bound(pod, tier)
 
     def _extras(self, ev: BlockStored, off: int, ntokens: int, lora: str) -> list[Any] | None:

@@ -15,7 +15,9 @@ Per request it needs the prompt's token ids: `request.scratch["token_ids"]` when
 set them, else its own `tokenizer` (ours: `{backend: local, path: ...}` or `{backend: sim}`); with
 neither, it gives no precise scores. Match info per endpoint: leading cached blocks (weighted by
 tier, `indexerConfig.backendConfigs`) / the prompt's blocks. `speculativeIndexing` adds the routed
-request's blocks to the chosen endpoint for `speculativeTTL` (2 s), covering the event delay.
+request's blocks to the chosen endpoint, covering the event delay: held while the request is in
+flight with `speculativeHoldInFlight` (ours, default false; released by on_finished or the
+endpoint's own BlockStored for the block), then for `speculativeTTL` (2 s, from the pick without it).
 
 The producer's match info (`ratios`, what `prefix-cache-scorer` with `prefixMatchInfoProducerName`
 reads) keeps the approximate index as the fallback for endpoints that publish no events: those are
@@ -55,6 +57,7 @@ log = logging.getLogger("epp.producers.precise")
 DEFAULT_SOCKET_PORT = 5557
 DEFAULT_MAX_BLOCKS = 16384  # 256K tokens at 16 a block: matching never reads further
 _KEYS = "precise-keys"  # request.scratch: (producer name, RequestKeys)
+_HELD = "precise-held"  # request.scratch: (producer name, address) whose speculative entries it holds
 _TOTAL = "precise-total-blocks"  # request.scratch: the prompt's blocks when only a prefix's ids are known
 
 
@@ -72,6 +75,7 @@ class PreciseParams:
     replay_port: int = -1
     speculative: bool = False
     speculative_ttl: float = DEFAULT_SPECULATIVE_TTL
+    speculative_hold: bool = False  # ours: entries live while their request is in flight, then the TTL
     max_blocks: int = DEFAULT_MAX_BLOCKS
     max_pods: int = DEFAULT_MAX_PODS
     max_entries_per_pod: int = DEFAULT_MAX_ENTRIES_PER_POD
@@ -161,6 +165,7 @@ def parse_params(p: Params, *, scorer: bool = False) -> PreciseParams:
         zmq_endpoint=zmq_endpoint, topic_filter=topic, discover_pods=discover, socket_port=socket_port,
         replay_port=replay_port, speculative=p.boolean("speculativeIndexing", False),
         speculative_ttl=p.duration("speculativeTTL", DEFAULT_SPECULATIVE_TTL),
+        speculative_hold=p.boolean("speculativeHoldInFlight", False),
         max_blocks=p.integer("maxPrefixBlocksToMatch", DEFAULT_MAX_BLOCKS, lo=1, hi=1 << 20),
         max_pods=DEFAULT_MAX_PODS, max_entries_per_pod=per_pod, max_entries=size,
         model_name=p.string("modelName", ""), tokenizer=dict(tok or {}),
@@ -406,7 +411,19 @@ class PrecisePrefixCacheProducer:
             return
         keys = self.keys(request)
         if keys is not None and keys.count:
-            self.kv_index.speculate(endpoint.address, keys)
+            hold = self.params.speculative_hold
+            self.kv_index.speculate(endpoint.address, keys, hold=hold)
+            if hold:
+                request.scratch[_HELD] = (self.name, endpoint.address)
+
+    def on_finished(self, request: SchedulingRequest, endpoint: Endpoint) -> None:
+        """The request finished (or was abandoned): its speculative entries start their TTL."""
+        held = request.scratch.pop(_HELD, None)
+        if held is None or held[0] != self.name:
+            return
+        got = request.scratch.get(_KEYS)
+        if got is not None and got[0] == self.name and got[1] is not None:
+            self.kv_index.release(held[1], got[1])
 
     def on_endpoints_changed(self, added: list[Endpoint], removed: list[Endpoint]) -> None:
         """Datastore listener: endpoints that left are forgotten (and no longer listened to)."""
@@ -419,6 +436,8 @@ class PrecisePrefixCacheProducer:
             "precise_index_entries": float(self.kv_index.entries),
             "precise_index_keys": float(self.kv_index.keys_held()),
             "precise_speculative_entries": float(self.kv_index.speculative_entries),
+            "precise_speculative_expired": float(st.speculative_expired),
+            "precise_speculative_expired_unconfirmed": float(st.speculative_expired_unconfirmed),
             "precise_stored_blocks": float(st.stored_blocks),
             "precise_removed_blocks": float(st.removed_blocks),
             "precise_lookup_hit_ratio": st.lookup_hit_blocks / st.lookup_blocks if st.lookup_blocks else 0.0,
@@ -460,6 +479,9 @@ class PrecisePrefixCacheScorer:
 
     def on_routed(self, request: SchedulingRequest, endpoint: Endpoint) -> None:
         self.producer.on_routed(request, endpoint)
+
+    def on_finished(self, request: SchedulingRequest, endpoint: Endpoint) -> None:
+        self.producer.on_finished(request, endpoint)
 
     def forget(self, address: str) -> None:
         self.producer.endpoint_removed(address)

@@ -155,3 +155,82 @@ def test_other_kv_groups_are_skipped() -> None:
     ev += [None] * (9 - len(ev)) + [1]  # group_idx 1 (a sliding-window group of a hybrid model)
     idx.apply("a:1", "m", batch(ev))
     assert idx.entries == 0 and idx.stats.skipped_events == 1
+
+
+def test_held_speculative_entry_outlives_the_ttl_until_its_request_finishes() -> None:
+    """A request waiting in the engine's queue longer than the TTL keeps its speculative entry
+    (issue 14: with TTL-only entries a long queue wait lost the tenant's home); its TTL starts
+    when the request finishes, and a second request holding the same keys keeps them longer."""
+    now = [100.0]
+    idx = PreciseIndex(clock=lambda: now[0], speculative_ttl=2.0)
+    keys = RequestKeys(TOKENS, "m")
+    idx.speculate("a:1", keys, hold=True)
+    idx.speculate("a:1", keys, hold=True)  # a second request in flight with the same prompt
+    now[0] += 30.0  # far past the TTL: both still queued
+    assert idx.match(keys, ["a:1"]) == [10.0]
+    idx.release("a:1", keys)
+    now[0] += 30.0
+    assert idx.match(keys, ["a:1"]) == [10.0]  # the other request still holds it
+    idx.release("a:1", keys)
+    now[0] += 1.5
+    assert idx.match(keys, ["a:1"]) == [10.0]  # its TTL runs from the release
+    now[0] += 1.0
+    assert idx.match(keys, ["a:1"]) == [0.0]
+    assert idx.speculative_entries == 0 and not idx._spec_held
+    assert idx.stats.speculative_expired == 10 and idx.stats.speculative_expired_unconfirmed == 10
+
+
+def test_unheld_entries_expire_by_the_ttl_and_count_unconfirmed_expiries() -> None:
+    """llm-d's lifetime (no hold): the entry expires speculative_ttl after the pick even though the
+    request may still be queued; expiries before the endpoint published are counted as such."""
+    now = [0.0]
+    idx = PreciseIndex(clock=lambda: now[0], speculative_ttl=2.0)
+    keys = RequestKeys(TOKENS, "m")
+    idx.speculate("a:1", keys)
+    idx.speculate("b:1", keys)
+    store_chain(idx, "b:1", TOKENS, 16, list(range(10)), [10])  # b publishes its blocks, a never does
+    now[0] += 2.5
+    assert idx.match(keys, ["a:1", "b:1"]) == [0.0, 10.0]
+    assert idx.stats.speculative_expired == 20 and idx.stats.speculative_expired_unconfirmed == 10
+
+
+def test_the_endpoints_own_store_starts_a_held_entrys_ttl() -> None:
+    """A held entry whose finish is never reported (a profile that does not forward on_finished)
+    starts its TTL when the endpoint publishes the block, and lasts at most max_hold otherwise."""
+    now = [0.0]
+    idx = PreciseIndex(clock=lambda: now[0], speculative_ttl=2.0, max_hold=60.0)
+    keys = RequestKeys(TOKENS, "m")
+    idx.speculate("a:1", keys, hold=True)
+    idx.speculate("b:1", keys, hold=True)
+    now[0] += 10.0
+    store_chain(idx, "a:1", TOKENS[:64], 16, list(range(4)), [4])  # a stored the first 4 blocks
+    assert idx.stats.speculative_confirmed == 4
+    now[0] += 2.5
+    # a: its 4 published blocks are real, the 6 unpublished ones still held; b: all held
+    assert idx.match(keys, ["a:1", "b:1"]) == [10.0, 10.0]
+    idx.apply("a:1", "m", batch(encode_removed([0])))  # a evicts block 0: its speculative copy is gone
+    assert idx.match(keys, ["a:1", "b:1"]) == [0.0, 10.0]
+    now[0] += 60.0  # past max_hold: nothing is pinned for ever
+    assert idx.match(keys, ["a:1", "b:1"]) == [0.0, 0.0]
+    assert idx.speculative_entries == 0 and not idx._spec_held
+
+
+def test_held_entries_stay_bounded() -> None:
+    """Held entries count against max_speculative like the others (the earliest to expire go first),
+    and releases of keys already dropped are harmless."""
+    now = [0.0]
+    idx = PreciseIndex(clock=lambda: now[0], max_speculative=100, speculative_ttl=2.0)
+    rng = random.Random(3)
+    made = []
+    for i in range(200):
+        ks = [rng.getrandbits(64) for _ in range(30)]
+        idx.speculate(f"10.0.0.{i % 4}:8000", ks, hold=True)
+        made.append((f"10.0.0.{i % 4}:8000", ks))
+        now[0] += 0.01
+        assert idx.speculative_entries <= 100 and len(idx._spec_held) <= 100
+        assert len(idx._spec_q) <= 4 * 1024 + 30
+    for pod, ks in made:
+        idx.release(pod, ks)
+    now[0] += 3.0
+    assert idx.match([made[-1][1][0]], ["10.0.0.3:8000"]) == [0.0]
+    assert idx.speculative_entries == 0 and not idx._spec_held

@@ -235,3 +235,29 @@ def test_index_metrics_render() -> None:
     assert 'llm_d_router_epp_kv_cache_index_admissions_total{producer="pp"} 8.0' in text
     assert 'llm_d_router_epp_kv_cache_index_size{producer="pp"} 8.0' in text
     assert 'llm_d_router_epp_kv_cache_index_lookup_hits_total{producer="pp"} 8.0' in text
+
+
+def test_speculative_hold_in_flight_until_on_finished() -> None:
+    """`speculativeHoldInFlight: true`: the routed request's entries outlive the TTL while it is in
+    flight; the composite scorer's on_finished (what the profile calls) starts the TTL."""
+    now = [10.0]
+    c = ctx(now)
+    params = parse_params(Params({"tokenizer": {"backend": "sim"}, "speculativeIndexing": True,
+                                  "speculativeTTL": "2s", "speculativeHoldInFlight": True}, ""))
+    assert params.speculative_hold and not parse_params(Params({}, "")).speculative_hold
+    scorer = PrecisePrefixCacheScorer("s", params, c)
+    prod = scorer.producer
+    e = eps(2)
+    feed_prompt(prod, e[1].address, blocks=1)
+    r = req()
+    scorer.on_routed(r, e[0])
+    now[0] += 20.0  # queued far longer than the TTL
+    assert prod.ratios(req(rid="b"), e) == [1.0, 1 / 8]
+    scorer.on_finished(r, e[0])
+    scorer.on_finished(r, e[0])  # a second report is harmless
+    now[0] += 1.5
+    assert prod.ratios(req(rid="c"), e) == [1.0, 1 / 8]
+    now[0] += 1.0
+    assert prod.ratios(req(rid="d"), e) == [0.0, 1 / 8]
+    st = prod.stats()
+    assert st["precise_speculative_expired"] == 8 and st["precise_speculative_expired_unconfirmed"] == 8
