@@ -37,15 +37,23 @@ async def test_sim_server_publishes_what_it_caches() -> None:
             assert pub is not None and pub.endpoint.startswith("tcp://127.0.0.1:")
             sub.add_source(sim.address, pub.endpoint, pub.replay_endpoint)
             model = sim.cfg.engine.model
-            keys = lambda: RequestKeys(token_ids(PROMPT), model)  # noqa: E731
-            for _ in range(200):  # bounded: until a request's events arrive (slow joiner, then replay)
+            # A fresh prompt each try: a SUB socket that is still joining misses what was published before it
+            # joined, and a repeated prompt hits the cache and publishes nothing new to show the gap.
+            want = len(token_ids(PROMPT)) // 16
+            got: list[float] = [0.0]
+            for i in range(200):  # bounded: until a request's events arrive
+                prompt = f"{i:03d} " + PROMPT  # one more token: the same number of full blocks
                 async with http.post(sim.url + "/v1/completions",
-                                     json={"model": model, "prompt": PROMPT, "max_tokens": 2}) as r:
+                                     json={"model": model, "prompt": prompt, "max_tokens": 2}) as r:
                     assert r.status == 200
-                if index.match(keys(), [sim.address])[0] >= len(token_ids(PROMPT)) // 16:
+                for _ in range(10):  # events reach the index within milliseconds on loopback
+                    got = index.match(RequestKeys(token_ids(prompt), model), [sim.address])
+                    if got[0] >= want:
+                        break
+                    await asyncio.sleep(0.01)
+                if got[0] >= want:
                     break
-                await asyncio.sleep(0.02)
-            assert index.match(keys(), [sim.address]) == [float(len(token_ids(PROMPT)) // 16)]
+            assert got == [float(want)]
             assert sub.stats.malformed == 0
     finally:
         sub.stop()
