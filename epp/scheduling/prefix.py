@@ -530,6 +530,13 @@ class PrefixCacheScorer:
         if self.p.mode == "index":
             self.index.insert(endpoint.address, blocks, self.capacity_for(endpoint))
 
+    def on_finished(self, request: SchedulingRequest, endpoint: Endpoint) -> None:
+        # a match source that holds state per request in flight (precise speculation) hears the end too
+        if self.match_source is not None:
+            hook = getattr(self.match_source, "on_finished", None)
+            if hook is not None:
+                hook(request, endpoint)
+
     def stats(self) -> dict[str, float]:
         """Index size and hit ratio since start, for the EPP's own metrics."""
         return {

@@ -261,3 +261,27 @@ def test_speculative_hold_in_flight_until_on_finished() -> None:
     assert prod.ratios(req(rid="d"), e) == [0.0, 1 / 8]
     st = prod.stats()
     assert st["precise_speculative_expired"] == 8 and st["precise_speculative_expired_unconfirmed"] == 8
+
+
+def test_prefix_cache_scorer_forwards_on_finished_to_its_match_source() -> None:
+    """llm-d's wiring (prefix-cache-scorer with prefixMatchInfoProducerName) passes the request's end on, so
+    `speculativeHoldInFlight` entries start their TTL when the request finishes, not only by max_hold."""
+    from epp.scheduling.prefix import PrefixCacheScorer
+
+    now = [10.0]
+    c = ctx(now)
+    params = parse_params(Params({"tokenizer": {"backend": "sim"}, "speculativeIndexing": True,
+                                  "speculativeTTL": "2s", "speculativeHoldInFlight": True}, ""))
+    prod = PrecisePrefixCacheProducer("precise", params, c)
+    c.plugins["precise"] = prod
+    scorer = PrefixCacheScorer("prefix", PrefixCacheScorer.parse(Params(
+        {"prefixMatchInfoProducerName": "precise"}, "")), c)
+    assert scorer.match_source is prod
+    e = eps(2)
+    r = req()
+    scorer.on_routed(r, e[0])
+    now[0] += 20.0  # in flight far past the TTL: still held
+    assert prod.ratios(req(rid="b"), e)[0] == 1.0
+    scorer.on_finished(r, e[0])
+    now[0] += 2.5  # the TTL from the finish has run out
+    assert prod.ratios(req(rid="c"), e)[0] == 0.0
