@@ -261,6 +261,9 @@ class Options:
     # share of requests whose response body crosses the picker when not needed: a sampled stream costs
     # two messages per SSE chunk (~260 for 128 tokens), so 2% of requests doubled the picker's messages
     response_body_sample: float = 0.005
+    # share of the other requests (BUFFERED request body) whose response headers still cross: the
+    # rest skip the whole response side, 2 messages a request instead of 3
+    response_headers_sample: float = 0.05
     shutdown_grace: float = 30.0
     log_level: str = "info"
     log_format: str = "json"
@@ -369,6 +372,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "are read from these; the others are told to skip it (mode_override, honoured when "
                           "Envoy's filter sets allow_mode_override, as the generated configs do). A sampled stream "
                           "costs two messages per SSE chunk. 1: every body, as the reference (default %(default)s)")
+    srv.add_argument("--response-headers-sample", type=_share, default=0.05, metavar="SHARE",
+                     help="with a BUFFERED request body (the buffered profile), share (0..1) of the requests "
+                          "outside the body sample whose response headers still cross the picker when nothing "
+                          "else needs them (a possible model rewrite, a session header, a response plugin, "
+                          "fallbacks): time to first byte, TTFT and upstream status metrics are read from these; "
+                          "the others skip the whole response side (mode_override on the request-headers reply: "
+                          "2 messages a request, in-flight still counted to the end of the exchange). "
+                          "1: every request's headers (default %(default)s)")
     srv.add_argument("--workers", type=_workers, default=1, metavar="N|auto",
                      help="picker processes serving one ext_proc port (SO_REUSEPORT; the kernel spreads "
                           "connections over them); auto: the CPUs this process may use (the pod's CPU limit). "
@@ -577,6 +588,7 @@ def parse_args(argv: list[str]) -> Options:
         workers=a.workers,
         worker_index=a.worker_index,
         response_body_sample=a.response_body_sample,
+        response_headers_sample=a.response_headers_sample,
         shutdown_grace=a.shutdown_grace,
         log_level=level,
         log_format=fmt,

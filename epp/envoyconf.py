@@ -104,6 +104,7 @@ _T = "type.googleapis.com/"
 _HCM = _T + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 _EXT_PROC = _T + "envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
 _EXT_PROC_ROUTE = _T + "envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
+_HEADER_MUTATION = _T + "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation"
 _ROUTER = _T + "envoy.extensions.filters.http.router.v3.Router"
 _HEALTH = _T + "envoy.extensions.filters.http.health_check.v3.HealthCheck"
 _HTTP_OPTS = _T + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -580,6 +581,14 @@ def bootstrap(
     served = ({"response_headers_to_add": [{"header": {"key": SERVED_HEADER, "value": "%UPSTREAM_REMOTE_ADDRESS%"},
                                             "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]}
               if modes["response_header_mode"] == "SEND" else {})
+    if served and modes["response_body_mode"] == "STREAMED":
+        # buffered: the picker may tell Envoy to skip a request's response headers (mode_override on
+        # the request-headers reply), so it never sees the stamp to remove it; this filter, first in
+        # the chain and so last on the response path (after the picker's), removes it for every
+        # response: clients never see pod addresses
+        filters.insert(0, {"name": "envoy.filters.http.header_mutation",
+                           "typed_config": {"@type": _HEADER_MUTATION,
+                                            "mutations": {"response_mutations": [{"remove": SERVED_HEADER}]}}})
     routes: list[dict[str, Any]] = []
     for pool in pools:
         clusters.append(picker_cluster(f"epp.{pool.key}", pool.picker, picker_tls))

@@ -43,6 +43,7 @@ from google.protobuf import struct_pb2
 from epp import openai
 from epp.director import (
     DEST_HEADER,
+    MODEL_REWRITE_HEADERS,
     Queued,
     Rejected,
     RequestContext,
@@ -215,6 +216,35 @@ def _override_modes(req_mode: int) -> processing_mode_pb2.ProcessingMode:
     return mode
 
 
+_SKIP_RESPONSE: dict[int, ep.ProcessingResponse] = {}
+
+
+def _skip_response_reply(req_mode: int) -> ep.ProcessingResponse:
+    """The request-headers reply that turns the whole response side off for this request: the
+    request side as configured, response headers, body and trailers skipped. Envoy honours it on a
+    headers reply only (allow_mode_override, request body not FULL_DUPLEX_STREAMED); with a
+    BUFFERED request body the stream still stays open until the HTTP exchange ends (Envoy 1.40
+    closes a stream early only after a streamed body's last reply; measured: tests/e2e/
+    test_mode_override.py), so the in-flight count ends with the stream. Built once per mode."""
+    reply = _SKIP_RESPONSE.get(req_mode)
+    if reply is None:
+        send, skip = _Mode.SEND, _Mode.SKIP
+        mode = _Mode(request_header_mode=send, response_header_mode=skip,  # type: ignore[arg-type]
+                     request_body_mode=req_mode, response_body_mode=NONE,  # type: ignore[arg-type]
+                     request_trailer_mode=skip, response_trailer_mode=skip)
+        reply = ep.ProcessingResponse(request_headers=ep.HeadersResponse(), mode_override=mode)
+        _SKIP_RESPONSE[req_mode] = reply
+    return reply
+
+
+def _can_rewrite(models: Any) -> bool:
+    """Whether the model table can send a request on under another model name (a rewrite rule,
+    or an InferenceModel with a target of another name)."""
+    if getattr(models, "exact", None) or getattr(models, "generic", None):
+        return True
+    return any(t.name != m.model_name for m in getattr(models, "models", {}).values() for t in m.targets)
+
+
 def _struct_value(md: Any, namespace: str, key: str) -> object:
     """A value from metadata_context.filter_metadata[namespace][key] as str / list[str] / None."""
     fm = md.filter_metadata
@@ -284,9 +314,29 @@ class _Stream:
     """Per-stream state. Slots keep it small: one per in-flight HTTP request."""
 
     __slots__ = (
-        "body_chunks", "body_parts", "body_size", "ctx", "decided", "done", "headers", "held", "override",
-        "pending", "req_mode", "resp_body_seen", "resp_ended", "resp_mode", "resp_parts", "resp_size",
-        "resp_stream", "restorer", "scanner", "started", "subset", "trim",
+        "body_chunks",
+        "body_parts",
+        "body_size",
+        "ctx",
+        "decided",
+        "done",
+        "headers",
+        "held",
+        "override",
+        "pending",
+        "req_mode",
+        "resp_body_seen",
+        "resp_ended",
+        "resp_mode",
+        "resp_parts",
+        "resp_size",
+        "resp_stream",
+        "restorer",
+        "sampled",
+        "scanner",
+        "started",
+        "subset",
+        "trim",
     )
 
     def __init__(self, started: float) -> None:
@@ -313,6 +363,7 @@ class _Stream:
         self.scanner: openai.SSEUsageScanner | vllmgrpc.UsageScanner | None = None
         self.trim = False  # a huge body was let go: trim the heap once the replies are written
         self.override: processing_mode_pb2.ProcessingMode | None = None  # the mode_override sent
+        self.sampled: bool | None = None  # in the response-body sample (None: not drawn yet)
 
 
 class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
@@ -320,17 +371,30 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
 
     def __init__(self, director: Decider, default_body_mode: int = DUPLEX,
                  default_response_mode: int = DUPLEX, *, buffer_budget: int = BUFFER_BUDGET,
-                 max_body_chunks: int = MAX_BODY_CHUNKS, response_body_sample: float = 1.0) -> None:
+                 max_body_chunks: int = MAX_BODY_CHUNKS, response_body_sample: float = 1.0,
+                 response_headers_sample: float = 1.0) -> None:
         """`response_body_sample`: the share of requests whose response body still crosses the
         picker when nothing else needs it (token metrics are read from it); the others are told
         to skip it (`mode_override`, honoured when Envoy's filter sets `allow_mode_override`).
-        1.0 (the default here) never overrides: every body crosses, as the reference's does."""
+        1.0 (the default here) never overrides: every body crosses, as the reference's does.
+        `response_headers_sample`: with a BUFFERED request body, the share of the others whose
+        response headers still cross (time to first byte, TTFT, upstream status are read from
+        them) when nothing else needs them (a possible model rewrite, a session header, a
+        response plugin, fallbacks in the routes); the rest skip the whole response side, told on
+        the request-headers reply: 2 messages a request. 1.0 (the default here) never skips them."""
         if not 0.0 <= response_body_sample <= 1.0:
             raise ValueError("response_body_sample must be within 0..1")
+        if not 0.0 <= response_headers_sample <= 1.0:
+            raise ValueError("response_headers_sample must be within 0..1")
         self.director = director
         self.response_body_sample = response_body_sample
+        self.response_headers_sample = response_headers_sample
         self._sample_acc = 0.0  # deterministic sampling: one in 1/share requests, evenly spread
+        self._headers_acc = 0.0
         self.body_overrides = 0  # requests told to skip the response body (tests, benchmarks)
+        self.response_skips = 0  # requests told to skip the whole response side (tests, benchmarks)
+        self.fallbacks_seen = False  # a decision named fallbacks: the served endpoint matters from now on
+        self._rewrites: tuple[object, bool] = (None, True)  # (model table, it can rewrite)
         self.default_body_mode = default_body_mode
         self.default_response_mode = default_response_mode
         self.buffer_budget = buffer_budget
@@ -421,6 +485,8 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
         self._release(st)  # the queued body no longer counts against the buffer budget
         if isinstance(result, Routed):
             st.ctx = result.ctx
+            if "," in result.destination:
+                self.fallbacks_seen = True
         return self._then(st, result, build)
 
     def _then(self, st: _Stream, result: Routed | Rejected | Queued,
@@ -443,6 +509,8 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
             return Rejected(500, "Internal", "internal error while choosing an endpoint")
         if isinstance(result, Routed):
             st.ctx = result.ctx
+            if "," in result.destination:
+                self.fallbacks_seen = True
         return result
 
     # ---- only the phases a request needs ----------------------------------------------------
@@ -455,12 +523,50 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
         rc = getattr(self.director, "request_control", None)
         if rc is not None and getattr(rc, "response_complete", None):
             return True
+        if st.sampled is None:
+            st.sampled = self._draw_body_sample()
+        return st.sampled
+
+    def _draw_body_sample(self) -> bool:
         share = self.response_body_sample
         if share >= 1.0:
             return True
         self._sample_acc += share
         if self._sample_acc >= 1.0:
             self._sample_acc -= 1.0
+            return True
+        return False
+
+    def _needs_response(self, st: _Stream) -> bool:
+        """Decided on the request headers, before the body: must the response side cross the
+        picker at all? Anything that may need it says yes; only a decider that is the endpoint
+        picker's Director (a datastore to read) can say no."""
+        d = self.director
+        ds = getattr(d, "datastore", None)
+        if ds is None or self.response_headers_sample >= 1.0 or self.response_body_sample >= 1.0:
+            return True
+        if self.fallbacks_seen or getattr(d, "session_header", None):
+            return True
+        rc = getattr(d, "request_control", None)
+        if rc is not None and (getattr(rc, "response_header", None) or getattr(rc, "response_complete", None)):
+            return True
+        models = ds.models
+        table, can = self._rewrites
+        if table is not models:  # rebuilt on every change of the model objects
+            can = _can_rewrite(models)
+            self._rewrites = (models, can)
+        if can:
+            return True
+        headers = st.headers
+        for name in MODEL_REWRITE_HEADERS:
+            if name in headers:
+                return True
+        st.sampled = self._draw_body_sample()
+        if st.sampled:
+            return True
+        self._headers_acc += self.response_headers_sample
+        if self._headers_acc >= 1.0:
+            self._headers_acc -= 1.0
             return True
         return False
 
@@ -491,7 +597,11 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
         if rh.end_of_stream or st.req_mode in (NONE, STREAMED):
             return self._then(st, self._decide(st, None), lambda r: [_route_reply("request_headers", r)])
         if st.req_mode in (BUFFERED, BUFFERED_PARTIAL):
-            return [_EMPTY_REQ_HEADERS]
+            if st.resp_mode == DUPLEX or self._needs_response(st):
+                return [_EMPTY_REQ_HEADERS]
+            st.override = _skip_response_reply(st.req_mode).mode_override
+            self.response_skips += 1
+            return [_skip_response_reply(st.req_mode)]
         return []  # duplex: held until the body ends
 
     def _on_request_body(self, st: _Stream, b: ep.HttpBody) -> list[ep.ProcessingResponse]:

@@ -247,7 +247,8 @@ class App:
                 decider = tracing.TracingDecider(decider, self.tracer_provider)
         self.decider = decider
         self.servicer = ExtProcServicer(decider, default_body_mode=mode, default_response_mode=mode,
-                                        response_body_sample=opts.response_body_sample)
+                                        response_body_sample=opts.response_body_sample,
+                                        response_headers_sample=opts.response_headers_sample)
         # active-active: readiness never follows the Lease (every replica takes traffic)
         self.health = PickerHealth(opts.ha_enable_leader_election and opts.mode == "epp"
                                    and opts.ha_mode != "active-active")

@@ -185,7 +185,7 @@ def test_multi_pool_chain() -> None:
     ]  # fmt: skip
     config = bootstrap(pools, "buffered", "override_host", bbr_picker="127.0.0.1:9100")
     names = [f["name"] for f in _hcm(config)["http_filters"]]
-    assert names == [envoyconf.BBR_FILTER, envoyconf.EPP_FILTER, "envoy.filters.http.router"]
+    assert names == [HM, envoyconf.BBR_FILTER, envoyconf.EPP_FILTER, "envoy.filters.http.router"]
     # the routes match on the model header: a client's own copy is removed before BBR sets it
     removed = [m["remove"] for m in _hcm(config)["early_header_mutation_extensions"][0]["typed_config"]["mutations"]]
     assert {"x-gateway-model-name", "x-gateway-base-model-name"} <= set(removed)
@@ -286,11 +286,32 @@ def test_streamed_bodies_are_coalesced_and_bounded(profile: str, coalesced: bool
         assert names == ["envoy.filters.http.buffer", envoyconf.EPP_FILTER, "envoy.filters.http.router"]
         assert _filters(config)["envoy.filters.http.buffer"]["max_request_bytes"] == 1 << 20
     else:
-        assert names == [envoyconf.EPP_FILTER, "envoy.filters.http.router"]
+        assert names == [HM, envoyconf.EPP_FILTER, "envoy.filters.http.router"]
     assert config["static_resources"]["listeners"][0]["per_connection_buffer_limit_bytes"] == 1 << 20
     multi = bootstrap([POOL_A, POOL_B], profile, "override_host", bbr_picker="127.0.0.1:1")
-    first = _hcm(multi)["http_filters"][0]["name"]
+    first = [f["name"] for f in _hcm(multi)["http_filters"] if f["name"] != HM][0]
     assert first == ("envoy.filters.http.buffer" if coalesced else envoyconf.BBR_FILTER)
+
+
+HM = "envoy.filters.http.header_mutation"
+
+
+@pytest.mark.parametrize("profile", envoyconf.PROFILES)
+def test_the_served_stamp_is_removed_after_the_picker_in_buffered(profile: str) -> None:
+    """buffered: the picker may skip a request's response headers, so Envoy itself removes the
+    route's served-endpoint stamp, last on the response path (first in the chain); the other
+    profiles are as shipped (the picker removes it, lean stamps nothing)."""
+    config = bootstrap([POOL], profile)
+    filters = _hcm(config)["http_filters"]
+    route = _hcm(config)["route_config"]["virtual_hosts"][0]["routes"][0]
+    stamped = [h["header"]["key"] for h in route.get("response_headers_to_add", [])]
+    if profile == "buffered":
+        assert filters[0]["name"] == HM
+        assert filters[0]["typed_config"]["mutations"]["response_mutations"] == [{"remove": envoyconf.SERVED_HEADER}]
+        assert stamped == [envoyconf.SERVED_HEADER]
+    else:
+        assert HM not in [f["name"] for f in filters]
+        assert stamped == ([envoyconf.SERVED_HEADER] if profile == "duplex" else [])
 
 
 def test_timeouts_and_limits() -> None:

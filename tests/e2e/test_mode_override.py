@@ -57,7 +57,8 @@ async def _stream(e2e: Any, rid: str, tokens: int) -> tuple[int, int, list[int]]
 
 
 async def test_buffered_the_response_body_skips_the_picker_when_nothing_needs_it(gateway: GatewayFactory) -> None:
-    e2e = await gateway(sims=real_time(2), profile="buffered", picker_options={"response_body_sample": 0.0})
+    e2e = await gateway(sims=real_time(2), profile="buffered",
+                        picker_options={"response_body_sample": 0.0, "response_headers_sample": 1.0})
     seen = Counting(e2e.picker.servicer)
     for i in range(3):
         status, chunks, inflight = await _stream(e2e, f"o-{i}", 24)
@@ -67,6 +68,41 @@ async def test_buffered_the_response_body_skips_the_picker_when_nothing_needs_it
     assert e2e.picker.servicer.body_overrides == 3
     assert seen.kinds.get("response_body", 0) == 0  # no SSE chunk crossed the picker
     assert seen.kinds["response_headers"] == 3  # the served endpoint and time to first byte still come
+    assert await e2e.inflight_settles() == dict.fromkeys(e2e.picker.datastore.endpoints, 0)
+
+
+async def test_buffered_two_messages_when_nothing_needs_the_response(gateway: GatewayFactory) -> None:
+    """The override on the request-headers reply skips response headers, body and trailers: Envoy
+    sends the picker 2 messages a request, and the stream (so the in-flight count) still stays open
+    to the last chunk of a long stream, then ends with the exchange."""
+    e2e = await gateway(sims=real_time(2), profile="buffered",
+                        picker_options={"response_body_sample": 0.0, "response_headers_sample": 0.0})
+    seen = Counting(e2e.picker.servicer)
+    for i in range(3):
+        status, chunks, inflight = await _stream(e2e, f"t-{i}", 32)
+        assert (status, chunks) == (200, 32)
+        assert min(inflight) == 1  # held to the last chunk, not to the dispatch
+        assert e2e.picks[f"t-{i}"]
+        assert await e2e.inflight_settles() == dict.fromkeys(e2e.picker.datastore.endpoints, 0)
+    r = await e2e.post("/v1/chat/completions", chat(MODEL, "plain", max_tokens=3))
+    assert r.status == 200
+    # the route's served-endpoint stamp never reached the picker; Envoy's own filter removed it
+    assert "x-gateway-destination-endpoint-served" not in r.headers
+    assert e2e.picker.servicer.response_skips == 4
+    assert seen.kinds == {"request_headers": 4, "request_body": 4}
+
+
+async def test_buffered_the_headers_sample_keeps_ttft(gateway: GatewayFactory) -> None:
+    """A request in the response-headers sample still gets its headers (time to first byte), the
+    others none; both are routed and counted to their end."""
+    e2e = await gateway(sims=1, profile="buffered",
+                        picker_options={"response_body_sample": 0.0, "response_headers_sample": 0.5})
+    seen = Counting(e2e.picker.servicer)
+    for i in range(4):
+        r = await e2e.post("/v1/chat/completions", chat(MODEL, f"y {i}", max_tokens=4, stream=True))
+        assert r.status == 200 and r.events()[-1] == "[DONE]"
+    assert e2e.picker.servicer.response_skips == 2
+    assert seen.kinds.get("response_headers") == 2 and "response_body" not in seen.kinds
     assert await e2e.inflight_settles() == dict.fromkeys(e2e.picker.datastore.endpoints, 0)
 
 

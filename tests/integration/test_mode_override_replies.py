@@ -39,7 +39,7 @@ def _override(replies: list) -> object:
 
 
 async def test_override_drops_only_the_response_body(start_picker):
-    app, ch = await start_picker(endpoints=EPS, response_body_sample=0.0)
+    app, ch = await start_picker(endpoints=EPS, response_body_sample=0.0, response_headers_sample=1.0)
     mode = _override(await exchange(ch, _request()))
     assert mode is not None
     assert (mode.response_body_mode, mode.response_header_mode, mode.response_trailer_mode) == (M.NONE, M.SEND, M.SEND)
@@ -48,9 +48,9 @@ async def test_override_drops_only_the_response_body(start_picker):
 
 
 async def test_no_override_when_the_body_is_needed_or_absent(start_picker):
-    app, ch = await start_picker(endpoints=EPS, response_body_sample=1.0)
+    app, ch = await start_picker(endpoints=EPS, response_body_sample=1.0, response_headers_sample=1.0)
     assert _override(await exchange(ch, _request())) is None  # every body crosses (the reference's way)
-    app2, ch2 = await start_picker(endpoints=EPS, response_body_sample=0.0)
+    app2, ch2 = await start_picker(endpoints=EPS, response_body_sample=0.0, response_headers_sample=1.0)
     assert _override(await exchange(ch2, _request(resp_mode=M.NONE))) is None  # Envoy sends no body anyway
     assert _override(await exchange(ch2, _request(eos=True))) is None  # a body-less response: nothing to drop
     assert app.servicer.body_overrides == app2.servicer.body_overrides == 0
@@ -58,7 +58,8 @@ async def test_no_override_when_the_body_is_needed_or_absent(start_picker):
 
 async def test_a_rewritten_model_keeps_the_body(start_picker, tmp_path):
     (tmp_path / "m.yaml").write_text(REWRITE)
-    app, ch = await start_picker(manifests=[str(tmp_path / "m.yaml")], endpoints=EPS, response_body_sample=0.0)
+    app, ch = await start_picker(manifests=[str(tmp_path / "m.yaml")], endpoints=EPS, response_body_sample=0.0,
+                                 response_headers_sample=1.0)
     app.datastore.set_static_endpoints(EPS)
     replies = await exchange(ch, _request("alias"))
     [rb] = [r for r in replies if r.WhichOneof("response") == "request_body"]
@@ -69,7 +70,7 @@ async def test_a_rewritten_model_keeps_the_body(start_picker, tmp_path):
 
 
 async def test_the_sample_is_an_even_share(start_picker):
-    app, ch = await start_picker(endpoints=EPS, response_body_sample=0.25)
+    app, ch = await start_picker(endpoints=EPS, response_body_sample=0.25, response_headers_sample=1.0)
     got = [_override(await exchange(ch, _request())) is None for _ in range(12)]
     assert sum(got) == 3 and got[3] and got[7] and got[11]  # one in four, evenly
 
@@ -77,7 +78,7 @@ async def test_the_sample_is_an_even_share(start_picker):
 async def test_a_body_sent_anyway_is_passed_on(start_picker):
     """Envoy ignored the override (no allow_mode_override, or a duplex request body): the chunk
     still gets its STREAMED reply, unchanged."""
-    app, ch = await start_picker(endpoints=EPS, response_body_sample=0.0)
+    app, ch = await start_picker(endpoints=EPS, response_body_sample=0.0, response_headers_sample=1.0)
     sse = b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n'
     replies = await exchange(ch, [*_request(), *body_chunks(sse, response=True)])
     assert _override(replies) is not None
