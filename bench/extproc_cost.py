@@ -8,6 +8,7 @@ picker scrapes and scores as in production. The scraper's steady cost is measure
 first and reported apart ("scrape"); "net" is the CPU per request above it.
   duplex  : request headers, 1 KB chat body (EoS), response headers (SSE), 4 response chunks
   buffered: request headers (answered at once), body (answered with the route), response headers
+            (dropped when the picker's request-headers reply skips the response side, as Envoy does)
   lean    : request headers, body; no response phases (envoyconf's lean profile)
 The machine's noise (other processes, frequency changes) only ever adds CPU, so with --repeat R
 each figure is the lowest of R interleaved runs (floor and picker alternate).
@@ -79,10 +80,14 @@ def free_port() -> int:
 
 
 async def drive(addr: str, steps: list[tuple[ep.ProcessingRequest, int]], secs: float, conc: int,
-                count: int | None = None) -> int:
-    """Closed loop over `conc` streams for `secs` seconds (or exactly `count` requests); returns the count."""
+                count: int | None = None, sent: list[int] | None = None) -> int:
+    """Closed loop over `conc` streams for `secs` seconds (or exactly `count` requests); returns the count.
+    As Envoy with the buffered profile (allow_mode_override, a BUFFERED request body) does, a reply's
+    mode_override that skips the response headers drops the response phases that follow; `sent`
+    (a one-item list) adds up the messages sent."""
     done = 0
     left = count if count is not None else -1
+    honour = steps[0][0].protocol_config.request_body_mode == M.BUFFERED
     async with grpc.aio.insecure_channel(addr) as ch:
         stub = ep_grpc.ExternalProcessorStub(ch)
         stop = time.perf_counter() + secs
@@ -92,11 +97,21 @@ async def drive(addr: str, steps: list[tuple[ep.ProcessingRequest, int]], secs: 
             while (left > 0) if count is not None else (time.perf_counter() < stop):
                 left -= 1
                 call = stub.Process()
+                skip_response = False
+                n = 0
                 for msg, replies in steps:
+                    if skip_response and msg.WhichOneof("request").startswith("response"):
+                        break
                     await call.write(msg)
+                    n += 1
                     for _ in range(replies):
-                        await call.read()
+                        r = await call.read()
+                        if honour and r.HasField("mode_override") and \
+                                r.mode_override.response_header_mode == M.SKIP:
+                            skip_response = True
                 await call.done_writing()
+                if sent is not None:
+                    sent[0] += n
                 await call.read()
                 done += 1
 
@@ -216,8 +231,9 @@ def picker_cmd(port: int, addrs: list[str], scrape_interval: str | None = None) 
 
 
 def measure(profile: str, secs: float, endpoints: int, prompt_bytes: int, conc: int,
-            scrape_interval: str | None = None) -> tuple[float, float, float]:
-    """(req/s, CPU µs per request above the scraper's idle cost, scraper CPU share of a core)."""
+            scrape_interval: str | None = None) -> tuple[float, float, float, float]:
+    """(req/s, CPU µs per request above the scraper's idle cost, scraper CPU share of a core,
+    messages sent per request)."""
     port = free_port()
     ms, addrs = metrics_server(endpoints)
     p = subprocess.Popen(picker_cmd(port, addrs, scrape_interval), stderr=subprocess.DEVNULL)
@@ -232,14 +248,15 @@ def measure(profile: str, secs: float, endpoints: int, prompt_bytes: int, conc: 
         time.sleep(min(3.0, secs))  # no traffic: what scraping alone costs
         idle = (ticks(p.pid) - c0) / hz / (time.perf_counter() - t0)
         t0, c0 = time.perf_counter(), ticks(p.pid)
-        n = asyncio.run(drive(addr, steps, secs, conc))
+        sent = [0]
+        n = asyncio.run(drive(addr, steps, secs, conc, sent=sent))
         el, cpu = time.perf_counter() - t0, (ticks(p.pid) - c0) / hz
     finally:
         p.terminate()
         p.wait()
         ms.terminate()
         ms.wait()
-    return n / el, max(0.0, cpu - idle * el) / max(n, 1) * 1e6, idle
+    return n / el, max(0.0, cpu - idle * el) / max(n, 1) * 1e6, idle, sent[0] / max(n, 1)
 
 
 def main() -> None:
@@ -260,7 +277,7 @@ def main() -> None:
         run_matrix(a)
         return
     floor: dict[str, tuple[float, float]] = {}
-    ours: dict[str, tuple[float, float, float]] = {}
+    ours: dict[str, tuple[float, float, float, float]] = {}
     profiles = a.profiles.split(",")
     for _ in range(max(1, a.repeat)):
         if not a.no_floor and os.path.exists(FLOOR):
@@ -274,20 +291,19 @@ def main() -> None:
             if "lean" not in floor or us < floor["lean"][1]:
                 floor["lean"] = (rps, us)
         for profile in profiles:
-            rps, us, idle = measure(profile, a.seconds, a.endpoints, a.prompt_bytes, a.concurrency,
-                                     a.scrape_interval)
-            if profile not in ours or us < ours[profile][1]:
-                ours[profile] = (rps, us, idle)
+            got = measure(profile, a.seconds, a.endpoints, a.prompt_bytes, a.concurrency, a.scrape_interval)
+            if profile not in ours or got[1] < ours[profile][1]:
+                ours[profile] = got
     for name, (rps, us) in floor.items():
         print(f"floor  {name:9s} req/s {rps:6.0f}  server cpu-us/request {us:5.0f}  req/s per core {1e6 / us:6.0f}")
     floor_for = {"duplex": "duplex", "buffered": "buffered", "lean": "lean"}
     for profile in profiles:
-        rps, us, idle = ours[profile]
+        rps, us, idle, msgs = ours[profile]
         ref = floor.get(floor_for[profile])
         ratio = f"  = {us / ref[1]:4.2f}x floor({floor_for[profile]})" if ref else ""
         print(f"epp    {profile:9s} req/s {rps:6.0f}  server cpu-us/request {us:5.0f} net  "
               f"req/s per core {1e6 / us:6.0f}{ratio}  (scrape {idle * 100:.1f}% of a core; "
-              f"{a.endpoints} endpoints, {a.prompt_bytes} B prompt)")
+              f"{a.endpoints} endpoints, {a.prompt_bytes} B prompt; {msgs:.2f} messages in per request)")
 
 
 def run_matrix(a: argparse.Namespace) -> None:
@@ -307,7 +323,7 @@ def run_matrix(a: argparse.Namespace) -> None:
     for profile in ("duplex", "buffered", "lean"):
         for size in (1000, 200_000):
             for n in (8, 64, 256):
-                rps, us, idle = measure(profile, a.seconds, n, size, a.concurrency, a.scrape_interval)
+                rps, us, idle, _ = measure(profile, a.seconds, n, size, a.concurrency, a.scrape_interval)
                 ref = floor.get(f"{profile}/{size}")
                 rel = f"{us / ref:.2f}" if ref else "–"
                 print(f"| {profile} | {size // 1000} KB | {n} | {rps:.0f} | {us:.0f} | {1e6 / us:.0f} | "

@@ -142,7 +142,13 @@ def run(mode: str, args: argparse.Namespace) -> None:
     try:
         assert server.stdout is not None
         ports = [int(p) for p in server.stdout.readline().split()]
-        r = asyncio.run(measure(ports, args.interval, args.seconds, server.pid, args.profile, args.caps))
+        factory = None
+        if args.loop == "uvloop":
+            import uvloop
+
+            factory = uvloop.new_event_loop
+        with asyncio.Runner(loop_factory=factory) as runner:
+            r = runner.run(measure(ports, args.interval, args.seconds, server.pid, args.profile, args.caps))
     finally:
         if server.stdin:
             server.stdin.close()
@@ -154,7 +160,7 @@ def run(mode: str, args: argparse.Namespace) -> None:
     target = args.endpoints / args.interval
     polls = r["ok"] / r["wall"]
     hostile = f" + {args.hostile} serving 10 MB ({'capped' if args.caps else 'no caps'})" if args.hostile else ""
-    print(f"[{mode}] {args.endpoints} endpoints{hostile} every {args.interval * 1000:g} ms for {r['wall']:.1f} s")
+    print(f"[{mode}, {args.loop}] {args.endpoints} endpoints{hostile} every {args.interval * 1000:g} ms for {r['wall']:.1f} s")
     per_poll = 1e6 * r["cpu"] / max(r["ok"], 1)
     print(f"  poller CPU: {100 * r['cpu'] / r['wall']:.1f}% of one core; {per_poll:.0f} us per poll")
     print(f"  polls/s: {polls:.0f} of {target:.0f} targeted ({100 * polls / target:.0f}%); failed: {r['failed']}")
@@ -171,6 +177,8 @@ def main() -> None:
     ap.add_argument("--mode", choices=["filtered", "full", "both"], default="both")
     ap.add_argument("--profile", action="store_true", help="print the poller's top functions by own time")
     ap.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin poller and servers to CPUs")
+    ap.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio",
+                    help="the poller's event loop (the picker's scraper thread: see epp.metrics.scrape.ScrapeThread)")
     ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--honour", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--hostile", type=int, default=0, help="extra pods serving a 10 MB page")

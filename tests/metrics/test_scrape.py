@@ -740,6 +740,42 @@ async def test_off_by_default(servers: Any, scrapers: Any) -> None:
     assert s._targets[srv.address].gap <= FAST * 1.1
 
 
+# ---- fewer loop wake-ups: polls share a wake grid ----------------------------------------------
+def test_wake_grid() -> None:
+    s = Scraper(datastore(), interval=0.05)
+    assert s.align == 0.05  # the interval by default
+    assert s._wake_at(1.012, 1.0) == pytest.approx(1.0 + 0.05)  # never a point already past: the next
+    assert s._wake_at(1.07, 1.0) == pytest.approx(1.05)  # the nearest point
+    assert s._wake_at(1.08, 1.0) == pytest.approx(1.1)
+    assert s._wake_at(0.9, 1.0) == 1.0  # overdue: now
+    off = Scraper(datastore(), interval=0.05, align=0)
+    assert off._wake_at(1.013, 1.0) == 1.013
+    assert Scraper(datastore(), interval=0.05, align=1.0).align == 0.05  # never coarser than the interval
+
+
+async def test_polls_of_several_endpoints_share_wakes(servers: Any, scrapers: Any) -> None:
+    """Jittered schedules, but the polls due about together start in one loop pass: the starts of
+    the endpoints' polls in each grid slot lie together; the rate per endpoint is unchanged."""
+    srvs = [await servers() for _ in range(4)]
+    starts: list[float] = []
+    s = scrapers(datastore(*(x.address for x in srvs)), interval=0.04)
+    inner = s.poll_once
+    loop = asyncio.get_running_loop()
+
+    async def timed(target: Any) -> None:
+        starts.append(loop.time())
+        await inner(target)
+
+    s.poll_once = timed  # type: ignore[method-assign]
+    await until(lambda: len(starts) >= 60)
+    slots: dict[int, list[float]] = {}
+    for t in starts[8:]:  # past the first polls (spread over one interval, before the grid)
+        slots.setdefault(round(t / 0.04), []).append(t)
+    spreads = sorted(max(v) - min(v) for v in slots.values())
+    assert spreads[len(spreads) // 2] < 0.01  # together, not spread over the 40 ms slot
+    assert len(starts[8:]) / len(slots) > 2  # several endpoints per wake
+
+
 # ---- a quiet serving loop: ScrapeThread -------------------------------------------------------
 async def test_scrape_thread_polls_off_the_serving_loop(servers: Any) -> None:
     from epp.metrics.scrape import ScrapeThread
