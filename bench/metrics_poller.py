@@ -160,7 +160,8 @@ def run(mode: str, args: argparse.Namespace) -> None:
     target = args.endpoints / args.interval
     polls = r["ok"] / r["wall"]
     hostile = f" + {args.hostile} serving 10 MB ({'capped' if args.caps else 'no caps'})" if args.hostile else ""
-    print(f"[{mode}, {args.loop}] {args.endpoints} endpoints{hostile} every {args.interval * 1000:g} ms for {r['wall']:.1f} s")
+    print(f"[{mode}, {args.loop}] {args.endpoints} endpoints{hostile} every {args.interval * 1000:g} ms "
+          f"for {r['wall']:.1f} s")
     per_poll = 1e6 * r["cpu"] / max(r["ok"], 1)
     print(f"  poller CPU: {100 * r['cpu'] / r['wall']:.1f}% of one core; {per_poll:.0f} us per poll")
     print(f"  polls/s: {polls:.0f} of {target:.0f} targeted ({100 * polls / target:.0f}%); failed: {r['failed']}")
