@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import sys
@@ -90,6 +91,29 @@ async def start(path: str) -> Cell:
     return Cell(running.url, {"router": running.router_pids, "sims": sims}, running.stop)
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds per thread name (/proc/<pid>/task/*/comm) of one process: the picker's serving
+    loop is the process's own name, the scraper thread "scraper", gRPC's threads their own."""
+    hz = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                stat = f.read()
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                name = f.read().strip()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2:].split()
+        name = "serving loop" if tid == str(pid) else name
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / hz
+    return out
+
+
 def _sim_pids(running: Any) -> list[int]:
     """The simulators' process groups of a peer cell (their children are in the stop closure)."""
     closure = getattr(running.stop, "__closure__", None) or ()
@@ -117,6 +141,12 @@ def plan(rate: float, seconds: float, tokens: int, prompt_chars: int,
 
 async def run_cell(path: str, rate: float, seconds: float, tokens: int, prompt_chars: int, seed: int) -> dict[str, Any]:
     cell = await start(path)
+    picker = cell.groups.get("picker", [0])[0]
+
+    def threads() -> dict[str, float]:
+        return thread_cpu(picker) if picker else {}
+
+    th0: dict[str, float] = {}
     load0 = peers.loadavg()
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
@@ -132,13 +162,16 @@ async def run_cell(path: str, rate: float, seconds: float, tokens: int, prompt_c
                     await asyncio.sleep(delay)
                 if measured and cpu0 is None:
                     cpu0, t_meas = cell.cpu(), loop.time()
+                    th0 = threads()
                 tasks.append(asyncio.create_task(peers.send_chat(session, cell.url, req, measured)))
             results = list(await asyncio.gather(*tasks))
             window = loop.time() - t_meas
             cpu1 = cell.cpu()
+            th1 = threads()
             idle0 = cell.cpu()
             await asyncio.sleep(IDLE_S)
             idle1 = cell.cpu()
+            th2 = threads()
         load1 = peers.loadavg()
     finally:
         await cell.stop()
@@ -153,13 +186,19 @@ async def run_cell(path: str, rate: float, seconds: float, tokens: int, prompt_c
                           "idle_pct": 100.0 * idle_rate, "total_ms_per_req":
                           1000.0 * (cpu1[role] - cpu0[role]) / len(ok) if ok else float("nan")}
     path_roles = [r for r in per_role if r != "sims"]
+    # the picker's threads: ms per request over the window (gross), and each one's idle rate
+    # (% of a core, read right after, as for the processes)
+    per_thread = {name: {"ms_per_req": (th1[name] - th0.get(name, 0.0)) * 1000.0 / len(ok),
+                         "idle_pct": 100.0 * (th2.get(name, th1[name]) - th1[name]) / IDLE_S}
+                  for name in th1} if ok and th1 else {}
     e2e = sorted(r.e2e for r in ok)
     ttft = sorted(r.ttft for r in ok if r.ttft is not None)
     return {
         "path": path, "rate": rate, "requests": len(measured), "ok": len(ok), "tokens_per_req":
         statistics.fmean(r.tokens for r in ok) if ok else 0.0,
         "path_ms_per_req": sum(per_role[r]["ms_per_req"] for r in path_roles),
-        "roles": per_role, "ttft_p50": peers._pct(ttft, 0.5), "ttft_p99": peers._pct(ttft, 0.99),
+        "roles": per_role, "picker_threads": per_thread,
+        "ttft_p50": peers._pct(ttft, 0.5), "ttft_p99": peers._pct(ttft, 0.99),
         "e2e_p50": peers._pct(e2e, 0.5), "e2e_p99": peers._pct(e2e, 0.99), "loadavg": [load0, load1],
         "errors": sorted({r.error for r in measured if r.error})[:3],
     }
@@ -194,6 +233,11 @@ async def amain(a: argparse.Namespace) -> int:
             rows.append(row)
             print(f"[path_cost] {path}: {row['path_ms_per_req']:.2f} ms/request "
                   f"({row['ok']}/{row['requests']} ok, {time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)
+            if row["picker_threads"]:
+                split = ", ".join(f"{k} {v['ms_per_req']:.2f} (idle {v['idle_pct']:.1f}%)"
+                                  for k, v in sorted(row["picker_threads"].items(), key=lambda x: -x[1]["ms_per_req"])
+                                  if v["ms_per_req"] >= 0.005)
+                print(f"[path_cost]   picker threads, gross ms/request: {split}", file=sys.stderr, flush=True)
     print(render(rows))
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1, default=float))

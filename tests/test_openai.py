@@ -206,3 +206,17 @@ def test_fast_decoder_gives_what_json_gives():
         assert type(fast.value) is type(slow.value) and str(fast.value) == str(slow.value)
     with pytest.raises(RecursionError):
         _loads(b"[" * 100000 + b"]" * 100000)
+
+
+def test_fast_string_encoding_writes_what_json_writes() -> None:
+    """Prompt text for prefix matching: strings are encoded by msgspec, byte for byte as json.dumps
+    (compact, ensure_ascii=False) writes them; a lone surrogate falls back to json."""
+    import json as _json
+
+    from epp.openai import _dumps
+
+    cases = ['a"b\\c', "line\nnext\ttab\r\b\f", "".join(chr(i) for i in range(32)), "\x7f\u2028\u2029",
+             "é中文🙂", "\ud800 lone", "", "x" * 70000]
+    for s in cases:
+        assert _dumps(s) == _json.dumps(s, separators=(",", ":"), ensure_ascii=False)
+    assert _dumps({"a": [1, 2.5, None, True]}) == '{"a":[1,2.5,null,true]}'
