@@ -56,7 +56,7 @@ import socket
 import statistics
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -692,12 +692,36 @@ def plot(data: dict[str, Any], path: Path) -> Path | None:
 
 
 # ---- variants of our profile ------------------------------------------------------------------------
+# The default profile before the second round (commit 9c554a0): every variant below is a change to it,
+# as measured in docs/benchmarks.md; `previous-default` runs it unchanged.
+PREVIOUS_DEFAULT = """\
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: prefix-cache-scorer
+- type: lora-affinity-scorer
+- type: inflight-load-scorer
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - {pluginRef: queue-scorer, weight: 2}
+  - {pluginRef: kv-cache-utilization-scorer, weight: 2}
+  - {pluginRef: prefix-cache-scorer, weight: 3}
+  - {pluginRef: lora-affinity-scorer, weight: 3, enabledWhen: poolServesAdapters}
+  - {pluginRef: inflight-load-scorer, weight: 1}
+  - {pluginRef: max-score-picker}
+loadGuard:
+  enabled: false
+"""
+
+
 def _default_doc() -> dict[str, Any]:
     import yaml
 
-    from epp.scheduling.config import DEFAULT_CONFIG_TEXT
-
-    doc = yaml.safe_load(DEFAULT_CONFIG_TEXT)
+    doc = yaml.safe_load(PREVIOUS_DEFAULT)
     assert isinstance(doc, dict)
     return doc
 
@@ -784,14 +808,53 @@ def _v_sticky(doc: dict[str, Any]) -> None:
     doc["schedulingProfiles"][0]["plugins"].insert(0, {"pluginRef": "prefix-cache-affinity-filter"})
 
 
+def _queue_params(doc: dict[str, Any]) -> dict[str, Any]:
+    for p in doc["plugins"]:
+        if p["type"] == "queue-scorer":
+            return p.setdefault("parameters", {})  # type: ignore[no-any-return]
+    raise KeyError("queue-scorer")
+
+
+def _set_weight(doc: dict[str, Any], ref: str, weight: float) -> None:
+    _weights(doc)[ref]["weight"] = weight
+
+
+def _v_q(spread: float, live: bool, extra: Callable[[dict[str, Any]], None] | None = None
+         ) -> Callable[[dict[str, Any]], None]:
+    def change(doc: dict[str, Any]) -> None:
+        q = _queue_params(doc)
+        if spread:
+            q["minSpread"] = spread
+        if live:
+            q["countInflight"] = True
+        if extra is not None:
+            extra(doc)
+    return change
+
+
 VARIANTS = {"prefix6": _v_prefix6, "no-kv": _v_no_kv, "own-load": _v_own_load, "sticky": _v_sticky,
             "longmatch": _v_longmatch, "no-inflight": _v_no_inflight, "prefix6-long": _v_prefix6_long,
             "nohit": _v_nohit, "prefix6-long-nohit": _v_best, "prefix6-long-nohit1": _v_best1,
-            "nohit1": _v_nohit1, "long-nohit1": _v_long_nohit1}
+            "nohit1": _v_nohit1, "long-nohit1": _v_long_nohit1,
+            "q4": _v_q(4, False), "q8": _v_q(8, False), "qlive": _v_q(0, True), "q4-live": _v_q(4, True),
+            "q8-live": _v_q(8, True), "q8-live-long-nohit1": _v_q(8, True, _v_long_nohit1),
+            "q4-live-long-nohit1": _v_q(4, True, _v_long_nohit1),
+            "q4-live-noinf": _v_q(4, True, _v_no_inflight), "q2-live": _v_q(2, True),
+            "q4-live-noinf-long-nohit1": _v_q(4, True, lambda d: (_v_no_inflight(d), _v_long_nohit1(d))),
+            "q4-live-long": _v_q(4, True, _v_longmatch), "q4-live-nohit1": _v_q(4, True, _v_nohit1),
+            "q4-live-long-nohit1-p4": _v_q(4, True, lambda d: (_v_long_nohit1(d),
+                                                                _set_weight(d, "prefix-cache-scorer", 4))),
+            "q4-live-long-nohit1-kv1": _v_q(4, True, lambda d: (_v_long_nohit1(d),
+                                                                 _set_weight(d, "kv-cache-utilization-scorer", 1))),
+            "q6-live-long-nohit1": _v_q(6, True, _v_long_nohit1),
+            # the default since the second round: q4-live-long-nohit1-kv1 with no-hit-lru at half weight
+            "new-default": _v_q(4, True, lambda d: (_v_long_nohit1(d), _set_weight(d, "kv-cache-utilization-scorer", 1),
+                                                    _set_weight(d, "no-hit-lru-scorer", 0.5))),
+            "previous-default": lambda d: None}
 
 
 def variant_text(name: str) -> str:
-    """Our default profile with the named change (see VARIANTS), as EndpointPickerConfig YAML."""
+    """The previous default profile with the named change (see VARIANTS), as EndpointPickerConfig YAML."""
     import yaml
 
     doc = _default_doc()

@@ -95,6 +95,7 @@ class OraclePrefixScorer(NoParams):
             if hs is None:
                 hs = req.scratch[key] = block_hashes(req.prompt, cfg.block_size, req.model or cfg.model)
             out.append(len(eng.kv.match(hs, len(hs))[0]) / len(hs) if hs else 0.0)
+        req.scratch[f"prefix-scores:{self.name}"] = (endpoints, out)  # as prefix scorers leave it (no-hit-lru)
         return out
 
 
@@ -105,6 +106,8 @@ def _swap_prefix(new: dict[str, Any]) -> str:
         if p["type"] == "prefix-cache-scorer":
             p.clear()
             p.update(new)
+        elif p["type"] == "no-hit-lru-scorer":  # reads the prefix scorer by name and type
+            p["parameters"] = {"prefixPluginName": new["type"], "prefixPluginType": new["type"]}
     for prof in doc["schedulingProfiles"]:
         for e in prof["plugins"]:
             if e["pluginRef"] == "prefix-cache-scorer":

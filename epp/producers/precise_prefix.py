@@ -460,6 +460,7 @@ class PrecisePrefixCacheScorer:
 
     def __init__(self, name: str, params: PreciseParams, ctx: BuildContext) -> None:
         self.name = name
+        self._scores_key = f"prefix-scores:{name}"
         found = ctx.plugins.get(params.producer) if params.producer else next(
             (p for p in ctx.plugins.values() if isinstance(p, PrecisePrefixCacheProducer)), None)
         if params.producer and not isinstance(found, PrecisePrefixCacheProducer):
@@ -475,7 +476,10 @@ class PrecisePrefixCacheScorer:
         return out
 
     def score(self, cycle: Cycle, endpoints: Sequence[Endpoint]) -> list[float]:
-        return self.producer.ratios(cycle.request, endpoints)
+        out = self.producer.ratios(cycle.request, endpoints)
+        # what prefix-cache-scorer leaves for later plugins (no-hit-lru-scorer tells cold requests by it)
+        cycle.request.scratch[self._scores_key] = (endpoints, out)
+        return out
 
     def on_routed(self, request: SchedulingRequest, endpoint: Endpoint) -> None:
         self.producer.on_routed(request, endpoint)

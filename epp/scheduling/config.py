@@ -251,17 +251,32 @@ saturationDetector:
 DEFAULT_CONFIG_TEXT = f"""\
 apiVersion: {API_VERSION}
 kind: {KIND}
-# The reference default plus: LoRA affinity when the pool serves adapters (adapter residency is a
-# cache like the prefix, same weight) and the in-flight load scorer (spreads bursts between scrapes,
-# weight 1: a tie-breaker that never outvotes measured load). The load guard on affinity is off: in
-# the routing-quality benchmark (docs/benchmarks.md) it cost prefix hits, and so TTFT, under bursts
-# while the soft load scorers already kept popular prefixes from piling up.
+# The reference default, changed where the routing benchmarks (docs/benchmarks.md: the
+# discrete-event ones and the live run against the Rust routers) measured it better:
+# - queue-scorer minSpread 4: a queue of 2 against 0 was worth the scorer's whole weight and moved
+#   warm prefixes to cold pods; now small queues separate pods a little, long ones fully.
+# - queue-scorer countInflight: what this picker sent a pod since its page was scraped counts as
+#   queued, so a burst between two scrapes does not pile onto the pod that looked idle.
+# - KV use weight 1 (was 2): it moved conversations off the pod holding them as their cache grew.
+# - prefix matching over 1,024 blocks (64K characters, where prompts are cut) instead of 256, so
+#   long conversations still tell their own pod apart.
+# - no-hit-lru-scorer 0.5: prompts cached nowhere go to the pod least recently given one, so they
+#   spread and stop evicting hot prefixes (half weight: under LoRA affinity's 0.6 for a loaded adapter).
+# - LoRA affinity when the pool serves adapters (adapter residency is a cache like the prefix).
+# - in-flight load 1: a tie-breaker from the picker's own counts.
+# The load guard on affinity is off: it cost prefix hits, and so TTFT, under bursts.
 plugins:
 - type: queue-scorer
+  parameters:
+    minSpread: 4
+    countInflight: true
 - type: kv-cache-utilization-scorer
 - type: prefix-cache-scorer
+  parameters:
+    maxPrefixBlocksToMatch: 1024
 - type: lora-affinity-scorer
 - type: inflight-load-scorer
+- type: no-hit-lru-scorer
 - type: max-score-picker
 schedulingProfiles:
 - name: default
@@ -269,7 +284,7 @@ schedulingProfiles:
   - pluginRef: queue-scorer
     weight: 2
   - pluginRef: kv-cache-utilization-scorer
-    weight: 2
+    weight: 1
   - pluginRef: prefix-cache-scorer
     weight: 3
   - pluginRef: lora-affinity-scorer
@@ -277,6 +292,8 @@ schedulingProfiles:
     enabledWhen: {WHEN_ADAPTERS}
   - pluginRef: inflight-load-scorer
     weight: 1
+  - pluginRef: no-hit-lru-scorer
+    weight: 0.5
   - pluginRef: max-score-picker
 loadGuard:
   enabled: false

@@ -39,17 +39,55 @@ def low_is_better(values: list[float | None]) -> list[float]:
     return [(hi - v) / span if v is not None and 0.0 <= v < _BIG else 0.0 for v in values]
 
 
+@dataclass(frozen=True, slots=True)
+class QueueParams:
+    min_spread: float = 0.0  # ours: queue differences smaller than this never swing the full weight
+    count_inflight: bool = False  # ours: the page's queue raised by what this picker sent since
+
+
 @register("queue-scorer", SCORER)
-class QueueScorer(NoParams):
-    """Shorter waiting queue is better: (maxQ − q) / (maxQ − minQ) over the candidates."""
+class QueueScorer:
+    """Shorter waiting queue is better: (maxQ − q) / (maxQ − minQ) over the candidates (the reference's).
 
-    BOUNDED = True  # low_is_better() always returns 0..1
+    Two parameters of ours, both off by default (the reference's formula):
+    - `minSpread`: score = 1 − (q − minQ) / max(maxQ − minQ, minSpread), so 0 against 2 waiting with
+      minSpread 8 separates the pods by 1/4 of the weight instead of all of it: small, transient
+      queues stop outvoting a cached prefix, long ones still do.
+    - `countInflight`: q = max(waiting, inflight − running): the requests this picker routed to the
+      pod beyond what its page shows running count as queued until the next scrape, so a burst
+      between two scrapes does not pile onto the pod that looked idle. With several picker replicas
+      each sees a part of the in-flight load and the page's own queue dominates (never lower)."""
 
-    def __init__(self, name: str, params: None, ctx: BuildContext) -> None:
+    BOUNDED = True  # scores are clamped to 0..1
+
+    def __init__(self, name: str, params: QueueParams | None, ctx: BuildContext) -> None:
         self.name = name
+        self.p = params or QueueParams()
+
+    @classmethod
+    def parse(cls, p: Params) -> QueueParams:
+        out = QueueParams(min_spread=p.number("minSpread", 0.0, lo=0),
+                          count_inflight=p.boolean("countInflight", False))
+        p.done()
+        return out
 
     def score(self, cycle: Cycle, endpoints: Sequence[Endpoint]) -> list[float]:
-        return low_is_better([None if m is None else m.waiting for m in cycle.fresh(endpoints)])
+        fresh = cycle.fresh(endpoints)
+        if self.p.count_inflight:
+            values: list[float | None] = [
+                None if m is None else max(m.waiting, ep.inflight - m.running)
+                for m, ep in zip(fresh, endpoints, strict=True)]
+        else:
+            values = [None if m is None else m.waiting for m in fresh]
+        spread = self.p.min_spread
+        if spread <= 0.0:
+            return low_is_better(values)
+        known = [v for v in values if v is not None and 0.0 <= v < _BIG]
+        if not known:
+            return [0.0] * len(values)
+        lo = min(known)
+        span = max(max(known) - lo, spread)
+        return [1.0 - (v - lo) / span if v is not None and 0.0 <= v < _BIG else 0.0 for v in values]
 
 
 @register("running-requests-scorer", SCORER)
@@ -275,7 +313,7 @@ class NoHitLRUScorer:
     def parse(cls, p: Params) -> NoHitParams:
         out = NoHitParams(
             prefix_name=p.string("prefixPluginName", "prefix-cache-scorer"),
-            prefix_type=p.string("prefixPluginType", "prefix-cache-scorer", choices=("prefix-cache-scorer",)),
+            prefix_type=p.string("prefixPluginType", "prefix-cache-scorer"),
             lru_size=p.integer("lruSize", 1024, lo=1),
         )
         p.done()

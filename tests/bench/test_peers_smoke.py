@@ -67,3 +67,20 @@ def test_peer_router(tmp_path: Path, policy: str, module: str) -> None:
     check_cell(cell)
     assert cell["hit_rate"] > 0.3  # cache-aware: a group's prompt is found again
     assert f"| {policy} |" in md
+
+
+def test_variants_build_and_new_default_is_the_default() -> None:
+    # the variants are changes to the previous default; "new-default" must stay what runs without a config
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import peers
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    from epp.scheduling.config import load_config
+
+    for name in peers.VARIANTS:
+        load_config(peers.variant_text(name))  # every variant is a valid config
+    new, default = load_config(peers.variant_text("new-default")), load_config(None)
+    assert new.plugins == default.plugins
+    assert [(e.plugin, e.weight) for e in new.profile.entries] == [(e.plugin, e.weight) for e in default.profile.entries]
+    assert load_config(peers.variant_text("previous-default")).plugins != default.plugins

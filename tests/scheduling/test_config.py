@@ -28,8 +28,12 @@ def test_no_config_is_the_default_preset():
     for cfg in (load_config(None), load_config("  \n"), preset_config("default")):
         assert cfg.preset == "default"
         assert entries(cfg) == [
-            ("queue-scorer", 2, False), ("kv-cache-utilization-scorer", 2, False), ("prefix-cache-scorer", 3, False),
-            ("lora-affinity-scorer", 3, True), ("inflight-load-scorer", 1, False), ("max-score-picker", 1, False)]
+            ("queue-scorer", 2, False), ("kv-cache-utilization-scorer", 1, False), ("prefix-cache-scorer", 3, False),
+            ("lora-affinity-scorer", 3, True), ("inflight-load-scorer", 1, False), ("no-hit-lru-scorer", 0.5, False),
+            ("max-score-picker", 1, False)]
+        q = cfg.plugin("queue-scorer").params
+        assert (q.min_spread, q.count_inflight) == (4.0, True)
+        assert cfg.plugin("prefix-cache-scorer").params.max_blocks == 1024
         assert not cfg.load_guard.enabled and cfg.saturation.headroom_guard  # guard: see docs/benchmarks.md
         s = cfg.saturation
         assert (s.queue_threshold, s.kv_threshold, s.stale_after) == (5, 0.8, 0.2)

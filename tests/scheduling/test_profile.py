@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import string
 from collections import Counter
@@ -54,7 +55,22 @@ def test_shared_prefix_returns_to_its_pod():
     system = text(64 * 24, 0)
     first = route(sched, req(system + text(200, 1)), eps)
     for i in range(2, 8):
+        first.metrics = dataclasses.replace(first.metrics, running=first.inflight)  # as its next page shows
         assert route(sched, req(system + text(200, i)), eps) is first
+
+
+def test_burst_between_scrapes_leaves_the_pod_that_looked_idle():
+    # countInflight: requests sent since the page count as queued until a page shows them running
+    sched = build_scheduler(load_config(None), rng=random.Random(2))
+    eps = [ep(i, waiting=1, kv=0.3) for i in range(1, 5)]
+    eps[0].metrics = dataclasses.replace(eps[0].metrics, waiting=0)
+    picked = [route(sched, req(text(400, i)), eps) for i in range(8)]
+    assert picked[0] is eps[0]
+    assert sum(p is eps[0] for p in picked) <= 3
+    ref = build_scheduler(preset_config("reference"), rng=random.Random(2))
+    eps = [ep(i, waiting=1, kv=0.3) for i in range(1, 5)]
+    eps[0].metrics = dataclasses.replace(eps[0].metrics, waiting=0)
+    assert all(route(ref, req(text(400, i)), eps) is eps[0] for i in range(8))  # the page alone: all 8
 
 
 def test_equal_pods_burst_spreads_evenly():

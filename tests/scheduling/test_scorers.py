@@ -47,6 +47,52 @@ def test_queue_scorer_single_fresh_pod_among_stale():
     assert QueueScorer("q", None, CTX).score(cycle(), eps) == [1.0, 0.0]
 
 
+def test_queue_scorer_min_spread_damps_small_queues_only():
+    from epp.scheduling.scorers import QueueParams
+    q = QueueScorer("q", QueueParams(min_spread=8), CTX)
+    # 0 against 2 waiting: a quarter of the weight apart, not all of it
+    assert q.score(cycle(), [ep(1, waiting=0), ep(2, waiting=2)]) == [1.0, 0.75]
+    # a long queue still swings the full weight (the spread exceeds the floor)
+    assert q.score(cycle(), [ep(1, waiting=0), ep(2, waiting=20), ep(3, waiting=10)]) == [1.0, 0.0, 0.5]
+    assert q.score(cycle(), [ep(1, waiting=3), ep(2, age=10)]) == [1.0, 0.0]  # stale stays the worst
+
+
+def test_queue_scorer_count_inflight_spreads_between_scrapes():
+    from epp.scheduling.scorers import QueueParams
+    a, b = ep(1, waiting=0, running=4), ep(2, waiting=1, running=4)
+    a.inflight, b.inflight = 7, 4  # 3 routed to `a` since its page was taken
+    live = QueueScorer("q", QueueParams(count_inflight=True), CTX)
+    assert live.score(cycle(), [a, b]) == [0.0, 1.0]  # a counts 3 queued against b's 1
+    assert QueueScorer("q", None, CTX).score(cycle(), [a, b]) == [1.0, 0.0]  # the page alone
+    a.inflight = 2  # fewer in flight than the page shows running (another replica's): the page wins
+    assert live.score(cycle(), [a, b]) == [1.0, 0.0]
+
+
+def test_queue_scorer_params_parse_and_refuse():
+    from epp.scheduling.config import load_config
+    cfg = load_config("""
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+  parameters: {minSpread: 4, countInflight: true}
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+""")
+    spec = next(s for s in cfg.plugins if s.type == "queue-scorer")
+    assert (spec.params.min_spread, spec.params.count_inflight) == (4.0, True)
+    with pytest.raises(ConfigError, match="minSpread"):
+        load_config("""
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+  parameters: {minSpread: -1}
+""")
+
+
 def test_running_requests_scorer():
     eps = [ep(1, running=10), ep(2, running=30), ep(3, running=20)]
     assert RunningRequestsScorer("r", None, CTX).score(cycle(), eps) == [1.0, 0.0, 0.5]
