@@ -117,9 +117,10 @@ def _swap_prefix(new: dict[str, Any]) -> str:
 
 def _load_only() -> str:
     doc = _doc(DEFAULT_CONFIG_TEXT)
-    doc["plugins"] = [p for p in doc["plugins"] if p["type"] != "prefix-cache-scorer"]
+    gone = ("prefix-cache-scorer", "no-hit-lru-scorer")  # the second reads the first
+    doc["plugins"] = [p for p in doc["plugins"] if p["type"] not in gone]
     for prof in doc["schedulingProfiles"]:
-        prof["plugins"] = [e for e in prof["plugins"] if e["pluginRef"] != "prefix-cache-scorer"]
+        prof["plugins"] = [e for e in prof["plugins"] if e["pluginRef"] not in gone]
     return yaml.safe_dump(doc, sort_keys=False)
 
 

@@ -285,3 +285,29 @@ def test_prefix_cache_scorer_forwards_on_finished_to_its_match_source() -> None:
     scorer.on_finished(r, e[0])
     now[0] += 2.5  # the TTL from the finish has run out
     assert prod.ratios(req(rid="c"), e)[0] == 0.0
+
+
+def test_no_hit_lru_tells_warm_from_cold_through_the_precise_scorer() -> None:
+    # the default profile with the prefix scorer swapped for the precise one, as llm-d deploys it
+    from epp.scheduling.config import build_scheduler
+    from tests.scheduling.util import ep
+    text = yaml.safe_dump({
+        "apiVersion": "llm-d.ai/v1alpha1", "kind": "EndpointPickerConfig",
+        "plugins": [{"type": "precise-prefix-cache-scorer", "parameters": {"tokenizer": {"backend": "sim"}}},
+                    {"type": "no-hit-lru-scorer", "parameters": {"prefixPluginName": "precise-prefix-cache-scorer",
+                                                                 "prefixPluginType": "precise-prefix-cache-scorer"}},
+                    {"type": "max-score-picker"}],
+        "schedulingProfiles": [{"name": "default", "plugins": [
+            {"pluginRef": "precise-prefix-cache-scorer", "weight": 3}, {"pluginRef": "no-hit-lru-scorer", "weight": 1},
+            {"pluginRef": "max-score-picker"}]}]})
+    sched = build_scheduler(load_config(text), rng=random.Random(0))
+    pods = [ep(i) for i in range(1, 5)]
+    prod = next(ws.scorer.producer for ws in sched.scorers if isinstance(ws.scorer, PrecisePrefixCacheScorer))
+    feed_prompt(prod, pods[2].address)  # only the third pod holds the prompt
+    r = req()
+    res = sched.schedule(r, pods)
+    assert res.endpoints == [pods[2]]
+    assert r.scratch["no-hit-cold:no-hit-lru-scorer"] is False  # warm: the LRU spread stayed out of it
+    cold = req("".join(f"new{i:05d}" for i in range(64)), rid="c")
+    sched.schedule(cold, pods)
+    assert cold.scratch["no-hit-cold:no-hit-lru-scorer"] is True
