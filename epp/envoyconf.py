@@ -14,8 +14,9 @@ asks only for the phases its features need):
 | buffered | SEND        | BUFFERED             | SKIP         | SEND         | STREAMED (override)  | SEND          |
 | lean     | SEND        | FULL_DUPLEX_STREAMED | SEND         | SKIP         | NONE                 | SEND          |
 
-buffered is the default (DEFAULT_PROFILE): per request it costs the picker 3 messages, where duplex
-costs two per SSE chunk of the response; duplex is the reference gateway's profile.
+buffered is the default (DEFAULT_PROFILE): per request it costs the picker 2 messages (3 for the
+requests whose response headers it needs or samples), where duplex costs two per SSE chunk of the
+response; duplex is the reference gateway's profile.
 
 - Picking, model rewrite and the request-side objective/fairness headers need the request headers
   and body: every profile.
@@ -26,7 +27,10 @@ costs two per SSE chunk of the response; duplex is the reference gateway's profi
   while the request body mode is FULL_DUPLEX_STREAMED; buffered's response trailers SEND keep the
   ext_proc stream open to the end of the exchange once the body is off).
 - The served endpoint (fallback feedback), the conformance echo header and time to first byte need
-  the response headers: duplex and buffered. The end of in-flight accounting needs the ext_proc
+  the response headers: duplex and buffered (in buffered the picker's `mode_override` on the
+  request-headers reply skips the whole response side of a request that can need none of it; a
+  `header_mutation` filter first in the chain then removes the route's served-endpoint stamp the
+  picker would otherwise remove). The end of in-flight accounting needs the ext_proc
   stream to stay open until the exchange ends: with a FULL_DUPLEX_STREAMED request body Envoy 1.40
   closes it as soon as no phase is left to send, so lean asks for response trailers, which keeps
   it open to the end at no cost (a response without trailers sends no message); without them the
