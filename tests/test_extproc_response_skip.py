@@ -120,3 +120,29 @@ async def test_in_flight_ends_with_the_stream_not_the_routed_reply(start_picker)
             break
         await asyncio.sleep(0.01)
     assert inflight() == 0
+
+
+POOL = """
+apiVersion: inference.networking.k8s.io/v1
+kind: InferencePool
+metadata: {name: pool, namespace: default}
+spec: {selector: {matchLabels: {app: x}}, targetPorts: [{number: 8000}]}
+"""
+
+
+async def test_an_inference_model_with_other_targets_keeps_the_response(start_picker, tmp_path):
+    """An InferenceModel whose targets are its own name rewrites nothing; one naming another does."""
+    same = POOL + """---
+apiVersion: inference.networking.x-k8s.io/v1alpha2
+kind: InferenceModel
+metadata: {name: im, namespace: default}
+spec: {modelName: m, poolRef: {name: pool}, targetModels: [{name: m, weight: 1}]}
+"""
+    (tmp_path / "same.yaml").write_text(same)
+    app, ch = await start_picker(manifests=[str(tmp_path / "same.yaml")], endpoints=EPS, **NO_SAMPLES)
+    app.datastore.set_static_endpoints(EPS)
+    assert _skip(await exchange(ch, _request("m"))) is not None
+    (tmp_path / "other.yaml").write_text(same.replace("[{name: m, weight: 1}]", "[{name: m-v2, weight: 1}]"))
+    app2, ch2 = await start_picker(manifests=[str(tmp_path / "other.yaml")], endpoints=EPS, **NO_SAMPLES)
+    app2.datastore.set_static_endpoints(EPS)
+    assert _skip(await exchange(ch2, _request("m"))) is None
