@@ -82,6 +82,22 @@ def _loads(raw: bytes) -> Any:
         return json.loads(raw)
 
 
+_FEW = 256  # up to this many occurrences, find() calls beat one count() over the whole body
+
+
+def _occurrences(raw: bytes, byte: bytes) -> int:
+    """raw.count(byte), found by memchr-speed find() calls while there are few (a 200 KB chat has
+    a handful of brackets: ~2 µs instead of count()'s ~50), by count() once there are more."""
+    n = 0
+    i = raw.find(byte)
+    while i >= 0:
+        n += 1
+        if n > _FEW:
+            return raw.count(byte)
+        i = raw.find(byte, i + 1)
+    return n
+
+
 def _decode(raw: bytes) -> Any:
     """json.loads, bounded: a body with more than MAX_CONTAINERS objects (or arrays) is refused
     before it is decoded whole (5.5 million `{}` took ~0.45 s and ~400 MB). Counting brackets is a
@@ -89,8 +105,8 @@ def _decode(raw: bytes) -> Any:
     decoder builds them (it stops at the bound), arrays by a scan that skips strings."""
     if len(raw) < _SCAN_FROM:
         return _loads(raw)
-    n_arrays = raw.count(b"[")
-    if raw.count(b"{") <= MAX_CONTAINERS and n_arrays <= MAX_CONTAINERS:
+    n_arrays = _occurrences(raw, b"[")
+    if _occurrences(raw, b"{") <= MAX_CONTAINERS and n_arrays <= MAX_CONTAINERS:
         return _loads(raw)
     if n_arrays > MAX_CONTAINERS and _arrays_outside_strings(raw) > MAX_CONTAINERS:
         raise BadRequest(f"request body has more than {MAX_CONTAINERS} JSON arrays")

@@ -220,3 +220,10 @@ def test_fast_string_encoding_writes_what_json_writes() -> None:
     for s in cases:
         assert _dumps(s) == _json.dumps(s, separators=(",", ":"), ensure_ascii=False)
     assert _dumps({"a": [1, 2.5, None, True]}) == '{"a":[1,2.5,null,true]}'
+
+
+def test_bracket_counts_are_exact_few_or_many() -> None:
+    from epp.openai import _FEW, _occurrences
+
+    for body in (b"", b"no brackets", b"[" * 3 + b"x" * 70000 + b"[", b"[x]" * (_FEW + 1), b"[" * (5 * _FEW)):
+        assert _occurrences(body, b"[") == body.count(b"[")
