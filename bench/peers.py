@@ -819,6 +819,13 @@ def _set_weight(doc: dict[str, Any], ref: str, weight: float) -> None:
     _weights(doc)[ref]["weight"] = weight
 
 
+def _round2(doc: dict[str, Any]) -> None:
+    # the second round's changes besides the queue scorer's
+    _v_long_nohit1(doc)
+    _set_weight(doc, "kv-cache-utilization-scorer", 1)
+    _set_weight(doc, "no-hit-lru-scorer", 0.5)
+
+
 def _v_q(spread: float, live: bool, extra: Callable[[dict[str, Any]], None] | None = None
          ) -> Callable[[dict[str, Any]], None]:
     def change(doc: dict[str, Any]) -> None:
@@ -847,9 +854,8 @@ VARIANTS = {"prefix6": _v_prefix6, "no-kv": _v_no_kv, "own-load": _v_own_load, "
             "q4-live-long-nohit1-kv1": _v_q(4, True, lambda d: (_v_long_nohit1(d),
                                                                  _set_weight(d, "kv-cache-utilization-scorer", 1))),
             "q6-live-long-nohit1": _v_q(6, True, _v_long_nohit1),
-            # the default since the second round: q4-live-long-nohit1-kv1 with no-hit-lru at half weight
-            "new-default": _v_q(4, True, lambda d: (_v_long_nohit1(d), _set_weight(d, "kv-cache-utilization-scorer", 1),
-                                                    _set_weight(d, "no-hit-lru-scorer", 0.5))),
+            # the default since the second round: q2-live-long-nohit1-kv1 with no-hit-lru at half weight
+            "new-default": _v_q(2, True, _round2), "spread4-default": _v_q(4, True, _round2),
             "previous-default": lambda d: None}
 
 

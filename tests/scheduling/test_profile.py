@@ -163,7 +163,8 @@ def test_prefix_stats():
     sched = build_scheduler(load_config(None), rng=random.Random(7))
     eps = [ep(1), ep(2)]
     system = text(64 * 8, 0)
-    route(sched, req(system + text(64 * 8, 1)), eps)  # cold: 0 of 16 blocks
+    first = route(sched, req(system + text(64 * 8, 1)), eps)  # cold: 0 of 16 blocks
+    first.metrics = dataclasses.replace(first.metrics, running=first.inflight)  # as its next page shows
     route(sched, req(system + text(64 * 8, 2)), eps)  # 8 of 16 blocks held by the chosen pod
     st = sched.stats()
     assert st["prefix_routed_requests"] == 2
