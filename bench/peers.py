@@ -854,8 +854,8 @@ VARIANTS = {"prefix6": _v_prefix6, "no-kv": _v_no_kv, "own-load": _v_own_load, "
             "q4-live-long-nohit1-kv1": _v_q(4, True, lambda d: (_v_long_nohit1(d),
                                                                  _set_weight(d, "kv-cache-utilization-scorer", 1))),
             "q6-live-long-nohit1": _v_q(6, True, _v_long_nohit1),
-            # the default since the second round: q2-live-long-nohit1-kv1 with no-hit-lru at half weight
-            "new-default": _v_q(2, True, _round2), "spread4-default": _v_q(4, True, _round2),
+            # the default since the second round: q4-live-long-nohit1-kv1 with no-hit-lru at half weight
+            "new-default": _v_q(4, True, _round2), "spread2-default": _v_q(2, True, _round2),
             "previous-default": lambda d: None}
 
 

@@ -253,9 +253,9 @@ apiVersion: {API_VERSION}
 kind: {KIND}
 # The reference default, changed where the routing benchmarks (docs/benchmarks.md: the
 # discrete-event ones and the live run against the Rust routers) measured it better:
-# - queue-scorer minSpread 2: a queue of 1 against 0 was worth the scorer's whole weight and moved
-#   warm prefixes to cold pods; now a difference of one request moves half of it (4 was stickier and
-#   better with 4 pods, but cost hot prefixes and adapters that must spread over 8 pods).
+# - queue-scorer minSpread 4: a queue of 2 against 0 was worth the scorer's whole weight and moved
+#   warm prefixes to cold pods; now small queues separate pods a little, long ones fully (with 8+
+#   pods and hot prefixes that must spread over several, 2 measured better: docs/scheduling.md).
 # - queue-scorer countInflight: what this picker sent a pod since its page was scraped counts as
 #   queued, so a burst between two scrapes does not pile onto the pod that looked idle.
 # - KV use weight 1 (was 2): it moved conversations off the pod holding them as their cache grew.
@@ -269,7 +269,7 @@ kind: {KIND}
 plugins:
 - type: queue-scorer
   parameters:
-    minSpread: 2
+    minSpread: 4
     countInflight: true
 - type: kv-cache-utilization-scorer
 - type: prefix-cache-scorer

@@ -32,7 +32,7 @@ def test_no_config_is_the_default_preset():
             ("lora-affinity-scorer", 3, True), ("inflight-load-scorer", 1, False), ("no-hit-lru-scorer", 0.5, False),
             ("max-score-picker", 1, False)]
         q = cfg.plugin("queue-scorer").params
-        assert (q.min_spread, q.count_inflight) == (2.0, True)
+        assert (q.min_spread, q.count_inflight) == (4.0, True)
         assert cfg.plugin("prefix-cache-scorer").params.max_blocks == 1024
         assert not cfg.load_guard.enabled and cfg.saturation.headroom_guard  # guard: see docs/benchmarks.md
         s = cfg.saturation
