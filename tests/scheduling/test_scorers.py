@@ -191,3 +191,25 @@ def test_garbage_metric_values_score_worst():
     assert low_is_better([nan, 3.0]) == [0.0, 1.0]
     eps = [ep(1, kv=1.5), ep(2, kv=-0.2), ep(3, kv=nan)]
     assert KVCacheUtilizationScorer("kv", None, CTX).score(cycle(), eps) == [0.0, 1.0, 0.0]
+
+
+def test_no_hit_lru_prefix_type_must_match_the_named_plugin():
+    from epp.scheduling.config import load_config
+    text = """
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: prefix-cache-scorer
+- type: no-hit-lru-scorer
+  parameters: {prefixPluginType: TYPE}
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: prefix-cache-scorer
+  - pluginRef: no-hit-lru-scorer
+  - pluginRef: max-score-picker
+"""
+    load_config(text.replace("TYPE", "prefix-cache-scorer"))
+    with pytest.raises(ConfigError, match="expected prefix-cache-scorrer"):
+        load_config(text.replace("TYPE", "prefix-cache-scorrer"))
