@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 import sys
 
@@ -86,7 +87,19 @@ def supervise(workers: int, args: list[str]) -> int:
     port through SO_REUSEPORT, the kernel spreading connections over them; this process only starts
     them, passes SIGTERM/SIGINT on and waits. Worker 0 serves --metrics-port; the others bind an
     OS-assigned one. If a worker dies, the others are stopped and its exit code is returned, so the
-    pod restarts whole. Each worker scrapes the pool and counts in-flight requests on its own."""
+    pod restarts whole. The workers share one file in /dev/shm (epp.workershare): worker 0's scrapes
+    and every worker's in-flight counts; it is removed when they are gone."""
+    from epp import workershare
+
+    share = workershare.create(workers)
+    try:
+        return _run_workers(workers, [*args, "--worker-share", share])
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(share)
+
+
+def _run_workers(workers: int, args: list[str]) -> int:
     import subprocess
     import time
 

@@ -257,6 +257,7 @@ class Options:
     default_body_mode: str = "duplex"
     workers: int = 1  # picker processes serving the ext_proc port together (SO_REUSEPORT)
     worker_index: int = -1  # set by the supervisor in each worker process; -1: not a worker
+    worker_share: str = ""  # set by the supervisor: the workers' shared-memory file (epp.workershare)
     gc_tuning: bool = True  # gc.freeze() after start and higher collector thresholds (epp.__main__)
     # share of requests whose response body crosses the picker when not needed: a sampled stream costs
     # two messages per SSE chunk (~260 for 128 tokens), so 2% of requests doubled the picker's messages
@@ -383,9 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--workers", type=_workers, default=1, metavar="N|auto",
                      help="picker processes serving one ext_proc port (SO_REUSEPORT; the kernel spreads "
                           "connections over them); auto: the CPUs this process may use (the pod's CPU limit). "
-                          "Each worker scrapes and counts in-flight requests on its own; only the first serves "
-                          "--metrics-port (default 1)")
+                          "The first worker scrapes the pool and shares each page with the others through shared "
+                          "memory (the model servers are polled once, not once per worker); every worker's "
+                          "in-flight counts are summed into each decision; only the first serves --metrics-port; "
+                          "prefix and flow-control state stay each worker's own (default 1)")
     srv.add_argument("--worker-index", type=int, default=-1, help=argparse.SUPPRESS)
+    srv.add_argument("--worker-share", default="", help=argparse.SUPPRESS)
     srv.add_argument("--gc-tuning", default=True, **B,
                      help="after start, freeze the heap out of the cyclic collector and raise its thresholds "
                           "(fewer, shorter pauses while serving; default true)")
@@ -587,6 +591,7 @@ def parse_args(argv: list[str]) -> Options:
         gc_tuning=a.gc_tuning,
         workers=a.workers,
         worker_index=a.worker_index,
+        worker_share=a.worker_share,
         response_body_sample=a.response_body_sample,
         response_headers_sample=a.response_headers_sample,
         shutdown_grace=a.shutdown_grace,

@@ -28,6 +28,7 @@ from epp.scheduling.session import encode_session_token
 
 if TYPE_CHECKING:
     from epp.flowcontrol.aio import AsyncFlowControl
+    from epp.workershare import WorkerShare
 
 log = logging.getLogger("epp.director")
 
@@ -219,8 +220,10 @@ class Director:
         request_control: RequestControl | None = None,
         flow_control: AsyncFlowControl | None = None,
         preparers: Sequence[Preparer] | None = None,
+        share: WorkerShare | None = None,
     ) -> None:
         self.datastore = datastore
+        self.share = share  # --workers: in-flight counts of every worker, folded in before each decision
         self.session_header = session_header
         self.scheduler = scheduler
         self.admission = admission
@@ -318,6 +321,8 @@ class Director:
             if hint is not None:
                 hosts = {_host(a) for a in hint}
                 candidates = [e for e in candidates if e.ip in hosts]
+            if self.share is not None:
+                self.share.refresh(candidates)
             if not candidates:
                 # the reference: a header-only request finds no pods; a body request no candidates
                 why = NO_PODS if body is None and hint is None else NO_CANDIDATES
@@ -439,12 +444,16 @@ class Director:
         ctx.served = ep
         ep.inflight += 1
         ep.inflight_tokens += ctx.prompt_tokens_est
+        if self.share is not None:
+            self.share.routed(ep, 1, ctx.prompt_tokens_est)
 
     def _release(self, ctx: RequestContext) -> None:
         ep = ctx.served
         if ep is not None:
             ep.inflight = max(0, ep.inflight - 1)
             ep.inflight_tokens = max(0, ep.inflight_tokens - ctx.prompt_tokens_est)
+            if self.share is not None:
+                self.share.routed(ep, -1, -ctx.prompt_tokens_est)
 
     # ---- response path --------------------------------------------------------------------
     def served_by(self, ctx: RequestContext, address: str) -> None:

@@ -63,6 +63,7 @@ from epp.scheduling.framework import Scheduler
 from epp.scheduling.scorers import pool_serves_adapters
 from epp.scheduling.session import SessionAffinityScorer, configure_session_keys
 from epp.telemetry import Telemetry
+from epp.workershare import SharedMetricsThread, SharePublisher, WorkerShare
 
 log = logging.getLogger("epp.server")
 
@@ -219,6 +220,9 @@ class App:
         if hasattr(self.scheduler, "plugin_timer"):
             self.scheduler.plugin_timer = self.telemetry.plugin_observed
         self.flow: AsyncFlowControl | None = self._flow_control(opts)
+        # --workers: worker 0's scrapes and every worker's in-flight counts, through shared memory
+        self.share: WorkerShare | None = (WorkerShare(opts.worker_share, max(0, opts.worker_index))
+                                          if opts.worker_share else None)
         self.director = Director(self.datastore, self.scheduler, telemetry=self.telemetry,
                                  admission=build_admission(self.config),
                                  session_header=session_header(self.scheduler),
@@ -226,8 +230,8 @@ class App:
                                  parser=build_parser(getattr(self.config, "parsers", None)
                                                      or getattr(self.config, "parser", None)),
                                  request_control=build_request_control(self.config.plugins),
-                                 flow_control=self.flow)
-        self.scraper: ScrapeThread | None = None
+                                 flow_control=self.flow, share=self.share)
+        self.scraper: ScrapeThread | SharedMetricsThread | None = None
         self.kube: Any = None  # the KubeSource, when watching a cluster
         mode = BUFFERED if opts.default_body_mode == "buffered" else DUPLEX
         decider: Any = self.director  # a Decider, maybe wrapped
@@ -321,12 +325,18 @@ class App:
                                          kubeconfig=o.kubeconfig or None)
             self.sources.append(self.elector)
             await self.elector.start()
-        if o.mode == "epp" and not self._metrics_off():
+        if o.mode == "epp" and not self._metrics_off() and self.share is not None and self.share.worker > 0:
+            # --workers: worker 0 polls the model servers; this one copies its pages (a thread too)
+            self.scraper = SharedMetricsThread(self.datastore, self.share, period=o.refresh_metrics_interval / 4)
+            self.scraper.start()
+            log.info("scheduling profile", extra={"profile": describe(self.config)})
+        elif o.mode == "epp" and not self._metrics_off():
             # on a thread with its own loop: nothing but requests on the serving loop
             self.scraper = ScrapeThread(self.datastore, interval=o.refresh_metrics_interval, engines=self.engines,
                                         idle_interval=o.refresh_metrics_idle_interval or None,
                                         quiet_interval=o.refresh_metrics_quiet_interval or None,
-                                        max_age=self.config.saturation.stale_after)
+                                        max_age=self.config.saturation.stale_after,
+                                        publish=SharePublisher(self.share) if self.share is not None else None)
             self.scraper.start()
             log.info("scheduling profile", extra={"profile": describe(self.config)})
 
@@ -476,6 +486,8 @@ class App:
                 await src.stop()
         if self.scraper is not None:
             await self.scraper.stop()
+        if self.share is not None:
+            self.share.close()
         if self.metrics_http is not None:
             self.metrics_http.close()
         if self.tracer_provider is not None:

@@ -39,7 +39,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Protocol, TypeVar
 from urllib.parse import quote
 
 from epp.datastore import Datastore, Endpoint, Metrics
@@ -123,6 +123,18 @@ def _activity(ep: Endpoint) -> tuple[int, int]:
     return (ep.inflight, ep.inflight_tokens)
 
 
+class Publisher(Protocol):
+    """Where a scraper's results also go (epp.workershare: the other --workers processes)."""
+
+    def added(self, ep: Endpoint) -> None: ...
+
+    def removed(self, ep: Endpoint) -> None: ...
+
+    def result(self, ep: Endpoint) -> None: ...
+
+    def activity(self, ep: Endpoint) -> tuple[int, int]: ...
+
+
 def _has_required(text: str, spec: EngineSpec) -> bool:
     """Some name of each required signal appears at a line start (a cheap pre-check)."""
     return all(any(f"\n{n}" in text or text.startswith(n) for n in alts) for alts in spec.required_names)
@@ -153,6 +165,7 @@ class Scraper:
         max_age: float | None = None,
         follow: bool = True,
         align: float | None = None,
+        publish: Publisher | None = None,
     ) -> None:
         """`port`/`path`/`scheme` override where every model server's metrics are read (default:
         the engine's, see EngineSpec); `ssl` is used for https (a context; True: verify; False: do not verify;
@@ -179,7 +192,9 @@ class Scraper:
         moved to the nearest multiple of it on the loop's clock, so polls due about together share
         one timer wake and one loop pass (a separate wake per poll was about a third of a poll's
         CPU at 4 endpoints: bench/metrics_poller.py). Only the wake moves, not the schedule it is
-        computed from: the mean rate is unchanged, a page is at most `align`/2 later."""
+        computed from: the mean rate is unchanged, a page is at most `align`/2 later. `publish` (None:
+        nobody): told of every endpoint polled and every poll's outcome, and asked for the traffic
+        signal (in-flight counts) in place of the endpoint's own (--workers: every worker's)."""
         if interval <= 0 or timeout <= 0 or max_concurrency < 1 or max_page_bytes < 1:
             raise ValueError("interval, timeout, max_page_bytes must be positive, max_concurrency at least 1")
         self.datastore = datastore
@@ -211,6 +226,8 @@ class Scraper:
         self._sem: asyncio.Semaphore | None = None
         self._running = False
         self._subscribed = not follow
+        self.publish = publish
+        self._activity = publish.activity if publish is not None else _activity
         self.polls_ok = 0  # counters for tests, benchmarks and telemetry
         self.polls_failed = 0
 
@@ -261,6 +278,8 @@ class Scraper:
             if target is not None and target.endpoint is ep:
                 del self._targets[ep.address]
                 self._retire(target)
+                if self.publish is not None:
+                    self.publish.removed(ep)
         for ep in added:
             self._add(ep)
 
@@ -280,6 +299,8 @@ class Scraper:
             self._retire(old)
         target = _Target(ep)
         self._targets[ep.address] = target
+        if self.publish is not None:
+            self.publish.added(ep)
         target.task = asyncio.get_running_loop().create_task(self._run(target), name=f"scrape {ep.address}")
 
     # ---- polling -------------------------------------------------------------------------
@@ -302,13 +323,14 @@ class Scraper:
                 # back off a failing endpoint: a broken or hostile server costs less and less
                 target.backoff = min(max(target.backoff * 2, interval * 2), self.max_backoff)
                 next_at += target.backoff
-            elif self.idle_interval is not None and target.calm >= CALM_AFTER and target.endpoint.inflight == 0:
+            elif (self.idle_interval is not None and target.calm >= CALM_AFTER
+                  and self._activity(target.endpoint)[0] == 0):
                 # nothing routed there and nothing changed: the page costs the server to render
                 target.backoff = 0.0
                 target.gap = min(max(target.gap * 2, step * 2), self.idle_interval)
                 next_at += target.gap
-            elif (self.quiet_interval is not None and target.endpoint.inflight > 0
-                  and _activity(target.endpoint) == target.seen):
+            elif (self.quiet_interval is not None and self._activity(target.endpoint)[0] > 0
+                  and self._activity(target.endpoint) == target.seen):
                 # busy, but nothing this picker did changed it since the last poll: a fresh page per
                 # change is what decisions need, not one per interval (each poll costs both sides)
                 target.backoff = 0.0
@@ -352,7 +374,7 @@ class Scraper:
             if left <= 0:
                 return False
             await asyncio.sleep(self._wake_at(now + min(step, left), now) - now)
-            if _activity(ep) != target.seen:
+            if self._activity(ep) != target.seen:
                 target.calm = 0
                 target.gap = 0.0
                 return True
@@ -362,7 +384,7 @@ class Scraper:
         """One poll of one endpoint: fetch, parse, record the outcome."""
         assert self._sem is not None
         target.polls += 1
-        target.seen = _activity(target.endpoint)  # a change from here on is news for the next poll
+        target.seen = self._activity(target.endpoint)  # a change from here on is news for the next poll
         async with self._sem:
             try:
                 async with asyncio.timeout(self.timeout):
@@ -450,6 +472,8 @@ class Scraper:
         ep.metrics = metrics
         ep.scrape_ok = True
         self.polls_ok += 1
+        if self.publish is not None:
+            self.publish.result(ep)
         if target.failing:
             target.failing = False
             log.info("metrics scrape recovered", extra={"endpoint": ep.address})
@@ -460,6 +484,8 @@ class Scraper:
         ep = target.endpoint
         ep.scrape_ok = False
         self.polls_failed += 1
+        if self.publish is not None:
+            self.publish.result(ep)
         if not target.failing:
             target.failing = True
             log.warning("metrics scrape failing", extra={"endpoint": ep.address, "error": reason})

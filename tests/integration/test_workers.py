@@ -142,3 +142,75 @@ async def test_workers_die_with_a_killed_supervisor():
             break
         await asyncio.sleep(0.1)
     assert not [k for k in kids if alive(k)]
+
+
+async def test_two_workers_poll_each_model_server_once_and_both_route_on_its_page():
+    """Worker 0 scrapes; worker 1 routes on the pages it shares (a server with a long queue is
+    avoided by both), and each server is polled at one picker's rate, not two. The share file is
+    gone once the picker stops."""
+    from aiohttp import web
+
+    from tests.integration.test_scheduling_live import vllm_page
+
+    hits = {"busy": 0, "idle": 0}
+
+    def server(name: str, waiting: float):  # type: ignore[no-untyped-def]
+        async def metrics(_: web.Request) -> web.Response:
+            hits[name] += 1
+            return web.Response(text=vllm_page(waiting=waiting), content_type="text/plain")
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        return app
+
+    runners = []
+    addrs = {}
+    for name, waiting in (("busy", 1000.0), ("idle", 0.0)):
+        r = web.AppRunner(server(name, waiting), access_log=None, shutdown_timeout=0.2)
+        await r.setup()
+        site = web.TCPSite(r, "127.0.0.1", 0)
+        await site.start()
+        runners.append(r)
+        addrs[name] = f"127.0.0.1:{r.addresses[0][1]}"
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    before = set(os.listdir(shm)) if shm else set()
+    port, hport = free_port(), free_port()
+    p = subprocess.Popen([sys.executable, "-m", "epp", "--workers", "2", "--pool-name", "p",
+                          "--endpoints", f"{addrs['busy']},{addrs['idle']}",
+                          "--grpc-port", str(port), "--grpc-health-port", str(hport), "--metrics-port", "0",
+                          "--bind-address", "127.0.0.1", "--secure-serving=false", "--log-format", "text",
+                          "--refresh-metrics-interval", "50ms", "--refresh-metrics-idle-interval", "0",
+                          "--refresh-metrics-quiet-interval", "0",
+                          "--drain-timeout", "0s", "--shutdown-grace", "1s"], stderr=subprocess.DEVNULL)
+    try:
+        await wait_serving(hport)
+        kids: list[int] = []
+        for _ in range(100):
+            kids = children(p.pid)
+            if len(kids) == 2:
+                break
+            await asyncio.sleep(0.1)
+        assert len(kids) == 2
+        await asyncio.sleep(1.0)  # both listening, pages shared
+        if shm:
+            assert [f for f in set(os.listdir(shm)) - before if f.startswith("epp-workers-")]
+        cpu0 = {k: cpu_ticks(k) for k in kids}
+        routed = await asyncio.gather(*(route_once(port) for _ in range(120)))
+        assert set(routed) == {addrs["idle"]}  # every worker saw the busy server's queue
+        assert all(cpu_ticks(k) > cpu0[k] for k in kids)  # and both workers routed
+        h0, t0 = dict(hits), time.monotonic()
+        await asyncio.sleep(2.0)
+        rate = (hits["idle"] - h0["idle"]) / (time.monotonic() - t0)
+        assert 5 < rate < 30, rate  # one poller at ~20/s (two would be ~40/s)
+    finally:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout=20)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
+            for r in runners:
+                await r.cleanup()
+    if shm:
+        assert not [f for f in set(os.listdir(shm)) - before if f.startswith("epp-workers-")]

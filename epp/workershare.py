@@ -1,0 +1,406 @@
+"""What the `--workers` processes of one picker share through one shared-memory file: the pool's
+scraped metrics (worker 0 scrapes, the others read its results) and each worker's in-flight counts
+(every worker's scorers see the requests all workers sent to a pod).
+
+The supervisor creates the file (`create`), every worker maps it (`WorkerShare`). Layout,
+little-endian, fixed at creation; the file is sparse (on tmpfs only the pages touched take memory):
+
+    header     64 B: magic, version, workers, slots, slot bytes, generation (u64, bumped after every
+               directory change), high (slots ever used)
+    directory  slots × 80 B: tag (u32, bumped on every (re)assignment), used (u16), address length,
+               address (72 B)
+    metrics    slots × SLOT_BYTES: seq (u64, odd while being written), tag, ok, length, crc32, then the
+               page's signals as msgpack
+    counts     slots × workers × i64 requests in flight, then the same for their prompt tokens
+
+One writer for the directory and the metrics (worker 0's scraper thread); each worker writes only its
+own count cells, from its serving loop. Readers copy between two reads of the seq (or generation) and
+retry when it moved, so no lock is shared between processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import os
+import struct
+import tempfile
+import threading
+import zlib
+from collections.abc import Sequence
+
+import msgspec
+
+from epp.datastore import Datastore, Endpoint, Metrics
+
+log = logging.getLogger("epp.workershare")
+
+MAGIC = b"EPPW"
+VERSION = 1
+DEFAULT_SLOTS = 4096  # endpoints one picker's workers can share; more are scraped by worker 0 only
+SLOT_BYTES = 4096
+_HEADER = struct.Struct("<4sIIII")  # magic, version, workers, slots, slot bytes
+_GEN = struct.Struct("<Q")
+_HIGH = struct.Struct("<I")
+_GEN_AT, _HIGH_AT, _HEADER_BYTES = 24, 32, 64
+_DIR = struct.Struct("<IHH72s")  # tag, used, address length, address
+_SLOT = struct.Struct("<QIHxxII")  # seq, tag, ok, payload length, crc32
+_SEQ = struct.Struct("<Q")
+_MAX_PAYLOAD = SLOT_BYTES - _SLOT.size
+_NO_PAGE = 0xFFFFFFFF  # payload length: no page yet (or one too large to share)
+_READ_TRIES = 8
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder().decode
+
+
+def _layout(workers: int, slots: int) -> tuple[int, int, int, int]:
+    """Offsets of the directory, the metrics slots, the request counts and the token counts."""
+    directory = _HEADER_BYTES
+    metrics = -(-(directory + slots * _DIR.size) // mmap.PAGESIZE) * mmap.PAGESIZE
+    counts = metrics + slots * SLOT_BYTES
+    tokens = counts + slots * workers * 8
+    return directory, metrics, counts, tokens
+
+
+def _size(workers: int, slots: int) -> int:
+    return _layout(workers, slots)[3] + slots * workers * 8
+
+
+def create(workers: int, slots: int = DEFAULT_SLOTS, directory: str | None = None) -> str:
+    """A new, zeroed share for `workers` processes (in /dev/shm when there is one); returns its path.
+    The caller removes the file when the workers are gone."""
+    if workers < 1 or slots < 1:
+        raise ValueError("workers and slots must be positive")
+    where = directory or ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
+    fd, path = tempfile.mkstemp(prefix="epp-workers-", dir=where)
+    try:
+        os.ftruncate(fd, _size(workers, slots))  # sparse: zero pages cost nothing until written
+        os.pwrite(fd, _HEADER.pack(MAGIC, VERSION, workers, slots, SLOT_BYTES), 0)
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    os.close(fd)
+    return path
+
+
+def _pack_metrics(m: Metrics) -> bytes:
+    return _encode([m.waiting, m.running, m.kv_usage, m.block_size, m.num_blocks, m.lora_max,
+                    sorted(m.lora_running), sorted(m.lora_waiting), sorted(m.models), m.updated,
+                    dict(m.custom) if m.custom else {}])
+
+
+def _unpack_metrics(data: bytes) -> Metrics:
+    (waiting, running, kv, block_size, num_blocks, lora_max, lora_running, lora_waiting, models, updated,
+     custom) = _decode(data)
+    return Metrics(waiting=float(waiting), running=float(running), kv_usage=float(kv), block_size=int(block_size),
+                   num_blocks=int(num_blocks), lora_max=int(lora_max), lora_running=frozenset(lora_running),
+                   lora_waiting=frozenset(lora_waiting), models=frozenset(models), updated=float(updated),
+                   custom={str(k): float(v) for k, v in custom.items()})
+
+
+class WorkerShare:
+    """One worker's view of the share. Worker 0 writes the directory and the metrics (from its
+    scraper thread: `added`, `removed`, `result`); every worker keeps its own count cells current
+    (`routed`, from the serving loop) and folds the others' into its endpoints' in-flight figures
+    before each decision (`refresh`)."""
+
+    def __init__(self, path: str, worker: int) -> None:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            size = os.fstat(fd).st_size
+            self._mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        magic, version, workers, slots, slot_bytes = _HEADER.unpack_from(self._mm, 0)
+        if magic != MAGIC or version != VERSION or slot_bytes != SLOT_BYTES or size < _size(workers, slots):
+            self._mm.close()
+            raise ValueError(f"{path}: not a worker share of this version")
+        if not 0 <= worker < workers:
+            self._mm.close()
+            raise ValueError(f"worker {worker} outside the share's {workers} workers")
+        self.path, self.worker, self.workers, self.slots = path, worker, workers, slots
+        self._dir_at, self._metrics_at, counts_at, tokens_at = _layout(workers, slots)
+        self._views = [memoryview(self._mm)]
+        self._views += [self._views[0][counts_at:counts_at + slots * workers * 8],
+                        self._views[0][tokens_at:tokens_at + slots * workers * 8]]
+        self._counts = self._views[1].cast("q")
+        self._tokens = self._views[2].cast("q")
+        self._slot_of: dict[str, int] = {}  # address -> slot, rebound whole (read from other threads)
+        self._tag_of: dict[int, int] = {}  # slot -> its directory tag when _slot_of was read
+        self._map_gen = -1  # the directory generation _slot_of was read at
+        self._written_gen = -2  # the generation this worker last rewrote its own cells at
+        self._own: dict[str, list[int]] = {}  # address -> [requests, tokens] this worker has in flight
+        self._cells: set[int] = set()  # slots whose own cells this worker wrote non-zero
+        self._seen: dict[str, int] = {}  # address -> the metrics seq last read (readers)
+        # the writer's (worker 0's) bookkeeping
+        self._tags: dict[int, int] = {}
+        self._assigned: dict[str, int] = {}
+        self._free_from = 0
+        self._full_logged = False
+
+    def close(self) -> None:
+        """Unmap (the views first: a mapping with exported views cannot close)."""
+        self._counts.release()
+        self._tokens.release()
+        for v in reversed(self._views):
+            v.release()
+        with contextlib.suppress(BufferError):
+            self._mm.close()
+
+    # ---- the directory ------------------------------------------------------------------
+    def _generation(self) -> int:
+        return int(_GEN.unpack_from(self._mm, _GEN_AT)[0])
+
+    def sync_directory(self) -> bool:
+        """Re-read the directory if it changed since the last call; True when it did."""
+        for _ in range(_READ_TRIES):
+            gen = self._generation()
+            if gen == self._map_gen:
+                return False
+            high = min(int(_HIGH.unpack_from(self._mm, _HIGH_AT)[0]), self.slots)
+            found: dict[str, int] = {}
+            tags: dict[int, int] = {}
+            for i in range(high):
+                tag, used, n, raw = _DIR.unpack_from(self._mm, self._dir_at + i * _DIR.size)
+                if used and 0 < n <= len(raw):
+                    found[raw[:n].decode("ascii", "replace")] = i
+                    tags[i] = tag
+            if self._generation() == gen:
+                self._tag_of = tags
+                self._slot_of = found
+                self._map_gen = gen
+                return True
+        return False  # the writer kept changing it: the next call tries again
+
+    def slot(self, address: str) -> int | None:
+        """The slot an endpoint's state is shared in, None when it has none (yet)."""
+        return self._slot_of.get(address)
+
+    # ---- worker 0: the writer -----------------------------------------------------------
+    def _write_dir(self, i: int, address: str, used: bool) -> None:
+        tag = self._tags.get(i, 0) + 1
+        self._tags[i] = tag
+        raw = address.encode("ascii", "replace")[:72]
+        _DIR.pack_into(self._mm, self._dir_at + i * _DIR.size, tag, 1 if used else 0, len(raw), raw)
+        if used:
+            high = int(_HIGH.unpack_from(self._mm, _HIGH_AT)[0])
+            if i >= high:
+                _HIGH.pack_into(self._mm, _HIGH_AT, i + 1)
+        _GEN.pack_into(self._mm, _GEN_AT, self._generation() + 1)  # after the entry: readers retry on it
+        self._slot_of = dict(self._assigned)
+        self._map_gen = self._generation()
+
+    def added(self, address: str) -> None:
+        """Worker 0: an endpoint it scrapes; it gets a slot (the one it has, if any)."""
+        if address in self._assigned:
+            return
+        taken = set(self._assigned.values())
+        for k in range(self.slots):  # round robin from the last one given: a freed slot rests longest
+            i = (self._free_from + k) % self.slots
+            if i not in taken:
+                break
+        else:
+            if not self._full_logged:
+                self._full_logged = True
+                log.warning("worker share full: more endpoints than slots; the others are not shared",
+                            extra={"slots": self.slots, "endpoint": address})
+            return
+        self._free_from = (i + 1) % self.slots
+        self._assigned[address] = i
+        base = self._metrics_at + i * SLOT_BYTES
+        seq = int(_SEQ.unpack_from(self._mm, base)[0])
+        _SLOT.pack_into(self._mm, base, (seq | 1) + 1, self._tags.get(i, 0) + 1, 0, _NO_PAGE, 0)
+        self._write_dir(i, address, True)
+
+    def removed(self, address: str) -> None:
+        """Worker 0: an endpoint left the pool; its slot is freed."""
+        i = self._assigned.pop(address, None)
+        if i is not None:
+            self._write_dir(i, address, False)
+
+    def result(self, ep: Endpoint) -> None:
+        """Worker 0: the outcome of a poll of `ep` (its metrics and scrape_ok as they are now)."""
+        i = self._assigned.get(ep.address)
+        if i is None:
+            return
+        m = ep.metrics
+        payload = _pack_metrics(m) if m is not None else b""
+        length = len(payload) if m is not None else _NO_PAGE
+        if len(payload) > _MAX_PAYLOAD:  # e.g. hundreds of adapter names: the readers see a failed poll
+            payload, length = b"", _NO_PAGE
+        base = self._metrics_at + i * SLOT_BYTES
+        seq = int(_SEQ.unpack_from(self._mm, base)[0])
+        if not seq & 1:
+            seq += 1
+        _SEQ.pack_into(self._mm, base, seq)  # odd: being written
+        end = base + _SLOT.size
+        self._mm[end:end + len(payload)] = payload
+        ok = 1 if ep.scrape_ok and length != _NO_PAGE else 0
+        _SLOT.pack_into(self._mm, base, seq, self._tags.get(i, 0), ok, length, zlib.crc32(payload))
+        _SEQ.pack_into(self._mm, base, seq + 1)  # even again: whole
+
+    def activity(self, ep: Endpoint) -> tuple[int, int]:
+        """Every worker's in-flight requests and tokens on `ep` (the scraper's traffic signal)."""
+        i = self._slot_of.get(ep.address)
+        if i is None:
+            return (ep.inflight, ep.inflight_tokens)
+        base = i * self.workers
+        return (sum(self._counts[base:base + self.workers]), sum(self._tokens[base:base + self.workers]))
+
+    # ---- workers 1..: readers of the metrics --------------------------------------------
+    def read(self, ep: Endpoint) -> bool:
+        """Copy worker 0's latest poll of `ep` into it; True when something new was read."""
+        i = self._slot_of.get(ep.address)
+        if i is None:
+            return False
+        base = self._metrics_at + i * SLOT_BYTES
+        for _ in range(_READ_TRIES):
+            seq, tag, ok, length, crc = _SLOT.unpack_from(self._mm, base)
+            if seq & 1:
+                continue
+            if tag != self._tag_of.get(i):
+                return False  # the slot was given to another endpoint since the directory was read
+            if seq == self._seen.get(ep.address) and ep.metrics is not None:
+                return False
+            payload = b"" if length == _NO_PAGE else self._mm[base + _SLOT.size:base + _SLOT.size + length]
+            if int(_SEQ.unpack_from(self._mm, base)[0]) != seq:
+                continue  # written meanwhile: read again
+            if length != _NO_PAGE and (length > _MAX_PAYLOAD or zlib.crc32(payload) != crc):
+                continue
+            self._seen[ep.address] = seq
+            if length != _NO_PAGE:
+                try:
+                    ep.metrics = _unpack_metrics(payload)
+                except (msgspec.DecodeError, ValueError, TypeError):
+                    return False
+            ep.scrape_ok = bool(ok)
+            return True
+        return False
+
+    # ---- every worker: in-flight counts -------------------------------------------------
+    def routed(self, ep: Endpoint, requests: int, tokens: int) -> None:
+        """This worker sent (+1) or finished (−1) a request on `ep`: its own cell follows at once."""
+        own = self._own.get(ep.address)
+        if own is None:
+            own = self._own[ep.address] = [0, 0]
+        own[0] = max(0, own[0] + requests)
+        own[1] = max(0, own[1] + tokens)
+        if not own[0]:
+            own[1] = 0
+            del self._own[ep.address]
+        i = self._slot_of.get(ep.address)
+        if i is not None and self._written_gen == self._map_gen:
+            cell = i * self.workers + self.worker
+            self._counts[cell] = own[0]
+            self._tokens[cell] = own[1]
+            self._cells.add(i)
+
+    def _rewrite_own(self) -> None:
+        """The directory changed: put this worker's counts where the endpoints are now, zero the rest."""
+        gen = self._map_gen
+        want = {i: self._own[a] for a, i in self._slot_of.items() if a in self._own}
+        for i in self._cells - want.keys():
+            cell = i * self.workers + self.worker
+            self._counts[cell] = 0
+            self._tokens[cell] = 0
+        for i, (n, t) in want.items():
+            cell = i * self.workers + self.worker
+            self._counts[cell] = n
+            self._tokens[cell] = t
+        self._cells = set(want)
+        self._written_gen = gen
+
+    def refresh(self, endpoints: Sequence[Endpoint]) -> None:
+        """Before a decision: each endpoint's in-flight figures become all workers' (this one's own
+        counts, exact, plus the others' cells as they are now)."""
+        if self._written_gen != self._map_gen:
+            self._rewrite_own()
+        slot_of, own, w, n = self._slot_of, self._own, self.worker, self.workers
+        counts, tokens = self._counts, self._tokens
+        for ep in endpoints:
+            i = slot_of.get(ep.address)
+            if i is None:
+                continue
+            base = i * n
+            mine = own.get(ep.address)
+            others = sum(counts[base:base + n]) - counts[base + w]
+            others_t = sum(tokens[base:base + n]) - tokens[base + w]
+            ep.inflight = (mine[0] if mine else 0) + max(0, others)
+            ep.inflight_tokens = (mine[1] if mine else 0) + max(0, others_t)
+
+
+class SharedMetricsThread:
+    """Workers 1..N−1: in place of a scraper, a daemon thread that copies worker 0's polls from the
+    share into this worker's endpoints every `period` seconds (the pages are as fresh as worker 0's
+    plus at most one period; the model servers are polled once per picker, not once per worker)."""
+
+    def __init__(self, datastore: Datastore, share: WorkerShare, period: float) -> None:
+        self.datastore = datastore
+        self.share = share
+        self.period = max(period, 0.001)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.reads = 0  # pages copied (tests)
+
+    def start(self) -> None:
+        """Start copying (the first pass runs before this returns)."""
+        if self._thread is not None:
+            return
+        self.poll()
+        self._thread = threading.Thread(target=self._run, name="shared-metrics", daemon=True)
+        self._thread.start()
+
+    def _endpoints(self) -> list[Endpoint]:
+        for _ in range(100):  # the serving loop may change the table meanwhile
+            try:
+                return list(self.datastore.endpoints.values())
+            except RuntimeError:
+                continue
+        return []
+
+    def poll(self) -> None:
+        """One pass: the directory if it changed, then every endpoint's latest page."""
+        self.share.sync_directory()
+        for ep in self._endpoints():
+            if self.share.read(ep):
+                self.reads += 1
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            try:
+                self.poll()
+            except Exception:  # never let one odd slot end the copying for good
+                log.exception("reading the worker share failed")
+
+    async def stop(self) -> None:
+        """End the thread."""
+        import asyncio
+
+        self._stop.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 5.0)
+            self._thread = None
+
+
+class SharePublisher:
+    """Worker 0's scraper hooks (epp.metrics.scrape.Publisher): every endpoint it polls gets a slot,
+    every poll's outcome is written to it, and the scraper's traffic signal counts every worker."""
+
+    def __init__(self, share: WorkerShare) -> None:
+        self.share = share
+
+    def added(self, ep: Endpoint) -> None:
+        self.share.added(ep.address)
+
+    def removed(self, ep: Endpoint) -> None:
+        self.share.removed(ep.address)
+
+    def result(self, ep: Endpoint) -> None:
+        self.share.result(ep)
+
+    def activity(self, ep: Endpoint) -> tuple[int, int]:
+        return self.share.activity(ep)
+

@@ -1,0 +1,205 @@
+"""The --workers share (epp.workershare) on a real file mapped twice, as two workers map it: worker
+0's polls reach the other worker whole, in-flight counts of every worker are summed, slot reuse
+and torn or oversized writes are never read as a page."""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator
+
+import pytest
+
+from epp import workershare
+from epp.datastore import Datastore, Endpoint, Metrics
+from epp.workershare import SharedMetricsThread, SharePublisher, WorkerShare
+
+A, B = "10.0.0.1:8000", "10.0.0.2:8000"
+
+
+@pytest.fixture
+def path(tmp_path) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    p = workershare.create(2, slots=8, directory=str(tmp_path))
+    yield p
+    os.unlink(p)
+
+
+@pytest.fixture
+def pair(path: str) -> Iterator[tuple[WorkerShare, WorkerShare]]:
+    w0, w1 = WorkerShare(path, 0), WorkerShare(path, 1)
+    yield w0, w1
+    w0.close()
+    w1.close()
+
+
+def ep(address: str) -> Endpoint:
+    ip, _, port = address.rpartition(":")
+    return Endpoint(address=address, ip=ip, port=int(port), pod=address)
+
+
+def page(**kw: object) -> Metrics:
+    base: dict[str, object] = dict(waiting=3.0, running=5.0, kv_usage=0.25, block_size=16, num_blocks=9632,
+                                   lora_max=4, lora_running=frozenset({"sql", "chat"}),
+                                   lora_waiting=frozenset({"math"}), models=frozenset({"m"}), updated=123.5,
+                                   custom={"queue_ms": 7.0})
+    base.update(kw)
+    return Metrics(**base)  # type: ignore[arg-type]
+
+
+def test_a_file_that_is_not_a_share_or_a_worker_outside_it_is_refused(path: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    other = tmp_path / "not-a-share"
+    other.write_bytes(b"\0" * 200_000)
+    with pytest.raises(ValueError, match="not a worker share"):
+        WorkerShare(str(other), 0)
+    with pytest.raises(ValueError, match="outside"):
+        WorkerShare(path, 2)
+
+
+def test_worker_zeros_polls_reach_the_other_worker_whole(pair: tuple[WorkerShare, WorkerShare]) -> None:
+    w0, w1 = pair
+    mine, theirs = ep(A), ep(A)
+    w0.added(A)
+    mine.metrics, mine.scrape_ok = page(), True
+    w0.result(mine)
+    assert w1.sync_directory()
+    assert w1.read(theirs)
+    assert theirs.metrics == mine.metrics and theirs.scrape_ok
+    assert not w1.read(theirs)  # nothing new: not decoded again
+    mine.metrics = page(waiting=9.0, lora_running=frozenset(), custom={})
+    w0.result(mine)
+    assert w1.read(theirs) and theirs.metrics is not None
+    assert theirs.metrics.waiting == 9.0 and theirs.metrics.lora_running == frozenset()
+
+
+def test_a_failed_poll_keeps_the_last_page_and_marks_the_endpoint(pair: tuple[WorkerShare, WorkerShare]) -> None:
+    w0, w1 = pair
+    mine, theirs = ep(A), ep(A)
+    w0.added(A)
+    w1.sync_directory()
+    assert w1.read(theirs) and theirs.metrics is None and not theirs.scrape_ok  # no page yet
+    mine.metrics, mine.scrape_ok = page(), True
+    w0.result(mine)
+    w1.read(theirs)
+    mine.scrape_ok = False  # the scraper's failure: metrics as they were
+    w0.result(mine)
+    assert w1.read(theirs)
+    assert not theirs.scrape_ok and theirs.metrics == page()
+
+
+def test_a_freed_slot_given_to_another_endpoint_is_not_read_as_the_old_one(
+        pair: tuple[WorkerShare, WorkerShare]) -> None:
+    w0, w1 = pair
+    w0.added(A)
+    w1.sync_directory()
+    old = ep(A)
+    w0.removed(A)
+    for k in range(8):  # round robin: A's slot is the last one handed out again
+        w0.added(f"10.0.1.{k}:8000")
+    new = ep("10.0.1.7:8000")
+    assert w0.slot("10.0.1.7:8000") == w1.slot(A)  # the reader's map is from before the reuse
+    new.metrics, new.scrape_ok = page(waiting=42.0), True
+    w0.result(new)
+    assert not w1.read(old)  # the slot's tag moved: not A's any more
+    assert w1.sync_directory()
+    assert w1.slot(A) is None
+    got = ep("10.0.1.7:8000")
+    assert w1.read(got) and got.metrics is not None and got.metrics.waiting == 42.0
+
+
+def test_a_write_in_progress_or_a_corrupt_payload_is_never_read(pair: tuple[WorkerShare, WorkerShare]) -> None:
+    w0, w1 = pair
+    mine, theirs = ep(A), ep(A)
+    w0.added(A)
+    mine.metrics = page()
+    w0.result(mine)
+    w1.sync_directory()
+    i = w0.slot(A)
+    assert i is not None
+    base = w0._metrics_at + i * workershare.SLOT_BYTES
+    seq = struct.unpack_from("<Q", w0._mm, base)[0]
+    struct.pack_into("<Q", w0._mm, base, seq + 1)  # odd: the writer is mid-way
+    assert not w1.read(theirs) and theirs.metrics is None
+    struct.pack_into("<Q", w0._mm, base, seq + 2)
+    w0._mm[base + 30] ^= 0xFF  # a flipped payload byte: the crc does not match
+    assert not w1.read(theirs) and theirs.metrics is None
+
+
+def test_a_page_too_large_to_share_reads_as_a_failed_poll(pair: tuple[WorkerShare, WorkerShare]) -> None:
+    w0, w1 = pair
+    mine, theirs = ep(A), ep(A)
+    w0.added(A)
+    mine.metrics, mine.scrape_ok = page(lora_running=frozenset(f"adapter-{k:04d}" for k in range(500))), True
+    w0.result(mine)
+    w1.sync_directory()
+    assert w1.read(theirs)
+    assert theirs.metrics is None and not theirs.scrape_ok
+
+
+def test_every_workers_in_flight_counts_are_summed_before_a_decision(pair: tuple[WorkerShare, WorkerShare]) -> None:
+    w0, w1 = pair
+    a0, b0, a1, b1 = ep(A), ep(B), ep(A), ep(B)
+    w0.added(A)
+    w0.added(B)
+    w1.sync_directory()
+    for _ in range(3):  # worker 1 sends three to A (its director counts them too)
+        a1.inflight += 1
+        w1.routed(a1, 1, 100)
+    w1.refresh([a1, b1])  # the first refresh after the directory appeared writes its cells
+    w0.refresh([a0, b0])
+    assert (a0.inflight, a0.inflight_tokens, b0.inflight) == (3, 300, 0)
+    a0.inflight += 1  # worker 0 sends one to A itself
+    w0.routed(a0, 1, 50)
+    w1.refresh([a1, b1])
+    assert (a1.inflight, a1.inflight_tokens) == (4, 350)
+    w1.routed(a1, -1, -100)
+    w0.refresh([a0])
+    assert (a0.inflight, a0.inflight_tokens) == (3, 250)
+    assert w0.activity(a0) == (3, 250)  # the scraper's signal: every worker's
+
+
+def test_counts_sent_before_an_endpoint_had_a_slot_are_shared_once_it_has_one(
+        pair: tuple[WorkerShare, WorkerShare]) -> None:
+    w0, w1 = pair
+    a0, a1 = ep(A), ep(A)
+    a1.inflight = 2
+    w1.routed(a1, 1, 10)
+    w1.routed(a1, 1, 10)
+    w0.added(A)  # worker 0 starts polling A only now
+    w0.refresh([a0])
+    assert a0.inflight == 0
+    w1.sync_directory()
+    w1.refresh([a1])  # worker 1 puts its counts where A is now
+    w0.refresh([a0])
+    assert (a0.inflight, a0.inflight_tokens) == (2, 20)
+    w0.removed(A)  # A leaves and its slot is reused: worker 1 clears its cell there
+    w0.added(B)
+    w1.sync_directory()
+    w1.refresh([])
+    for k in range(8):
+        w0.added(f"10.0.1.{k}:8000")
+    reused = [a for a in (f"10.0.1.{k}:8000" for k in range(8)) if w0.slot(a) is not None]
+    probe = [ep(a) for a in reused]
+    w0.refresh(probe)
+    assert all(p.inflight == 0 for p in probe)
+
+
+def test_the_reader_thread_copies_worker_zeros_pages_into_its_datastore(
+        pair: tuple[WorkerShare, WorkerShare]) -> None:
+    w0, w1 = pair
+    ds = Datastore("pool")
+    ds.set_static_endpoints([A, B])
+    pub = SharePublisher(w0)
+    polled = ep(A)
+    pub.added(polled)
+    polled.metrics, polled.scrape_ok = page(), True
+    pub.result(polled)
+    t = SharedMetricsThread(ds, w1, period=0.01)
+    t.start()  # the first pass runs at once
+    try:
+        assert ds.endpoints[A].metrics == page() and ds.endpoints[A].scrape_ok
+        assert ds.endpoints[B].metrics is None  # worker 0 does not poll B: nothing to copy
+        assert t.reads == 1
+    finally:
+        import asyncio
+
+        asyncio.run(t.stop())
