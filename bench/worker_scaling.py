@@ -68,8 +68,10 @@ async def drive(addr: str, steps: list, secs: float, channels: int, conc: int) -
     return done
 
 
-def run(workers: int, profile: str, secs: float, addrs: list[str]) -> tuple[float, float, int]:
-    """(req/s, CPU µs per request over every worker, workers seen)."""
+def run(workers: int, profile: str, secs: float, addrs: list[str],
+        server_pid: int) -> tuple[float, float, int, float]:
+    """(req/s, CPU µs per request over every worker, workers seen, the metrics pages' server CPU in %
+    of a core while the picker ran: what its scraping costs the model servers)."""
     port = free_port()
     argv = [sys.executable, "-m", "epp", "--workers", str(workers), "--pool-name", "bench", "--endpoints",
             ",".join(addrs), "--secure-serving=false", "--grpc-port", str(port), "--grpc-health-port",
@@ -84,11 +86,13 @@ def run(workers: int, profile: str, secs: float, addrs: list[str]) -> tuple[floa
         addr = f"127.0.0.1:{port}"
         asyncio.run(drive(addr, steps, 1.0, 4 * workers, 16))  # warm-up
         c0 = sum(ticks(x) for x in pids)
+        s0 = ticks(server_pid)
         t0 = time.perf_counter()
         n = asyncio.run(drive(addr, steps, secs, 4 * workers, 32))
         wall = time.perf_counter() - t0
         cpu = (sum(ticks(x) for x in pids) - c0) / HZ
-        return n / wall, 1e6 * cpu / max(n, 1), len(pids)
+        served = (ticks(server_pid) - s0) / HZ
+        return n / wall, 1e6 * cpu / max(n, 1), len(pids), 100 * served / wall
     finally:
         p.terminate()
         try:
@@ -108,7 +112,7 @@ def main() -> None:
     try:
         with open("/proc/loadavg") as f:
             load0 = f.read().split()[0]
-        rows = [(w, *run(w, a.profile, a.seconds, addrs)) for w in a.workers]
+        rows = [(w, *run(w, a.profile, a.seconds, addrs, ms.pid)) for w in a.workers]
         with open("/proc/loadavg") as f:
             load1 = f.read().split()[0]
     finally:
@@ -116,10 +120,10 @@ def main() -> None:
         ms.wait()
     base = rows[0][1]
     print(f"{a.profile} profile, 16 endpoints, 1 KB chat, {os.cpu_count()} CPUs, load average {load0} -> {load1}")
-    print("| workers | req/s | × 1 worker | CPU µs / request (all workers) |")
-    print("|---|---|---|---|")
-    for w, rps, us, seen in rows:
-        print(f"| {w} ({seen} processes) | {rps:.0f} | {rps / base:.2f} | {us:.0f} |")
+    print("| workers | req/s | × 1 worker | CPU µs / request (all workers) | metrics pages' server, % of a core |")
+    print("|---|---|---|---|---|")
+    for w, rps, us, seen, pages in rows:
+        print(f"| {w} ({seen} processes) | {rps:.0f} | {rps / base:.2f} | {us:.0f} | {pages:.1f} |")
 
 
 if __name__ == "__main__":

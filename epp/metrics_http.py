@@ -150,8 +150,11 @@ class MetricsServer:
     """`/metrics` from `registry` (gzip when asked), debug routes when given, auth when given."""
 
     def __init__(self, registry: CollectorRegistry, *, authorizer: Authorizer | None = None,
-                 debug: DebugRoutes | None = None, max_concurrent: int = MAX_CONCURRENT) -> None:
+                 debug: DebugRoutes | None = None, max_concurrent: int = MAX_CONCURRENT,
+                 peers: Callable[[], list[str]] | None = None) -> None:
+        """`peers` (--workers, worker 0): the other workers' pages, merged into this one's."""
         self.registry = registry
+        self.peers = peers
         self.authorizer = authorizer
         self.debug = debug
         self._slots = threading.BoundedSemaphore(max_concurrent)
@@ -203,6 +206,11 @@ class MetricsServer:
             status, text = self.debug.handle(path, parts.query)
             return status, _TEXT, text.encode(), {}
         body = generate_latest(self.registry)
+        pages = self.peers() if self.peers is not None else []
+        if pages:
+            from epp.metrics_merge import merge
+
+            body = merge([body.decode("utf-8"), *pages])
         if "gzip" in (headers.get("Accept-Encoding") or ""):
             return 200, CONTENT_TYPE_LATEST, gzip.compress(body, compresslevel=1), {"Content-Encoding": "gzip"}
         return 200, CONTENT_TYPE_LATEST, body, {}

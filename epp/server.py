@@ -48,6 +48,7 @@ from epp.flowcontrol.metrics import FlowControlMetrics
 from epp.metrics.engines import apply_data_layer, apply_flag_overrides, apply_overrides
 from epp.metrics.scrape import ScrapeThread
 from epp.metrics_http import KubeAuthorizer, KubeReviews, MetricsServer
+from epp.metrics_merge import fetch_pages
 from epp.parsers import build_parser
 from epp.requestcontrol.base import build_request_control
 from epp.resources import pool_from_flags
@@ -387,9 +388,17 @@ class App:
             self._servers.append(hs)
         for s in self._servers:
             await s.start()
-        self.metrics_http = MetricsServer(self.telemetry.registry, authorizer=self._metrics_authorizer(),
-                                          debug=self._debug_routes())
-        self.metrics_port = self.metrics_http.start(o.metrics_port, o.bind_address)
+        share = self.share
+        if share is not None and share.worker > 0:
+            # --workers: worker 0 merges this page into its own; loopback only, so no auth and no debug
+            self.metrics_http = MetricsServer(self.telemetry.registry)
+            self.metrics_port = self.metrics_http.start(0, "127.0.0.1")
+            share.set_metrics_port(self.metrics_port)
+        else:
+            peers = ((lambda: fetch_pages(share.peer_metrics_ports())) if share is not None else None)
+            self.metrics_http = MetricsServer(self.telemetry.registry, authorizer=self._metrics_authorizer(),
+                                              debug=self._debug_routes(), peers=peers)
+            self.metrics_port = self.metrics_http.start(o.metrics_port, o.bind_address)
         self._tasks.append(asyncio.create_task(self._readiness_loop(), name="readiness"))
         self._tasks.append(asyncio.create_task(self.telemetry.run_pool_refresh(
             self.datastore, o.refresh_prometheus_metrics_interval, o.metrics_staleness_threshold,

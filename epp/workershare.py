@@ -7,6 +7,7 @@ little-endian, fixed at creation; the file is sparse (on tmpfs only the pages to
 
     header     64 B: magic, version, workers, slots, slot bytes, generation (u64, bumped after every
                directory change), high (slots ever used)
+    ports      workers × u32: each worker's loopback metrics port (0: none yet), for worker 0's page
     directory  slots × 80 B: tag (u32, bumped on every (re)assignment), used (u16), address length,
                address (72 B)
     metrics    slots × SLOT_BYTES: seq (u64, odd while being written), tag, ok, length, crc32, then the
@@ -57,7 +58,7 @@ _decode = msgspec.msgpack.Decoder().decode
 
 def _layout(workers: int, slots: int) -> tuple[int, int, int, int]:
     """Offsets of the directory, the metrics slots, the request counts and the token counts."""
-    directory = _HEADER_BYTES
+    directory = _HEADER_BYTES + -(-workers * 4 // 64) * 64
     metrics = -(-(directory + slots * _DIR.size) // mmap.PAGESIZE) * mmap.PAGESIZE
     counts = metrics + slots * SLOT_BYTES
     tokens = counts + slots * workers * 8
@@ -149,6 +150,17 @@ class WorkerShare:
             v.release()
         with contextlib.suppress(BufferError):
             self._mm.close()
+
+    # ---- each worker's metrics port ------------------------------------------------------
+    def set_metrics_port(self, port: int) -> None:
+        """This worker's loopback /metrics port (workers 1..: worker 0 merges their pages into its own)."""
+        _HIGH.pack_into(self._mm, _HEADER_BYTES + 4 * self.worker, port)
+
+    def peer_metrics_ports(self) -> list[int]:
+        """The other workers' metrics ports that are known."""
+        ports = (int(_HIGH.unpack_from(self._mm, _HEADER_BYTES + 4 * i)[0]) for i in range(self.workers)
+                 if i != self.worker)
+        return [p for p in ports if p]
 
     # ---- the directory ------------------------------------------------------------------
     def _generation(self) -> int:
@@ -321,15 +333,22 @@ class WorkerShare:
         slot_of, own, w, n = self._slot_of, self._own, self.worker, self.workers
         counts, tokens = self._counts, self._tokens
         for ep in endpoints:
-            i = slot_of.get(ep.address)
+            address = ep.address
+            i = slot_of.get(address)
             if i is None:
                 continue
             base = i * n
-            mine = own.get(ep.address)
             others = sum(counts[base:base + n]) - counts[base + w]
-            others_t = sum(tokens[base:base + n]) - tokens[base + w]
-            ep.inflight = (mine[0] if mine else 0) + max(0, others)
-            ep.inflight_tokens = (mine[1] if mine else 0) + max(0, others_t)
+            mine = own.get(address)
+            if mine is None:
+                if others <= 0:
+                    ep.inflight = ep.inflight_tokens = 0
+                    continue
+                ep.inflight = others
+                ep.inflight_tokens = max(0, sum(tokens[base:base + n]) - tokens[base + w])
+            else:
+                ep.inflight = mine[0] + max(0, others)
+                ep.inflight_tokens = mine[1] + max(0, sum(tokens[base:base + n]) - tokens[base + w])
 
 
 class SharedMetricsThread:

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -146,8 +147,8 @@ async def test_workers_die_with_a_killed_supervisor():
 
 async def test_two_workers_poll_each_model_server_once_and_both_route_on_its_page():
     """Worker 0 scrapes; worker 1 routes on the pages it shares (a server with a long queue is
-    avoided by both), and each server is polled at one picker's rate, not two. The share file is
-    gone once the picker stops."""
+    avoided by both), and each server is polled at one picker's rate, not two; worker 0's /metrics
+    counts both workers' requests. The share file is gone once the picker stops."""
     from aiohttp import web
 
     from tests.integration.test_scheduling_live import vllm_page
@@ -174,10 +175,10 @@ async def test_two_workers_poll_each_model_server_once_and_both_route_on_its_pag
         addrs[name] = f"127.0.0.1:{r.addresses[0][1]}"
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
     before = set(os.listdir(shm)) if shm else set()
-    port, hport = free_port(), free_port()
+    port, hport, mport = free_port(), free_port(), free_port()
     p = subprocess.Popen([sys.executable, "-m", "epp", "--workers", "2", "--pool-name", "p",
                           "--endpoints", f"{addrs['busy']},{addrs['idle']}",
-                          "--grpc-port", str(port), "--grpc-health-port", str(hport), "--metrics-port", "0",
+                          "--grpc-port", str(port), "--grpc-health-port", str(hport), "--metrics-port", str(mport),
                           "--bind-address", "127.0.0.1", "--secure-serving=false", "--log-format", "text",
                           "--refresh-metrics-interval", "50ms", "--refresh-metrics-idle-interval", "0",
                           "--refresh-metrics-quiet-interval", "0",
@@ -198,6 +199,12 @@ async def test_two_workers_poll_each_model_server_once_and_both_route_on_its_pag
         routed = await asyncio.gather(*(route_once(port) for _ in range(120)))
         assert set(routed) == {addrs["idle"]}  # every worker saw the busy server's queue
         assert all(cpu_ticks(k) > cpu0[k] for k in kids)  # and both workers routed
+        # worker 0's /metrics counts every worker's decisions (each worker's page merged in)
+        text = await asyncio.to_thread(lambda: urllib.request.urlopen(
+            f"http://127.0.0.1:{mport}/metrics", timeout=10).read().decode())
+        attempts = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith("inference_extension_scheduler_attempts_total{"))
+        assert attempts == 120, attempts
         h0, t0 = dict(hits), time.monotonic()
         await asyncio.sleep(2.0)
         rate = (hits["idle"] - h0["idle"]) / (time.monotonic() - t0)

@@ -37,3 +37,17 @@ def test_leader_mode_is_the_default(chart: str) -> None:
     assert "--ha-enable-leader-election" in c["args"] and flag(c["args"], "--ha-mode") is None
     with pytest.raises(Exception, match="haMode"):
         render(chart, values(chart, haMode="both"))
+
+
+@pytest.mark.parametrize("chart", ["inferencepool", "standalone"])
+def test_workers_per_replica(chart: str) -> None:
+    assert "--workers" not in container(render(chart, values(chart)))["args"]  # one process, as the reference
+    vals = values(chart, workers="auto")
+    assert flag(container(render(chart, vals))["args"], "--workers") == "auto"
+    assert not lint(chart, vals)
+    vals = values(chart, replicas=2, haMode="active-active", workers=4)
+    assert flag(container(render(chart, vals))["args"], "--workers") == "4"
+    with pytest.raises(Exception, match="workers"):  # leader election: one Lease per process
+        render(chart, values(chart, replicas=2, workers=2))
+    with pytest.raises(Exception, match="workers"):
+        render(chart, values(chart, workers=0))

@@ -244,6 +244,14 @@ serving TLS).
 - --ha-mode
 - active-active
 {{- end }}
+{{- $workers := toString (default 1 $ext.workers) }}
+{{- if ne $workers "1" }}
+{{- if include "epp.leaderElection" . }}
+{{- fail "inferenceExtension.workers above 1 needs haMode: active-active or one replica (leader election runs one Lease per process)" }}
+{{- end }}
+- --workers
+- {{ $workers | quote }}
+{{- end }}
 {{- include "epp.extraFlags" . }}
 - --tracing={{ if $ext.tracing.enabled }}true{{ else }}false{{ end }}
 {{- if not $ext.monitoring.prometheus.auth.enabled }}
