@@ -136,13 +136,9 @@ def _inflight_replicas(text: str, n: int) -> str:
     """`text` with the in-flight scorer told there are n active-active replicas (its counts × n)."""
     doc = _doc(text)
     for p in doc["plugins"]:
-        if p["type"] == "inflight-load-scorer" or (p["type"] == "queue-scorer" and QUEUE_REPLICAS
-                                                   and (p.get("parameters") or {}).get("countInflight")):
+        if p["type"] == "inflight-load-scorer":
             p.setdefault("parameters", {})["replicas"] = n
     return yaml.safe_dump(doc, sort_keys=False)
-
-
-QUEUE_REPLICAS = True  # the queue scorer's in-flight reading scaled too (bench experiment switch)
 
 
 def _reference_deploy() -> str:

@@ -43,7 +43,6 @@ def low_is_better(values: list[float | None]) -> list[float]:
 class QueueParams:
     min_spread: float = 0.0  # ours: queue differences smaller than this never swing the full weight
     count_inflight: bool = False  # ours: the page's queue raised by what this picker sent since
-    replicas: int = 1  # ours: active-active picker replicas (each one's in-flight counts × N)
 
 
 @register("queue-scorer", SCORER)
@@ -57,9 +56,7 @@ class QueueScorer:
     - `countInflight`: q = max(waiting, inflight − running): the requests this picker routed to the
       pod beyond what its page shows running count as queued until the next scrape, so a burst
       between two scrapes does not pile onto the pod that looked idle. With several picker replicas
-      each sees a part of the in-flight load and the page's own queue dominates (never lower);
-      `replicas: N` (default 1, as on inflight-load-scorer) reads this replica's in-flight count × N
-      as the pool's: q = max(waiting, N × inflight − running)."""
+      each sees a part of the in-flight load and the page's own queue dominates (never lower)."""
 
     BOUNDED = True  # scores are clamped to 0..1
 
@@ -70,17 +67,15 @@ class QueueScorer:
     @classmethod
     def parse(cls, p: Params) -> QueueParams:
         out = QueueParams(min_spread=p.number("minSpread", 0.0, lo=0),
-                          count_inflight=p.boolean("countInflight", False),
-                          replicas=p.integer("replicas", 1, lo=1, hi=1024))
+                          count_inflight=p.boolean("countInflight", False))
         p.done()
         return out
 
     def score(self, cycle: Cycle, endpoints: Sequence[Endpoint]) -> list[float]:
         fresh = cycle.fresh(endpoints)
         if self.p.count_inflight:
-            n = self.p.replicas
             values: list[float | None] = [
-                None if m is None else max(m.waiting, n * ep.inflight - m.running)
+                None if m is None else max(m.waiting, ep.inflight - m.running)
                 for m, ep in zip(fresh, endpoints, strict=True)]
         else:
             values = [None if m is None else m.waiting for m in fresh]

@@ -66,12 +66,6 @@ def test_queue_scorer_count_inflight_spreads_between_scrapes():
     assert QueueScorer("q", None, CTX).score(cycle(), [a, b]) == [1.0, 0.0]  # the page alone
     a.inflight = 2  # fewer in flight than the page shows running (another replica's): the page wins
     assert live.score(cycle(), [a, b]) == [1.0, 0.0]
-    # one of 3 active-active replicas: a's 2 in flight stand for ~6 of the pool's, 2 beyond its page;
-    # b's 1 for ~3, fewer than it runs (b's own queue of 1 counts)
-    b.inflight = 1
-    assert live.score(cycle(), [a, b]) == [1.0, 0.0]
-    three = QueueScorer("q", QueueParams(count_inflight=True, replicas=3), CTX)
-    assert three.score(cycle(), [a, b]) == [0.0, 1.0]
 
 
 def test_queue_scorer_params_parse_and_refuse():
@@ -81,14 +75,14 @@ apiVersion: inference.networking.x-k8s.io/v1alpha1
 kind: EndpointPickerConfig
 plugins:
 - type: queue-scorer
-  parameters: {minSpread: 4, countInflight: true, replicas: 2}
+  parameters: {minSpread: 4, countInflight: true}
 schedulingProfiles:
 - name: default
   plugins:
   - pluginRef: queue-scorer
 """)
     spec = next(s for s in cfg.plugins if s.type == "queue-scorer")
-    assert (spec.params.min_spread, spec.params.count_inflight, spec.params.replicas) == (4.0, True, 2)
+    assert (spec.params.min_spread, spec.params.count_inflight) == (4.0, True)
     with pytest.raises(ConfigError, match="minSpread"):
         load_config("""
 apiVersion: inference.networking.x-k8s.io/v1alpha1
