@@ -197,14 +197,14 @@ WORKLOADS = {
 
 
 def run_one(w: Workload, rate: float, servers: int, n: int, seed: int, policy: str, delay: float,
-            replicas: int = 1, inflight_replicas: int = 1) -> dict[str, float]:
+            replicas: int = 1, inflight_replicas: int = 1, peer_delay: float | None = None) -> dict[str, float]:
     if policy == "random":
         pol: Any = RandomChoice(seed)
     else:
         text = CONFIGS[policy]()
         if inflight_replicas > 1:
             text = _inflight_replicas(text, inflight_replicas)
-        pol = PickerPolicy(load_config(text), replicas=replicas, seed=seed)
+        pol = PickerPolicy(load_config(text), replicas=replicas, seed=seed, peer_delay=peer_delay)
     cluster = Cluster(servers, pol, engine=w.engine, seed=seed, poll_interval=POLL_INTERVAL)
     _ENGINES.clear()
     _ENGINES.update({s.endpoint.address: s.engine for s in cluster.servers})

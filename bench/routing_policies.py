@@ -101,8 +101,12 @@ class PickerPolicy:
     Create it, then `bind(cluster)`: replicas copy the cluster's endpoints on first use.
     """
 
-    def __init__(self, cfg: PickerConfig, *, replicas: int = 1, seed: int = 0) -> None:
+    def __init__(self, cfg: PickerConfig, *, replicas: int = 1, seed: int = 0,
+                 peer_delay: float | None = None) -> None:
+        """`peer_delay` (seconds; None: off): replicas tell each other of every request they route
+        and finish (`--ha-peers`), each hearing the others' after this delay."""
         self.cfg = cfg
+        self.peer_delay = peer_delay
         self.clock = VirtualClock()
         self._n = max(1, replicas)
         self._seed = seed
@@ -137,6 +141,9 @@ class PickerPolicy:
         primary.inflight += 1
         primary.inflight_tokens += tokens
         rep.scheduler.on_routed(sreq, primary)
+        notes = (rep.scheduler.peer_notes(sreq, primary)
+                 if self.peer_delay is not None and hasattr(rep.scheduler, "peer_notes") else None)
+        self._tell_peers(rep, rep.slot[id(primary)], 1, tokens, notes)
         self._routed[request.request_id] = _Routed(rep, sreq, primary, tokens)
         return rep.slot[id(primary)]
 
@@ -147,7 +154,26 @@ class PickerPolicy:
         ep = routed.endpoint
         ep.inflight = max(0, ep.inflight - 1)
         ep.inflight_tokens = max(0, ep.inflight_tokens - routed.tokens)
+        self._tell_peers(routed.replica, routed.replica.slot[id(ep)], -1, -routed.tokens)
         routed.replica.scheduler.on_finished(routed.request, ep)
+
+    def _tell_peers(self, rep: _Replica, slot: int, n: int, tokens: int,
+                    notes: dict[str, Any] | None = None) -> None:
+        """epp.peers in virtual time: the other replicas count the request (and learn the plugins'
+        notes) `peer_delay` later."""
+        if self.peer_delay is None or self._n < 2 or self.clock.cluster is None:
+            return
+        others = [r for r in self._replicas if r is not rep]
+
+        def arrive() -> None:
+            for r in others:
+                ep = r.endpoints[slot]
+                ep.inflight = max(0, ep.inflight + n)
+                ep.inflight_tokens = max(0, ep.inflight_tokens + tokens)
+                if notes:
+                    r.scheduler.apply_peer_notes(ep, notes)
+
+        self.clock.cluster.call_at(self.clock.cluster.now + self.peer_delay, arrive)
 
     @property
     def outstanding(self) -> int:

@@ -248,6 +248,8 @@ class Options:
     metrics_staleness_threshold: float = 2.0
     ha_enable_leader_election: bool = False
     ha_mode: str = "leader"  # leader: readiness follows the Lease (the reference); active-active: every replica ready
+    ha_peers: str = ""  # active-active: the other replicas (host:port, a name may resolve to all), "" = none
+    ha_peer_port: int = 0  # where this replica publishes its routes for its peers (0: the default port)
     endpoint_selector: dict[str, str] = field(default_factory=dict)
     endpoint_target_ports: list[int] = field(default_factory=list)
     kubeconfig: str = ""
@@ -363,6 +365,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with several replicas: `leader` (the reference: readiness only on the Lease holder) or "
                           "`active-active` (every replica ready and serving; prefix state from engine KV events, "
                           "in-flight counts per replica; a Lease, when enabled, only picks the status writer)")
+    srv.add_argument("--ha-peers", default="", metavar="HOST:PORT,...",
+                     help="active-active (ours): the replicas that tell each other every request they route and "
+                          "finish, so each counts the pool's in-flight requests and learns the others' prefix "
+                          "placements within milliseconds (a name resolving to every replica, e.g. a headless "
+                          "Service, is re-resolved every 10 s); needs --ha-mode active-active and "
+                          "--session-key-file (messages are signed with its key); default: none")
+    srv.add_argument("--ha-peer-port", type=int, default=0, metavar="PORT",
+                     help="with --ha-peers: the port this replica publishes on (default 9005)")
     srv.add_argument("--max-request-body-bytes", type=_positive_int, default=16 * 1024 * 1024,
                      help="larger request bodies are answered with 413 (default %(default)s)")
     srv.add_argument("--default-body-mode", choices=["duplex", "buffered"], default="duplex",
@@ -549,6 +559,21 @@ def parse_args(argv: list[str]) -> Options:
         p.error(str(e))
     if a.workers > 1 and a.grpc_port == 0:
         p.error("--workers above 1 needs a fixed --grpc-port (the workers share it)")
+    if a.ha_peers:
+        from epp.peers import parse_peers
+
+        try:
+            parse_peers(a.ha_peers)
+        except ValueError as e:
+            p.error(f"--ha-peers: {e}")
+        if a.ha_mode != "active-active":
+            p.error("--ha-peers needs --ha-mode active-active")
+        if not a.session_key_file:
+            p.error("--ha-peers needs --session-key-file (the replicas' shared key signs their messages)")
+        if a.workers > 1:
+            p.error("--ha-peers and --workers above 1 do not go together yet (one publisher per replica)")
+    if not 0 <= a.ha_peer_port < 65536:
+        p.error("--ha-peer-port: 0-65535")
     if a.workers > 1 and a.ha_enable_leader_election:
         p.error("--workers above 1 and --ha-enable-leader-election do not go together (one Lease per process)")
     if a.refresh_metrics_interval <= 0:
@@ -581,6 +606,8 @@ def parse_args(argv: list[str]) -> Options:
         metrics_staleness_threshold=a.metrics_staleness_threshold,
         ha_enable_leader_election=a.ha_enable_leader_election,
         ha_mode=a.ha_mode,
+        ha_peers=a.ha_peers,
+        ha_peer_port=a.ha_peer_port,
         endpoint_selector=a.endpoint_selector,
         endpoint_target_ports=a.endpoint_target_ports,
         kubeconfig=a.kubeconfig,

@@ -28,7 +28,6 @@ from epp.scheduling.session import encode_session_token
 
 if TYPE_CHECKING:
     from epp.flowcontrol.aio import AsyncFlowControl
-    from epp.workershare import WorkerShare
 
 log = logging.getLogger("epp.director")
 
@@ -70,6 +69,14 @@ def header_value(headers: Mapping[str, str], names: Sequence[str]) -> str:
 def fairness_id(headers: Mapping[str, str]) -> str:
     """The flow-control fairness id of a request (`default-flow` when the client sets none)."""
     return header_value(headers, FAIRNESS_HEADERS) or DEFAULT_FAIRNESS_ID
+
+
+class LoadShare(Protocol):
+    """In-flight counts shared with other pickers (epp.workershare: --workers; epp.peers: --ha-peers)."""
+
+    def refresh(self, endpoints: Sequence[Endpoint]) -> None: ...
+
+    def routed(self, ep: Endpoint, requests: int, tokens: int, request: SchedulingRequest | None = None) -> None: ...
 
 
 class Admission(Protocol):
@@ -220,10 +227,10 @@ class Director:
         request_control: RequestControl | None = None,
         flow_control: AsyncFlowControl | None = None,
         preparers: Sequence[Preparer] | None = None,
-        share: WorkerShare | None = None,
+        share: LoadShare | None = None,
     ) -> None:
         self.datastore = datastore
-        self.share = share  # --workers: in-flight counts of every worker, folded in before each decision
+        self.share = share  # --workers / --ha-peers: the others' in-flight counts, folded in before each decision
         self.session_header = session_header
         self.scheduler = scheduler
         self.admission = admission
@@ -362,8 +369,10 @@ class Director:
                 rewrite_rule=rule,
                 sched_seconds=t1 - t0,
             )
-            self._account(ctx, primary)
+            self._account(ctx, primary, share=False)
             self.scheduler.on_routed(sched, primary)
+            if self.share is not None:  # after on_routed: the plugins' notes for peers are made there
+                self.share.routed(primary, 1, ctx.prompt_tokens_est, sched)
             # The decoded body can be several times the size of the bytes; the context lives as long
             # as the response, so let it go now that scheduling is done (nothing reads it afterwards).
             sched.body = None
@@ -440,11 +449,11 @@ class Director:
             self.telemetry.rejected(ctx, model, target, error)
         return error
 
-    def _account(self, ctx: RequestContext, ep: Endpoint) -> None:
+    def _account(self, ctx: RequestContext, ep: Endpoint, share: bool = True) -> None:
         ctx.served = ep
         ep.inflight += 1
         ep.inflight_tokens += ctx.prompt_tokens_est
-        if self.share is not None:
+        if share and self.share is not None:
             self.share.routed(ep, 1, ctx.prompt_tokens_est)
 
     def _release(self, ctx: RequestContext) -> None:

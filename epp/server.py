@@ -50,6 +50,8 @@ from epp.metrics.scrape import ScrapeThread
 from epp.metrics_http import KubeAuthorizer, KubeReviews, MetricsServer
 from epp.metrics_merge import fetch_pages
 from epp.parsers import build_parser
+from epp.peers import DEFAULT_PORT as PEER_PORT
+from epp.peers import PeerSync, parse_peers
 from epp.requestcontrol.base import build_request_control
 from epp.resources import pool_from_flags
 from epp.scheduling.config import (
@@ -62,7 +64,7 @@ from epp.scheduling.config import (
 )
 from epp.scheduling.framework import Scheduler
 from epp.scheduling.scorers import pool_serves_adapters
-from epp.scheduling.session import SessionAffinityScorer, configure_session_keys
+from epp.scheduling.session import SessionAffinityScorer, configure_session_keys, read_session_keys
 from epp.telemetry import Telemetry
 from epp.workershare import SharedMetricsThread, SharePublisher, WorkerShare
 
@@ -224,6 +226,13 @@ class App:
         # --workers: worker 0's scrapes and every worker's in-flight counts, through shared memory
         self.share: WorkerShare | None = (WorkerShare(opts.worker_share, max(0, opts.worker_index))
                                           if opts.worker_share else None)
+        # --ha-peers: active-active replicas tell each other what they route (epp.peers)
+        self.peers: PeerSync | None = None
+        if opts.ha_peers:
+            self.peers = PeerSync(key=read_session_keys(opts.session_key_file)[0],
+                                  port=opts.ha_peer_port or PEER_PORT, peers=parse_peers(opts.ha_peers),
+                                  bind_address=opts.bind_address, scheduler=self.scheduler,
+                                  endpoints=self.datastore.endpoints.get)
         self.director = Director(self.datastore, self.scheduler, telemetry=self.telemetry,
                                  admission=build_admission(self.config),
                                  session_header=session_header(self.scheduler),
@@ -231,7 +240,8 @@ class App:
                                  parser=build_parser(getattr(self.config, "parsers", None)
                                                      or getattr(self.config, "parser", None)),
                                  request_control=build_request_control(self.config.plugins),
-                                 flow_control=self.flow, share=self.share)
+                                 flow_control=self.flow,
+                                 share=self.share if self.share is not None else self.peers)
         self.scraper: ScrapeThread | SharedMetricsThread | None = None
         self.kube: Any = None  # the KubeSource, when watching a cluster
         mode = BUFFERED if opts.default_body_mode == "buffered" else DUPLEX
@@ -294,6 +304,8 @@ class App:
             log.warning("config: %s", warning)
         for prod in self.kv_producers:  # binds the centralized KV-event endpoint, when configured
             await asyncio.to_thread(prod.start)
+        if self.peers is not None:
+            self.peers.start()
         if o.standalone:
             log.info("standalone mode: no InferencePool object; the pool comes from --endpoint-selector",
                      extra={"pool": o.pool_name, "selector": o.endpoint_selector, "ports": o.endpoint_target_ports})
@@ -495,6 +507,8 @@ class App:
                 await src.stop()
         if self.scraper is not None:
             await self.scraper.stop()
+        if self.peers is not None:
+            await self.peers.stop()
         if self.share is not None:
             self.share.close()
         if self.metrics_http is not None:

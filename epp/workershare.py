@@ -293,7 +293,7 @@ class WorkerShare:
         return False
 
     # ---- every worker: in-flight counts -------------------------------------------------
-    def routed(self, ep: Endpoint, requests: int, tokens: int) -> None:
+    def routed(self, ep: Endpoint, requests: int, tokens: int, request: object = None) -> None:
         """This worker sent (+1) or finished (−1) a request on `ep`: its own cell follows at once."""
         own = self._own.get(ep.address)
         if own is None:

@@ -416,6 +416,19 @@ class PrecisePrefixCacheProducer:
             if hold:
                 request.scratch[_HELD] = (self.name, endpoint.address)
 
+    def peer_note(self, request: SchedulingRequest, endpoint: Endpoint) -> Any:
+        """For active-active peers (epp.peers): this request's block keys (what this replica just
+        speculated), so every replica holds the same speculative entries before any engine event."""
+        if not self.params.speculative:
+            return None
+        keys = self.keys(request)
+        return keys.all()[: self.kv_index.max_speculative] if keys is not None and keys.count else None
+
+    def peer_apply(self, endpoint: Endpoint, note: Any) -> None:
+        """A peer routed a request with these block keys to `endpoint`: speculate them here too."""
+        if self.params.speculative and isinstance(note, list) and note:
+            self.kv_index.speculate(endpoint.address, [int(k) for k in note])
+
     def on_finished(self, request: SchedulingRequest, endpoint: Endpoint) -> None:
         """The request finished (or was abandoned): its speculative entries start their TTL."""
         held = request.scratch.pop(_HELD, None)
@@ -486,6 +499,12 @@ class PrecisePrefixCacheScorer:
 
     def on_finished(self, request: SchedulingRequest, endpoint: Endpoint) -> None:
         self.producer.on_finished(request, endpoint)
+
+    def peer_note(self, request: SchedulingRequest, endpoint: Endpoint) -> Any:
+        return self.producer.peer_note(request, endpoint)
+
+    def peer_apply(self, endpoint: Endpoint, note: Any) -> None:
+        self.producer.peer_apply(endpoint, note)
 
     def forget(self, address: str) -> None:
         self.producer.endpoint_removed(address)

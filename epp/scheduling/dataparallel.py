@@ -8,8 +8,9 @@ sidecar forwards it to that rank's engine. Exactly one scheduling profile.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from epp.datastore import Endpoint
 from epp.scheduling.framework import SchedulingRequest, SchedulingResult
@@ -90,6 +91,12 @@ class DataParallelScheduler:
 
     def on_finished(self, request: SchedulingRequest, endpoint: Endpoint) -> None:
         self.profile.on_finished(request, endpoint)
+
+    def peer_notes(self, request: SchedulingRequest, endpoint: Endpoint) -> dict[str, Any]:
+        return self.profile.peer_notes(request, endpoint)
+
+    def apply_peer_notes(self, endpoint: Endpoint, notes: Mapping[str, Any]) -> None:
+        self.profile.apply_peer_notes(endpoint, notes)
 
     def forget(self, address: str) -> None:
         self.profile.forget(address)

@@ -18,7 +18,7 @@ name, accepting its `threshold`-era keys `prefixPluginType`, `prefixPluginName`,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -247,6 +247,13 @@ class DisaggScheduler:
         self.decode.on_finished(request, endpoint)
         self._each_stage(request, "on_finished")
         request.scratch.pop(_STAGES, None)
+
+    def peer_notes(self, request: SchedulingRequest, endpoint: Endpoint) -> dict[str, Any]:
+        """The decode profile's notes (the stages' pods are told by their own engines' events)."""
+        return self.decode.peer_notes(request, endpoint)
+
+    def apply_peer_notes(self, endpoint: Endpoint, notes: Mapping[str, Any]) -> None:
+        self.decode.apply_peer_notes(endpoint, notes)
 
     def forget(self, address: str) -> None:
         for prof in self.profiles.values():

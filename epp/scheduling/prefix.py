@@ -530,6 +530,28 @@ class PrefixCacheScorer:
         if self.p.mode == "index":
             self.index.insert(endpoint.address, blocks, self.capacity_for(endpoint))
 
+    def peer_note(self, request: SchedulingRequest, endpoint: Endpoint) -> Any:
+        """For active-active peers (epp.peers): the block hashes this replica just indexed (a match
+        source's own note when it has one)."""
+        if self.match_source is not None:
+            hook = getattr(self.match_source, "peer_note", None)
+            return hook(request, endpoint) if hook is not None else None
+        if self.p.mode != "index":
+            return None  # rendezvous is stateless: every replica computes the same homes
+        blocks = self.blocks(request, (endpoint,))
+        return blocks.all() if blocks.count else None
+
+    def peer_apply(self, endpoint: Endpoint, note: Any) -> None:
+        """A peer routed a prompt with these block hashes to `endpoint`: index them as if this replica had."""
+        if self.match_source is not None:
+            hook = getattr(self.match_source, "peer_apply", None)
+            if hook is not None:
+                hook(endpoint, note)
+            return
+        if self.p.mode == "index" and isinstance(note, list) and note:
+            self.index.insert(endpoint.address, [int(h) for h in note[:self.p.max_blocks]],
+                              self.capacity_for(endpoint))
+
     def on_finished(self, request: SchedulingRequest, endpoint: Endpoint) -> None:
         # a match source that holds state per request in flight (precise speculation) hears the end too
         if self.match_source is not None:

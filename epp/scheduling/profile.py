@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,6 +85,8 @@ class ProfileScheduler:
         self._plan = tuple((ws.scorer.score, ws.weight, ws.only_with_lora, ws.bounded) for ws in self.scorers)
         plugins: list[Any] = [*self.filters, *(s.scorer for s in self.scorers), picker]
         self._routed = [p.on_routed for p in plugins if hasattr(p, "on_routed")]
+        # active-active peers (epp.peers): what each stateful plugin tells the other replicas
+        self._peer = {getattr(p, "name", ""): p for p in plugins if hasattr(p, "peer_note")}
         self._finished = [p.on_finished for p in plugins if hasattr(p, "on_finished")]
         self._forget = [p.forget for p in plugins if hasattr(p, "forget")]
         self._sweepers = [p.sweep for p in plugins if hasattr(p, "sweep")]
@@ -163,6 +165,22 @@ class ProfileScheduler:
     def on_finished(self, request: SchedulingRequest, endpoint: Endpoint) -> None:
         for hook in self._finished:
             hook(request, endpoint)
+
+    def peer_notes(self, request: SchedulingRequest, endpoint: Endpoint) -> dict[str, Any]:
+        """What this replica's plugins tell its peers of a request it routed to `endpoint`."""
+        out: dict[str, Any] = {}
+        for name, plugin in self._peer.items():
+            note = plugin.peer_note(request, endpoint)
+            if note is not None:
+                out[name] = note
+        return out
+
+    def apply_peer_notes(self, endpoint: Endpoint, notes: Mapping[str, Any]) -> None:
+        """A peer routed a request to `endpoint`: each plugin learns what it noted."""
+        for name, note in notes.items():
+            plugin = self._peer.get(name)
+            if plugin is not None:
+                plugin.peer_apply(endpoint, note)
 
     def forget(self, address: str) -> None:
         """Drop state kept for an endpoint that left the pool."""

@@ -1,0 +1,152 @@
+"""Active-active peers (epp.peers) over real ZMQ sockets on loopback: a replica's routes reach the
+others as in-flight counts and plugin notes, finishes and snapshots keep them right, a silent peer
+is forgotten, and nothing unsigned, malformed or flooding gets in."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import msgspec
+import pytest
+import zmq
+
+from epp import peers as peers_mod
+from epp.datastore import Endpoint
+from epp.peers import PeerSync, parse_peers, sign
+from tests.procs import free_port
+
+KEY = b"k" * 32
+X, Y = "10.0.0.1:8000", "10.0.0.2:8000"
+
+
+def ep(address: str) -> Endpoint:
+    ip, _, port = address.rpartition(":")
+    return Endpoint(address=address, ip=ip, port=int(port), pod=address)
+
+
+class Notes:
+    """A scheduler's peer hooks: notes the prompt it routed, records what peers noted."""
+
+    def __init__(self) -> None:
+        self.applied: list[tuple[str, dict[str, Any]]] = []
+
+    def peer_notes(self, request: Any, endpoint: Endpoint) -> dict[str, Any]:
+        return {"prefix": [1, 2, 3]} if request is not None else {}
+
+    def apply_peer_notes(self, endpoint: Endpoint, notes: dict[str, Any]) -> None:
+        self.applied.append((endpoint.address, dict(notes)))
+
+
+async def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[tuple[PeerSync, PeerSync, Notes, dict[str, Endpoint]]]:
+    pa, pb = free_port(), free_port()
+    b_eps = {X: ep(X), Y: ep(Y)}
+    notes = Notes()
+    a = PeerSync(key=KEY, port=pa, peers=[("127.0.0.1", pb)], bind_address="127.0.0.1", scheduler=Notes())
+    b = PeerSync(key=KEY, port=pb, peers=[("127.0.0.1", pa), ("127.0.0.1", pb)],  # b hears itself too
+                 bind_address="127.0.0.1", scheduler=notes, endpoints=b_eps.get)
+    a.start()
+    b.start()
+    try:
+        yield a, b, notes, b_eps
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def connected(a: PeerSync, b: PeerSync, b_eps: dict[str, Endpoint]) -> None:
+    """PUB/SUB drops what is sent before the subscription: route and finish until one arrives."""
+    probe = ep(Y)
+    for _ in range(200):
+        a.routed(probe, 1, 1)
+        a.routed(probe, -1, -1)
+        await asyncio.sleep(0.02)
+        if b.stats.received:
+            return
+    raise AssertionError("the peers never connected")
+
+
+def test_peer_lists_parse_and_refuse() -> None:
+    assert parse_peers("a.svc:9005, 10.0.0.2:9005,[::1]:9005") == [("a.svc", 9005), ("10.0.0.2", 9005),
+                                                                   ("::1", 9005)]
+    for bad in ("a.svc", "a.svc:x", ":9005", "h:70000"):
+        with pytest.raises(ValueError):
+            parse_peers(bad)
+    with pytest.raises(ValueError, match="16 bytes"):
+        PeerSync(key=b"short", port=0, peers=[])
+
+
+async def test_a_peers_routes_are_counted_and_its_notes_applied(pair: Any) -> None:
+    a, b, notes, b_eps = pair
+    await connected(a, b, b_eps)
+    for _ in range(3):
+        a.routed(ep(X), 1, 100, request=object())
+    await until(lambda: (b.refresh(list(b_eps.values())), b_eps[X].inflight)[1] == 3)
+    assert b_eps[X].inflight_tokens == 300 and b_eps[Y].inflight == 0
+    await until(lambda: len([n for n in notes.applied if n[0] == X]) == 3)
+    assert (X, {"prefix": [1, 2, 3]}) in notes.applied
+    b.routed(b_eps[X], 1, 10)  # b's own request there: its count plus a's
+    b.refresh([b_eps[X]])
+    assert b_eps[X].inflight == 4
+    a.routed(ep(X), -1, -100)
+    await until(lambda: (b.refresh([b_eps[X]]), b_eps[X].inflight)[1] == 3)
+    assert b.peer_count() == 1  # its own messages, heard back, are not a peer
+
+
+async def test_a_snapshot_repairs_what_was_lost_and_a_silent_peer_is_forgotten(
+        pair: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b, _notes, b_eps = pair
+    await connected(a, b, b_eps)
+    # counts changed while nobody heard them (as if the messages were dropped): the snapshot tells
+    a._own[X] = [5, 50]
+    a._beat()
+    await until(lambda: (b.refresh([b_eps[X]]), b_eps[X].inflight)[1] == 5)
+    monkeypatch.setattr(peers_mod, "EXPIRE_AFTER", 0.3)
+    await a.stop()
+    await until(lambda: b.peer_count() == 0)
+    b.refresh([b_eps[X]])
+    assert b_eps[X].inflight == 0 and b.stats.peers_expired == 1
+
+
+async def test_unsigned_malformed_and_flooding_messages_are_dropped() -> None:
+    ctx = zmq.Context.instance()
+    rogue = ctx.socket(zmq.PUB)
+    rogue.setsockopt(zmq.LINGER, 0)
+    port = rogue.bind_to_random_port("tcp://127.0.0.1")
+    b_eps = {X: ep(X), Y: ep(Y)}
+    b = PeerSync(key=KEY, port=free_port(), peers=[("127.0.0.1", port)], bind_address="127.0.0.1",
+                 endpoints=b_eps.get)
+    b.start()
+    try:
+        forged = msgspec.msgpack.encode(["r", b"r" * 8, 1, X, 100, {}])
+        good = msgspec.msgpack.encode(["r", b"g" * 8, 1, Y, 100, {}])
+        deadline = time.monotonic() + 10
+        while b.stats.received == 0 and time.monotonic() < deadline:
+            rogue.send_multipart([peers_mod.TOPIC, forged, b"\0" * 16])  # wrong MAC
+            rogue.send_multipart([peers_mod.TOPIC, b"\xc1garbage", sign(KEY, b"\xc1garbage")])  # signed garbage
+            rogue.send_multipart([peers_mod.TOPIC, good, sign(KEY, good)])
+            await asyncio.sleep(0.05)
+        assert b.stats.received >= 1 and b.stats.dropped >= 2
+        b.refresh(list(b_eps.values()))
+        assert b_eps[X].inflight == 0  # the forged one counted nothing
+        # a flood of signed messages from ever new replica ids: at most MAX_PEERS are kept
+        dropped = b.stats.dropped
+        for i in range(peers_mod.MAX_PEERS * 3):
+            m = msgspec.msgpack.encode(["r", i.to_bytes(8, "big"), 1, f"10.9.{i // 250}.{i % 250}:8000", 1, {}])
+            rogue.send_multipart([peers_mod.TOPIC, m, sign(KEY, m)])
+        await until(lambda: b.stats.dropped >= dropped + peers_mod.MAX_PEERS, timeout=10)
+        assert b.peer_count() <= peers_mod.MAX_PEERS
+    finally:
+        await b.stop()
+        rogue.close(0)
