@@ -51,3 +51,26 @@ def test_workers_per_replica(chart: str) -> None:
         render(chart, values(chart, replicas=2, workers=2))
     with pytest.raises(Exception, match="workers"):
         render(chart, values(chart, workers=0))
+
+
+@pytest.mark.parametrize("chart", ["inferencepool", "standalone"])
+def test_peers_find_each_other_through_a_headless_service(chart: str) -> None:
+    vals = values(chart, replicas=3, haMode="active-active", peers={"enabled": True},
+                  networkPolicy={"enabled": True, "gatewayPeers": [{"podSelector": {"matchLabels": {"gw": "x"}}}]})
+    out = render(chart, vals, release="llama", namespace="ml")
+    args = container(out)["args"]
+    svc = next(d for d in out.all("Service") if d["metadata"]["name"].endswith("-peers"))
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+    assert flag(args, "--ha-peers") == f"{svc['metadata']['name']}.ml.svc:9005"
+    assert flag(args, "--ha-peer-port") == "9005" and flag(args, "--session-key-file")
+    assert {"name": "peers", "containerPort": 9005, "protocol": "TCP"} in container(out)["ports"]
+    np = out.get("NetworkPolicy")
+    peer_rule = next(r for r in np["spec"]["ingress"] if r["ports"][0]["port"] == 9005)
+    assert peer_rule["from"][0]["podSelector"]["matchLabels"] == svc["spec"]["selector"]  # its own pods only
+    assert not lint(chart, vals)
+    assert not [d for d in render(chart, values(chart)).all("Service") if d["metadata"]["name"].endswith("-peers")]
+    with pytest.raises(Exception, match="active-active"):
+        render(chart, values(chart, replicas=2, peers={"enabled": True}))
+    with pytest.raises(Exception, match="sessionKey"):
+        render(chart, values(chart, replicas=2, haMode="active-active", peers={"enabled": True},
+                             sessionKey={"enabled": False}))

@@ -244,6 +244,18 @@ serving TLS).
 - --ha-mode
 - active-active
 {{- end }}
+{{- with $ext.peers }}{{- if .enabled }}
+{{- if ne (default "leader" $ext.haMode) "active-active" }}
+{{- fail "inferenceExtension.peers needs haMode: active-active" }}
+{{- end }}
+{{- if not (include "epp.sessionKeySecret" $) }}
+{{- fail "inferenceExtension.peers needs sessionKey.enabled (the replicas sign their messages with it)" }}
+{{- end }}
+- --ha-peers
+- {{ printf "%s-peers.%s.svc:%d" (include "epp.name" $) $.Release.Namespace (int (default 9005 .port)) | quote }}
+- --ha-peer-port
+- {{ default 9005 .port | int | quote }}
+{{- end }}{{- end }}
 {{- $workers := toString (default 1 $ext.workers) }}
 {{- if ne $workers "1" }}
 {{- if include "epp.leaderElection" . }}
@@ -542,4 +554,30 @@ and --allow-client-header (tests/deploy/test_chart_security.py compares the two)
 {{- else -}}
 {{- $text -}}
 {{- end -}}
+{{- end -}}
+
+{{/* (ours) The peers' headless Service (inferenceExtension.peers): every replica's address, ready or not. */}}
+{{- define "epp.peersService" -}}
+{{- $ext := .Values.inferenceExtension -}}
+{{- if and $ext.peers $ext.peers.enabled }}
+---
+# (ours) active-active replicas find each other through this name (--ha-peers): one address per pod
+apiVersion: v1
+kind: Service
+metadata:
+  name: {{ include "epp.name" . }}-peers
+  namespace: {{ .Release.Namespace }}
+  labels:
+    {{- include "epp.labels" . | nindent 4 }}
+spec:
+  clusterIP: None
+  publishNotReadyAddresses: true
+  selector:
+    {{- include "epp.selectorLabels" . | nindent 4 }}
+  ports:
+    - name: peers
+      port: {{ int (default 9005 $ext.peers.port) }}
+      targetPort: peers
+      protocol: TCP
+{{- end }}
 {{- end -}}
