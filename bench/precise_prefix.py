@@ -23,7 +23,9 @@ replayed against every policy on identical clusters (metrics polled every 50 ms)
 Active-active: precise with 2 and 4 picker replicas, requests split round-robin between them, each
 with its own index and in-flight counts: `unscaled` as they are, then with `inflight-load-scorer`
 `replicas: N` (each replica's counts × N), then that and the producer's `rendezvousOnMiss` (a prefix
-no endpoint holds scores 1.0 on its rendezvous home, the same from every replica).
+no endpoint holds scores 1.0 on its rendezvous home, the same from every replica), then `peers`
+(`--ha-peers`: each replica hears the others' routes, finishes and plugin notes `--peer-delay`
+later); the approximate default the same way without and with peers.
 
 Workloads: `multi-tenant` (llm-d's: 150 tenants × 6,000-token shared context + 100-token question,
 uniform popularity, 8 servers whose caches hold ~1.37× the shared contexts, i.e. KV demand ~73%),
@@ -257,6 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--replicas", type=int, nargs="*", default=[2, 4])
     ap.add_argument("--rate-scale", type=float, default=1.0)
+    ap.add_argument("--peer-delay", type=float, default=0.001,
+                    help="--ha-peers rows: seconds until a replica hears a peer's route (default 1 ms)")
     ap.add_argument("--no-plots", action="store_true")
     args = ap.parse_args(argv)
     n = args.requests or (1500 if args.quick else 4000)
@@ -282,12 +286,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 # in-flight scorer told the replica count (its counts × r)
                 # in-flight scorer told the replica count (its counts × r), then that and
                 # rendezvousOnMiss (every replica sends a cold prefix to the same home)
-                for key, pname, scale in ((f"precise ×{r} replicas, unscaled", "precise", 1),
-                                          (f"precise ×{r} replicas", "precise", r),
-                                          (f"precise ×{r} replicas, rendezvous on miss",
-                                           "precise, rendezvous on miss", r)):
+                for key, pname, scale, peer in ((f"precise ×{r} replicas, unscaled", "precise", 1, None),
+                                                (f"precise ×{r} replicas", "precise", r, None),
+                                                (f"precise ×{r} replicas, rendezvous on miss",
+                                                 "precise, rendezvous on miss", r, None),
+                                                (f"precise ×{r} replicas, peers", "precise", 1, args.peer_delay),
+                                                (f"default ×{r} replicas", "default", 1, None),
+                                                (f"default ×{r} replicas, peers", "default", 1, args.peer_delay)):
+                    if pname not in args.policies:
+                        continue
                     runs[key] = run_one(w, rate, args.servers, n, args.seed, pname, args.delay, replicas=r,
-                                        inflight_replicas=scale)
+                                        inflight_replicas=scale, peer_delay=peer)
                     print(f"{wname:16s} {key:24s} p90 TTFT {runs[key]['ttft_p90'] * 1000:8.0f} ms  "
                           f"hit {runs[key]['hit_rate']:.2f}", flush=True)
         data["runs"][wname] = {"rate": rate, "note": w.note, "policies": runs}
@@ -320,6 +329,12 @@ def render(data: dict[str, Any]) -> str:
                 for k in (f"precise ×{r} replicas, unscaled", f"precise ×{r} replicas"):
                     if k in pol:
                         lines.append(f"{k} / one replica p90 TTFT: {pol[k]['ttft_p90'] / p:.2f}")
+                k = f"precise ×{r} replicas, peers"
+                if k in pol:
+                    lines.append(f"{k} / one replica p90 TTFT: {pol[k]['ttft_p90'] / p:.2f}")
+                for k in (f"default ×{r} replicas", f"default ×{r} replicas, peers"):
+                    if k in pol:
+                        lines.append(f"{k} / one replica (default) p90 TTFT: {pol[k]['ttft_p90'] / a:.2f}")
                 k, one = f"precise ×{r} replicas, rendezvous on miss", "precise, rendezvous on miss"
                 if k in pol and one in pol:
                     lines.append(f"{k} / one replica (precise / same option) p90 TTFT: "
