@@ -53,6 +53,18 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])
 
 
+async def two_workers(pid: int) -> list[int]:
+    """The supervisor's two worker processes, once both exist (bounded wait)."""
+    kids: list[int] = []
+    for _ in range(100):
+        kids = children(pid)
+        if len(kids) == 2:
+            break
+        await asyncio.sleep(0.1)
+    assert len(kids) == 2
+    return kids
+
+
 async def route_once(port: int) -> str:
     """One routed request on a new connection (the kernel picks the worker per connection)."""
     # a local subchannel pool: channels in one process would share one connection otherwise
@@ -82,12 +94,7 @@ async def test_two_workers_share_the_port_and_stop_together():
                           "--drain-timeout", "0s", "--shutdown-grace", "1s"], stderr=subprocess.DEVNULL)
     try:
         await wait_serving(hport)
-        for _ in range(100):  # both workers up (bounded)
-            kids = children(p.pid)
-            if len(kids) == 2:
-                break
-            await asyncio.sleep(0.1)
-        assert len(kids) == 2
+        kids = await two_workers(p.pid)
         await asyncio.sleep(1.0)  # both listening (the first may be ready before the second)
         before = {k: cpu_ticks(k) for k in kids}
         routed = await asyncio.gather(*(route_once(port) for _ in range(120)))
@@ -129,12 +136,7 @@ async def test_workers_die_with_a_killed_supervisor():
     kids: list[int] = []
     try:
         await wait_serving(hport)
-        for _ in range(100):
-            kids = children(p.pid)
-            if len(kids) == 2:
-                break
-            await asyncio.sleep(0.1)
-        assert len(kids) == 2
+        kids = await two_workers(p.pid)
     finally:
         p.kill()  # SIGKILL: no chance to pass anything on
         p.wait(timeout=10)
@@ -185,13 +187,7 @@ async def test_two_workers_poll_each_model_server_once_and_both_route_on_its_pag
                           "--drain-timeout", "0s", "--shutdown-grace", "1s"], stderr=subprocess.DEVNULL)
     try:
         await wait_serving(hport)
-        kids: list[int] = []
-        for _ in range(100):
-            kids = children(p.pid)
-            if len(kids) == 2:
-                break
-            await asyncio.sleep(0.1)
-        assert len(kids) == 2
+        kids = await two_workers(p.pid)
         await asyncio.sleep(1.0)  # both listening, pages shared
         if shm:
             assert [f for f in set(os.listdir(shm)) - before if f.startswith("epp-workers-")]
