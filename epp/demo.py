@@ -226,6 +226,13 @@ class Pod:
         return f"http://{self.address}"
 
 
+def _free_port() -> int:
+    """A loopback port nothing listens on right now (for a picker's --ha-peer-port)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 @dataclass
 class Stack:
     """Simulators, the picker (unless round-robin) and Envoy, as child processes."""
@@ -237,6 +244,8 @@ class Stack:
     listen_port: int = 0
     sim_args: Sequence[str] = ()
     picker_args: Sequence[str] = ()
+    replicas: int = 1  # picker processes behind the one Envoy (active-active above 1)
+    peers: bool = False  # with replicas > 1: --ha-peers between them
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="epp-demo-")))
     children: list[Child] = field(default_factory=list)
     endpoints: list[Pod] = field(default_factory=list)
@@ -273,17 +282,38 @@ class Stack:
                 (self.workdir / "manifests" / "pool.yaml").write_text(manifests(pods, aliases[1]))
             else:  # no loopback aliases: the pool is the static endpoints
                 argv += ["--endpoints", ",".join(addrs)]
-            picker = await spawn("picker", argv, self.workdir)
-            self.children.append(picker)
-            m = await wait_for_line(picker, re.compile(r'\{[^\n]*"msg":"picker started"[^\n]*\}'), 30)
-            started = json.loads(m.group(0))
-            self.picker_metrics = f"http://127.0.0.1:{started['metrics_port']}/metrics"
+            grpc_ports = await self._start_pickers(argv)
             spec = envoyconf.PoolSpec(name=POOL, target_ports=(aliases[1] if aliases else 1,),
-                                      picker=f"127.0.0.1:{started['grpc_port']}")  # fmt: skip
+                                      picker=",".join(f"127.0.0.1:{p}" for p in grpc_ports))  # fmt: skip
             config = envoyconf.bootstrap([spec], self.profile, "original_dst", listen_address="127.0.0.1",
                                          listen_port=self.listen_port, admin_port=0, picker_tls=True)  # fmt: skip
         await self._start_envoy(config)
         await self._warm_up()
+
+    async def _start_pickers(self, argv: list[str]) -> list[int]:
+        """The picker (or `replicas` active-active ones, with --ha-peers between them when `peers`);
+        their ext_proc ports."""
+        n = max(1, self.replicas)
+        extra: list[list[str]] = [[] for _ in range(n)]
+        if n > 1:
+            peer_ports = [_free_port() for _ in range(n)]
+            key = self.workdir / "session.key"
+            key.write_text(os.urandom(24).hex() + "\n")
+            for i in range(n):
+                extra[i] = ["--ha-mode", "active-active", "--session-key-file", str(key)]
+                if self.peers:
+                    others = ",".join(f"127.0.0.1:{p}" for j, p in enumerate(peer_ports) if j != i)
+                    extra[i] += ["--ha-peers", others, "--ha-peer-port", str(peer_ports[i])]
+        ports: list[int] = []
+        for i in range(n):
+            picker = await spawn("picker" if i == 0 else f"picker-{i}", [*argv, *extra[i]], self.workdir)
+            self.children.append(picker)
+            m = await wait_for_line(picker, re.compile(r'\{[^\n]*"msg":"picker started"[^\n]*\}'), 30)
+            started = json.loads(m.group(0))
+            if i == 0:
+                self.picker_metrics = f"http://127.0.0.1:{started['metrics_port']}/metrics"
+            ports.append(int(started["grpc_port"]))
+        return ports
 
     async def _start_sim(self, name: str, argv: list[str], loras: tuple[str, ...]) -> Pod:
         child = await spawn(name, argv, self.workdir)

@@ -174,7 +174,7 @@ class PoolSpec:
     target_ports: tuple[int, ...]
     namespace: str = "default"
     selector: Mapping[str, str] = field(default_factory=dict)  # documentation only: Envoy never sees pods
-    picker: str = "127.0.0.1:9002"  # host:port of the pool's picker (ext_proc)
+    picker: str = "127.0.0.1:9002"  # host:port of the pool's picker (ext_proc); replicas: a comma list
     failure_mode: str = "FailClose"  # FailOpen: requests pass when the picker fails
     app_protocol: str = "http"  # or kubernetes.io/h2c
     models: tuple[str, ...] = ()  # model names routed to this pool (multi-pool)
@@ -190,7 +190,8 @@ class PoolSpec:
             raise ValueError(f"pool {self.name}: failure mode must be FailOpen or FailClose")
         if self.app_protocol not in ("http", "kubernetes.io/h2c"):
             raise ValueError(f"pool {self.name}: appProtocol must be http or kubernetes.io/h2c")
-        split_address(self.picker)
+        for addr in self.picker.split(","):
+            split_address(addr.strip())
         for ep in self.endpoints:
             split_address(ep)
 
@@ -311,17 +312,21 @@ class PickerTLS:
 
 def picker_cluster(name: str, address: str, tls: bool | PickerTLS) -> dict[str, Any]:
     """The cluster of one picker: HTTP/2 (gRPC), TLS (verified when `tls` names a CA, see
-    PickerTLS) or plaintext, and a gRPC health check on the ext_proc service name."""
-    host, port = split_address(address)
+    PickerTLS) or plaintext, and a gRPC health check on the ext_proc service name. `address` may
+    list several replicas (`host:port,host:port`): each ext_proc stream goes to one of them, round
+    robin (active-active replicas, docs/precise-prefix.md)."""
+    hosts = [split_address(a.strip()) for a in address.split(",") if a.strip()]
+    host = hosts[0][0]
+    static = all(_is_ip(h) for h, _ in hosts)
     cluster: dict[str, Any] = {
         "name": name,
-        "type": "STATIC" if _is_ip(host) else "STRICT_DNS",
+        "type": "STATIC" if static else "STRICT_DNS",
         "connect_timeout": "5s",
         "typed_extension_protocol_options": _http2_options(PICKER_STREAMS_PER_CONNECTION),
         "circuit_breakers": _BREAKERS,
         "load_assignment": {
             "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket(host, port)}}]}],
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket(h, p)}} for h, p in hosts]}],
         },
         "health_checks": [
             {
@@ -334,7 +339,7 @@ def picker_cluster(name: str, address: str, tls: bool | PickerTLS) -> dict[str, 
             }
         ],
     }
-    if not _is_ip(host):
+    if not static:
         cluster["dns_lookup_family"] = "V4_PREFERRED"
     if tls:
         settings = tls if isinstance(tls, PickerTLS) else PickerTLS()
@@ -861,7 +866,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--picker",
         action="append",
         metavar="[POOL=]HOST:PORT",
-        help="picker address, per pool with POOL= (default 127.0.0.1:9002 for one pool)",
+        help="picker address, per pool with POOL= (default 127.0.0.1:9002 for one pool); several "
+             "active-active replicas as HOST:PORT,HOST:PORT (each request goes to one, round robin)",
     )
     src.add_argument(
         "--picker-from-ref",

@@ -794,3 +794,23 @@ async def test_live_two_pools_behind_one_listener(
         async with session.get(f"{envoy.url}/v1/models", headers={"x-gateway-model-name": "qwen-7b",
                                                                    "x-gateway-base-model-name": "qwen-7b"}) as r:
             assert r.status == 404 and "no InferencePool" in await r.text()
+
+
+def test_active_active_pickers_share_one_cluster(tmp_path: Path) -> None:
+    """Several picker replicas (`--picker HOST:PORT,HOST:PORT`): one cluster, one host each; Envoy
+    accepts it (each ext_proc stream then goes to one replica, round robin)."""
+    import dataclasses
+
+    pool = dataclasses.replace(POOL, picker="10.0.0.8:9002,10.0.0.9:9002")
+    c = _clusters(bootstrap([pool]))["epp.default.p"]
+    assert c["type"] == "STATIC"
+    hosts = [e["endpoint"]["address"]["socket_address"] for e in c["load_assignment"]["endpoints"][0]["lb_endpoints"]]
+    assert [(h["address"], h["port_value"]) for h in hosts] == [("10.0.0.8", 9002), ("10.0.0.9", 9002)]
+    named = _clusters(bootstrap([dataclasses.replace(POOL, picker="epp-a.ml.svc:9002,10.0.0.9:9002")]))
+    assert named["epp.default.p"]["type"] == "STRICT_DNS"
+    with pytest.raises(ValueError, match="host:port"):
+        envoyconf.PoolSpec(name="p", target_ports=(8000,), picker="10.0.0.8:9002,nope")
+    path = tmp_path / "replicas.yaml"
+    path.write_text(envoyconf.dumps(bootstrap([pool])))
+    code, output = validate([path])[path]
+    assert code == 0, output
