@@ -368,3 +368,27 @@ def _resolve(host: str, port: int) -> list[str]:
     except OSError:
         return []
     return sorted({str(info[4][0]) for info in infos})
+
+
+class PeerCollector:
+    """`inference_extension_peers_*` (ours): the peers heard and the messages, read at scrape time."""
+
+    def __init__(self, peers: PeerSync) -> None:
+        self.peers = peers
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        st = self.peers.stats
+        g = GaugeMetricFamily("inference_extension_peers_known",
+                              "Active-active peers heard from within the expiry window.")
+        g.add_metric([], self.peers.peer_count())
+        yield g
+        c = CounterMetricFamily("inference_extension_peer_messages",
+                                "Peer messages: sent, received, dropped (unsigned, malformed, over a bound).",
+                                labels=["outcome"])
+        for outcome, v in (("sent", st.sent), ("received", st.received), ("dropped", st.dropped)):
+            c.add_metric([outcome], v)
+        yield c
+        yield CounterMetricFamily("inference_extension_peers_expired", "Peers forgotten after going silent.",
+                                  value=st.peers_expired)

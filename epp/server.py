@@ -51,7 +51,7 @@ from epp.metrics_http import KubeAuthorizer, KubeReviews, MetricsServer
 from epp.metrics_merge import fetch_pages
 from epp.parsers import build_parser
 from epp.peers import DEFAULT_PORT as PEER_PORT
-from epp.peers import PeerSync, parse_peers
+from epp.peers import PeerCollector, PeerSync, parse_peers
 from epp.requestcontrol.base import build_request_control
 from epp.resources import pool_from_flags
 from epp.scheduling.config import (
@@ -306,6 +306,7 @@ class App:
             await asyncio.to_thread(prod.start)
         if self.peers is not None:
             self.peers.start()
+            self.telemetry.registry.register(PeerCollector(self.peers))  # type: ignore[arg-type]
         if o.standalone:
             log.info("standalone mode: no InferencePool object; the pool comes from --endpoint-selector",
                      extra={"pool": o.pool_name, "selector": o.endpoint_selector, "ports": o.endpoint_target_ports})

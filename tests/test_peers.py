@@ -150,3 +150,18 @@ async def test_unsigned_malformed_and_flooding_messages_are_dropped() -> None:
     finally:
         await b.stop()
         rogue.close(0)
+
+
+async def test_the_peer_counters_are_exported(pair: Any) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from epp.peers import PeerCollector
+
+    a, b, _notes, b_eps = pair
+    await connected(a, b, b_eps)
+    r = CollectorRegistry()
+    r.register(PeerCollector(b))  # type: ignore[arg-type]
+    text = generate_latest(r).decode()
+    assert "inference_extension_peers_known 1.0" in text
+    assert 'inference_extension_peer_messages_total{outcome="received"}' in text
+    assert "inference_extension_peers_expired_total 0.0" in text
