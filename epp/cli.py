@@ -364,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--ha-mode", choices=["leader", "active-active"], default="leader",
                      help="with several replicas: `leader` (the reference: readiness only on the Lease holder) or "
                           "`active-active` (every replica ready and serving; prefix state from engine KV events, "
-                          "in-flight counts per replica; a Lease, when enabled, only picks the status writer)")
+                          "in-flight counts per replica unless --ha-peers shares them; a Lease, when enabled, only "
+                          "picks the status writer)")
     srv.add_argument("--ha-peers", default="", metavar="HOST:PORT,...",
                      help="active-active (ours): the replicas that tell each other every request they route and "
                           "finish, so each counts the pool's in-flight requests and learns the others' prefix "
