@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 from epp import logs
 from epp.cli import Options, parse_args
@@ -88,20 +89,25 @@ def supervise(workers: int, args: list[str]) -> int:
     them, passes SIGTERM/SIGINT on and waits. Worker 0 serves --metrics-port; the others bind an
     OS-assigned one. If a worker dies, the others are stopped and its exit code is returned, so the
     pod restarts whole. The workers share one file in /dev/shm (epp.workershare): worker 0's scrapes
-    and every worker's in-flight counts; it is removed when they are gone."""
+    and every worker's in-flight counts; its name is removed once every worker has mapped it (the
+    mappings keep it), so nothing is left behind however the supervisor ends."""
     from epp import workershare
 
     share = workershare.create(workers)
     try:
-        return _run_workers(workers, [*args, "--worker-share", share])
+        return _run_workers(workers, [*args, "--worker-share", share],
+                            lambda: workershare.all_attached(share, workers), lambda: os.unlink(share))
     finally:
         with contextlib.suppress(OSError):
             os.unlink(share)
 
 
-def _run_workers(workers: int, args: list[str]) -> int:
+def _run_workers(workers: int, args: list[str], attached: Callable[[], bool], release: Callable[[], None]) -> int:
+    """Start and watch the workers; `release()` once `attached()` (every worker mapped the share)."""
     import subprocess
     import time
+
+    released = False
 
     children: list[subprocess.Popen[bytes]] = []
     stopping = False
@@ -133,6 +139,10 @@ def _run_workers(workers: int, args: list[str]) -> int:
                     forward(signal.SIGTERM)
         if not running:
             return rc
+        if not released and attached():
+            released = True
+            with contextlib.suppress(OSError):
+                release()
         time.sleep(0.2)
 
 

@@ -7,7 +7,8 @@ little-endian, fixed at creation; the file is sparse (on tmpfs only the pages to
 
     header     64 B: magic, version, workers, slots, slot bytes, generation (u64, bumped after every
                directory change), high (slots ever used)
-    ports      workers × u32: each worker's loopback metrics port (0: none yet), for worker 0's page
+    ports      workers × u32: each worker's loopback metrics port (0: none yet), for worker 0's page;
+               the top bit says the worker has mapped the file
     directory  slots × 80 B: tag (u32, bumped on every (re)assignment), used (u16), address length,
                address (72 B)
     metrics    slots × SLOT_BYTES: seq (u64, odd while being written), tag, ok, length, crc32, then the
@@ -50,6 +51,7 @@ _SLOT = struct.Struct("<QIHxxII")  # seq, tag, ok, payload length, crc32
 _SEQ = struct.Struct("<Q")
 _MAX_PAYLOAD = SLOT_BYTES - _SLOT.size
 _NO_PAGE = 0xFFFFFFFF  # payload length: no page yet (or one too large to share)
+_ATTACHED = 1 << 31  # in a worker's port word: it has mapped the file (the supervisor may unlink it)
 _READ_TRIES = 8
 
 _encode = msgspec.msgpack.Encoder().encode
@@ -85,6 +87,17 @@ def create(workers: int, slots: int = DEFAULT_SLOTS, directory: str | None = Non
         raise
     os.close(fd)
     return path
+
+
+def all_attached(path: str, workers: int) -> bool:
+    """Every worker has mapped the share: its path can go (the mappings keep the memory), so not even
+    a SIGKILL of the supervisor leaves the file behind."""
+    try:
+        with open(path, "rb") as f:
+            raw = os.pread(f.fileno(), 4 * workers, _HEADER_BYTES)
+    except OSError:
+        return False
+    return len(raw) == 4 * workers and all(w & _ATTACHED for w in struct.unpack(f"<{workers}I", raw))
 
 
 def _pack_metrics(m: Metrics) -> bytes:
@@ -141,6 +154,8 @@ class WorkerShare:
         self._assigned: dict[str, int] = {}
         self._free_from = 0
         self._full_logged = False
+        at = _HEADER_BYTES + 4 * worker
+        _HIGH.pack_into(self._mm, at, int(_HIGH.unpack_from(self._mm, at)[0]) | _ATTACHED)
 
     def close(self) -> None:
         """Unmap (the views first: a mapping with exported views cannot close)."""
@@ -154,11 +169,11 @@ class WorkerShare:
     # ---- each worker's metrics port ------------------------------------------------------
     def set_metrics_port(self, port: int) -> None:
         """This worker's loopback /metrics port (workers 1..: worker 0 merges their pages into its own)."""
-        _HIGH.pack_into(self._mm, _HEADER_BYTES + 4 * self.worker, port)
+        _HIGH.pack_into(self._mm, _HEADER_BYTES + 4 * self.worker, (port & 0xFFFF) | _ATTACHED)
 
     def peer_metrics_ports(self) -> list[int]:
         """The other workers' metrics ports that are known."""
-        ports = (int(_HIGH.unpack_from(self._mm, _HEADER_BYTES + 4 * i)[0]) for i in range(self.workers)
+        ports = (int(_HIGH.unpack_from(self._mm, _HEADER_BYTES + 4 * i)[0]) & 0xFFFF for i in range(self.workers)
                  if i != self.worker)
         return [p for p in ports if p]
 

@@ -128,15 +128,25 @@ def test_a_worker_that_cannot_start_takes_the_rest_down():
 
 
 async def test_workers_die_with_a_killed_supervisor():
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    before = set(os.listdir(shm)) if shm else set()
     port, hport = free_port(), free_port()
     p = subprocess.Popen([sys.executable, "-m", "epp", "--workers", "2", "--pool-name", "p", "--endpoints", EPS,
                           "--grpc-port", str(port), "--grpc-health-port", str(hport), "--metrics-port", "0",
                           "--bind-address", "127.0.0.1", "--secure-serving=false", "--drain-timeout", "0s",
                           "--shutdown-grace", "1s"], stderr=subprocess.DEVNULL)
     kids: list[int] = []
+
+    def share_files() -> list[str]:
+        return [f for f in set(os.listdir(shm)) - before if f.startswith("epp-workers-")] if shm else []
+
     try:
         await wait_serving(hport)
         kids = await two_workers(p.pid)
+        for _ in range(100):  # bounded: both workers map the share, then the supervisor drops its name
+            if not share_files():
+                break
+            await asyncio.sleep(0.1)
     finally:
         p.kill()  # SIGKILL: no chance to pass anything on
         p.wait(timeout=10)
@@ -145,12 +155,13 @@ async def test_workers_die_with_a_killed_supervisor():
             break
         await asyncio.sleep(0.1)
     assert not [k for k in kids if alive(k)]
+    assert not share_files()  # a SIGKILL leaves no share file behind
 
 
 async def test_two_workers_poll_each_model_server_once_and_both_route_on_its_page():
     """Worker 0 scrapes; worker 1 routes on the pages it shares (a server with a long queue is
     avoided by both), and each server is polled at one picker's rate, not two; worker 0's /metrics
-    counts both workers' requests. The share file is gone once the picker stops."""
+    counts both workers' requests. The share's file name is gone once both workers have mapped it."""
     from aiohttp import web
 
     from tests.integration.test_scheduling_live import vllm_page
@@ -189,8 +200,8 @@ async def test_two_workers_poll_each_model_server_once_and_both_route_on_its_pag
         await wait_serving(hport)
         kids = await two_workers(p.pid)
         await asyncio.sleep(1.0)  # both listening, pages shared
-        if shm:
-            assert [f for f in set(os.listdir(shm)) - before if f.startswith("epp-workers-")]
+        if shm:  # both workers mapped the share: its name is gone already, the sharing goes on
+            assert not [f for f in set(os.listdir(shm)) - before if f.startswith("epp-workers-")]
         cpu0 = {k: cpu_ticks(k) for k in kids}
         routed = await asyncio.gather(*(route_once(port) for _ in range(120)))
         assert set(routed) == {addrs["idle"]}  # every worker saw the busy server's queue
