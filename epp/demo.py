@@ -252,6 +252,7 @@ class Stack:
     url: str = ""
     admin: str = ""
     picker_metrics: str = ""
+    replica_metrics: list[str] = field(default_factory=list)  # every picker replica's /metrics URL
 
     async def start(self) -> None:
         py = sys.executable
@@ -310,8 +311,9 @@ class Stack:
             self.children.append(picker)
             m = await wait_for_line(picker, re.compile(r'\{[^\n]*"msg":"picker started"[^\n]*\}'), 30)
             started = json.loads(m.group(0))
+            self.replica_metrics.append(f"http://127.0.0.1:{started['metrics_port']}/metrics")
             if i == 0:
-                self.picker_metrics = f"http://127.0.0.1:{started['metrics_port']}/metrics"
+                self.picker_metrics = self.replica_metrics[0]
             ports.append(int(started["grpc_port"]))
         return ports
 

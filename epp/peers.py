@@ -229,8 +229,10 @@ class PeerSync:
         sub.setsockopt(zmq.RCVHWM, 100000)
         sub.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         sub.setsockopt(zmq.LINGER, 0)
-        sub.setsockopt(zmq.RECONNECT_IVL, 200)
-        sub.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
+        # a peer that starts later (or restarts) is reached within a second: what it publishes before
+        # that is lost to this replica (PUB/SUB), and its snapshots repair only the counts
+        sub.setsockopt(zmq.RECONNECT_IVL, 100)
+        sub.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         sub.setsockopt(zmq.SUBSCRIBE, TOPIC)
         connected: set[str] = set()
         next_resolve = 0.0
