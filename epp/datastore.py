@@ -64,6 +64,20 @@ class Endpoint:
 EndpointListener = Callable[[list[Endpoint], list[Endpoint]], None]
 
 
+def tally(counts: dict[str, list[int]], address: str, requests: int, tokens: int) -> list[int]:
+    """Add to `address`'s [requests, tokens] in flight in `counts` (never below zero; the entry goes
+    when no request is left); the pair as it is now. For pickers that share their counts
+    (epp.workershare, epp.peers)."""
+    pair = counts.get(address)
+    if pair is None:
+        pair = counts[address] = [0, 0]
+    pair[0] = max(0, pair[0] + requests)
+    pair[1] = max(0, pair[1] + tokens) if pair[0] else 0
+    if not pair[0]:
+        del counts[address]
+    return pair
+
+
 def _matches(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 

@@ -369,10 +369,8 @@ class Director:
                 rewrite_rule=rule,
                 sched_seconds=t1 - t0,
             )
-            self._account(ctx, primary, share=False)
             self.scheduler.on_routed(sched, primary)
-            if self.share is not None:  # after on_routed: the plugins' notes for peers are made there
-                self.share.routed(primary, 1, ctx.prompt_tokens_est, sched)
+            self._account(ctx, primary, sched)  # after on_routed: the plugins' notes for peers are made there
             # The decoded body can be several times the size of the bytes; the context lives as long
             # as the response, so let it go now that scheduling is done (nothing reads it afterwards).
             sched.body = None
@@ -449,12 +447,12 @@ class Director:
             self.telemetry.rejected(ctx, model, target, error)
         return error
 
-    def _account(self, ctx: RequestContext, ep: Endpoint, share: bool = True) -> None:
+    def _account(self, ctx: RequestContext, ep: Endpoint, request: SchedulingRequest | None = None) -> None:
         ctx.served = ep
         ep.inflight += 1
         ep.inflight_tokens += ctx.prompt_tokens_est
-        if share and self.share is not None:
-            self.share.routed(ep, 1, ctx.prompt_tokens_est)
+        if self.share is not None:
+            self.share.routed(ep, 1, ctx.prompt_tokens_est, request)
 
     def _release(self, ctx: RequestContext) -> None:
         ep = ctx.served

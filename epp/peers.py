@@ -36,7 +36,7 @@ from typing import Any
 import msgspec
 import zmq
 
-from epp.datastore import Endpoint
+from epp.datastore import Endpoint, tally
 
 log = logging.getLogger("epp.peers")
 
@@ -156,13 +156,7 @@ class PeerSync:
     # ---- the serving loop ---------------------------------------------------------------
     def routed(self, ep: Endpoint, requests: int, tokens: int, request: Any = None) -> None:
         """This replica sent (+1, with `request` for the plugins' notes) or finished (−1) one on `ep`."""
-        own = self._own.get(ep.address)
-        if own is None:
-            own = self._own[ep.address] = [0, 0]
-        own[0] = max(0, own[0] + requests)
-        own[1] = max(0, own[1] + tokens) if own[0] else 0
-        if not own[0]:
-            del self._own[ep.address]
+        tally(self._own, ep.address, requests, tokens)
         notes: Mapping[str, Any] = {}
         if request is not None and self.scheduler is not None:
             gather = getattr(self.scheduler, "peer_notes", None)

@@ -34,7 +34,8 @@ from collections.abc import Sequence
 
 import msgspec
 
-from epp.datastore import Datastore, Endpoint, Metrics
+from epp.datastore import Datastore, Endpoint, Metrics, tally
+from epp.metrics.scrape import copied
 
 log = logging.getLogger("epp.workershare")
 
@@ -310,14 +311,7 @@ class WorkerShare:
     # ---- every worker: in-flight counts -------------------------------------------------
     def routed(self, ep: Endpoint, requests: int, tokens: int, request: object = None) -> None:
         """This worker sent (+1) or finished (−1) a request on `ep`: its own cell follows at once."""
-        own = self._own.get(ep.address)
-        if own is None:
-            own = self._own[ep.address] = [0, 0]
-        own[0] = max(0, own[0] + requests)
-        own[1] = max(0, own[1] + tokens)
-        if not own[0]:
-            own[1] = 0
-            del self._own[ep.address]
+        own = tally(self._own, ep.address, requests, tokens)
         i = self._slot_of.get(ep.address)
         if i is not None and self._written_gen == self._map_gen:
             cell = i * self.workers + self.worker
@@ -387,18 +381,10 @@ class SharedMetricsThread:
         self._thread = threading.Thread(target=self._run, name="shared-metrics", daemon=True)
         self._thread.start()
 
-    def _endpoints(self) -> list[Endpoint]:
-        for _ in range(100):  # the serving loop may change the table meanwhile
-            try:
-                return list(self.datastore.endpoints.values())
-            except RuntimeError:
-                continue
-        return []
-
     def poll(self) -> None:
         """One pass: the directory if it changed, then every endpoint's latest page."""
         self.share.sync_directory()
-        for ep in self._endpoints():
+        for ep in copied(lambda: list(self.datastore.endpoints.values())):  # the loop may change it meanwhile
             if self.share.read(ep):
                 self.reads += 1
 

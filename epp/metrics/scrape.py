@@ -494,7 +494,7 @@ class Scraper:
 _T = TypeVar("_T")
 
 
-def _copied(fn: Callable[[], _T]) -> _T:
+def copied(fn: Callable[[], _T]) -> _T:
     """fn() copying a table the scraper thread may change meanwhile: copied again when it did."""
     for _ in range(100):
         try:
@@ -591,10 +591,10 @@ class ScrapeThread:
 
     @property
     def polling(self) -> frozenset[str]:
-        return _copied(lambda: self.scraper.polling)
+        return copied(lambda: self.scraper.polling)
 
     def polls(self) -> dict[str, int]:
-        return _copied(self.scraper.polls)
+        return copied(self.scraper.polls)
 
     @property
     def thread(self) -> threading.Thread | None:
