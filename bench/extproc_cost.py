@@ -222,9 +222,13 @@ def scrape_plan(endpoints: int, interval: str | None) -> tuple[str, list[str]]:
     return f"{secs:.3f}s", ["--config-text", cfg]
 
 
+GRPC_SERVER = ["native"]  # --grpc-server: what serves the picker's gRPC (the A/B of epp.h2server)
+
+
 def picker_cmd(port: int, addrs: list[str], scrape_interval: str | None = None) -> list[str]:
     """`python -m epp` pinned to CPU 0, plaintext on `port`, the endpoints `addrs`."""
     interval, extra = scrape_plan(len(addrs), scrape_interval)
+    extra = [*extra, "--grpc-server", GRPC_SERVER[0]]
     return ["taskset", "-c", "0", sys.executable, "-m", "epp", "--pool-name", "bench", "--endpoints", ",".join(addrs),
             "--secure-serving=false", "--grpc-port", str(port), "--grpc-health-port", "0", "--metrics-port", "0",
             "--bind-address", "127.0.0.1", "--log-level", "warning", "--refresh-metrics-interval", interval, *extra]
@@ -267,12 +271,15 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--profiles", default="duplex,buffered,lean")
     ap.add_argument("--no-floor", action="store_true")
+    ap.add_argument("--grpc-server", choices=("native", "grpcio"), default="native",
+                    help="the picker's gRPC server (python -m epp --grpc-server; default %(default)s)")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--scrape-interval", default=None,
                     help="the picker's --refresh-metrics-interval (default: 50 ms, slower past 16 endpoints)")
     ap.add_argument("--matrix", action="store_true",
                     help="every profile x 1 KB / 200 KB prompts x 8 / 64 / 256 endpoints (one table)")
     a = ap.parse_args()
+    GRPC_SERVER[0] = a.grpc_server
     if a.matrix:
         run_matrix(a)
         return

@@ -284,6 +284,7 @@ class Options:
     drain_timeout: float = 30.0
     grpc_max_recv_msg_size: int = 0  # 0: max_request_body_bytes + RECV_MARGIN
     grpc_max_send_msg_size: int = 0  # 0: gRPC's default
+    grpc_server: str = "native"  # "native" (epp.h2server on the serving loop) or "grpcio" (grpc.aio)
     # --model-server-metrics-* (None: not given; the engine map's setting applies)
     model_server_metrics_scheme: str | None = None
     model_server_metrics_path: str | None = None
@@ -437,6 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "so an oversized buffered body is refused before it is read whole")
     srv.add_argument("--grpc-max-send-msg-size", type=parse_size, default=0, metavar="SIZE",
                      help="largest ext_proc message sent (default gRPC's)")
+    srv.add_argument("--grpc-server", choices=("native", "grpcio"), default="native",
+                     help="what serves the gRPC ports: native (default; HTTP/2 parsed on the serving loop "
+                          "itself, no thread hop a message: docs/benchmarks.md, 'Picker cost') or grpcio "
+                          "(grpc.aio, as before)")
     srv.add_argument("--metrics-endpoint-auth", default=True, **B,
                      help="/metrics (and the debug routes) need a bearer token that a Kubernetes TokenReview "
                           "accepts and a SubjectAccessReview allows `get` on the /metrics URL (default true; "
@@ -638,6 +643,7 @@ def parse_args(argv: list[str]) -> Options:
         drain_timeout=a.drain_timeout,
         grpc_max_recv_msg_size=a.grpc_max_recv_msg_size,
         grpc_max_send_msg_size=a.grpc_max_send_msg_size,
+        grpc_server=a.grpc_server,
         model_server_metrics_scheme=a.model_server_metrics_scheme,
         model_server_metrics_path=a.model_server_metrics_path,
         model_server_metrics_port=a.model_server_metrics_port or None,  # 0: the reference's "unset"

@@ -27,15 +27,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from envoy.service.ext_proc.v3.external_processor_pb2 import ProcessingRequest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from epp import tls
+from epp import h2server, tls
 from epp.bbr import BodyRouter
 from epp.cli import Options
 from epp.datalayer import DataLayerConfig
@@ -274,7 +277,7 @@ class App:
         self.grpc_port = 0
         self.grpc_health_port = 0
         self.metrics_port = 0
-        self._servers: list[grpc.aio.Server] = []
+        self._servers: list[Any] = []  # grpc.aio.Server or h2server.GrpcServer (start/stop/wait)
         self._tasks: list[asyncio.Task[Any]] = []
         self._ready: tuple[bool, bool, bool] | None = None
         self.cert: tls.KeyPair | None = None
@@ -356,6 +359,34 @@ class App:
 
         await self.health.publish()
 
+        if o.grpc_server == "grpcio":
+            await self._serve_grpcio()
+        else:
+            await self._serve_native()
+        share = self.share
+        if share is not None and share.worker > 0:
+            # --workers: worker 0 merges this page into its own; loopback only, so no auth and no debug
+            self.metrics_http = MetricsServer(self.telemetry.registry)
+            self.metrics_port = self.metrics_http.start(0, "127.0.0.1")
+            share.set_metrics_port(self.metrics_port)
+        else:
+            peers = ((lambda: fetch_pages(share.peer_metrics_ports())) if share is not None else None)
+            self.metrics_http = MetricsServer(self.telemetry.registry, authorizer=self._metrics_authorizer(),
+                                              debug=self._debug_routes(), peers=peers)
+            self.metrics_port = self.metrics_http.start(o.metrics_port, o.bind_address)
+        self._tasks.append(asyncio.create_task(self._readiness_loop(), name="readiness"))
+        self._tasks.append(asyncio.create_task(self.telemetry.run_pool_refresh(
+            self.datastore, o.refresh_prometheus_metrics_interval, o.metrics_staleness_threshold,
+            prefix_stats=getattr(self.scheduler, "stats", None)), name="pool-gauges"))
+        await self._update_readiness()
+        log.info("picker started", extra={
+            "pool": f"{o.pool_namespace}/{o.pool_name}", "grpc_port": self.grpc_port,
+            "health_port": self.grpc_health_port, "metrics_port": self.metrics_port, "tls": o.secure_serving,
+            "client_certs_required": bool(o.secure_serving and o.client_ca_file), "grpc_server": o.grpc_server})
+
+    async def _serve_grpcio(self) -> None:
+        """`--grpc-server grpcio`: ext_proc and health on grpc.aio (the C core's own threads)."""
+        o = self.opts
         # the receive limit follows the body cap, so an oversized message is refused by its length
         # prefix instead of being read whole first
         reuse = 1 if o.workers > 1 else 0  # --workers: every worker listens on the same port
@@ -401,26 +432,51 @@ class App:
             self._servers.append(hs)
         for s in self._servers:
             await s.start()
-        share = self.share
-        if share is not None and share.worker > 0:
-            # --workers: worker 0 merges this page into its own; loopback only, so no auth and no debug
-            self.metrics_http = MetricsServer(self.telemetry.registry)
-            self.metrics_port = self.metrics_http.start(0, "127.0.0.1")
-            share.set_metrics_port(self.metrics_port)
-        else:
-            peers = ((lambda: fetch_pages(share.peer_metrics_ports())) if share is not None else None)
-            self.metrics_http = MetricsServer(self.telemetry.registry, authorizer=self._metrics_authorizer(),
-                                              debug=self._debug_routes(), peers=peers)
-            self.metrics_port = self.metrics_http.start(o.metrics_port, o.bind_address)
-        self._tasks.append(asyncio.create_task(self._readiness_loop(), name="readiness"))
-        self._tasks.append(asyncio.create_task(self.telemetry.run_pool_refresh(
-            self.datastore, o.refresh_prometheus_metrics_interval, o.metrics_staleness_threshold,
-            prefix_stats=getattr(self.scheduler, "stats", None)), name="pool-gauges"))
-        await self._update_readiness()
-        log.info("picker started", extra={
-            "pool": f"{o.pool_namespace}/{o.pool_name}", "grpc_port": self.grpc_port,
-            "health_port": self.grpc_health_port, "metrics_port": self.metrics_port, "tls": o.secure_serving,
-            "client_certs_required": mtls})
+
+    async def _serve_native(self) -> None:
+        """ext_proc and health on epp.h2server: HTTP/2 read and answered on the serving loop."""
+        o = self.opts
+        health = h2server.servicer_methods("grpc.health.v1.Health", self.health, {
+            "Check": ("unary_unary", health_pb2.HealthCheckRequest),
+            "Watch": ("unary_stream", health_pb2.HealthCheckRequest)})
+        methods = {**h2server.servicer_methods("envoy.service.ext_proc.v3.ExternalProcessor", self.servicer,
+                                               {"Process": ("stream_stream", ProcessingRequest)}), **health}
+        # the receive limit follows the body cap, so an oversized message is refused by its length
+        # prefix instead of being read whole first
+        main = h2server.GrpcServer(methods, max_receive=o.grpc_recv_limit, max_send=o.grpc_max_send_msg_size or None)
+        mtls = bool(o.secure_serving and o.client_ca_file)
+        factory: Callable[[], ssl.SSLContext] | None = None
+        if o.secure_serving and o.enable_cert_reload and o.cert_path:
+            reloader = tls.ReloadingCert(o.cert_path, o.client_ca_file if mtls else "")
+            self.cert = reloader.current
+            current = [h2server.server_context(self.cert.cert, self.cert.key, reloader.ca if mtls else None)]
+
+            def factory() -> ssl.SSLContext:  # asked at every new connection, as grpc's dynamic credentials
+                pair = reloader.fetch()
+                if pair is not None:
+                    try:
+                        current[0] = h2server.server_context(pair.cert, pair.key, reloader.ca if mtls else None)
+                    except (ssl.SSLError, ValueError, OSError) as e:
+                        log.error("serving certificate not reloaded: it does not load",
+                                  extra={"path": o.cert_path, "error": str(e)})
+                    else:
+                        self.cert = pair
+                        log.info("serving certificate reloaded",
+                                 extra={"path": o.cert_path, "client_ca": o.client_ca_file})
+                return current[0]
+        elif o.secure_serving:
+            self.cert = (tls.load_dir(o.cert_path) if o.cert_path else None) or tls.self_signed()
+            fixed = h2server.server_context(self.cert.cert, self.cert.key,
+                                            tls.read_ca(o.client_ca_file) if mtls else None)
+            factory = lambda: fixed  # noqa: E731
+        reuse = o.workers > 1  # --workers: every worker listens on the same port
+        self.grpc_port = await main.listen(o.grpc_bind_address or o.bind_address, o.grpc_port,
+                                           reuse_port=reuse, ssl_context=factory)
+        self._servers.append(main)
+        if o.grpc_health_port != o.grpc_port or o.grpc_health_port == 0:
+            hs = h2server.GrpcServer(health)
+            self.grpc_health_port = await hs.listen(o.bind_address, o.grpc_health_port, reuse_port=reuse)
+            self._servers.append(hs)
 
     def _metrics_off(self) -> bool:
         """The config wires data sources but no metrics-data-source (its warning says so): no scraping."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -88,7 +89,7 @@ async def run_envoy(config: Mapping[str, Any], tmp_path: Path, timeout: float = 
     log_path = tmp_path / "envoy.log"
     with open(log_path, "wb") as log:
         proc = await asyncio.create_subprocess_exec(
-            binary, "-c", str(cfg), "--disable-hot-restart", "-l", "warning",
+            binary, "-c", str(cfg), "--disable-hot-restart", "-l", os.environ.get("EPP_TEST_ENVOY_LOG", "warning"),
             "--admin-address-path", str(admin_file), "--concurrency", "1",
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip

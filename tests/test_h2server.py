@@ -1,0 +1,403 @@
+"""epp.h2server against real clients over loopback: grpc's own C-core client (plaintext, TLS,
+mutual TLS) for the calls, and raw HTTP/2 frames (the `h2` library, sockets) for what a
+well-behaved client never sends."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+
+import grpc
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+from grpc_health.v1 import health_pb2
+
+from epp import h2server, tls
+from epp.h2server import GrpcServer, Method
+
+Req, Resp = health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
+
+
+class Echo:
+    """Test handlers: a unary echo, a bidi echo, a failing call, a call that waits forever."""
+
+    def __init__(self) -> None:
+        self.finished: list[str] = []
+        self.release = asyncio.Event()
+        self.received = 0
+
+    async def Unary(self, req: Req, ctx: h2server.Context) -> Resp:
+        if req.service == "abort":
+            await ctx.abort(grpc.StatusCode.PERMISSION_DENIED, "no: ünïcode % ok")
+        if req.service == "boom":
+            raise RuntimeError("handler bug")
+        return Resp(status=len(req.service) % 3)
+
+    async def Chat(self, _: None, ctx: h2server.Context) -> None:
+        try:
+            while True:
+                req = await ctx.read()
+                if req is grpc.aio.EOF:
+                    return
+                self.received += 1
+                if req.service == "hold":
+                    await self.release.wait()
+                await ctx.write(Resp(status=1) if len(req.service) < 100 else _big(len(req.service)))
+        finally:
+            self.finished.append("chat")
+
+    async def Stuck(self, _: None, ctx: h2server.Context) -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            self.finished.append("stuck")
+
+
+def _big(n: int) -> Resp:
+    # a response about n bytes long: HealthCheckResponse has only an enum, so the unknown-field
+    # trick is avoided by answering with a request-shaped message of the same size
+    return Req(service="y" * n)  # type: ignore[return-value]
+
+
+def _methods(e: Echo) -> dict[str, Method]:
+    return {
+        "/t.E/Unary": Method("unary_unary", Req.FromString, e.Unary),
+        "/t.E/Chat": Method("stream_stream", Req.FromString, e.Chat),
+        "/t.E/Stuck": Method("stream_stream", Req.FromString, e.Stuck),
+    }
+
+
+@pytest.fixture
+async def served():
+    e = Echo()
+    srv = GrpcServer(_methods(e), max_receive=2 << 20)
+    port = await srv.listen("127.0.0.1", 0)
+    try:
+        yield e, srv, port
+    finally:
+        await srv.stop(0)
+
+
+def _calls(ch: grpc.aio.Channel):
+    unary = ch.unary_unary("/t.E/Unary", request_serializer=Req.SerializeToString,
+                           response_deserializer=Resp.FromString)
+    chat = ch.stream_stream("/t.E/Chat", request_serializer=Req.SerializeToString,
+                            response_deserializer=Req.FromString)
+    return unary, chat
+
+
+async def test_unary_and_status_codes(served) -> None:
+    _, _, port = served
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        unary, _ = _calls(ch)
+        assert (await unary(Req(service="abcd"), timeout=5)).status == 1
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await unary(Req(service="abort"), timeout=5)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert err.value.details() == "no: ünïcode % ok"  # percent-encoded on the wire, decoded by grpc
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await unary(Req(service="boom"), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNKNOWN
+        missing = ch.unary_unary("/t.E/Nope", request_serializer=Req.SerializeToString,
+                                 response_deserializer=Resp.FromString)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await missing(Req(), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        # the connection survived all of that
+        assert (await unary(Req(service="ab"), timeout=5)).status == 2
+
+
+async def test_bidi_many_streams_and_large_messages_both_ways(served) -> None:
+    e, _, port = served
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        _, chat = _calls(ch)
+
+        async def one(i: int) -> int:
+            call = chat()
+            n = 0
+            for j in range(5):
+                await call.write(Req(service=f"s{i}-{j}"))
+                r = await call.read()
+                assert r.service == "" or r is not None
+                n += 1
+            await call.done_writing()
+            assert await call.read() is grpc.aio.EOF
+            assert await call.code() == grpc.StatusCode.OK
+            return n
+
+        assert sum(await asyncio.gather(*(one(i) for i in range(50)))) == 250
+        # 1.5 MiB each way: past the client's 64 KiB initial window, so the server's sends wait for
+        # WINDOW_UPDATEs, and past 16 KiB frames
+        call = chat()
+        await call.write(Req(service="x" * (3 << 19)))
+        r = await call.read()
+        assert len(r.service) >= (3 << 19)
+        await call.done_writing()
+        assert await call.code() == grpc.StatusCode.OK
+    assert e.finished.count("chat") == 51
+
+
+async def test_oversized_message_is_refused_by_its_length(served) -> None:
+    e, _, port = served
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}",
+                                         options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
+        unary, chat = _calls(ch)
+        call = chat()
+        await call.write(Req(service="z" * (3 << 20)))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call.read()
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert (await unary(Req(service="a"), timeout=5)).status == 1  # the connection carries on
+
+
+async def test_client_cancel_cancels_the_handler(served) -> None:
+    e, _, port = served
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stuck = ch.stream_stream("/t.E/Stuck", request_serializer=Req.SerializeToString,
+                                 response_deserializer=Resp.FromString)
+        call = stuck()
+        await call.write(Req(service="x"))
+        await asyncio.sleep(0.1)
+        call.cancel()
+        for _ in range(50):
+            if "stuck" in e.finished:
+                break
+            await asyncio.sleep(0.02)
+    assert e.finished == ["stuck"]
+
+
+async def test_graceful_stop_lets_open_streams_finish_and_refuses_new_ones() -> None:
+    e = Echo()
+    srv = GrpcServer(_methods(e))
+    port = await srv.listen("127.0.0.1", 0)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        unary, chat = _calls(ch)
+        call = chat()
+        await call.write(Req(service="hold"))
+        await asyncio.sleep(0.1)
+        stopping = asyncio.create_task(srv.stop(5))
+        await asyncio.sleep(0.1)
+        e.release.set()
+        assert (await call.read()) is not None
+        await call.done_writing()
+        assert await call.code() == grpc.StatusCode.OK
+        await stopping
+        with pytest.raises(grpc.aio.AioRpcError):
+            await unary(Req(service="late"), timeout=1)
+
+
+async def test_stop_cancels_what_outlives_the_grace() -> None:
+    e = Echo()
+    srv = GrpcServer(_methods(e))
+    port = await srv.listen("127.0.0.1", 0)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stuck = ch.stream_stream("/t.E/Stuck", request_serializer=Req.SerializeToString,
+                                 response_deserializer=Resp.FromString)
+        call = stuck()
+        await call.write(Req())
+        await asyncio.sleep(0.1)
+        await srv.stop(0.2)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await call.read()
+    await asyncio.sleep(0.05)
+    assert e.finished == ["stuck"]
+
+
+# ---- TLS ----------------------------------------------------------------------------------------
+async def test_tls_and_mutual_tls(tmp_path) -> None:
+    e = Echo()
+    server_pair = tls.self_signed(["localhost"])
+    client_pair = tls.self_signed(["client"])
+    srv = GrpcServer(_methods(e))
+    ctx = h2server.server_context(server_pair.cert, server_pair.key)
+    port = await srv.listen("127.0.0.1", 0, ssl_context=lambda: ctx)
+    mctx = h2server.server_context(server_pair.cert, server_pair.key, client_ca=client_pair.cert)
+    msrv = GrpcServer(_methods(e))
+    mport = await msrv.listen("127.0.0.1", 0, ssl_context=lambda: mctx)
+    opts = [("grpc.ssl_target_name_override", "localhost")]
+    try:
+        creds = grpc.ssl_channel_credentials(root_certificates=server_pair.cert)
+        async with grpc.aio.secure_channel(f"127.0.0.1:{port}", creds, options=opts) as ch:
+            unary, _ = _calls(ch)
+            assert (await unary(Req(service="abcd"), timeout=5)).status == 1
+        async with grpc.aio.secure_channel(f"127.0.0.1:{mport}", creds, options=opts) as ch:
+            unary, _ = _calls(ch)
+            with pytest.raises(grpc.aio.AioRpcError) as err:  # no client certificate
+                await unary(Req(service="abcd"), timeout=3)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        mcreds = grpc.ssl_channel_credentials(root_certificates=server_pair.cert, private_key=client_pair.key,
+                                              certificate_chain=client_pair.cert)
+        async with grpc.aio.secure_channel(f"127.0.0.1:{mport}", mcreds, options=opts) as ch:
+            unary, _ = _calls(ch)
+            assert (await unary(Req(service="abcd"), timeout=5)).status == 1
+        # a plaintext client on the TLS port is turned away, the server carries on
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            unary, _ = _calls(ch)
+            with pytest.raises(grpc.aio.AioRpcError):
+                await unary(Req(service="abcd"), timeout=2)
+    finally:
+        await srv.stop(0)
+        await msrv.stop(0)
+
+
+# ---- raw frames: what a well-behaved client never sends -----------------------------------------
+class Raw:
+    """A blocking HTTP/2 client (the h2 library) on a real socket, for hostile frames."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        self.h2.initiate_connection()
+        self.flush()
+
+    def flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data:
+            self.sock.sendall(data)
+
+    def events(self, until: type, limit: float = 5.0) -> list[h2.events.Event]:
+        self.sock.settimeout(limit)
+        seen: list[h2.events.Event] = []
+        while True:
+            try:
+                data = self.sock.recv(1 << 20)
+            except TimeoutError:
+                return seen
+            if not data:
+                seen.append(h2.events.ConnectionTerminated())
+                return seen
+            evs = self.h2.receive_data(data)
+            self.flush()
+            seen.extend(evs)
+            if any(isinstance(ev, until) for ev in evs):
+                return seen
+
+    def headers(self, sid: int, path: str, end: bool = False) -> None:
+        self.h2.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":path", path),
+                                   (":authority", "x"), ("content-type", "application/grpc"), ("te", "trailers")],
+                             end_stream=end)
+        self.flush()
+
+
+def _msg(m: Req) -> bytes:
+    b = m.SerializeToString()
+    return b"\x00" + len(b).to_bytes(4, "big") + b
+
+
+async def test_raw_frames_ping_padding_continuation_and_trailers(served) -> None:
+    _, _, port = served
+
+    def run() -> None:
+        c = Raw(port)
+        c.h2.ping(b"12345678")
+        c.flush()
+        assert any(isinstance(ev, h2.events.PingAckReceived) for ev in c.events(h2.events.PingAckReceived))
+        # headers split across HEADERS + CONTINUATION, a padded DATA frame: the call still works
+        c.h2.max_outbound_frame_size = 16384
+        big_meta = [("x-pad", "p" * 40000)]
+        c.h2.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":path", "/t.E/Unary"),
+                              (":authority", "x"), ("content-type", "application/grpc"), *big_meta])
+        c.h2.send_data(1, _msg(Req(service="abc")), end_stream=True, pad_length=7)
+        c.flush()
+        evs = c.events(h2.events.StreamEnded)
+        trailers = [dict(ev.headers) for ev in evs if isinstance(ev, h2.events.TrailersReceived)]
+        assert trailers and trailers[0]["grpc-status"] == "0"
+
+    await asyncio.to_thread(run)
+
+
+async def test_raw_garbage_and_oversized_header_blocks_end_the_connection(served) -> None:
+    _, _, port = served
+
+    def run() -> None:
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.settimeout(5)
+        got = b""
+        while True:  # the server answers GOAWAY (or nothing) and closes
+            part = s.recv(4096)
+            if not part:
+                break
+            got += part
+        s.close()
+        # a header block over 64 KiB (HEADERS + CONTINUATIONs): GOAWAY, connection closed
+        c = Raw(port)
+        c.h2.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":path", "/t.E/Unary"),
+                              (":authority", "x"), ("x-huge", "h" * 70000)])
+        c.flush()
+        evs = c.events(h2.events.ConnectionTerminated)
+        ended = [ev for ev in evs if isinstance(ev, h2.events.ConnectionTerminated)]
+        assert ended
+
+    await asyncio.to_thread(run)
+    # the server itself is fine
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        unary, _ = _calls(ch)
+        assert (await unary(Req(service="abcd"), timeout=5)).status == 1
+
+
+async def test_a_busy_handler_holds_back_the_clients_window(served) -> None:
+    """Messages the handler has not read stop the stream's window: a client cannot queue more
+    than the window (4 MiB) ahead of it, however much it has to send."""
+    e, srv, port = served
+
+    def run() -> int:
+        c = Raw(port)
+        c.headers(1, "/t.E/Chat")
+        c.h2.send_data(1, _msg(Req(service="hold")))
+        c.flush()
+        sent = 0
+        chunk = _msg(Req(service="q" * 16000))
+        c.sock.settimeout(0.5)
+        for _ in range(800):  # up to 12 MB on offer
+            window = c.h2.local_flow_control_window(1)
+            if window < len(chunk):
+                try:  # let WINDOW_UPDATEs in, if the server sends any
+                    data = c.sock.recv(1 << 20)
+                    if data:
+                        c.h2.receive_data(data)
+                        continue
+                except TimeoutError:
+                    break
+                break
+            c.h2.send_data(1, chunk)
+            c.flush()
+            sent += len(chunk)
+        c.sock.close()
+        return sent
+
+    sent = await asyncio.to_thread(run)
+    assert sent <= h2server.STREAM_WINDOW + 2 * 65536
+    assert e.received == 1  # the held message; nothing else was read
+    e.release.set()
+
+
+async def test_unknown_compression_is_refused(served) -> None:
+    _, _, port = served
+
+    def run() -> dict[str, str]:
+        c = Raw(port)
+        c.h2.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":path", "/t.E/Unary"),
+                              (":authority", "x"), ("content-type", "application/grpc"),
+                              ("grpc-encoding", "gzip")], end_stream=False)
+        c.h2.send_data(1, b"\x01\x00\x00\x00\x01x", end_stream=True)
+        c.flush()
+        for ev in c.events(h2.events.StreamEnded):
+            if isinstance(ev, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                d = dict(ev.headers)
+                if "grpc-status" in d:
+                    return d
+        return {}
+
+    got = await asyncio.to_thread(run)
+    assert got.get("grpc-status") == str(grpc.StatusCode.UNIMPLEMENTED.value[0])
+
+
+def test_server_context_alpn_and_verify_modes() -> None:
+    pair = tls.self_signed(["localhost"])
+    ctx = h2server.server_context(pair.cert, pair.key)
+    assert ctx.verify_mode == ssl.CERT_NONE
+    assert h2server.server_context(pair.cert, pair.key, client_ca=pair.cert).verify_mode == ssl.CERT_REQUIRED
