@@ -65,6 +65,8 @@ RECV_FRAME = 1 << 20  # large frames: a 200 KB body is one frame, not thirteen
 MAX_STREAMS = 10_000
 MAX_HEADER_BLOCK = 64 << 10  # encoded header block (HEADERS + CONTINUATION), then the connection goes
 MAX_HEADER_LIST = 64 << 10
+PARTIAL_CAP = 128 << 20  # bytes of unfinished messages a connection may hold before its window stops
+PREFACE_TIMEOUT = 10.0  # seconds a connection may stay silent before its HTTP/2 preface
 
 _FRAME = struct.Struct(">IBI")  # (24-bit length << 8 | type), flags, stream id: 9 bytes
 _HDR = struct.Struct(">HBBBI")  # writing: length hi 16 bits, lo 8 bits, type, flags, stream id
@@ -256,6 +258,9 @@ class _Conn(asyncio.Protocol):
         self.goaway_sent = False
         self.blocked: deque[_Stream] = deque()
         self.idle: asyncio.Future[None] | None = None  # set on shutdown: resolved when no stream is left
+        self.partial = 0  # bytes of messages still arriving, all streams
+        self.conn_held = 0  # connection window held back while `partial` is over PARTIAL_CAP
+        self.writable: asyncio.Future[None] | None = None  # set while the transport's buffer is full
 
     # ---- transport ----------------------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:  # uvloop's transports are not asyncio's classes
@@ -264,27 +269,7 @@ class _Conn(asyncio.Protocol):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server.conns.add(self)
-        if self.server.ssl_context is not None:
-            transport.pause_reading()  # nothing reaches the HTTP/2 parser before the handshake
-            self.loop.create_task(self._start_tls(transport))
-        else:
-            self._ready(transport)
-
-    async def _start_tls(self, raw: asyncio.Transport) -> None:
-        ctx = self.server.ssl_context
-        assert ctx is not None
-        try:
-            tr = await self.loop.start_tls(raw, self, ctx(), server_side=True, ssl_handshake_timeout=10.0)
-        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as e:
-            log.debug("TLS handshake failed", extra={"error": str(e)})
-            raw.close()
-            self.server.conns.discard(self)
-            return
-        if tr is None:
-            raw.close()
-            self.server.conns.discard(self)
-            return
-        self._ready(tr)
+        self._ready(transport)
 
     def _ready(self, transport: asyncio.Transport) -> None:
         self.transport = transport
@@ -295,8 +280,29 @@ class _Conn(asyncio.Protocol):
         self._send(_frame(WINDOW_UPDATE, 0, 0, _U32.pack(CONN_WINDOW - DEFAULT_WINDOW)))
         if self.server.shutting_down:
             self.goaway(NO_ERROR)
+        self.loop.call_later(PREFACE_TIMEOUT, self._preface_check)
         if self.buf:  # the client's first bytes came with the end of the TLS handshake
             self.data_received(b"")
+
+    def _preface_check(self) -> None:
+        if not self.preface and not self.closing and self.transport is not None:
+            self.closing = True  # a silent connection holds a socket and nothing else: it goes
+            self.transport.close()
+
+    def pause_writing(self) -> None:
+        """The client reads slower than we write: stop reading its frames (a PING flood then
+        waits on its own unread answers) and hold the writers."""
+        if self.writable is None:
+            self.writable = self.loop.create_future()
+        if self.transport is not None and not self.closing:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        w, self.writable = self.writable, None
+        if w is not None and not w.done():
+            w.set_result(None)
+        if self.transport is not None and not self.closing:
+            self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
@@ -308,6 +314,7 @@ class _Conn(asyncio.Protocol):
             if st.blocked is not None and not st.blocked.done():
                 st.blocked.set_result(None)
         self.blocked.clear()
+        self.resume_writing()
         self._check_idle()
 
     def _send(self, data: bytes) -> None:
@@ -330,7 +337,7 @@ class _Conn(asyncio.Protocol):
         """End the connection: GOAWAY with `code`, then close once the bytes are out."""
         if self.closing:
             return
-        log.info("HTTP/2 connection closed by the server", extra={"code": code, "why": why})
+        log.info("HTTP/2 connection closed by the server: %s", why, extra={"code": code, "why": why})
         self._send(_frame(GOAWAY, 0, 0, _U32.pack(self.last_id) + _U32.pack(code) + why.encode()[:256]))
         self._flush()
         self.closing = True
@@ -516,6 +523,7 @@ class _Conn(asyncio.Protocol):
         body = self._unpad(flags, payload)
         if body:
             st.buf += body
+            self.partial += len(body)
             self._messages(st)
         if st.inbox:
             st.held += size  # unread messages: this stream's window waits for its handler
@@ -542,6 +550,7 @@ class _Conn(asyncio.Protocol):
                 return
             raw = bytes(buf[5:5 + length])
             del buf[:5 + length]
+            self._partial(-5 - length)
             method = st.method
             assert method is not None
             try:
@@ -611,7 +620,16 @@ class _Conn(asyncio.Protocol):
         self._unblock()
 
     # ---- flow control toward us ---------------------------------------------------------------
+    def _partial(self, delta: int) -> None:
+        self.partial += delta
+        if delta < 0 and self.conn_held and self.partial <= PARTIAL_CAP:
+            n, self.conn_held = self.conn_held, 0
+            self._credit_conn(n)
+
     def _credit_conn(self, n: int) -> None:
+        if self.partial > PARTIAL_CAP:
+            self.conn_held += n  # many unfinished messages: the client waits until some complete
+            return
         self.recv_credit += n
         if self.recv_credit >= CONN_WINDOW // 2:
             self._send(_frame(WINDOW_UPDATE, 0, 0, _U32.pack(self.recv_credit)))
@@ -649,6 +667,11 @@ class _Conn(asyncio.Protocol):
         data = b"\x00" + _U32.pack(len(payload)) + payload
         pos = 0
         while pos < len(data):
+            if self.writable is not None:  # the transport's buffer is full: wait for the client to read
+                await self.writable
+                if st.reset or self.closing:
+                    raise asyncio.CancelledError
+                continue
             room = min(self.send_window, st.send_window, self.peer_frame)
             if room <= 0:
                 st.blocked = self.loop.create_future()
@@ -691,7 +714,6 @@ class _Conn(asyncio.Protocol):
 
     def _fail(self, st: _Stream, code: grpc.StatusCode, details: str, rst: int | None = None) -> None:
         """End a stream on an error of the client's: status to it, the handler cancelled."""
-        st.buf.clear()
         st.inbox.clear()
         if rst is not None:
             self._send(_frame(RST_STREAM, 0, st.id, _U32.pack(rst)))
@@ -705,6 +727,10 @@ class _Conn(asyncio.Protocol):
     def _abandon(self, st: _Stream) -> None:
         """The client reset the stream or the connection went: the handler is cancelled."""
         st.reset = True
+        if st.buf:
+            n = len(st.buf)
+            st.buf.clear()
+            self._partial(-n)
         if st.task is not None and not st.task.done():
             st.task.cancel()
         if st.waiter is not None and not st.waiter.done():
@@ -765,7 +791,6 @@ class GrpcServer:
         self.methods = methods
         self.max_receive = max_receive
         self.max_send = max_send
-        self.ssl_context: Callable[[], ssl.SSLContext] | None = None
         self.conns: set[_Conn] = set()
         self.shutting_down = False
         self._servers: list[asyncio.AbstractServer] = []
@@ -775,10 +800,22 @@ class GrpcServer:
     async def listen(self, host: str, port: int, *, reuse_port: bool = False,
                      ssl_context: Callable[[], ssl.SSLContext] | None = None) -> int:
         """Start serving on host:port (0 = one from the OS); the bound port. `ssl_context` is
-        asked for the context at every new connection (certificate reload)."""
+        asked for the context at every new TLS handshake (certificate reload): the handshake
+        switches to what it returns once the client's hello is in."""
         self.loop = asyncio.get_running_loop()
         self._stopped = self._stopped or asyncio.Event()
-        self.ssl_context = ssl_context
+        tls_ctx = None
+        if ssl_context is not None:
+            tls_ctx = ssl_context()
+            first = tls_ctx
+
+            def switch(obj: Any, _name: str | None, _ctx: ssl.SSLContext) -> None:
+                # called for every handshake, with or without SNI, before the certificate is chosen
+                current = ssl_context()
+                if current is not first:
+                    obj.context = current
+
+            tls_ctx.sni_callback = switch
         host = host.strip("[]")
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         family, _, _, _, addr = infos[0]
@@ -796,7 +833,8 @@ class GrpcServer:
         except OSError:
             sock.close()
             raise
-        srv = await self.loop.create_server(lambda: _Conn(self), sock=sock)
+        srv = await self.loop.create_server(lambda: _Conn(self), sock=sock, ssl=tls_ctx,
+                                            ssl_handshake_timeout=10.0 if tls_ctx is not None else None)
         self._servers.append(srv)
         return int(sock.getsockname()[1])
 

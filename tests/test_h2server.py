@@ -401,3 +401,94 @@ def test_server_context_alpn_and_verify_modes() -> None:
     ctx = h2server.server_context(pair.cert, pair.key)
     assert ctx.verify_mode == ssl.CERT_NONE
     assert h2server.server_context(pair.cert, pair.key, client_ca=pair.cert).verify_mode == ssl.CERT_REQUIRED
+
+
+async def test_a_silent_connection_is_closed(monkeypatch) -> None:
+    monkeypatch.setattr(h2server, "PREFACE_TIMEOUT", 0.2)
+    srv = GrpcServer(_methods(Echo()))
+    port = await srv.listen("127.0.0.1", 0)
+    try:
+        def run() -> bytes:
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            got = b""
+            while part := s.recv(4096):  # the server's SETTINGS, then the close
+                got += part
+            s.close()
+            return got
+
+        got = await asyncio.to_thread(run)
+        assert got[3] == h2server.SETTINGS  # it spoke first, then hung up on the silent client
+    finally:
+        await srv.stop(0)
+
+
+async def test_a_client_that_never_reads_is_no_longer_read(served) -> None:
+    """A PING flood from a client that reads nothing: the answers pile up only to the transport's
+    high-water mark, then the server stops reading that client (other clients are unaffected)."""
+    _, srv, port = served
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+    s.connect(("127.0.0.1", port))
+    s.sendall(h2server.PREFACE + h2server._frame(h2server.SETTINGS, 0, 0))
+    ping = h2server._frame(h2server.PING, 0, 0, b"p" * 8)
+    s.setblocking(False)
+    flood = ping * 2_000_000  # 34 MB of PINGs, whole frames
+    sent = 0
+    for _ in range(1000):
+        try:
+            sent += s.send(flood[sent:sent + (1 << 16)])
+        except BlockingIOError:
+            await asyncio.sleep(0.01)
+        else:
+            await asyncio.sleep(0)
+        if sent >= len(flood):
+            break
+    await asyncio.sleep(0.3)
+    [conn] = list(srv.conns)
+    assert conn.transport is not None
+    assert conn.transport.get_write_buffer_size() < 2 << 20
+    assert conn.writable is not None  # paused: it no longer reads this client
+    assert sent < len(flood)  # so the kernel's buffers filled and stayed full
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        unary, _ = _calls(ch)
+        assert (await unary(Req(service="abcd"), timeout=5)).status == 1
+    s.close()
+
+
+async def test_unfinished_messages_stop_the_connection_window(monkeypatch, served) -> None:
+    """Streams that each start a message and never finish it: past PARTIAL_CAP bytes the
+    connection's window is no longer handed back, so the client must stop."""
+    monkeypatch.setattr(h2server, "PARTIAL_CAP", 200_000)
+    monkeypatch.setattr(h2server, "CONN_WINDOW", 2 << 20)
+    _, srv, port = served
+
+    def run() -> int:
+        c = Raw(port)
+        c.events(h2.events.RemoteSettingsChanged, 1)
+        sent, sid = 0, 1
+        part = b"\x00" + (1 << 20).to_bytes(4, "big") + b"u" * 16000  # announces 1 MiB, sends 16 KB
+        c.sock.settimeout(0.3)
+        for _ in range(400):
+            if c.h2.local_flow_control_window(sid) < len(part) if sid in c.h2.streams else False:
+                break
+            if c.h2.outbound_flow_control_window < len(part):
+                try:
+                    data = c.sock.recv(1 << 20)
+                    if data:
+                        c.h2.receive_data(data)
+                        c.flush()
+                        continue
+                except TimeoutError:
+                    break
+                break
+            c.headers(sid, "/t.E/Chat")
+            c.h2.send_data(sid, part)
+            c.flush()
+            sent += len(part)
+            sid += 2
+        c.sock.close()
+        return sent
+
+    sent = await asyncio.to_thread(run)
+    # 64 KiB initial + what the server credited before the cap: far below the 6.4 MB on offer
+    assert sent <= 200_000 + (2 << 20) + 65536
