@@ -403,31 +403,56 @@ class ExtProcServicer(ep_grpc.ExternalProcessorServicer):
         self.buffered = 0  # bytes held right now by all streams (request bodies + held responses)
 
     async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
-        st = _Stream(time.perf_counter())
-        self.open_streams += 1
+        """The stream on grpc.aio (`--grpc-server grpcio`); epp.h2server calls the stream_* steps
+        below directly, as the messages arrive, with no task of its own a stream."""
+        st = self.stream_open()
         try:
             while True:
                 req = await context.read()
                 if req is grpc.aio.EOF:
                     return
-                if st.done:
-                    # after an immediate response the proxy closes the stream; messages it had
-                    # already sent are drained, so the client sees the reply and a clean end
-                    continue
-                replies = self._handle(st, req)
-                if st.pending is not None:  # queued by flow control: this stream waits, nothing else does
-                    replies = await self._wait(st)
+                replies = self.stream_message(st, req)
+                if replies is None:
+                    replies = await self.stream_wait(st)
                 for reply in replies:
                     await context.write(reply)
-                if st.trim:
-                    del replies
-                    st.trim = False
-                    _malloc_trim()
+                del replies
+                self.stream_written(st)
         finally:
-            self.open_streams -= 1
-            self._release(st)
-            st.body_parts = st.resp_parts = []
-            self.director.finish(st.ctx)
+            self.stream_close(st)
+
+    # ---- one stream, step by step ----------------------------------------------------------------
+    def stream_open(self) -> _Stream:
+        """A new ext_proc stream's state."""
+        self.open_streams += 1
+        return _Stream(time.perf_counter())
+
+    def stream_message(self, st: _Stream, req: ep.ProcessingRequest) -> list[ep.ProcessingResponse] | None:
+        """The replies to one message, in order; None when flow control queued the request
+        (`stream_wait` then gives them: this stream waits, nothing else does)."""
+        if st.done:
+            # after an immediate response the proxy closes the stream; messages it had already
+            # sent are drained, so the client sees the reply and a clean end
+            return []
+        replies = self._handle(st, req)
+        return None if st.pending is not None else replies
+
+    async def stream_wait(self, st: _Stream) -> list[ep.ProcessingResponse]:
+        """The replies of a queued request, once flow control lets it go."""
+        return await self._wait(st)
+
+    def stream_written(self, st: _Stream) -> None:
+        """The replies went out (the caller dropped them): trim the heap after a huge body."""
+        if st.trim:
+            st.trim = False
+            _malloc_trim()
+
+    def stream_close(self, st: _Stream) -> None:
+        """The stream ended, however: buffers released, the request's accounting finished."""
+        self.open_streams -= 1
+        self._release(st)
+        st.body_parts = st.resp_parts = []
+        self.director.finish(st.ctx)
 
     # ---- buffer budget ----------------------------------------------------------------------
     def _hold(self, st: _Stream, n: int) -> bool:

@@ -30,9 +30,9 @@ import ssl
 import struct
 import tempfile
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import grpc
@@ -122,12 +122,24 @@ class RpcError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Method:
-    """One RPC: its kind ('unary_unary', 'unary_stream', 'stream_stream'), how to read its
-    request, and the handler (grpc.aio's servicer method shapes)."""
+    """One RPC: its kind ('unary_unary', 'unary_stream', 'stream_stream' with grpc.aio's
+    servicer method shapes, or 'stream_steps' with a StreamSteps handler), how to read its
+    request, and the handler."""
 
     kind: str
     deserialize: Callable[[bytes], Any]
-    handler: Callable[..., Awaitable[Any]]
+    handler: Any
+
+
+class StreamSteps(Protocol):
+    """A bidirectional stream driven message by message on the connection's own callbacks: no
+    task a stream unless a step must wait (the ext_proc servicer: flow control's queue)."""
+
+    def stream_open(self) -> Any: ...
+    def stream_message(self, state: Any, msg: Any) -> list[Any] | None: ...  # None: await stream_wait
+    async def stream_wait(self, state: Any) -> list[Any]: ...
+    def stream_written(self, state: Any) -> None: ...
+    def stream_close(self, state: Any) -> None: ...
 
 
 def servicer_methods(service: str, servicer: Any, methods: dict[str, tuple[str, Any]]) -> dict[str, Method]:
@@ -204,6 +216,7 @@ class _Stream:
         "remote_closed",
         "reset",
         "send_window",
+        "state",
         "task",
         "waiter",
     )
@@ -225,6 +238,7 @@ class _Stream:
         self.credit = 0  # bytes read but not yet handed back in a WINDOW_UPDATE
         self.metadata = metadata
         self.blocked: asyncio.Future[None] | None = None  # a write waiting for window
+        self.state: Any = None  # a StreamSteps handler's state while open, else None
 
 
 class _ProtocolError(Exception):
@@ -241,10 +255,23 @@ class _Conn(asyncio.Protocol):
         self.loop = server.loop
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
+        self.need = 0  # bytes `buf` must hold before the frame in it can be read
         self.preface = False
         self.streams: dict[int, _Stream] = {}
         self.last_id = 0
         self.decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_LIST)
+        # Envoy sends the same header block for every ext_proc stream once its table is warm: a
+        # block seen before that changed nothing in the table is answered from this cache
+        self.table_gen = 0  # bumped by every insertion into the decoder's dynamic table
+        self.block_cache: dict[bytes, tuple[tuple[int, int], Any]] = {}
+        table = self.decoder.header_table
+        insert = table.add
+
+        def counted_add(name: bytes, value: bytes) -> None:
+            self.table_gen += 1
+            insert(name, value)
+
+        table.add = counted_add  # type: ignore[method-assign]
         self.peer_window = DEFAULT_WINDOW  # the client's SETTINGS_INITIAL_WINDOW_SIZE
         self.peer_frame = DEFAULT_FRAME
         self.send_window = DEFAULT_WINDOW  # connection-level, toward the client
@@ -281,7 +308,7 @@ class _Conn(asyncio.Protocol):
         if self.server.shutting_down:
             self.goaway(NO_ERROR)
         self.loop.call_later(PREFACE_TIMEOUT, self._preface_check)
-        if self.buf:  # the client's first bytes came with the end of the TLS handshake
+        if self.buf:  # bytes that came before the connection was ready
             self.data_received(b"")
 
     def _preface_check(self) -> None:
@@ -355,39 +382,47 @@ class _Conn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        buf = self.buf
-        buf += data
+        if self.buf:  # the tail of a frame from the last read
+            self.buf += data
+            if len(self.buf) < self.need:
+                return  # a large frame still arriving: copied once, when whole
+            data = bytes(self.buf)
+            self.buf.clear()
         if self.transport is None:
-            return  # TLS: bytes that arrive before start_tls has returned wait for _ready()
+            self.buf += data  # bytes before the connection is ready wait for _ready()
+            return
         try:
             if not self.preface:
-                if len(buf) < len(PREFACE):
-                    if not PREFACE.startswith(bytes(buf)):
+                if len(data) < len(PREFACE):
+                    if not PREFACE.startswith(data):
                         raise _ProtocolError(PROTOCOL_ERROR, "not an HTTP/2 client preface")
+                    self.buf += data
                     return
-                if buf[:len(PREFACE)] != PREFACE:
+                if not data.startswith(PREFACE):
                     raise _ProtocolError(PROTOCOL_ERROR, "not an HTTP/2 client preface")
-                del buf[:len(PREFACE)]
+                data = data[len(PREFACE):]
                 self.preface = True
-            pos, n = 0, len(buf)
-            view = memoryview(buf)
-            try:
-                while n - pos >= 9:
-                    word, flags, sid = _FRAME.unpack_from(buf, pos)
-                    length, ftype = word >> 8, word & 0xFF
-                    if length > RECV_FRAME:
-                        raise _ProtocolError(FRAME_SIZE_ERROR, "frame larger than SETTINGS_MAX_FRAME_SIZE")
-                    end = pos + 9 + length
-                    if end > n:
-                        break
-                    self._frame_in(ftype, flags, sid & 0x7FFFFFFF, view[pos + 9:end])
-                    pos = end
-                    if self.closing:
-                        return
-            finally:
-                view.release()
-            if pos:
-                del buf[:pos]
+            # frames are read from the (immutable) bytes of this read: a payload view a handler
+            # keeps, or a traceback, never pins a buffer that must change
+            view = memoryview(data)
+            pos, n = 0, len(data)
+            while n - pos >= 9:
+                word, flags, sid = _FRAME.unpack_from(data, pos)
+                length, ftype = word >> 8, word & 0xFF
+                if length > RECV_FRAME:
+                    raise _ProtocolError(FRAME_SIZE_ERROR, "frame larger than SETTINGS_MAX_FRAME_SIZE")
+                end = pos + 9 + length
+                if end > n:
+                    self.need = end - pos
+                    break
+                self._frame_in(ftype, flags, sid & 0x7FFFFFFF, view[pos + 9:end])
+                pos = end
+                if self.closing:
+                    return
+            if pos < n:
+                if n - pos < 9:
+                    self.need = 9
+                self.buf += view[pos:]
         except _ProtocolError as e:
             self.close(e.code, str(e))
         except hpack.HPACKError as e:
@@ -464,7 +499,17 @@ class _Conn(asyncio.Protocol):
         block = self.header_parts[0] if len(self.header_parts) == 1 else b"".join(self.header_parts)
         self.header_parts = []
         # decoded even for streams we refuse: the HPACK table must stay in step with the client's
-        fields = self.decoder.decode(block, raw=True)
+        table = self.decoder.header_table
+        state = (self.table_gen, table.maxsize)
+        hit = self.block_cache.get(block)
+        if hit is not None and hit[0] == state:
+            fields = hit[1]
+        else:
+            fields = self.decoder.decode(block, raw=True)
+            if (self.table_gen, table.maxsize) == state and len(block) <= 1024:  # it only read the table
+                if len(self.block_cache) >= 64:
+                    self.block_cache.clear()
+                self.block_cache[block] = (state, fields)
         self._header_block(sid, self.header_flags, fields)
 
     def _header_block(self, sid: int, flags: int, fields: Any) -> None:
@@ -507,6 +552,11 @@ class _Conn(asyncio.Protocol):
         if encoding not in (b"", b"identity"):
             self._finish(st, grpc.StatusCode.UNIMPLEMENTED, "compressed messages are not supported")
             return
+        if method.kind == "stream_steps":
+            st.state = method.handler.stream_open()
+            if st.remote_closed:
+                self._steps_end(st, grpc.StatusCode.OK)
+            return
         st.task = self.loop.create_task(self._run(st, method))
 
     def _data(self, flags: int, sid: int, payload: memoryview) -> None:
@@ -546,7 +596,7 @@ class _Conn(asyncio.Protocol):
                 self._fail(st, grpc.StatusCode.RESOURCE_EXHAUSTED,
                            f"Received message larger than max ({length} vs. {limit})")
                 return
-            if len(buf) < 5 + length:
+            if len(buf) < 5 + length or st.local_closed:
                 return
             raw = bytes(buf[5:5 + length])
             del buf[:5 + length]
@@ -558,6 +608,9 @@ class _Conn(asyncio.Protocol):
             except Exception:
                 self._fail(st, grpc.StatusCode.INTERNAL, "could not parse the request message")
                 return
+            if st.state is not None and st.task is None and not st.inbox:
+                self._step(st, msg)
+                continue
             st.inbox.append(msg)
             if st.waiter is not None and not st.waiter.done():
                 st.waiter.set_result(None)
@@ -569,7 +622,86 @@ class _Conn(asyncio.Protocol):
             return
         if st.waiter is not None and not st.waiter.done():
             st.waiter.set_result(None)
+        if st.state is not None and st.task is None and not st.inbox:
+            self._steps_end(st, grpc.StatusCode.OK)
+            return
         self._maybe_done(st)
+
+    # ---- StreamSteps: a stream with no task of its own ---------------------------------------
+    def _step(self, st: _Stream, msg: Any) -> None:
+        steps = st.method.handler  # type: ignore[union-attr]
+        try:
+            replies = steps.stream_message(st.state, msg)
+        except Exception:
+            log.exception("stream step failed")
+            self._steps_end(st, grpc.StatusCode.UNKNOWN, "Unexpected error")
+            return
+        if replies is None or not self._send_now(st, replies):
+            st.task = self.loop.create_task(self._steps_task(st, replies))
+            return
+        del replies
+        steps.stream_written(st.state)
+
+    def _send_now(self, st: _Stream, replies: list[Any]) -> bool:
+        """Every reply out at once when the windows allow (the usual case); False (nothing sent)
+        otherwise, and a task sends them as the client's windows open."""
+        payloads = [r.SerializeToString() for r in replies]
+        total = sum(len(p) + 5 for p in payloads)
+        limit = self.server.max_send
+        if (self.writable is not None or total > self.send_window or total > st.send_window
+                or any(len(p) > self.peer_frame - 5 for p in payloads)
+                or (limit is not None and any(len(p) > limit for p in payloads))):
+            return False
+        self._headers_out(st)
+        for p in payloads:
+            self._send(_frame(DATA, 0, st.id, b"\x00" + _U32.pack(len(p)) + p))
+        self.send_window -= total
+        st.send_window -= total
+        return True
+
+    async def _steps_task(self, st: _Stream, replies: list[Any] | None) -> None:
+        """A step that must wait (queued, or windows full), then the messages that came meanwhile."""
+        steps = st.method.handler  # type: ignore[union-attr]
+        code, details = grpc.StatusCode.OK, ""
+        try:
+            while True:
+                if replies is None:
+                    replies = await steps.stream_wait(st.state)
+                for r in replies:
+                    await self.send_message(st, r.SerializeToString())
+                replies = None
+                steps.stream_written(st.state)
+                if not st.inbox:
+                    break
+                msg = st.inbox.popleft()
+                if not st.inbox:
+                    self.credit(st)
+                replies = steps.stream_message(st.state, msg)
+        except asyncio.CancelledError:
+            if not st.reset and not self.closing:
+                raise
+            return
+        except RpcError as e:
+            code, details = e.code, e.details
+        except Exception:
+            log.exception("stream step failed")
+            code, details = grpc.StatusCode.UNKNOWN, "Unexpected error"
+        finally:
+            st.task = None
+        if code != grpc.StatusCode.OK or st.remote_closed:
+            self._steps_end(st, code, details)
+
+    def _steps_end(self, st: _Stream, code: grpc.StatusCode, details: str = "") -> None:
+        self._steps_close(st)
+        self._finish(st, code, details)
+
+    def _steps_close(self, st: _Stream) -> None:
+        state, st.state = st.state, None
+        if state is not None:
+            try:
+                st.method.handler.stream_close(state)  # type: ignore[union-attr]
+            except Exception:
+                log.exception("stream close failed")
 
     def _settings(self, flags: int, sid: int, payload: memoryview) -> None:
         if sid:
@@ -727,6 +859,8 @@ class _Conn(asyncio.Protocol):
     def _abandon(self, st: _Stream) -> None:
         """The client reset the stream or the connection went: the handler is cancelled."""
         st.reset = True
+        if st.state is not None:
+            self._steps_close(st)
         if st.buf:
             n = len(st.buf)
             st.buf.clear()

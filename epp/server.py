@@ -439,8 +439,8 @@ class App:
         health = h2server.servicer_methods("grpc.health.v1.Health", self.health, {
             "Check": ("unary_unary", health_pb2.HealthCheckRequest),
             "Watch": ("unary_stream", health_pb2.HealthCheckRequest)})
-        methods = {**h2server.servicer_methods("envoy.service.ext_proc.v3.ExternalProcessor", self.servicer,
-                                               {"Process": ("stream_stream", ProcessingRequest)}), **health}
+        methods = {"/envoy.service.ext_proc.v3.ExternalProcessor/Process":
+                   h2server.Method("stream_steps", ProcessingRequest.FromString, self.servicer), **health}
         # the receive limit follows the body cap, so an oversized message is refused by its length
         # prefix instead of being read whole first
         main = h2server.GrpcServer(methods, max_receive=o.grpc_recv_limit, max_send=o.grpc_max_send_msg_size or None)

@@ -63,7 +63,9 @@ async def test_buffered_the_response_body_skips_the_picker_when_nothing_needs_it
     for i in range(3):
         status, chunks, inflight = await _stream(e2e, f"o-{i}", 24)
         assert (status, chunks) == (200, 24)
-        assert min(inflight) == 1  # counted to the last chunk: the ext_proc stream stays open
+        # counted while the response streams: the ext_proc stream stays open. The last content chunk
+        # comes with [DONE], when Envoy has finished the exchange: the picker may have ended it first
+        assert min(inflight[:-1]) == 1, str(inflight)
         assert e2e.picks[f"o-{i}"]
     assert e2e.picker.servicer.body_overrides == 3
     assert seen.kinds.get("response_body", 0) == 0  # no SSE chunk crossed the picker
@@ -81,7 +83,7 @@ async def test_buffered_two_messages_when_nothing_needs_the_response(gateway: Ga
     for i in range(3):
         status, chunks, inflight = await _stream(e2e, f"t-{i}", 32)
         assert (status, chunks) == (200, 32)
-        assert min(inflight) == 1  # held to the last chunk, not to the dispatch
+        assert min(inflight[:-1]) == 1, str(inflight)  # held while it streams, not to the dispatch (see above)
         assert e2e.picks[f"t-{i}"]
         assert await e2e.inflight_settles() == dict.fromkeys(e2e.picker.datastore.endpoints, 0)
     r = await e2e.post("/v1/chat/completions", chat(MODEL, "plain", max_tokens=3))
