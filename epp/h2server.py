@@ -127,7 +127,7 @@ class Method:
     request, and the handler."""
 
     kind: str
-    deserialize: Callable[[bytes], Any]
+    deserialize: Callable[[Any], Any]  # bytes or a memoryview of them
     handler: Any
 
 
@@ -572,9 +572,12 @@ class _Conn(asyncio.Protocol):
             return
         body = self._unpad(flags, payload)
         if body:
-            st.buf += body
-            self.partial += len(body)
-            self._messages(st)
+            if not st.buf and self._whole(st, body):
+                pass  # the usual frame: whole messages, read in place
+            else:
+                st.buf += body
+                self.partial += len(body)
+                self._messages(st)
         if st.inbox:
             st.held += size  # unread messages: this stream's window waits for its handler
         else:
@@ -582,6 +585,31 @@ class _Conn(asyncio.Protocol):
             self._credit_stream(st, size)
         if flags & END_STREAM:
             self._remote_end(st)
+
+    def _whole(self, st: _Stream, body: memoryview) -> bool:
+        """Read body in place when it is exactly one message (no copy); False: use the buffer."""
+        if len(body) < 5 or body[0]:
+            return False
+        (length,) = _U32.unpack_from(body, 1)
+        if len(body) != 5 + length or length > self.server.max_receive:
+            return False
+        method = st.method
+        assert method is not None
+        try:
+            msg = method.deserialize(body[5:])
+        except Exception:
+            self._fail(st, grpc.StatusCode.INTERNAL, "could not parse the request message")
+            return True
+        self._deliver(st, msg)
+        return True
+
+    def _deliver(self, st: _Stream, msg: Any) -> None:
+        if st.state is not None and st.task is None and not st.inbox:
+            self._step(st, msg)
+            return
+        st.inbox.append(msg)
+        if st.waiter is not None and not st.waiter.done():
+            st.waiter.set_result(None)
 
     def _messages(self, st: _Stream) -> None:
         buf = st.buf
@@ -608,12 +636,7 @@ class _Conn(asyncio.Protocol):
             except Exception:
                 self._fail(st, grpc.StatusCode.INTERNAL, "could not parse the request message")
                 return
-            if st.state is not None and st.task is None and not st.inbox:
-                self._step(st, msg)
-                continue
-            st.inbox.append(msg)
-            if st.waiter is not None and not st.waiter.done():
-                st.waiter.set_result(None)
+            self._deliver(st, msg)
 
     def _remote_end(self, st: _Stream) -> None:
         st.remote_closed = True
