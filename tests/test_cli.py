@@ -17,6 +17,8 @@ def test_reference_defaults(monkeypatch):
     assert o.secure_serving is True and o.pool_namespace == "default"
     assert o.refresh_metrics_interval == 0.05 and o.refresh_prometheus_metrics_interval == 5.0
     assert o.pool_group == "inference.networking.k8s.io"
+    assert o.grpc_server == "native"
+    assert parse_args(["--pool-name", "p", "--grpc-server", "grpcio"]).grpc_server == "grpcio"
 
 
 def test_namespace_env_and_bool_forms(monkeypatch):
@@ -44,6 +46,7 @@ def test_durations(text, secs):
         (["--pool-name", "p", "--endpoints", "10.0.0.1"], "expected ip:port"),
         (["--pool-name", "p", "--manifests", "/nonexistent"], "does not exist"),
         (["--pool-name", "p", "--config-text", "a", "--config-file", "b"], "not both"),
+        (["--pool-name", "p", "--grpc-server", "grpc-go"], "invalid choice"),
     ],
 )
 def test_bad_flags_exit_2_with_message(argv, message, capsys):

@@ -30,6 +30,17 @@ from tests.extproc_client import (
 EPS = ["127.0.0.1:8000", "127.0.0.2:8000", "127.0.0.3:8000"]
 
 
+@pytest.fixture(params=["native", "grpcio"])
+def start_picker(request, start_picker):
+    """Every case here on both gRPC servers (`--grpc-server`): the same replies, message for message."""
+
+    def start(*args, **kw):
+        kw.setdefault("grpc_server", request.param)
+        return start_picker(*args, **kw)
+
+    return start
+
+
 def write(path: Path, text: str) -> Path:
     path.write_text(textwrap.dedent(text))
     return path
