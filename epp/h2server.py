@@ -701,6 +701,8 @@ class _Conn(asyncio.Protocol):
                     self.credit(st)
                 replies = steps.stream_message(st.state, msg)
         except asyncio.CancelledError:
+            # closed only now: a decision that completed as the reset came is finished with it
+            self._steps_close(st)
             if not st.reset and not self.closing:
                 raise
             return
@@ -882,14 +884,14 @@ class _Conn(asyncio.Protocol):
     def _abandon(self, st: _Stream) -> None:
         """The client reset the stream or the connection went: the handler is cancelled."""
         st.reset = True
-        if st.state is not None:
+        if st.task is not None and not st.task.done():
+            st.task.cancel()  # a waiting step closes its state when it has stopped (_steps_task)
+        elif st.state is not None:
             self._steps_close(st)
         if st.buf:
             n = len(st.buf)
             st.buf.clear()
             self._partial(-n)
-        if st.task is not None and not st.task.done():
-            st.task.cancel()
         if st.waiter is not None and not st.waiter.done():
             st.waiter.set_result(None)
         if st.blocked is not None and not st.blocked.done():

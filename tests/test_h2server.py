@@ -501,6 +501,7 @@ class Steps:
         self.opened = 0
         self.closed: list[list[str]] = []
         self.gate = asyncio.Event()
+        self.waiting: set[int] = set()
 
     def stream_open(self) -> list[str]:
         self.opened += 1
@@ -517,14 +518,19 @@ class Steps:
         return [Req(service=f"re:{msg.service}")]
 
     async def stream_wait(self, state: list[str]) -> list[Req]:
-        await self.gate.wait()
+        self.waiting.add(id(state))
+        try:
+            await self.gate.wait()
+        finally:
+            self.waiting.discard(id(state))
         return [Req(service="released")]
 
     def stream_written(self, state: list[str]) -> None:
         pass
 
     def stream_close(self, state: list[str]) -> None:
-        self.closed.append(list(state))
+        # a waiting step is stopped before its state closes (what it decided is then finished too)
+        self.closed.append(list(state) + (["CLOSED WHILE WAITING"] if id(state) in self.waiting else []))
 
 
 async def test_stream_steps_without_a_task_a_stream() -> None:
