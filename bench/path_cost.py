@@ -49,7 +49,7 @@ import peers  # noqa: E402  (launch code and the /proc readers are shared with t
 from epp.demo import Stack  # noqa: E402
 from epp.sim.des import SimRequest  # noqa: E402
 
-PATHS = ("ours", "ours-duplex", "ours-grpcio", "envoy-rr", "sglang-rr", "vllm-rr")
+PATHS = ("ours", "ours-duplex", "ours-grpcio", "ours-plain", "envoy-rr", "sglang-rr", "vllm-rr")
 WARMUP_S = 2.0
 IDLE_S = 1.5
 _WORDS = ("token", "cache", "route", "pod", "model", "batch")
@@ -69,10 +69,12 @@ class Cell:
 
 
 async def start(path: str) -> Cell:
-    if path in ("ours", "ours-duplex", "ours-grpcio", "envoy-rr"):
-        # ours-grpcio: the default with the picker's gRPC on grpc.aio (--grpc-server grpcio), the A/B
+    if path in ("ours", "ours-duplex", "ours-grpcio", "ours-plain", "envoy-rr"):
+        # ours-grpcio: the default with the picker's gRPC on grpc.aio (--grpc-server grpcio), the A/B;
+        # ours-plain: the default with plaintext between Envoy and the picker (what TLS costs both)
         stack = Stack(policy="round-robin" if path == "envoy-rr" else "default", pods=peers.PODS,
-                      sim_args=SIM_ARGS, picker_args=["--grpc-server", "grpcio"] if path == "ours-grpcio" else [])
+                      sim_args=SIM_ARGS, picker_args=["--grpc-server", "grpcio"] if path == "ours-grpcio" else [],
+                      picker_tls=path != "ours-plain")
         if path == "ours-duplex":
             stack.profile = "duplex"
         try:

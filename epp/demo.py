@@ -246,6 +246,7 @@ class Stack:
     picker_args: Sequence[str] = ()
     replicas: int = 1  # picker processes behind the one Envoy (active-active above 1)
     peers: bool = False  # with replicas > 1: --ha-peers between them
+    picker_tls: bool = True  # Envoy to the picker over TLS (as shipped); False: plaintext on loopback
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="epp-demo-")))
     children: list[Child] = field(default_factory=list)
     endpoints: list[Pod] = field(default_factory=list)
@@ -275,7 +276,8 @@ class Stack:
         else:
             (self.workdir / "manifests").mkdir(exist_ok=True)
             argv = [py, "-m", "epp", "--pool-name", POOL, "--grpc-port", "0", "--grpc-health-port", "0",
-                    "--metrics-port", "0", "--bind-address", "127.0.0.1", "--secure-serving=true",
+                    "--metrics-port", "0", "--bind-address", "127.0.0.1",
+                    "--secure-serving=true" if self.picker_tls else "--secure-serving=false",
                     "--shutdown-grace", "1s", "--log-format", "json", "--manifests", str(self.workdir / "manifests"),
                     *self.picker_args]
             if aliases:
@@ -287,7 +289,8 @@ class Stack:
             spec = envoyconf.PoolSpec(name=POOL, target_ports=(aliases[1] if aliases else 1,),
                                       picker=",".join(f"127.0.0.1:{p}" for p in grpc_ports))  # fmt: skip
             config = envoyconf.bootstrap([spec], self.profile, "original_dst", listen_address="127.0.0.1",
-                                         listen_port=self.listen_port, admin_port=0, picker_tls=True)  # fmt: skip
+                                         listen_port=self.listen_port, admin_port=0,
+                                         picker_tls=self.picker_tls)  # fmt: skip
         await self._start_envoy(config)
         await self._warm_up()
 
