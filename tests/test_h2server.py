@@ -5,6 +5,7 @@ well-behaved client never sends."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 
@@ -12,6 +13,7 @@ import grpc
 import h2.config
 import h2.connection
 import h2.events
+import hpack
 import pytest
 from grpc_health.v1 import health_pb2
 
@@ -586,3 +588,45 @@ async def test_stream_steps_without_a_task_a_stream() -> None:
     assert sorted(map(tuple, steps.closed)) == sorted([("a", "b", "big", "c", "queue", "d"), ("x",), ("boom",),
                                                       ("queue",)])
     assert not any(c.streams for c in srv.conns)
+
+
+async def test_random_frames_never_break_the_server(served) -> None:
+    """Seeded random frame sequences (every type, flag and small stream id, short payloads) on
+    fresh connections: each is answered or closed by the protocol's rules; nothing escapes as an
+    exception on the event loop, and the server still serves afterwards."""
+    import random
+
+    _, srv, port = served
+    loop = asyncio.get_running_loop()
+    errors: list[dict] = []
+    old = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+    rng = random.Random(7)
+    try:
+        for _ in range(150):
+            frames = b"".join(
+                h2server._frame(rng.randrange(12), rng.randrange(256), rng.randrange(6),
+                                bytes(rng.randrange(256) for _ in range(rng.choice((0, 1, 4, 5, 8, 9, 13)))))
+                for _ in range(rng.randrange(1, 12)))
+            if rng.random() < 0.6:  # most runs open real streams first, so the random frames hit them
+                opened = b"".join(
+                    h2server._frame(h2server.HEADERS, h2server.END_HEADERS, sid, hpack.Encoder().encode(
+                        [(":method", "POST"), (":scheme", "http"), (":authority", "x"),
+                         (":path", rng.choice(["/t.E/Chat", "/t.E/Unary", "/t.E/Stuck"])),
+                         ("content-type", "application/grpc")]))
+                    + h2server._frame(h2server.DATA, 0, sid, _msg(Req(service="hold" if rng.random() < 0.2 else "q")))
+                    for sid in (1, 3))
+                frames = opened + frames
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(h2server.PREFACE + h2server._frame(h2server.SETTINGS, 0, 0) + frames)
+            await w.drain()
+            with contextlib.suppress(TimeoutError, ConnectionError):
+                await asyncio.wait_for(r.read(1 << 16), 0.05)
+            w.close()
+        await asyncio.sleep(0.1)
+    finally:
+        loop.set_exception_handler(old)
+    assert errors == []
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        unary, _ = _calls(ch)
+        assert (await unary(Req(service="abcd"), timeout=5)).status == 1
