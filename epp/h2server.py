@@ -16,7 +16,9 @@ push, priorities (parsed, ignored), `grpc-timeout` (Envoy bounds each ext_proc m
 
 Handlers keep grpc.aio's shapes, so the servicers run on either server: a stream-stream handler is
 `await handler(None, context)` using `context.read()` / `context.write()`; unary-unary returns its
-response; unary-stream writes with `context.write()`.
+response; unary-stream writes with `context.write()`. The ext_proc stream is the exception that
+pays: a `StreamSteps` handler is called message by message from the read callback itself, with no
+task a stream (a task only while a step waits: flow control's queue, or a full client window).
 """
 
 from __future__ import annotations
