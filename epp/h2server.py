@@ -108,6 +108,11 @@ def _status_block(code: int, details: str) -> bytes:
 _OK_TRAILERS = _status_block(0, "")
 
 
+def _grpc_message(payload: bytes) -> bytes:
+    """gRPC's length-prefixed message, uncompressed."""
+    return b"\x00" + _U32.pack(len(payload)) + payload
+
+
 def _frame(ftype: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
     n = len(payload)
     return _HDR.pack(n >> 8, n & 0xFF, ftype, flags, stream_id) + payload
@@ -198,8 +203,6 @@ class Context:
     def done(self) -> bool:
         return self._stream.local_closed
 
-    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
-        return self._stream.metadata
 
 
 class _Stream:
@@ -213,7 +216,6 @@ class _Stream:
         "id",
         "inbox",
         "local_closed",
-        "metadata",
         "method",
         "remote_closed",
         "reset",
@@ -223,7 +225,7 @@ class _Stream:
         "waiter",
     )
 
-    def __init__(self, sid: int, conn: _Conn, method: Method | None, metadata: tuple[tuple[str, str], ...]) -> None:
+    def __init__(self, sid: int, conn: _Conn, method: Method | None) -> None:
         self.id = sid
         self.conn = conn
         self.method = method
@@ -238,7 +240,6 @@ class _Stream:
         self.reset = False
         self.held = 0  # bytes received while messages sat unread: credited when the handler catches up
         self.credit = 0  # bytes read but not yet handed back in a WINDOW_UPDATE
-        self.metadata = metadata
         self.blocked: asyncio.Future[None] | None = None  # a write waiting for window
         self.state: Any = None  # a StreamSteps handler's state while open, else None
 
@@ -298,9 +299,6 @@ class _Conn(asyncio.Protocol):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server.conns.add(self)
-        self._ready(transport)
-
-    def _ready(self, transport: asyncio.Transport) -> None:
         self.transport = transport
         settings = b"".join(struct.pack(">HI", k, v) for k, v in (
             (S_MAX_CONCURRENT_STREAMS, MAX_STREAMS), (S_INITIAL_WINDOW_SIZE, STREAM_WINDOW),
@@ -310,8 +308,6 @@ class _Conn(asyncio.Protocol):
         if self.server.shutting_down:
             self.goaway(NO_ERROR)
         self.loop.call_later(PREFACE_TIMEOUT, self._preface_check)
-        if self.buf:  # bytes that came before the connection was ready
-            self.data_received(b"")
 
     def _preface_check(self) -> None:
         if not self.preface and not self.closing and self.transport is not None:
@@ -356,10 +352,8 @@ class _Conn(asyncio.Protocol):
     def _flush(self) -> None:
         self.flush_scheduled = False
         tr = self.transport
-        if tr is None:
-            return  # not ready yet: _ready() flushes
         out, self.out = self.out, []
-        if not tr.is_closing() and out:
+        if tr is not None and not tr.is_closing() and out:
             tr.write(b"".join(out) if len(out) > 1 else out[0])
 
     def close(self, code: int, why: str) -> None:
@@ -390,9 +384,6 @@ class _Conn(asyncio.Protocol):
                 return  # a large frame still arriving: copied once, when whole
             data = bytes(self.buf)
             self.buf.clear()
-        if self.transport is None:
-            self.buf += data  # bytes before the connection is ready wait for _ready()
-            return
         try:
             if not self.preface:
                 if len(data) < len(PREFACE):
@@ -535,16 +526,13 @@ class _Conn(asyncio.Protocol):
             return
         path = b""
         encoding = b""
-        meta = []
         for name, value in fields:
             if name == b":path":
                 path = value
             elif name == b"grpc-encoding":
                 encoding = value
-            elif name[:1] != b":":
-                meta.append((name.decode("latin-1"), value.decode("latin-1")))
         method = self.server.methods.get(path.decode("latin-1"))
-        st = _Stream(sid, self, method, tuple(meta))
+        st = _Stream(sid, self, method)
         self.streams[sid] = st
         if flags & END_STREAM:
             st.remote_closed = True
@@ -595,13 +583,17 @@ class _Conn(asyncio.Protocol):
         (length,) = _U32.unpack_from(body, 1)
         if len(body) != 5 + length or length > self.server.max_receive:
             return False
-        method = st.method
-        assert method is not None
+        self._parse(st, body[5:])
+        return True
+
+    def _parse(self, st: _Stream, raw: Any) -> bool:
+        """One request message to its handler; False (the stream failed) when it does not parse."""
+        assert st.method is not None
         try:
-            msg = method.deserialize(body[5:])
+            msg = st.method.deserialize(raw)
         except Exception:
             self._fail(st, grpc.StatusCode.INTERNAL, "could not parse the request message")
-            return True
+            return False
         self._deliver(st, msg)
         return True
 
@@ -631,14 +623,8 @@ class _Conn(asyncio.Protocol):
             raw = bytes(buf[5:5 + length])
             del buf[:5 + length]
             self._partial(-5 - length)
-            method = st.method
-            assert method is not None
-            try:
-                msg = method.deserialize(raw)
-            except Exception:
-                self._fail(st, grpc.StatusCode.INTERNAL, "could not parse the request message")
+            if not self._parse(st, raw):
                 return
-            self._deliver(st, msg)
 
     def _remote_end(self, st: _Stream) -> None:
         st.remote_closed = True
@@ -661,16 +647,19 @@ class _Conn(asyncio.Protocol):
             log.exception("stream step failed")
             self._steps_end(st, grpc.StatusCode.UNKNOWN, "Unexpected error")
             return
-        if replies is None or not self._send_now(st, replies):
-            st.task = self.loop.create_task(self._steps_task(st, replies))
+        if replies is None:
+            st.task = self.loop.create_task(self._steps_task(st, None))
             return
+        payloads = [r.SerializeToString() for r in replies]
         del replies
+        if not self._send_now(st, payloads):
+            st.task = self.loop.create_task(self._steps_task(st, payloads))
+            return
         steps.stream_written(st.state)
 
-    def _send_now(self, st: _Stream, replies: list[Any]) -> bool:
+    def _send_now(self, st: _Stream, payloads: list[bytes]) -> bool:
         """Every reply out at once when the windows allow (the usual case); False (nothing sent)
         otherwise, and a task sends them as the client's windows open."""
-        payloads = [r.SerializeToString() for r in replies]
         total = sum(len(p) + 5 for p in payloads)
         limit = self.server.max_send
         if (self.writable is not None or total > self.send_window or total > st.send_window
@@ -679,22 +668,22 @@ class _Conn(asyncio.Protocol):
             return False
         self._headers_out(st)
         for p in payloads:
-            self._send(_frame(DATA, 0, st.id, b"\x00" + _U32.pack(len(p)) + p))
+            self._send(_frame(DATA, 0, st.id, _grpc_message(p)))
         self.send_window -= total
         st.send_window -= total
         return True
 
-    async def _steps_task(self, st: _Stream, replies: list[Any] | None) -> None:
+    async def _steps_task(self, st: _Stream, payloads: list[bytes] | None) -> None:
         """A step that must wait (queued, or windows full), then the messages that came meanwhile."""
         steps = st.method.handler  # type: ignore[union-attr]
         code, details = grpc.StatusCode.OK, ""
         try:
             while True:
-                if replies is None:
-                    replies = await steps.stream_wait(st.state)
-                for r in replies:
-                    await self.send_message(st, r.SerializeToString())
-                replies = None
+                if payloads is None:
+                    payloads = [r.SerializeToString() for r in await steps.stream_wait(st.state)]
+                for p in payloads:
+                    await self.send_message(st, p)
+                payloads = None
                 steps.stream_written(st.state)
                 if not st.inbox:
                     break
@@ -702,6 +691,9 @@ class _Conn(asyncio.Protocol):
                 if not st.inbox:
                     self.credit(st)
                 replies = steps.stream_message(st.state, msg)
+                if replies is not None:
+                    payloads = [r.SerializeToString() for r in replies]
+                    del replies
         except asyncio.CancelledError:
             # closed only now: a decision that completed as the reset came is finished with it
             self._steps_close(st)
@@ -823,7 +815,7 @@ class _Conn(asyncio.Protocol):
             raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                            f"Sent message larger than max ({len(payload)} vs. {limit})")
         self._headers_out(st)
-        data = b"\x00" + _U32.pack(len(payload)) + payload
+        data = _grpc_message(payload)
         pos = 0
         while pos < len(data):
             if self.writable is not None:  # the transport's buffer is full: wait for the client to read
