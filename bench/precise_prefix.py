@@ -19,7 +19,10 @@ replayed against every policy on identical clusters (metrics polled every 50 ms)
   entries on (TTL 2 s from the pick, llm-d's lifetime); `precise, held in flight` the same with
   `speculativeHoldInFlight: true` (entries held while their request is in flight, until the
   endpoint's BlockStored for the block or the request's finish, then the TTL);
-- oracle: the same profile, prefix score read from the engines' caches directly at decision time.
+- oracle: the same profile, prefix score read from the engines' caches directly at decision time;
+  `oracle, in flight` also counts every prompt waiting or running on an engine as cached there
+  (what it will hold before a request sent now is admitted): knowledge of the caches and of the
+  prefills under way, which no event stream can give earlier.
 Active-active: precise with 2 and 4 picker replicas, requests split round-robin between them, each
 with its own index and in-flight counts: `unscaled` as they are, then with `inflight-load-scorer`
 `replicas: N` (each replica's counts × N), then that and the producer's `rendezvousOnMiss` (a prefix
@@ -79,6 +82,7 @@ class OraclePrefixScorer(NoParams):
     """Share of the prompt's blocks each server's engine holds right now (a benchmark-only scorer)."""
 
     BOUNDED = True
+    IN_FLIGHT = False
 
     def __init__(self, name: str, params: None, ctx: BuildContext) -> None:
         self.name = name
@@ -96,9 +100,33 @@ class OraclePrefixScorer(NoParams):
             hs = req.scratch.get(key)
             if hs is None:
                 hs = req.scratch[key] = block_hashes(req.prompt, cfg.block_size, req.model or cfg.model)
-            out.append(len(eng.kv.match(hs, len(hs))[0]) / len(hs) if hs else 0.0)
+            if not hs:
+                out.append(0.0)
+                continue
+            held = len(eng.kv.match(hs, len(hs))[0])
+            if self.IN_FLIGHT:
+                for seq in (*eng.running, *eng.waiting):
+                    held = max(held, _common(hs, seq.hashes))
+            out.append(held / len(hs))
         req.scratch[f"prefix-scores:{self.name}"] = (endpoints, out)  # as prefix scorers leave it (no-hit-lru)
         return out
+
+
+@register("oracle-inflight-prefix-scorer", SCORER)
+class OracleInFlightPrefixScorer(OraclePrefixScorer):
+    """The oracle that also sees what each engine is computing: a prompt waiting or running there
+    counts as cached (it will be before a request sent now is admitted, the queue being FIFO)."""
+
+    IN_FLIGHT = True
+
+
+def _common(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 # ---- configurations ----------------------------------------------------------------------------
@@ -164,6 +192,7 @@ CONFIGS = {
     "precise, no speculation": lambda: _swap_prefix(PRECISE_NOSPEC),
     "precise, rendezvous on miss": lambda: _swap_prefix(PRECISE_HOME),
     "oracle": lambda: _swap_prefix({"type": "oracle-prefix-scorer"}),
+    "oracle, in flight": lambda: _swap_prefix({"type": "oracle-inflight-prefix-scorer"}),
 }
 
 
@@ -245,7 +274,7 @@ def run_one(w: Workload, rate: float, servers: int, n: int, seed: int, policy: s
 
 ORDER = ("random", "load-only", "reference", "reference, LRU 31250", "default", "precise", "precise, held in flight",
          "precise, no speculation",
-         "precise, rendezvous on miss", "oracle")
+         "precise, rendezvous on miss", "oracle", "oracle, in flight")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -325,6 +354,8 @@ def render(data: dict[str, Any]) -> str:
         if "precise" in pol and "oracle" in pol and "default" in pol:
             p, o, a = pol["precise"]["ttft_p90"], pol["oracle"]["ttft_p90"], pol["default"]["ttft_p90"]
             lines += ["", f"precise / oracle p90 TTFT: {p / o:.2f}; default (approximate) / precise: {a / p:.2f}"]
+            if "oracle, in flight" in pol:
+                lines.append(f"precise / oracle, in flight p90 TTFT: {p / pol['oracle, in flight']['ttft_p90']:.2f}")
             for r in (2, 4):
                 for k in (f"precise ×{r} replicas, unscaled", f"precise ×{r} replicas"):
                     if k in pol:
@@ -361,7 +392,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
         names = list(pol)
         vals = [pol[k]["ttft_p90"] * 1000 for k in names]
         ax.barh(range(len(names)), vals, color=["#d62728" if k.startswith("precise") else
-                                                "#2ca02c" if k == "oracle" else "#7f7f7f" for k in names])
+                                                "#2ca02c" if k.startswith("oracle") else "#7f7f7f" for k in names])
         ax.set_yticks(range(len(names)), names, fontsize=8)
         ax.invert_yaxis()
         ax.set_xscale("log")
