@@ -829,17 +829,6 @@ def _round2(doc: dict[str, Any]) -> None:
     _set_weight(doc, "no-hit-lru-scorer", 0.5)
 
 
-def _cold_by_cache(weight: float) -> Callable[[dict[str, Any]], None]:
-    # the default, with cold requests ranked by the prefix index's size per pod (fewest blocks first)
-    def change(doc: dict[str, Any]) -> None:
-        _round2(doc)
-        for p in doc["plugins"]:
-            if p["type"] == "no-hit-lru-scorer":
-                p.setdefault("parameters", {})["rankBy"] = "cache"
-        _set_weight(doc, "no-hit-lru-scorer", weight)
-    return change
-
-
 def _v_q(spread: float, live: bool, extra: Callable[[dict[str, Any]], None] | None = None
          ) -> Callable[[dict[str, Any]], None]:
     def change(doc: dict[str, Any]) -> None:
@@ -870,7 +859,6 @@ VARIANTS = {"prefix6": _v_prefix6, "no-kv": _v_no_kv, "own-load": _v_own_load, "
             "q6-live-long-nohit1": _v_q(6, True, _v_long_nohit1),
             # the default since the second round: q4-live-long-nohit1-kv1 with no-hit-lru at half weight
             "new-default": _v_q(4, True, _round2), "spread2-default": _v_q(2, True, _round2),
-            "cold-cache": _v_q(4, True, _cold_by_cache(0.5)), "cold-cache1": _v_q(4, True, _cold_by_cache(1)),
             "previous-default": lambda d: None}
 
 

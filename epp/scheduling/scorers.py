@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from epp.datastore import Endpoint
 from epp.scheduling.cycle import Cycle
@@ -292,7 +291,6 @@ class NoHitParams:
     prefix_name: str = "prefix-cache-scorer"
     prefix_type: str = "prefix-cache-scorer"
     lru_size: int = 1024
-    rank_by: str = "lru"  # ours: "cache" ranks cold requests' pods by how much the prefix index holds
 
 
 @register("no-hit-lru-scorer", SCORER)
@@ -300,12 +298,7 @@ class NoHitLRUScorer:
     """Spreads cold requests (no prefix hit on any candidate) over the pods least recently given a
     cold request: never-used pods first, then from least to most recent, scores falling linearly
     from 1 to 0 over the ranks. Warm requests score 0.5 everywhere (the prefix scorer decides).
-    Reads the prefix scorer named by `prefixPluginName`, which must run earlier in the profile.
-
-    `rankBy: cache` (ours) ranks by how many blocks the prefix scorer's index holds for each pod,
-    fewest first, the LRU order breaking ties: a pod's index grows with the traffic its groups
-    bring, so a new group avoids the pods already carrying hot ones (the Rust routers send a cold
-    request to the worker with the smallest tree)."""
+    Reads the prefix scorer named by `prefixPluginName`, which must run earlier in the profile."""
 
     BOUNDED = True
 
@@ -315,8 +308,6 @@ class NoHitLRUScorer:
         self._lru: OrderedDict[str, None] = OrderedDict()  # least recently used first
         self._scores_key = f"prefix-scores:{params.prefix_name}"
         self._cold_key = f"no-hit-cold:{name}"
-        self._plugins = ctx.plugins  # the prefix scorer is looked up when first needed (built before or after)
-        self._size_of: Any = None
 
     @classmethod
     def parse(cls, p: Params) -> NoHitParams:
@@ -324,7 +315,6 @@ class NoHitLRUScorer:
             prefix_name=p.string("prefixPluginName", "prefix-cache-scorer"),
             prefix_type=p.string("prefixPluginType", "prefix-cache-scorer"),
             lru_size=p.integer("lruSize", 1024, lo=1),
-            rank_by=p.string("rankBy", "lru", choices=("lru", "cache")),
         )
         p.done()
         return out
@@ -345,19 +335,9 @@ class NoHitLRUScorer:
             return [1.0]
         lru = self._lru
         positions = {a: i for i, a in enumerate(lru)} if lru else {}
-        span = float(n - 1)
-        if self.p.rank_by == "cache":
-            size_of = self._size_of or self._find_sizes()
-            if size_of is not None:
-                far = len(positions)  # never-used pods before every used one at equal size
-                order = sorted(range(n), key=lambda i: (size_of(endpoints[i].address),
-                                                        positions.get(endpoints[i].address, -1 - far)))
-                out = [0.0] * n
-                for rank, i in enumerate(order):
-                    out[i] = 1.0 - rank / span
-                return out
         never = [i for i, ep in enumerate(endpoints) if ep.address not in positions]
         out = [0.0] * n
+        span = float(n - 1)
         for rank, i in enumerate(never):
             out[i] = 1.0 - rank / span
         base = len(never)
@@ -366,14 +346,6 @@ class NoHitLRUScorer:
             if pos is not None:
                 out[i] = max(0.0, 1.0 - (base + pos) / span)
         return out
-
-    def _find_sizes(self) -> Any:
-        """`size_of(address)` of the index behind the named prefix scorer (precise or approximate)."""
-        scorer = self._plugins.get(self.p.prefix_name)
-        source = getattr(scorer, "match_source", None)
-        index = getattr(source, "kv_index", None) if source is not None else getattr(scorer, "index", None)
-        self._size_of = getattr(index, "size_of", None)
-        return self._size_of
 
     def on_routed(self, request: SchedulingRequest, endpoint: Endpoint) -> None:
         if not request.scratch.get(self._cold_key):

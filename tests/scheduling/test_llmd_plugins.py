@@ -276,32 +276,3 @@ def test_prefix_scorer_reads_a_match_info_producer():
     assert s.score(cycle(req("unknown")), eps) == [0.0, 0.0]
     s.on_routed(r, eps[1])
     assert prod.routed == [eps[1].address] and s.index.entries == 0
-
-
-def test_no_hit_rank_by_cache_prefers_the_pod_whose_index_holds_least():
-    """rankBy: cache ranks a cold request's pods by the prefix index's blocks per pod, fewest first;
-    the LRU order breaks ties (never-used pods first)."""
-    cfg = load_config(LLMD + """plugins:
-- type: prefix-cache-scorer
-- type: no-hit-lru-scorer
-  parameters: {rankBy: cache}
-- type: max-score-picker
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: prefix-cache-scorer
-  - pluginRef: no-hit-lru-scorer
-  - pluginRef: max-score-picker
-""")
-    sched = build_scheduler(cfg)
-    prefix, nohit = (s.scorer for s in sched.scorers)
-    eps = [ep(1), ep(2), ep(3)]
-    prefix.index.insert(eps[0].address, list(range(1, 40)), 10_000)
-    prefix.index.insert(eps[1].address, list(range(100, 110)), 10_000)
-    cold = req("x" * 400)
-    c = cycle(cold)
-    prefix.score(c, eps)
-    assert nohit.score(c, eps) == [0.0, 0.5, 1.0]  # ep3 holds nothing, ep1 most
-    with pytest.raises(ConfigError, match="rankBy"):
-        load_config(LLMD + "plugins: [{type: prefix-cache-scorer}, {type: no-hit-lru-scorer, "
-                           "parameters: {rankBy: size}}]\n")
