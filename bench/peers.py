@@ -829,6 +829,17 @@ def _round2(doc: dict[str, Any]) -> None:
     _set_weight(doc, "no-hit-lru-scorer", 0.5)
 
 
+def _sticky_default(penalty_ms: float, threshold: float = 0.5) -> Callable[[dict[str, Any]], None]:
+    # the default with a hard prefix affinity in front (the Rust routers keep a group on its pod)
+    def change(doc: dict[str, Any]) -> None:
+        _round2(doc)
+        # declared after the prefix scorer whose index it reads (plugins are built in order)
+        doc["plugins"].insert(-1, {"type": "prefix-cache-affinity-filter",
+                                  "parameters": {"affinityThreshold": threshold, "maxTTFTPenaltyMs": penalty_ms}})
+        doc["schedulingProfiles"][0]["plugins"].insert(0, {"pluginRef": "prefix-cache-affinity-filter"})
+    return change
+
+
 def _v_q(spread: float, live: bool, extra: Callable[[dict[str, Any]], None] | None = None
          ) -> Callable[[dict[str, Any]], None]:
     def change(doc: dict[str, Any]) -> None:
@@ -859,6 +870,8 @@ VARIANTS = {"prefix6": _v_prefix6, "no-kv": _v_no_kv, "own-load": _v_own_load, "
             "q6-live-long-nohit1": _v_q(6, True, _v_long_nohit1),
             # the default since the second round: q4-live-long-nohit1-kv1 with no-hit-lru at half weight
             "new-default": _v_q(4, True, _round2), "spread2-default": _v_q(2, True, _round2),
+            "sticky500": _v_q(4, True, _sticky_default(500)), "sticky1000": _v_q(4, True, _sticky_default(1000)),
+            "sticky2000": _v_q(4, True, _sticky_default(2000)),
             "previous-default": lambda d: None}
 
 

@@ -602,11 +602,15 @@ class PrefixCacheAffinityFilter:
         self.name = name
         self.p = params
         self.rng: random.Random = ctx.rng
-        self.source: PrefixCacheScorer | None = None
-        for pname, plugin in ctx.plugins.items():
-            if isinstance(plugin, PrefixCacheScorer) and (not params.scorer or pname == params.scorer):
+        self._plugins = ctx.plugins  # the source may be declared after this filter: found on first use
+        self.source: PrefixCacheScorer | None = self._find()
+
+    def _find(self) -> PrefixCacheScorer | None:
+        for pname, plugin in self._plugins.items():
+            if isinstance(plugin, PrefixCacheScorer) and (not self.p.scorer or pname == self.p.scorer):
                 self.source = plugin
-                break
+                return plugin
+        return None
 
     @classmethod
     def parse(cls, p: Params) -> AffinityParams:
@@ -631,7 +635,7 @@ class PrefixCacheAffinityFilter:
         return []
 
     def filter(self, cycle: Cycle, endpoints: list[Endpoint]) -> list[Endpoint]:
-        if self.source is None or len(endpoints) < 2:
+        if len(endpoints) < 2 or (self.source is None and self._find() is None):
             return endpoints
         if self.p.exploration > 0.0 and self.rng.random() < self.p.exploration:
             return endpoints

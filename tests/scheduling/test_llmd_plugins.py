@@ -240,6 +240,20 @@ schedulingProfiles: [{name: d, plugins: [{pluginRef: prefix-cache-affinity-filte
                     "parameters: {ttftSource: latencyPredictor}}]\n")
 
 
+def test_prefix_affinity_filter_declared_before_its_prefix_scorer():
+    """Plugins are built in order: a filter declared first still finds the scorer on first use."""
+    cfg = load_config(LLMD + """
+plugins:
+- {type: prefix-cache-affinity-filter, parameters: {affinityThreshold: 0.9}}
+- {type: prefix-cache-scorer, parameters: {autoTune: false, blockSizeTokens: 4}}
+schedulingProfiles: [{name: d, plugins: [{pluginRef: prefix-cache-affinity-filter}, {pluginRef: prefix-cache-scorer}]}]
+""")
+    sched = build_scheduler(cfg, rng=random.Random(0))
+    eps = [ep(1), ep(2), ep(3)]
+    sched.on_routed(req("z" * 64), eps[2])
+    assert sched.filters[0].filter(cycle(req("z" * 64)), list(eps)) == [eps[2]]
+
+
 def test_token_producer_estimate_and_refused_backends():
     assert estimate_tokens("") == 0 and estimate_tokens("abcd") == 1 and estimate_tokens("abcde") == 2
     assert estimate_tokens("é" * 4) == 2  # 8 UTF-8 bytes
