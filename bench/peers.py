@@ -437,6 +437,9 @@ async def sim_counters(session: aiohttp.ClientSession, sims: Sequence[str]) -> l
     return out
 
 
+REQUEST_LOG: Path | None = None  # --request-log
+
+
 def _pct(values: Sequence[float], q: float) -> float:
     if not values:
         return math.nan
@@ -503,6 +506,15 @@ async def run_cell(policy: str, w: LiveWorkload, rate: float, seconds: float, wa
     ttft = [r.ttft for r in ok if r.ttft is not None]
     e2e = [r.e2e for r in ok]
     busy_cpu = max(0.0, cpu - idle_rate * window)
+    if REQUEST_LOG is not None:  # --request-log: one line per request, for diagnosis
+        import hashlib
+
+        with REQUEST_LOG.open("a") as f:
+            for (at, _, req), r in zip(plan, results, strict=True):
+                group = hashlib.md5(req.prompt[:300].encode("utf-8", "surrogatepass")).hexdigest()[:6]
+                f.write(json.dumps({"workload": w.name, "rate": rate, "policy": policy, "seed": seed, "at": at,
+                                    "measured": r.measured, "group": group, "chars": len(req.prompt),
+                                    "pod": r.pod, "status": r.status, "ttft": r.ttft, "e2e": r.e2e}) + "\n")
     return {
         "policy": policy, "workload": w.name, "rate": rate, "seconds": seconds, "sent_rate": len(measured) / sent_for
         if sent_for > 0 else 0.0, "requests": len(measured), "ok": len(ok),
@@ -1034,6 +1046,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="also run our picker with this built-in change to the default profile (ours:NAME)")
     ap.add_argument("--recompute-capacity", action="store_true")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--request-log", type=Path, help="append one JSON line per request sent (live cells)")
     ap.add_argument("--markdown", type=Path)
     ap.add_argument("--plot", type=Path)
     ap.add_argument("--no-plots", action="store_true")
@@ -1071,6 +1084,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         log(f"not installed, left out: {', '.join(missing)} (pip install '.[bench]')")
         policies = [p for p in policies if p not in missing]
+    global REQUEST_LOG
+    REQUEST_LOG = args.request_log
     stem = "peers_quick" if args.quick else "peers"
     out_json = args.json or RESULTS / f"{stem}.json"
     out_md = args.markdown or RESULTS / f"{stem}.md"
