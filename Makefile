@@ -70,7 +70,7 @@ bench-precise: install
 	$(BIN)/python bench/precise_prefix.py $(PRECISE_ARGS)
 	$(BIN)/python bench/precise_prefix_cost.py $(PRECISE_ARGS)
 
-# live: our picker behind Envoy vs SGLang's and vLLM's Rust routers on the same 4 simulators (~32 min;
+# live: our picker behind Envoy vs SGLang's and vLLM's Rust routers on the same 4 simulators (~45 min;
 # `make bench-peers PEERS_ARGS=--quick` for < 3 min)
 PEERS_ARGS ?=
 bench-peers: install

@@ -1,9 +1,10 @@
 """Live peer benchmark: our picker behind Envoy against SGLang's and vLLM's Rust routers, same servers.
 
     .venv/bin/python bench/peers.py --quick        # < 3 min: 3 workloads at 90%, cache-aware peers, 1 repeat
-    .venv/bin/python bench/peers.py                # `make bench-peers`: the whole matrix, ~32 min here
+    .venv/bin/python bench/peers.py                # `make bench-peers`: ours and the cache-aware peers on
+                                                   # every workload, 30 s cells, 2 repeats: ~45 min here
     options: --workloads shared-prefix ...  --loads 70 90  --policies ours envoy-rr ...  --repeats 2
-             --seconds 6  --warmup 2  --config-text NAME=YAML|@FILE  --variant NAME (our picker with another
+             --seconds 30  --warmup 2  --config-text NAME=YAML|@FILE  --variant NAME (our picker with another
              profile as policy ours:NAME; repeatable)
              --json PATH  --markdown PATH  --no-plots  --report PATH (tables of a saved run)
              --des-variants (our profile variants on the same workloads in the discrete-event twin)
@@ -13,7 +14,8 @@ Every cell (workload x load x policy x repeat) gets fresh processes: 4 simulated
 `make demo` runs them) and the router under test:
 
   ours            Envoy + our picker, the config `python -m epp envoy-config` generates (epp.demo.Stack:
-                  duplex ext_proc over TLS, ORIGINAL_DST), the default profile unless --config-text;
+                  its default processing profile, ext_proc over TLS, ORIGINAL_DST), the default scheduling
+                  profile unless --config-text;
   envoy-rr        the same Envoy with the picker taken out (STATIC cluster, ROUND_ROBIN);
   sglang-cache    `python -m sglang_router.launch_router --policy cache_aware` (defaults: cache_threshold 0.3,
                   balance_abs_threshold 64, balance_rel_threshold 1.5: character radix tree over the text);
@@ -1072,8 +1074,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         wls, loads, repeats, seconds, warmup = ["shared-prefix", "multi-turn", "mixed"], [90], 1, 6.0, 2.0
         policies = ["ours", "envoy-rr", "sglang-cache", "vllm-cache"]
     else:
-        wls, loads, repeats, seconds, warmup = [w.name for w in WORKLOADS], [70, 90], 2, 6.0, 2.0
-        policies = list(POLICY_ORDER)
+        # 30 s cells: in 6 s a shared-prefix cell's p90 was decided by where a few cold prefills
+        # landed (docs/benchmarks.md); the round-robin baselines on request (--policies)
+        wls, loads, repeats, seconds, warmup = [w.name for w in WORKLOADS], [70, 90], 2, 30.0, 2.0
+        policies = list(CACHE_AWARE)
     wls = args.workloads or wls
     loads = args.loads or loads
     policies = args.policies or [*policies, *(f"ours:{n}" for n in configs)]
