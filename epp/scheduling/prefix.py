@@ -635,11 +635,12 @@ class PrefixCacheAffinityFilter:
         return []
 
     def filter(self, cycle: Cycle, endpoints: list[Endpoint]) -> list[Endpoint]:
-        if len(endpoints) < 2 or (self.source is None and self._find() is None):
+        source = self.source or self._find()
+        if source is None or len(endpoints) < 2:
             return endpoints
         if self.p.exploration > 0.0 and self.rng.random() < self.p.exploration:
             return endpoints
-        ratios = self.source.ratios(cycle.request, endpoints)
+        ratios = source.ratios(cycle.request, endpoints)
         t = self.p.threshold
         sticky = [ep for ep, r in zip(endpoints, ratios, strict=True) if r > 0.0 and r >= t]
         if not sticky or len(sticky) == len(endpoints):
