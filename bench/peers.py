@@ -7,6 +7,7 @@
              --seconds 30  --warmup 2  --config-text NAME=YAML|@FILE  --variant NAME (our picker with another
              profile as policy ours:NAME; repeatable)
              --json PATH  --markdown PATH  --no-plots  --report PATH (tables of a saved run)
+             --request-log PATH (one JSON line per request sent: group, pod, TTFT; for diagnosis)
              --des-variants (our profile variants on the same workloads in the discrete-event twin)
 
 Every cell (workload x load x policy x repeat) gets fresh processes: 4 simulated vLLM servers
