@@ -818,11 +818,11 @@ def _v_long_nohit1(doc: dict[str, Any]) -> None:
     _v_nohit(doc, weight=1)
 
 
-def _v_sticky(doc: dict[str, Any]) -> None:
+def _v_sticky(doc: dict[str, Any], penalty_ms: float = 1000) -> None:
     # hard affinity like the peers' cache-aware policies: keep the pods holding >= 50% of the prompt's
-    # prefix unless their in-flight prefill is 1 s worse than the best other pod's
+    # prefix unless their in-flight prefill is `penalty_ms` worse than the best other pod's
     doc["plugins"].insert(0, {"type": "prefix-cache-affinity-filter",
-                              "parameters": {"affinityThreshold": 0.5, "maxTTFTPenaltyMs": 1000}})
+                              "parameters": {"affinityThreshold": 0.5, "maxTTFTPenaltyMs": penalty_ms}})
     doc["schedulingProfiles"][0]["plugins"].insert(0, {"pluginRef": "prefix-cache-affinity-filter"})
 
 
@@ -844,14 +844,11 @@ def _round2(doc: dict[str, Any]) -> None:
     _set_weight(doc, "no-hit-lru-scorer", 0.5)
 
 
-def _sticky_default(penalty_ms: float, threshold: float = 0.5) -> Callable[[dict[str, Any]], None]:
-    # the default with a hard prefix affinity in front (the Rust routers keep a group on its pod)
+def _sticky_default(penalty_ms: float) -> Callable[[dict[str, Any]], None]:
+    # the current default with the hard affinity in front
     def change(doc: dict[str, Any]) -> None:
         _round2(doc)
-        # declared after the prefix scorer whose index it reads (plugins are built in order)
-        doc["plugins"].insert(-1, {"type": "prefix-cache-affinity-filter",
-                                  "parameters": {"affinityThreshold": threshold, "maxTTFTPenaltyMs": penalty_ms}})
-        doc["schedulingProfiles"][0]["plugins"].insert(0, {"pluginRef": "prefix-cache-affinity-filter"})
+        _v_sticky(doc, penalty_ms)
     return change
 
 
