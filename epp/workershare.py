@@ -146,6 +146,7 @@ class WorkerShare:
         self._slot_of: dict[str, int] = {}  # address -> slot, rebound whole (read from other threads)
         self._tag_of: dict[int, int] = {}  # slot -> its directory tag when _slot_of was read
         self._map_gen = -1  # the directory generation _slot_of was read at
+        self._high = 0  # 1 + the highest slot in _slot_of (refresh reads the cells below it)
         self._written_gen = -2  # the generation this worker last rewrote its own cells at
         self._own: dict[str, list[int]] = {}  # address -> [requests, tokens] this worker has in flight
         self._cells: set[int] = set()  # slots whose own cells this worker wrote non-zero
@@ -198,6 +199,7 @@ class WorkerShare:
                     tags[i] = tag
             if self._generation() == gen:
                 self._tag_of = tags
+                self._high = max(found.values(), default=-1) + 1
                 self._slot_of = found
                 self._map_gen = gen
                 return True
@@ -218,6 +220,7 @@ class WorkerShare:
             if i >= high:
                 _HIGH.pack_into(self._mm, _HIGH_AT, i + 1)
         _GEN.pack_into(self._mm, _GEN_AT, self._generation() + 1)  # after the entry: readers retry on it
+        self._high = max(self._assigned.values(), default=-1) + 1
         self._slot_of = dict(self._assigned)
         self._map_gen = self._generation()
 
@@ -334,30 +337,38 @@ class WorkerShare:
         self._cells = set(want)
         self._written_gen = gen
 
+    def _others(self, cells: memoryview, high: int) -> list[int]:
+        """Per slot below `high`, the other workers' cells summed (one strided copy per worker)."""
+        n, w = self.workers, self.worker
+        rows = [cells[j:high * n:n].tolist() for j in range(n) if j != w]
+        if len(rows) == 1:
+            return rows[0]
+        return [sum(c) for c in zip(*rows, strict=True)] if rows else [0] * high
+
     def refresh(self, endpoints: Sequence[Endpoint]) -> None:
         """Before a decision: each endpoint's in-flight figures become all workers' (this one's own
         counts, exact, plus the others' cells as they are now)."""
         if self._written_gen != self._map_gen:
             self._rewrite_own()
-        slot_of, own, w, n = self._slot_of, self._own, self.worker, self.workers
-        counts, tokens = self._counts, self._tokens
+        slot_of, own = self._slot_of, self._own
+        high = self._high
+        others, other_tokens = self._others(self._counts, high), self._others(self._tokens, high)
         for ep in endpoints:
             address = ep.address
             i = slot_of.get(address)
-            if i is None:
+            if i is None or i >= high:
                 continue
-            base = i * n
-            others = sum(counts[base:base + n]) - counts[base + w]
+            o = others[i]
             mine = own.get(address)
             if mine is None:
-                if others <= 0:
+                if o <= 0:
                     ep.inflight = ep.inflight_tokens = 0
-                    continue
-                ep.inflight = others
-                ep.inflight_tokens = max(0, sum(tokens[base:base + n]) - tokens[base + w])
+                else:
+                    ep.inflight = o
+                    ep.inflight_tokens = max(0, other_tokens[i])
             else:
-                ep.inflight = mine[0] + max(0, others)
-                ep.inflight_tokens = mine[1] + max(0, sum(tokens[base:base + n]) - tokens[base + w])
+                ep.inflight = mine[0] + max(0, o)
+                ep.inflight_tokens = mine[1] + max(0, other_tokens[i])
 
 
 class SharedMetricsThread:

@@ -203,3 +203,32 @@ def test_the_reader_thread_copies_worker_zeros_pages_into_its_datastore(
         import asyncio
 
         asyncio.run(t.stop())
+
+
+def test_three_workers_counts_add_up_and_a_slot_beyond_the_directory_is_skipped(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    p = workershare.create(3, slots=8, directory=str(tmp_path))
+    ws = [WorkerShare(p, k) for k in range(3)]
+    try:
+        ws[0].added(A)
+        ws[0].added(B)
+        for w in ws[1:]:
+            w.sync_directory()
+        views = [(ep(A), ep(B)) for _ in ws]
+        for k, w in enumerate(ws):  # worker k sends k + 1 requests to B, of 10 tokens each
+            a, b = views[k]
+            w.refresh([a, b])
+            for _ in range(k + 1):
+                b.inflight += 1
+                w.routed(b, 1, 10)
+        for k, w in enumerate(ws):
+            a, b = views[k]
+            w.refresh([a, b])
+            assert (a.inflight, b.inflight, b.inflight_tokens) == (0, 6, 60)
+        stranger = ep("10.0.9.9:8000")  # not in the directory: left as this worker counted it
+        stranger.inflight = 5
+        ws[1].refresh([stranger])
+        assert stranger.inflight == 5
+    finally:
+        for w in ws:
+            w.close()
+        os.unlink(p)
