@@ -882,6 +882,7 @@ VARIANTS = {"prefix6": _v_prefix6, "no-kv": _v_no_kv, "own-load": _v_own_load, "
             "q6-live-long-nohit1": _v_q(6, True, _v_long_nohit1),
             # the default since the second round: q4-live-long-nohit1-kv1 with no-hit-lru at half weight
             "new-default": _v_q(4, True, _round2), "spread2-default": _v_q(2, True, _round2),
+            "spread3-default": _v_q(3, True, _round2),
             "sticky500": _v_q(4, True, _sticky_default(500)), "sticky1000": _v_q(4, True, _sticky_default(1000)),
             "sticky2000": _v_q(4, True, _sticky_default(2000)),
             "previous-default": lambda d: None}

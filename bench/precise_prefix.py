@@ -23,6 +23,8 @@ replayed against every policy on identical clusters (metrics polled every 50 ms)
   `oracle, in flight` also counts every prompt waiting or running on an engine as cached there
   (what it will hold before a request sent now is admitted): knowledge of the caches and of the
   prefills under way, which no event stream can give earlier.
+- `default / precise / oracle, minSpread 2`: the same three with the queue scorer's `minSpread: 2`,
+  docs/scheduling.md's setting for pools of 8+ pods with a few hot prefixes (the default's 4 suits 4).
 Active-active: precise with 2 and 4 picker replicas, requests split round-robin between them, each
 with its own index and in-flight counts: `unscaled` as they are, then with `inflight-load-scorer`
 `replicas: N` (each replica's counts × N), then that and the producer's `rendezvousOnMiss` (a prefix
@@ -171,6 +173,16 @@ def _inflight_replicas(text: str, n: int) -> str:
     return yaml.safe_dump(doc, sort_keys=False)
 
 
+def _min_spread(text: str, spread: float) -> str:
+    """`text` with the queue scorer's minSpread set: docs/scheduling.md's setting for pools of 8+
+    pods with a few hot prefixes is 2 (the default's 4 suits 4 pods)."""
+    doc = _doc(text)
+    for p in doc["plugins"]:
+        if p["type"] == "queue-scorer":
+            p.setdefault("parameters", {})["minSpread"] = spread
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
 def _reference_deploy() -> str:
     """GIE's default profile with the approximate index as llm-d's deploy configs set it: no auto-tune,
     `lruCapacityPerServer: 31250` (far more than a simulated pod's cache: after evictions the index
@@ -193,6 +205,10 @@ CONFIGS = {
     "precise, rendezvous on miss": lambda: _swap_prefix(PRECISE_HOME),
     "oracle": lambda: _swap_prefix({"type": "oracle-prefix-scorer"}),
     "oracle, in flight": lambda: _swap_prefix({"type": "oracle-inflight-prefix-scorer"}),
+    # the same three with the 8+-pod setting of the queue scorer (minSpread 2)
+    "default, minSpread 2": lambda: _min_spread(DEFAULT_CONFIG_TEXT, 2),
+    "precise, minSpread 2": lambda: _min_spread(_swap_prefix(PRECISE), 2),
+    "oracle, minSpread 2": lambda: _min_spread(_swap_prefix({"type": "oracle-prefix-scorer"}), 2),
 }
 
 
@@ -274,7 +290,8 @@ def run_one(w: Workload, rate: float, servers: int, n: int, seed: int, policy: s
 
 ORDER = ("random", "load-only", "reference", "reference, LRU 31250", "default", "precise", "precise, held in flight",
          "precise, no speculation",
-         "precise, rendezvous on miss", "oracle", "oracle, in flight")
+         "precise, rendezvous on miss", "oracle", "oracle, in flight", "default, minSpread 2", "precise, minSpread 2",
+         "oracle, minSpread 2")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -338,6 +355,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _ratio(r: float) -> str:
+    """Two decimals, or a power of ten where that would print 0.00 (an oracle that collapsed)."""
+    return f"{r:.2f}" if r >= 0.01 else f"{r:.1e}"
+
+
 def render(data: dict[str, Any]) -> str:
     lines = [f"Precise prefix routing: {data['servers']} servers, {data['requests']} measured requests per run, "
              f"KV events delivered {data['delay_s'] * 1000:g} ms after each engine step, seed {data['seed']}. "
@@ -356,6 +378,11 @@ def render(data: dict[str, Any]) -> str:
             lines += ["", f"precise / oracle p90 TTFT: {p / o:.2f}; default (approximate) / precise: {a / p:.2f}"]
             if "oracle, in flight" in pol:
                 lines.append(f"precise / oracle, in flight p90 TTFT: {p / pol['oracle, in flight']['ttft_p90']:.2f}")
+            k2 = ("precise, minSpread 2", "oracle, minSpread 2", "default, minSpread 2")
+            if all(k in pol for k in k2):
+                p2, o2, a2 = (pol[k]["ttft_p90"] for k in k2)
+                lines.append(f"with minSpread 2: precise / oracle p90 TTFT {_ratio(p2 / o2)}, precise / the plain "
+                             f"oracle {_ratio(p2 / o)}; default (approximate) / precise {_ratio(a2 / p2)}")
             for r in (2, 4):
                 for k in (f"precise ×{r} replicas, unscaled", f"precise ×{r} replicas"):
                     if k in pol:
