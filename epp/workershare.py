@@ -146,7 +146,9 @@ class WorkerShare:
         self._slot_of: dict[str, int] = {}  # address -> slot, rebound whole (read from other threads)
         self._tag_of: dict[int, int] = {}  # slot -> its directory tag when _slot_of was read
         self._map_gen = -1  # the directory generation _slot_of was read at
-        self._high = 0  # 1 + the highest slot in _slot_of (refresh reads the cells below it)
+        # 1 + the highest slot in _slot_of (refresh reads the cells below it); always bound before
+        # _slot_of, so a reader that sees a new map sees its bound (a slot past it is skipped once)
+        self._high = 0
         self._written_gen = -2  # the generation this worker last rewrote its own cells at
         self._own: dict[str, list[int]] = {}  # address -> [requests, tokens] this worker has in flight
         self._cells: set[int] = set()  # slots whose own cells this worker wrote non-zero
