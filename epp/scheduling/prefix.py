@@ -26,7 +26,7 @@ import dataclasses
 import heapq
 import math
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, islice, repeat
 from operator import and_
@@ -602,11 +602,13 @@ class PrefixCacheAffinityFilter:
         self.name = name
         self.p = params
         self.rng: random.Random = ctx.rng
-        self._plugins = ctx.plugins  # the source may be declared after this filter: found on first use
+        # the source may be declared after this filter: looked up again once, on first use (the
+        # whole config is built by then), then never (a profile without one costs nothing per request)
+        self._plugins: Mapping[str, object] | None = ctx.plugins
         self.source: PrefixCacheScorer | None = self._find()
 
     def _find(self) -> PrefixCacheScorer | None:
-        for pname, plugin in self._plugins.items():
+        for pname, plugin in (self._plugins or {}).items():
             if isinstance(plugin, PrefixCacheScorer) and (not self.p.scorer or pname == self.p.scorer):
                 self.source = plugin
                 return plugin
@@ -635,7 +637,10 @@ class PrefixCacheAffinityFilter:
         return []
 
     def filter(self, cycle: Cycle, endpoints: list[Endpoint]) -> list[Endpoint]:
-        source = self.source or self._find()
+        source = self.source
+        if source is None and self._plugins is not None:
+            source = self._find()
+            self._plugins = None
         if source is None or len(endpoints) < 2:
             return endpoints
         if self.p.exploration > 0.0 and self.rng.random() < self.p.exploration:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import struct
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -32,21 +34,27 @@ def test_the_stream_is_request_headers_then_the_whole_body(profile: str) -> None
     assert b'"model": "m"' in msgs[1].request_body.body
 
 
-def test_the_merged_counters_are_summed_over_label_sets(monkeypatch: pytest.MonkeyPatch) -> None:
-    page = ('inference_objective_request_total{model_name="m",target_model_name="m"} 5.0\n'
-            'inference_objective_request_total{model_name="n",target_model_name="n"} 2.0\n'
-            'inference_objective_request_error_total{model_name="m",error_code="x"} 1.0\n'
-            "# inference_objective_request_total{ 9\n")
+def test_the_merged_counters_are_summed_over_label_sets() -> None:
+    page = (b'inference_objective_request_total{model_name="m",target_model_name="m"} 5.0\n'
+            b'inference_objective_request_total{model_name="n",target_model_name="n"} 2.0\n'
+            b'inference_objective_request_error_total{model_name="m",error_code="x"} 1.0\n'
+            b"# inference_objective_request_total{ 9\n")
 
-    class Resp:
-        def __enter__(self) -> Resp:
-            return self
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
 
-        def __exit__(self, *a: object) -> None:
+        def log_message(self, *a: object) -> None:
             pass
 
-        def read(self) -> bytes:
-            return page.encode()
-
-    monkeypatch.setattr(worker_scaling.urllib.request, "urlopen", lambda *a, **k: Resp())
-    assert worker_scaling.counters(1) == (7.0, 1.0)
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        assert worker_scaling.counters(srv.server_address[1]) == (7.0, 1.0)
+    finally:
+        srv.shutdown()
+        srv.server_close()
