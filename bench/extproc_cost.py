@@ -33,6 +33,9 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cpuclock
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 FLOOR = os.path.join(HERE, "..", "..", "shared", "bench-floor", "floor_profiles.py")
 M = processing_mode_pb2.ProcessingMode
@@ -67,10 +70,9 @@ def plan(profile: str, prompt_bytes: int) -> list[tuple[ep.ProcessingRequest, in
     return steps
 
 
-def ticks(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
+def cpu_s(pid: int) -> float:
+    """CPU seconds `pid` has used, exact (bench/cpuclock.py)."""
+    return cpuclock.process_cpu(pid)
 
 
 def free_port() -> int:
@@ -193,16 +195,15 @@ def measure_lean_floor(secs: float, prompt_bytes: int, conc: int) -> tuple[float
     port = free_port()
     p = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-c", LEAN_FLOOR, f"127.0.0.1:{port}",
                           os.path.dirname(FLOOR)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    hz = os.sysconf("SC_CLK_TCK")
     try:
         wait_port(port)
         os.sched_setaffinity(0, {1})
         addr = f"127.0.0.1:{port}"
         steps = plan("lean", prompt_bytes)
         asyncio.run(drive(addr, steps, 0.5, 4))
-        t0, c0 = time.perf_counter(), ticks(p.pid)
+        t0, c0 = time.perf_counter(), cpu_s(p.pid)
         n = asyncio.run(drive(addr, steps, secs, conc))
-        el, cpu = time.perf_counter() - t0, (ticks(p.pid) - c0) / hz
+        el, cpu = time.perf_counter() - t0, cpu_s(p.pid) - c0
     finally:
         p.terminate()
         p.wait()
@@ -241,20 +242,19 @@ def measure(profile: str, secs: float, endpoints: int, prompt_bytes: int, conc: 
     port = free_port()
     ms, addrs = metrics_server(endpoints)
     p = subprocess.Popen(picker_cmd(port, addrs, scrape_interval), stderr=subprocess.DEVNULL)
-    hz = os.sysconf("SC_CLK_TCK")
     try:
         wait_port(port)
         os.sched_setaffinity(0, {1})
         addr = f"127.0.0.1:{port}"
         steps = plan(profile, prompt_bytes)
         asyncio.run(drive(addr, steps, 0.5, 4))  # warm-up
-        t0, c0 = time.perf_counter(), ticks(p.pid)
+        t0, c0 = time.perf_counter(), cpu_s(p.pid)
         time.sleep(min(3.0, secs))  # no traffic: what scraping alone costs
-        idle = (ticks(p.pid) - c0) / hz / (time.perf_counter() - t0)
-        t0, c0 = time.perf_counter(), ticks(p.pid)
+        idle = cpu_s(p.pid) - c0 / (time.perf_counter() - t0)
+        t0, c0 = time.perf_counter(), cpu_s(p.pid)
         sent = [0]
         n = asyncio.run(drive(addr, steps, secs, conc, sent=sent))
-        el, cpu = time.perf_counter() - t0, (ticks(p.pid) - c0) / hz
+        el, cpu = time.perf_counter() - t0, cpu_s(p.pid) - c0
     finally:
         p.terminate()
         p.wait()

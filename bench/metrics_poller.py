@@ -33,7 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent / "shared" / "bench-floor"))
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cpuclock  # noqa: E402
 
 # ---- the server process ------------------------------------------------------------------------
 
@@ -95,9 +96,8 @@ def serve(count: int, honour_filter: bool, hostile: int = 0) -> None:
 
 
 def proc_cpu(pid: int) -> float:
-    """utime + stime of a process in seconds (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds of a process, exact (bench/cpuclock.py)."""
+    return cpuclock.process_cpu(pid)
 
 
 async def measure(ports: list[int], interval: float, seconds: float, server_pid: int,

@@ -13,15 +13,18 @@ Every cell gets fresh processes: 4 simulated vLLM servers in real time (`python 
                  tuning flags;
   ours-duplex    the same with the generated duplex profile (the reference's: every SSE chunk of the
                  response crosses the picker);
+  ours-lean      the same with the generated lean profile (no response phase at all: 2 messages a
+                 request, like the default's unsampled ones);
   envoy-rr       the same Envoy with the picker taken out (STATIC cluster, ROUND_ROBIN): the floor;
   sglang-rr / vllm-rr   the Rust routers (bench/peers.py's command lines), round robin: full proxies.
 
 Load: open-loop Poisson arrivals at --rate of streaming chat completions (--tokens output tokens,
-`stream_options.include_usage`), after a 2 s warm-up at the same rate that is left out. CPU: utime +
-stime from /proc of each process group of the path (the picker and Envoy apart), less the idle rate
-each process shows for 1.5 s after the traffic (what it burns with no requests: scraping, timers),
-divided by the requests completed. The simulators' own CPU is reported too, at idle: the difference
-between `ours` and `envoy-rr` there is what scraping costs the model servers. /proc/loadavg at the
+`stream_options.include_usage`), after a 2 s warm-up at the same rate that is left out. CPU: each
+process group's CPU clock (bench/cpuclock.py: exact, where /proc's ticks were 10 ms; the picker and
+Envoy apart), less the idle rate each process shows over 3 s before the traffic (what it burns with
+no requests: scraping at its idle intervals, timers), divided by the requests completed. The
+simulators' own CPU is reported too, at idle: the difference between `ours` and `envoy-rr` there is
+what scraping costs the model servers. /proc/loadavg at the
 start and the end of every cell says how busy the (shared) machine was.
 """
 
@@ -30,7 +33,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import statistics
 import sys
@@ -44,14 +46,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import cpuclock  # noqa: E402
 import peers  # noqa: E402  (launch code and the /proc readers are shared with the peer benchmark)
 
 from epp.demo import Stack  # noqa: E402
 from epp.sim.des import SimRequest  # noqa: E402
 
-PATHS = ("ours", "ours-duplex", "ours-grpcio", "ours-plain", "envoy-rr", "sglang-rr", "vllm-rr")
+PATHS = ("ours", "ours-duplex", "ours-lean", "ours-grpcio", "ours-plain", "envoy-rr", "sglang-rr", "vllm-rr")
+DEFAULT_PATHS = ("ours", "ours-duplex", "envoy-rr", "sglang-rr", "vllm-rr")  # the others are A/Bs
 WARMUP_S = 2.0
-IDLE_S = 1.5
+IDLE_S = 3.0  # idle rate read over this long before the traffic (the adaptive scrape has settled)
 _WORDS = ("token", "cache", "route", "pod", "model", "batch")
 SIM_ARGS = ["--num-gpu-blocks", str(peers.KV_BLOCKS)]
 
@@ -69,14 +73,14 @@ class Cell:
 
 
 async def start(path: str) -> Cell:
-    if path in ("ours", "ours-duplex", "ours-grpcio", "ours-plain", "envoy-rr"):
+    if path in ("ours", "ours-duplex", "ours-lean", "ours-grpcio", "ours-plain", "envoy-rr"):
         # ours-grpcio: the default with the picker's gRPC on grpc.aio (--grpc-server grpcio), the A/B;
         # ours-plain: the default with plaintext between Envoy and the picker (what TLS costs both)
         stack = Stack(policy="round-robin" if path == "envoy-rr" else "default", pods=peers.PODS,
                       sim_args=SIM_ARGS, picker_args=["--grpc-server", "grpcio"] if path == "ours-grpcio" else [],
                       picker_tls=path != "ours-plain")
-        if path == "ours-duplex":
-            stack.profile = "duplex"
+        if path in ("ours-duplex", "ours-lean"):
+            stack.profile = path.removeprefix("ours-")
         try:
             await stack.start()
         except BaseException:
@@ -95,26 +99,9 @@ async def start(path: str) -> Cell:
 
 
 def thread_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds per thread name (/proc/<pid>/task/*/comm) of one process: the picker's serving
-    loop is the process's own name, the scraper thread "scraper", gRPC's threads their own."""
-    hz = os.sysconf("SC_CLK_TCK")
-    out: dict[str, float] = {}
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
-                stat = f.read()
-            with open(f"/proc/{pid}/task/{tid}/comm") as f:
-                name = f.read().strip()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(b")") + 2:].split()
-        name = "serving loop" if tid == str(pid) else name
-        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / hz
-    return out
+    """CPU seconds per thread name of one process (bench/cpuclock.py, exact): the picker's serving
+    loop is its main thread, the scraper thread "scraper", gRPC's threads their own."""
+    return {("serving loop" if k == "main" else k): v for k, v in cpuclock.thread_cpu(pid).items()}
 
 
 def _sim_pids(running: Any) -> list[int]:
@@ -152,6 +139,12 @@ async def run_cell(path: str, rate: float, seconds: float, tokens: int, prompt_c
     th0: dict[str, float] = {}
     load0 = peers.loadavg()
     try:
+        # idle first: right after traffic the scraper still polls busy pods at the fast interval,
+        # which would count traffic's own cost as idle
+        await asyncio.sleep(0.5)
+        idle0, thi0 = cell.cpu(), threads()
+        await asyncio.sleep(IDLE_S)
+        idle1, thi1 = cell.cpu(), threads()
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                          timeout=aiohttp.ClientTimeout(total=120)) as session:
             loop = asyncio.get_running_loop()
@@ -171,10 +164,6 @@ async def run_cell(path: str, rate: float, seconds: float, tokens: int, prompt_c
             window = loop.time() - t_meas
             cpu1 = cell.cpu()
             th1 = threads()
-            idle0 = cell.cpu()
-            await asyncio.sleep(IDLE_S)
-            idle1 = cell.cpu()
-            th2 = threads()
         load1 = peers.loadavg()
     finally:
         await cell.stop()
@@ -190,9 +179,9 @@ async def run_cell(path: str, rate: float, seconds: float, tokens: int, prompt_c
                           1000.0 * (cpu1[role] - cpu0[role]) / len(ok) if ok else float("nan")}
     path_roles = [r for r in per_role if r != "sims"]
     # the picker's threads: ms per request over the window (gross), and each one's idle rate
-    # (% of a core, read right after, as for the processes)
+    # (% of a core, read before the traffic, as for the processes)
     per_thread = {name: {"ms_per_req": (th1[name] - th0.get(name, 0.0)) * 1000.0 / len(ok),
-                         "idle_pct": 100.0 * (th2.get(name, th1[name]) - th1[name]) / IDLE_S}
+                         "idle_pct": 100.0 * (thi1.get(name, 0.0) - thi0.get(name, 0.0)) / IDLE_S}
                   for name in th1} if ok and th1 else {}
     e2e = sorted(r.e2e for r in ok)
     ttft = sorted(r.ttft for r in ok if r.ttft is not None)
@@ -249,7 +238,8 @@ async def amain(a: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
+    p.add_argument("--paths", nargs="+", default=list(DEFAULT_PATHS), choices=PATHS,
+                   help=f"default: {' '.join(DEFAULT_PATHS)}")
     p.add_argument("--rate", type=float, default=16.0, help="requests per second (default %(default)s)")
     p.add_argument("--seconds", type=float, default=8.0)
     p.add_argument("--tokens", type=int, default=128, help="output tokens per request (default %(default)s)")

@@ -36,8 +36,8 @@ the rate comes first and is left out.
 Figures per cell, over the measured requests: TTFT p50/p90/p99 (client: to the first content
 chunk), e2e p50/p90/p99, output tokens/s, prefix-cache hit rate (vllm:prefix_cache_hits_total /
 queries_total deltas from the simulators' /metrics), per-pod spread (requests each simulator served:
-coefficient of variation), errors, CPU per request of the router's processes (utime + stime from
-/proc/<pid>/stat of the router's process group, Envoy included for ours and envoy-rr, less the idle
+coefficient of variation), errors, CPU per request of the router's processes (the CPU clocks of
+the router's process group, bench/cpuclock.py, Envoy included for ours and envoy-rr, less the idle
 rate measured for 1 s after the traffic) and /proc/loadavg at the start and the end (the machine is
 shared: the noise is stated with every figure). Repeats are interleaved (policy order rotates per
 repeat); tables show medians over repeats and the spread of p90 TTFT ((max - min) / median).
@@ -69,6 +69,8 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import cpuclock  # noqa: E402
 
 from epp.demo import Child, Stack, spawn, stop_child, wait_for_line  # noqa: E402
 from epp.sim.config import DEFAULT_MODEL, EngineConfig  # noqa: E402
@@ -348,27 +350,10 @@ async def start_cell(policy: str, w: LiveWorkload, picker_config: str = "") -> R
 
 
 # ---- CPU ---------------------------------------------------------------------------------------------
-_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
 def group_cpu(pgids: Sequence[int]) -> float:
     """CPU seconds (user + system) of every live process in the process groups `pgids` (each child
-    of the benchmark leads its own group)."""
-    want = set(pgids)
-    total = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(b")") + 2:].split()
-        # fields[0] is field 3 (state): pgrp is field 5, utime 14, stime 15
-        if int(fields[2]) in want:
-            total += int(fields[11]) + int(fields[12])
-    return total / _TICK
+    of the benchmark leads its own group), exact to the nanosecond (bench/cpuclock.py)."""
+    return cpuclock.group_cpu(pgids)
 
 
 def loadavg() -> float:

@@ -31,9 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from extproc_cost import free_port, metrics_server, plan, ticks, wait_port
+from extproc_cost import cpu_s, free_port, metrics_server, plan, wait_port
 
-HZ = os.sysconf("SC_CLK_TCK")
 PATH = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 
 
@@ -144,11 +143,11 @@ def run(workers: int, pickers: int, secs: float, addrs: list[str], server_pid: i
 
         drive(1.0)  # warm-up: connections, caches, the adaptive scrape rate
         before = [counters(m) for _, _, m in started]
-        c0, s0, t0 = sum(ticks(x) for x in pids), ticks(server_pid), time.perf_counter()
+        c0, s0, t0 = sum(cpu_s(x) for x in pids), cpu_s(server_pid), time.perf_counter()
         results = drive(secs)
         wall = time.perf_counter() - t0
-        cpu = (sum(ticks(x) for x in pids) - c0) / HZ
-        served = (ticks(server_pid) - s0) / HZ
+        cpu = sum(cpu_s(x) for x in pids) - c0
+        served = cpu_s(server_pid) - s0
         time.sleep(0.2)  # the other workers' counters reach worker 0's page
         after = [counters(m) for _, _, m in started]
         routed = sum(a[0] - b[0] for a, b in zip(after, before, strict=True))
