@@ -250,7 +250,7 @@ def measure(profile: str, secs: float, endpoints: int, prompt_bytes: int, conc: 
         asyncio.run(drive(addr, steps, 0.5, 4))  # warm-up
         t0, c0 = time.perf_counter(), cpu_s(p.pid)
         time.sleep(min(3.0, secs))  # no traffic: what scraping alone costs
-        idle = cpu_s(p.pid) - c0 / (time.perf_counter() - t0)
+        idle = (cpu_s(p.pid) - c0) / (time.perf_counter() - t0)
         t0, c0 = time.perf_counter(), cpu_s(p.pid)
         sent = [0]
         n = asyncio.run(drive(addr, steps, secs, conc, sent=sent))
