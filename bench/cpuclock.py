@@ -35,19 +35,32 @@ def process_cpu(pid: int) -> float:
         return (int(fields[11]) + int(fields[12])) / _TICK
 
 
+def _processes() -> Iterable[tuple[int, list[bytes]]]:
+    """(pid, /proc stat fields) of every live process; one that exits meanwhile is left out."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                yield int(entry), _stat_fields(int(entry))
+            except (OSError, ValueError):
+                continue
+
+
+def children(pid: int) -> list[int]:
+    """The live child processes of `pid` (field 4 of /proc/<pid>/stat: the parent)."""
+    return [child for child, fields in _processes() if int(fields[1]) == pid]
+
+
 def group_cpu(pgids: Iterable[int]) -> float:
     """CPU seconds of every live process in the process groups `pgids` (each child of a benchmark
     leads its own group, so a router's workers and helpers are counted with it)."""
     want = set(pgids)
     total = 0.0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            if int(_stat_fields(int(entry))[2]) in want:  # field 5: pgrp
-                total += process_cpu(int(entry))
-        except (OSError, ValueError, IndexError):
-            continue  # exited between listdir and the read
+    for pid, fields in _processes():
+        if int(fields[2]) in want:  # field 5: pgrp
+            try:
+                total += process_cpu(pid)
+            except OSError:
+                continue  # exited between the two reads
     return total
 
 

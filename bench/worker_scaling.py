@@ -31,23 +31,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cpuclock import children
 from extproc_cost import cpu_s, free_port, metrics_server, plan, wait_port
 
 PATH = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
-                out.append(int(entry))
-    return out
 
 
 def stream_body(profile: str, prompt_bytes: int = 1000) -> bytes:

@@ -68,3 +68,8 @@ def test_threads_by_name_live_ones_only(child: subprocess.Popen) -> None:
     # the exited thread is gone from the threads, not from the process clock
     assert cpuclock.process_cpu(child.pid) - sum(threads.values()) >= 0.12
     assert cpuclock.thread_cpu(2**22 + 12345) == {}
+
+
+def test_children_are_found_by_parent(child: subprocess.Popen) -> None:
+    assert child.pid in cpuclock.children(os.getpid())
+    assert cpuclock.children(child.pid) == []  # it started none
