@@ -418,8 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     sch.add_argument("--refresh-metrics-idle-interval", type=parse_duration, default=0.5,
                      help="a model server with no request in flight whose metrics stopped changing is scraped "
                           "ever slower, up to this interval; a request routed to it or a change brings it back "
-                          "to --refresh-metrics-interval at once (0: off; default 500ms; capped at half the scheduler's metrics "
-                          "staleness threshold, so 100ms with its 200ms default)")
+                          "to --refresh-metrics-interval at once (0: off; default 500ms; capped at half the "
+                          "scheduler's metrics staleness threshold, so 100ms with its 200ms default)")
     sch.add_argument("--refresh-metrics-quiet-interval", type=parse_duration, default=0.2,
                      help="(ours) a model server with requests in flight but none routed there or ended there "
                           "since its last scrape is scraped ever slower, up to this interval; the next dispatch "
