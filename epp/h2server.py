@@ -66,6 +66,7 @@ CONN_WINDOW = 64 << 20
 RECV_FRAME = 1 << 20  # large frames: a 200 KB body is one frame, not thirteen
 MAX_STREAMS = 10_000
 MAX_HEADER_BLOCK = 64 << 10  # encoded header block (HEADERS + CONTINUATION), then the connection goes
+MAX_HEADER_FRAMES = 64  # frames of one header block (a 64 KiB block needs 4 at the smallest frame size)
 MAX_HEADER_LIST = 64 << 10
 PARTIAL_CAP = 128 << 20  # bytes of unfinished messages a connection may hold before its window stops
 PREFACE_TIMEOUT = 10.0  # seconds a connection may stay silent before its HTTP/2 preface
@@ -281,6 +282,7 @@ class _Conn(asyncio.Protocol):
         self.recv_credit = 0  # connection-level bytes to hand back in one WINDOW_UPDATE
         self.headers_for = 0  # a header block continuing in CONTINUATION frames
         self.header_parts: list[bytes] = []
+        self.header_bytes = 0  # the block so far, frame heads included (MAX_HEADER_BLOCK)
         self.header_flags = 0
         self.out: list[bytes] = []
         self.flush_scheduled = False
@@ -480,17 +482,22 @@ class _Conn(asyncio.Protocol):
         self.headers_for = sid
         self.header_flags = flags
         self.header_parts = []
+        self.header_bytes = 0
         self._header_fragment(bytes(body), flags)
 
     def _header_fragment(self, part: bytes, flags: int) -> None:
+        # O(1) a frame, and each frame counts with its 9-byte head: a block that never ends in
+        # empty CONTINUATION frames (the "CONTINUATION flood") hits the caps like a large one
         self.header_parts.append(part)
-        if sum(len(p) for p in self.header_parts) > MAX_HEADER_BLOCK:
+        self.header_bytes += 9 + len(part)
+        if self.header_bytes > MAX_HEADER_BLOCK or len(self.header_parts) > MAX_HEADER_FRAMES:
             raise _ProtocolError(ENHANCE_YOUR_CALM, "header block too large")
         if not flags & END_HEADERS:
             return
         sid, self.headers_for = self.headers_for, 0
         block = self.header_parts[0] if len(self.header_parts) == 1 else b"".join(self.header_parts)
         self.header_parts = []
+        self.header_bytes = 0
         # decoded even for streams we refuse: the HPACK table must stay in step with the client's
         table = self.decoder.header_table
         state = (self.table_gen, table.maxsize)

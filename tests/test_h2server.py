@@ -340,6 +340,36 @@ async def test_raw_garbage_and_oversized_header_blocks_end_the_connection(served
         assert (await unary(Req(service="abcd"), timeout=5)).status == 1
 
 
+async def test_a_flood_of_empty_continuation_frames_ends_the_connection(served) -> None:
+    """A header block that never ends, in CONTINUATION frames carrying nothing (the 2024
+    "CONTINUATION flood"): each frame counts against the header-block cap with its 9-byte head, so
+    the connection ends with ENHANCE_YOUR_CALM after a bounded number of them, in time linear in
+    the bytes sent, while other connections are served."""
+    _, _, port = served
+    block = hpack.Encoder().encode([(":method", "POST"), (":scheme", "http"), (":path", "/t.E/Unary"),
+                                    (":authority", "x")])
+    frames = [_raw_frame(h2server.HEADERS, 0, 1, block)]  # no END_HEADERS: the block goes on
+    frames += [_raw_frame(h2server.CONTINUATION, 0, 1, b"")] * 30_000
+
+    def run() -> int | None:
+        c = Raw(port)
+        with contextlib.suppress(OSError):  # the server may close before it has read them all
+            c.sock.sendall(b"".join(frames))
+        evs = c.events(h2.events.ConnectionTerminated, limit=5.0)
+        ended = [ev for ev in evs if isinstance(ev, h2.events.ConnectionTerminated)]
+        return ended[0].error_code if ended else None
+
+    flood = asyncio.create_task(asyncio.to_thread(run))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        unary, _ = _calls(ch)
+        assert (await unary(Req(service="abcd"), timeout=5)).status == 1
+    assert await flood == h2server.ENHANCE_YOUR_CALM
+
+
+def _raw_frame(ftype: int, flags: int, sid: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([ftype, flags]) + sid.to_bytes(4, "big") + payload
+
+
 async def test_a_busy_handler_holds_back_the_clients_window(served) -> None:
     """Messages the handler has not read stop the stream's window: a client cannot queue more
     than the window (4 MiB) ahead of it, however much it has to send."""
