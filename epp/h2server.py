@@ -67,6 +67,7 @@ RECV_FRAME = 1 << 20  # large frames: a 200 KB body is one frame, not thirteen
 MAX_STREAMS = 10_000
 MAX_HEADER_BLOCK = 64 << 10  # encoded header block (HEADERS + CONTINUATION), then the connection goes
 MAX_HEADER_FRAMES = 64  # frames of one header block (a 64 KiB block needs 4 at the smallest frame size)
+MAX_RAISE_WORK = 100_000  # waiting streams a connection's larger initial windows may make us look at
 MAX_HEADER_LIST = 64 << 10
 PARTIAL_CAP = 128 << 20  # bytes of unfinished messages a connection may hold before its window stops
 PREFACE_TIMEOUT = 10.0  # seconds a connection may stay silent before its HTTP/2 preface
@@ -220,10 +221,11 @@ class _Stream:
         "method",
         "remote_closed",
         "reset",
-        "send_window",
+        "send_adjust",
         "state",
         "task",
         "waiter",
+        "want",
     )
 
     def __init__(self, sid: int, conn: _Conn, method: Method | None) -> None:
@@ -235,13 +237,16 @@ class _Stream:
         self.buf = bytearray()  # a message still arriving
         self.remote_closed = False
         self.local_closed = False
-        self.send_window = conn.peer_window
+        # its window toward the client less the client's SETTINGS_INITIAL_WINDOW_SIZE: a change of
+        # that setting then moves every stream's window at once, at no cost per stream
+        self.send_adjust = 0
         self.headers_sent = False
         self.task: asyncio.Task[None] | None = None
         self.reset = False
         self.held = 0  # bytes received while messages sat unread: credited when the handler catches up
         self.credit = 0  # bytes read but not yet handed back in a WINDOW_UPDATE
         self.blocked: asyncio.Future[None] | None = None  # a write waiting for window
+        self.want = 0  # bytes that write still has to send (how much window waking it may use)
         self.state: Any = None  # a StreamSteps handler's state while open, else None
 
 
@@ -288,7 +293,13 @@ class _Conn(asyncio.Protocol):
         self.flush_scheduled = False
         self.closing = False
         self.goaway_sent = False
-        self.blocked: deque[_Stream] = deque()
+        # writes waiting for window, oldest first: for the connection's (their own window is open),
+        # and for their own (woken by its WINDOW_UPDATE or a larger initial window, never by the
+        # connection's: a one-byte update for the connection must not wake every waiting stream)
+        self.blocked: dict[_Stream, None] = {}
+        self.blocked_own: dict[_Stream, None] = {}
+        self.wakeups = 0  # writes woken for window (tests: each wake-up could send)
+        self.raise_work = 0  # streams looked at for larger initial windows (MAX_RAISE_WORK)
         self.idle: asyncio.Future[None] | None = None  # set on shutdown: resolved when no stream is left
         self.partial = 0  # bytes of messages still arriving, all streams
         self.conn_held = 0  # connection window held back while `partial` is over PARTIAL_CAP
@@ -337,10 +348,11 @@ class _Conn(asyncio.Protocol):
         for st in list(self.streams.values()):
             self._abandon(st)
         self.streams.clear()
-        for st in self.blocked:
+        for st in [*self.blocked, *self.blocked_own]:
             if st.blocked is not None and not st.blocked.done():
                 st.blocked.set_result(None)
         self.blocked.clear()
+        self.blocked_own.clear()
         self.resume_writing()
         self._check_idle()
 
@@ -669,7 +681,7 @@ class _Conn(asyncio.Protocol):
         otherwise, and a task sends them as the client's windows open."""
         total = sum(len(p) + 5 for p in payloads)
         limit = self.server.max_send
-        if (self.writable is not None or total > self.send_window or total > st.send_window
+        if (self.writable is not None or total > self.send_window or total > self.peer_window + st.send_adjust
                 or any(len(p) > self.peer_frame - 5 for p in payloads)
                 or (limit is not None and any(len(p) > limit for p in payloads))):
             return False
@@ -677,7 +689,7 @@ class _Conn(asyncio.Protocol):
         for p in payloads:
             self._send(_frame(DATA, 0, st.id, _grpc_message(p)))
         self.send_window -= total
-        st.send_window -= total
+        st.send_adjust -= total
         return True
 
     async def _steps_task(self, st: _Stream, payloads: list[bytes] | None) -> None:
@@ -736,20 +748,27 @@ class _Conn(asyncio.Protocol):
             return
         if len(payload) % 6:
             raise _ProtocolError(FRAME_SIZE_ERROR, "SETTINGS length")
+        before = self.peer_window
         for i in range(0, len(payload), 6):
             key, value = struct.unpack_from(">HI", payload, i)
             if key == S_INITIAL_WINDOW_SIZE:
                 if value > MAX_WINDOW:
                     raise _ProtocolError(FLOW_CONTROL_ERROR, "initial window too large")
-                delta = value - self.peer_window
-                self.peer_window = value
-                for st in self.streams.values():
-                    st.send_window += delta
+                self.peer_window = value  # every stream's window moves with it (_Stream.send_adjust)
             elif key == S_MAX_FRAME_SIZE:
                 if not DEFAULT_FRAME <= value <= (1 << 24) - 1:
                     raise _ProtocolError(PROTOCOL_ERROR, "bad SETTINGS_MAX_FRAME_SIZE")
                 self.peer_frame = value
             # the table size the client's decoder allows needs nothing: answers never index
+        if self.peer_window > before and self.blocked_own:
+            # a larger initial window may open streams waiting for their own: each raise looks at
+            # all of them, so a client that keeps lowering and raising it is stopped
+            self.raise_work += len(self.blocked_own)
+            if self.raise_work > MAX_RAISE_WORK:
+                raise _ProtocolError(ENHANCE_YOUR_CALM, "too many initial window changes")
+            for st in [st for st in self.blocked_own if self.peer_window + st.send_adjust > 0]:
+                del self.blocked_own[st]
+                self.blocked[st] = None
         self._send(_frame(SETTINGS, ACK, 0))
         self._unblock()
 
@@ -771,10 +790,13 @@ class _Conn(asyncio.Protocol):
             if not inc:
                 self._fail(st, grpc.StatusCode.INTERNAL, "zero WINDOW_UPDATE", rst=PROTOCOL_ERROR)
                 return
-            st.send_window += inc
-            if st.send_window > MAX_WINDOW:
+            st.send_adjust += inc
+            if self.peer_window + st.send_adjust > MAX_WINDOW:
                 self._fail(st, grpc.StatusCode.INTERNAL, "stream window overflow", rst=FLOW_CONTROL_ERROR)
                 return
+            if st in self.blocked_own and self.peer_window + st.send_adjust > 0:
+                del self.blocked_own[st]
+                self.blocked[st] = None
         self._unblock()
 
     # ---- flow control toward us ---------------------------------------------------------------
@@ -830,28 +852,47 @@ class _Conn(asyncio.Protocol):
                 if st.reset or self.closing:
                     raise asyncio.CancelledError
                 continue
-            room = min(self.send_window, st.send_window, self.peer_frame)
+            room = min(self.send_window, self.peer_window + st.send_adjust, self.peer_frame)
             if room <= 0:
+                st.want = len(data) - pos
                 st.blocked = self.loop.create_future()
-                self.blocked.append(st)
+                if self.peer_window + st.send_adjust <= 0:
+                    self.blocked_own[st] = None
+                else:
+                    self.blocked[st] = None
                 try:
                     await st.blocked
                 finally:
                     st.blocked = None
+                    self.blocked.pop(st, None)
+                    self.blocked_own.pop(st, None)
                 if st.reset or self.closing:
+                    self._unblock()  # the window it was woken for goes to the next one
                     raise asyncio.CancelledError
                 continue
             chunk = data[pos:pos + room] if pos or room < len(data) else data
             self._send(_frame(DATA, 0, st.id, chunk))
             self.send_window -= len(chunk)
-            st.send_window -= len(chunk)
+            st.send_adjust -= len(chunk)
             pos += len(chunk)
 
     def _unblock(self) -> None:
-        while self.blocked and self.send_window > 0:
-            st = self.blocked.popleft()
-            if st.blocked is not None and not st.blocked.done():
-                st.blocked.set_result(None)
+        """Wake writes waiting for the connection's window, oldest first, only as many as it can
+        feed (each takes at most its own window or what it has left to send)."""
+        budget = self.send_window
+        while self.blocked and budget > 0:
+            st = next(iter(self.blocked))
+            del self.blocked[st]
+            fut = st.blocked
+            if fut is None or fut.done():
+                continue
+            own = self.peer_window + st.send_adjust
+            if own <= 0:  # its own window closed meanwhile (a smaller initial window)
+                self.blocked_own[st] = None
+                continue
+            fut.set_result(None)
+            self.wakeups += 1
+            budget -= min(own, st.want)
 
     def _finish(self, st: _Stream, code: grpc.StatusCode, details: str = "") -> None:
         """Trailers (or a trailers-only answer) with the call's status; the stream ends here."""

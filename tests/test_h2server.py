@@ -8,11 +8,14 @@ import asyncio
 import contextlib
 import socket
 import ssl
+import struct
+import time
 
 import grpc
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 import hpack
 import pytest
 from grpc_health.v1 import health_pb2
@@ -364,6 +367,87 @@ async def test_a_flood_of_empty_continuation_frames_ends_the_connection(served) 
         unary, _ = _calls(ch)
         assert (await unary(Req(service="abcd"), timeout=5)).status == 1
     assert await flood == h2server.ENHANCE_YOUR_CALM
+
+
+async def test_a_settings_frame_full_of_window_changes_costs_the_same_with_many_streams_open(served) -> None:
+    """SETTINGS_INITIAL_WINDOW_SIZE changes every open stream's window. One 1 MB SETTINGS frame
+    holds 170,000 such entries: with 2,000 streams open, applied stream by stream that was 3.4e8
+    updates on the serving loop. Now a change costs the same whatever the number of streams, and
+    another client's call is answered meanwhile."""
+    e, _, port = served
+    entries = b"".join(struct.pack(">HI", h2server.S_INITIAL_WINDOW_SIZE, 65535 + i % 2) for i in range(170_000))
+    c = Raw(port)
+    for sid in range(1, 4001, 2):
+        c.h2.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":path", "/t.E/Stuck"),
+                                (":authority", "x"), ("content-type", "application/grpc")])
+    c.flush()
+    await asyncio.sleep(0.5)  # the streams are open
+    try:
+        await asyncio.to_thread(c.sock.sendall, _raw_frame(h2server.SETTINGS, 0, 0, entries))
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            unary, _ = _calls(ch)
+            assert (await unary(Req(service="abcd"), timeout=3)).status == 1
+    finally:
+        c.sock.close()
+
+
+async def test_window_updates_wake_only_the_streams_they_can_feed(served) -> None:
+    """1,000 replies wait on a client that gave each stream a window of 0. Every WINDOW_UPDATE used
+    to wake all of them (each to find no room and wait again): 20,000 one-byte updates for the
+    connection were 2e7 wake-ups on the serving loop. Now a stream waiting for its own window sleeps
+    until that window opens, and the connection's window wakes only as many as it can feed; another
+    client's call is answered meanwhile, and the replies still arrive once the windows open."""
+    _, srv, port = served
+    c = Raw(port)
+    c.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    sids = list(range(1, 2001, 2))
+    for sid in sids:
+        c.h2.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":path", "/t.E/Chat"),
+                                (":authority", "x"), ("content-type", "application/grpc")])
+        c.h2.send_data(sid, _msg(Req(service="x")))
+    c.flush()
+    await asyncio.sleep(1.0)  # every handler has written its reply and waits for window
+    one = _raw_frame(h2server.WINDOW_UPDATE, 0, 0, (1).to_bytes(4, "big"))
+
+    def flood() -> None:  # a few frames a read, as a client that trickles them sends them
+        for _ in range(2_000):
+            c.sock.sendall(one * 5)
+            time.sleep(0)
+
+    try:
+        sent = asyncio.create_task(asyncio.to_thread(flood))
+        await asyncio.sleep(0.3)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            unary, _ = _calls(ch)
+            assert (await unary(Req(service="abcd"), timeout=3)).status == 1
+        await sent
+        # the flood's frames were handled as they came: a PING sent after them is answered at once
+        c.h2.ping(b"after-it")
+        c.flush()
+        acks = await asyncio.to_thread(c.events, h2.events.PingAckReceived, 3.0)
+        assert any(isinstance(ev, h2.events.PingAckReceived) for ev in acks)
+        # the window opens (SETTINGS): every reply arrives
+        def replies() -> set[int]:
+            c.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 65535})
+            c.flush()
+            got: set[int] = set()
+            c.sock.settimeout(10)
+            while len(got) < len(sids):
+                try:
+                    data = c.sock.recv(1 << 20)
+                except TimeoutError:
+                    raise AssertionError(f"{len(got)} of {len(sids)} replies") from None
+                assert data, "connection closed"
+                got.update(ev.stream_id for ev in c.h2.receive_data(data) if isinstance(ev, h2.events.DataReceived))
+            return got
+
+        got = await asyncio.to_thread(replies)
+        # one wake-up a stream, when its window opened; the connection's updates woke none
+        conn = max(srv.conns, key=lambda k: len(k.streams))
+        assert len(conn.streams) == len(sids) and conn.wakeups == len(sids)
+        assert got == set(sids)
+    finally:
+        c.sock.close()
 
 
 def _raw_frame(ftype: int, flags: int, sid: int, payload: bytes) -> bytes:
