@@ -92,7 +92,7 @@ async def measure(mode: str, args: argparse.Namespace) -> dict[str, Any]:
         elapsed = time.perf_counter() - t0
         after = await prefix_counters(stack.endpoints)
     finally:
-        await stack.stop()
+        await stack.close()
     ok = [r for r in results if r.status == 200]
     lat = sorted(r.latency for r in ok)
     ttft = sorted(r.ttft for r in ok if r.ttft is not None)

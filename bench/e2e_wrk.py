@@ -80,8 +80,7 @@ async def cell(path: str, conns: list[int], seconds: float, script: Path) -> lis
             r["cpu_ms"] = 1000.0 * cpu / max(1.0, r["rps"] * seconds)
             rows.append({"path": path, "connections": c, "capacity": cap["rps"], "load": load, **r})
     finally:
-        await stack.stop()
-        shutil.rmtree(stack.workdir, ignore_errors=True)
+        await stack.close()
     return rows
 
 

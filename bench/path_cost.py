@@ -84,13 +84,13 @@ async def start(path: str) -> Cell:
         try:
             await stack.start()
         except BaseException:
-            await stack.stop()
+            await stack.close()
             raise
         groups: dict[str, list[int]] = {"sims": [c.proc.pid for c in stack.children if c.name.startswith("pod-")]}
         for c in stack.children:
             if c.name in ("picker", "envoy"):
                 groups[c.name] = [c.proc.pid]
-        return Cell(stack.url, groups, stack.stop)
+        return Cell(stack.url, groups, stack.close)
     if not peers.peer_installed(path):
         raise RuntimeError(f"{path}: not installed")
     running = await peers.start_cell(path, peers.workload("shared-prefix"))

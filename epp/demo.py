@@ -380,6 +380,13 @@ class Stack:
             group = [c for c in self.children if (c.name in stage if stage else c.name not in ("envoy", "picker"))]
             await asyncio.gather(*(stop_child(c, grace=5.0 if stage else 2.0) for c in group), return_exceptions=True)
 
+    async def close(self) -> None:
+        """stop(), then remove the work directory (the children's logs, the generated configs)."""
+        try:
+            await self.stop()
+        finally:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
     def pids(self) -> list[int]:
         return [c.proc.pid for c in self.children]
 

@@ -50,4 +50,4 @@ async def test_two_replicas_with_peers_behind_one_envoy() -> None:
             assert metric(page, "inference_extension_peer_messages_total", '{outcome="received"}') > 0
             assert metric(page, "inference_extension_peer_messages_total", '{outcome="dropped"}') == 0
     finally:
-        await stack.stop()
+        await stack.close()
