@@ -450,6 +450,47 @@ async def test_window_updates_wake_only_the_streams_they_can_feed(served) -> Non
         c.sock.close()
 
 
+async def test_writes_waiting_for_the_connection_window_all_finish_as_it_opens(served) -> None:
+    """100 replies of 10 KB against the client's 64 KiB connection window, which it reopens only
+    as it reads (in small steps): the window wakes only as many writes as it can feed, and still
+    every reply arrives whole."""
+    _, srv, port = served
+    c = Raw(port)
+    c.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20})
+    c.flush()
+    await asyncio.to_thread(c.events, h2.events.WindowUpdated, 2.0)  # the server's 64 MiB window for us
+    sids = list(range(1, 201, 2))
+    for sid in sids:
+        c.h2.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":path", "/t.E/Chat"),
+                                (":authority", "x"), ("content-type", "application/grpc")])
+        c.h2.send_data(sid, _msg(Req(service="y" * 10_000)))
+    c.flush()
+
+    def replies() -> dict[int, int]:
+        got: dict[int, int] = {}
+        c.sock.settimeout(10)
+        while sum(got.values()) < len(sids) * 10_000:
+            try:
+                data = c.sock.recv(4096)  # small reads: the window comes back a little at a time
+            except TimeoutError:
+                raise AssertionError(f"{sum(got.values())} bytes of {len(sids) * 10_000}") from None
+            assert data, "connection closed"
+            for ev in c.h2.receive_data(data):
+                if isinstance(ev, h2.events.DataReceived):
+                    got[ev.stream_id] = got.get(ev.stream_id, 0) + len(ev.data)
+                    c.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            c.flush()
+        return got
+
+    try:
+        got = await asyncio.to_thread(replies)
+        assert sorted(got) == sids and all(n >= 10_000 for n in got.values())
+        conn = max(srv.conns, key=lambda k: len(k.streams))
+        assert conn.wakeups > 0 and not conn.blocked and not conn.blocked_own  # they did wait, and none is left
+    finally:
+        c.sock.close()
+
+
 def _raw_frame(ftype: int, flags: int, sid: int, payload: bytes) -> bytes:
     return len(payload).to_bytes(3, "big") + bytes([ftype, flags]) + sid.to_bytes(4, "big") + payload
 
