@@ -351,8 +351,8 @@ async def test_a_flood_of_empty_continuation_frames_ends_the_connection(served) 
     _, _, port = served
     block = hpack.Encoder().encode([(":method", "POST"), (":scheme", "http"), (":path", "/t.E/Unary"),
                                     (":authority", "x")])
-    frames = [_raw_frame(h2server.HEADERS, 0, 1, block)]  # no END_HEADERS: the block goes on
-    frames += [_raw_frame(h2server.CONTINUATION, 0, 1, b"")] * 30_000
+    frames = [h2server._frame(h2server.HEADERS, 0, 1, block)]  # no END_HEADERS: the block goes on
+    frames += [h2server._frame(h2server.CONTINUATION, 0, 1, b"")] * 30_000
 
     def run() -> int | None:
         c = Raw(port)
@@ -383,7 +383,7 @@ async def test_a_settings_frame_full_of_window_changes_costs_the_same_with_many_
     c.flush()
     await asyncio.sleep(0.5)  # the streams are open
     try:
-        await asyncio.to_thread(c.sock.sendall, _raw_frame(h2server.SETTINGS, 0, 0, entries))
+        await asyncio.to_thread(c.sock.sendall, h2server._frame(h2server.SETTINGS, 0, 0, entries))
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
             unary, _ = _calls(ch)
             assert (await unary(Req(service="abcd"), timeout=3)).status == 1
@@ -393,8 +393,8 @@ async def test_a_settings_frame_full_of_window_changes_costs_the_same_with_many_
 
 async def test_window_updates_wake_only_the_streams_they_can_feed(served) -> None:
     """1,000 replies wait on a client that gave each stream a window of 0. Every WINDOW_UPDATE used
-    to wake all of them (each to find no room and wait again): 20,000 one-byte updates for the
-    connection were 2e7 wake-ups on the serving loop. Now a stream waiting for its own window sleeps
+    to wake all of them (each to find no room and wait again): one-byte updates for the connection,
+    read a few at a time, cost the serving loop seconds of CPU. Now a stream waiting for its own window sleeps
     until that window opens, and the connection's window wakes only as many as it can feed; another
     client's call is answered meanwhile, and the replies still arrive once the windows open."""
     _, srv, port = served
@@ -407,7 +407,7 @@ async def test_window_updates_wake_only_the_streams_they_can_feed(served) -> Non
         c.h2.send_data(sid, _msg(Req(service="x")))
     c.flush()
     await asyncio.sleep(1.0)  # every handler has written its reply and waits for window
-    one = _raw_frame(h2server.WINDOW_UPDATE, 0, 0, (1).to_bytes(4, "big"))
+    one = h2server._frame(h2server.WINDOW_UPDATE, 0, 0, (1).to_bytes(4, "big"))
 
     def flood() -> None:  # a few frames a read, as a client that trickles them sends them
         for _ in range(2_000):
@@ -489,10 +489,6 @@ async def test_writes_waiting_for_the_connection_window_all_finish_as_it_opens(s
         assert conn.wakeups > 0 and not conn.blocked and not conn.blocked_own  # they did wait, and none is left
     finally:
         c.sock.close()
-
-
-def _raw_frame(ftype: int, flags: int, sid: int, payload: bytes) -> bytes:
-    return len(payload).to_bytes(3, "big") + bytes([ftype, flags]) + sid.to_bytes(4, "big") + payload
 
 
 async def test_a_busy_handler_holds_back_the_clients_window(served) -> None:
