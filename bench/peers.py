@@ -850,6 +850,23 @@ def _v_q(spread: float, live: bool, extra: Callable[[dict[str, Any]], None] | No
     return change
 
 
+def _backlog(weight: float, **params: Any) -> Callable[[dict[str, Any]], None]:
+    """The current default plus prefill-backlog-scorer at `weight` (opt-in; docs/scheduling.md)."""
+    def change(doc: dict[str, Any]) -> None:
+        import yaml
+
+        from epp.scheduling.config import DEFAULT_CONFIG_TEXT
+
+        doc.clear()
+        doc.update(yaml.safe_load(DEFAULT_CONFIG_TEXT))
+        entry: dict[str, Any] = {"type": "prefill-backlog-scorer"}
+        if params:
+            entry["parameters"] = dict(params)
+        doc["plugins"].insert(-1, entry)
+        doc["schedulingProfiles"][0]["plugins"].insert(-1, {"pluginRef": "prefill-backlog-scorer", "weight": weight})
+    return change
+
+
 VARIANTS = {"prefix6": _v_prefix6, "no-kv": _v_no_kv, "own-load": _v_own_load, "sticky": _v_sticky,
             "longmatch": _v_longmatch, "no-inflight": _v_no_inflight, "prefix6-long": _v_prefix6_long,
             "nohit": _v_nohit, "prefix6-long-nohit": _v_best, "prefix6-long-nohit1": _v_best1,
@@ -870,7 +887,11 @@ VARIANTS = {"prefix6": _v_prefix6, "no-kv": _v_no_kv, "own-load": _v_own_load, "
             "spread3-default": _v_q(3, True, _round2),
             "sticky500": _v_q(4, True, _sticky_default(500)), "sticky1000": _v_q(4, True, _sticky_default(1000)),
             "sticky2000": _v_q(4, True, _sticky_default(2000)),
-            "previous-default": lambda d: None}
+            "previous-default": lambda d: None,
+            # prefill-backlog-scorer (opt-in) on the current default; ttft2 = with countOwn
+            "backlog1": _backlog(1), "backlog2": _backlog(2), "backlog3": _backlog(3),
+            "backlog2-scale50ms": _backlog(2, scaleSeconds=0.05), "ttft2": _backlog(2, countOwn=True),
+            "ttft2-scale5ms": _backlog(2, countOwn=True, scaleSeconds=0.005)}
 
 
 def variant_text(name: str) -> str:
@@ -947,11 +968,59 @@ class CacheAwareTwin:
         return pick
 
 
+class GreedyOracle:
+    """A reference for the goals, not a router: each request goes to the server where it would get its
+    first token soonest, computed from every engine's exact state at that instant (its cache, what it
+    runs, what waits there, and what the in-flight prompts will have cached by the time this one is
+    admitted). It sees what no router can (the engines' caches without delay, every prefill's
+    progress); it is greedy (it does not plan for the requests behind), so it is a strong reference,
+    not the optimum."""
+
+    def __init__(self) -> None:
+        self._engines: list[Any] = []
+
+    def bind(self, cluster: Any) -> None:
+        """Cluster hook: keep the engines (read at every decision)."""
+        self._engines = [s.engine for s in cluster.servers]
+
+    @staticmethod
+    def _held(eng: Any, hs: Sequence[int]) -> int:
+        held = len(eng.kv.match(hs, len(hs))[0]) if hs else 0
+        for seq in (*eng.running, *eng.waiting):  # FIFO: an earlier prompt is cached before this one runs
+            k = 0
+            for a, b in zip(hs, seq.hashes, strict=False):
+                if a != b:
+                    break
+                k += 1
+            held = max(held, k)
+        return held
+
+    def estimate(self, eng: Any, request: SimRequest) -> float:
+        """Seconds until `request` would see its first token on `eng` (prefill ahead of it, then its own)."""
+        from epp.sim.tokens import block_hashes, count_tokens
+
+        cfg = eng.cfg
+        hs = block_hashes(request.prompt, cfg.block_size, request.model or cfg.model, cfg.chars_per_token)
+        own = max(1, count_tokens(request.prompt, cfg.chars_per_token) - self._held(eng, hs) * cfg.block_size)
+        ahead = sum(max(0, s.prompt_tokens - s.num_computed) for s in eng.running)
+        for s in eng.waiting:  # their cache hits as of now
+            ahead += max(1, s.prompt_tokens - len(eng.kv.match(s.hashes, len(s.hashes))[0]) * cfg.block_size)
+        work = ahead + own
+        steps = -(-work // cfg.max_num_batched_tokens)
+        step = cfg.step_base_ms + cfg.decode_ms_per_seq * (len(eng.running) + len(eng.waiting))
+        return (steps * step + work * cfg.prefill_ms_per_token) / 1000.0
+
+    def choose(self, request: SimRequest, servers: Sequence[Any]) -> int:
+        """The server with the soonest first token; ties to the fewest in flight."""
+        return min(range(len(servers)), key=lambda i: (self.estimate(self._engines[i], request), servers[i].inflight))
+
+
 # ---- discrete-event variants -------------------------------------------------------------------------
 def des_variants(names: Sequence[str], loads: Sequence[int], caps: dict[str, float], seed: int, n: int,
-                 configs: dict[str, str], ablate: bool = False) -> list[str]:
+                 configs: dict[str, str], ablate: bool = False, oracle: bool = False) -> list[str]:
     """Our default, the reference and each --config-text variant on the live workloads in the
-    discrete-event twin (virtual time; no hop, no scrape jitter beyond the twin's 50 ms polling)."""
+    discrete-event twin (virtual time; no hop, no scrape jitter beyond the twin's 50 ms polling);
+    `oracle` adds GreedyOracle, a bound for what routing can reach there."""
     import routing_policies as rp
     import routing_quality as rq
 
@@ -959,6 +1028,8 @@ def des_variants(names: Sequence[str], loads: Sequence[int], caps: dict[str, flo
 
     specs = [rp.policy("round-robin"), rp.PolicySpec("peers' cache_aware (twin)", lambda _s, _r: CacheAwareTwin()),
              rp.policy("reference"), rp.policy("default")]
+    if oracle:
+        specs.append(rp.PolicySpec("greedy oracle", lambda _s, _r: GreedyOracle()))
     if ablate:  # which part of the peers' policy matters
         specs[2:2] = [rp.PolicySpec("twin, 64-char grain", lambda _s, _r: CacheAwareTwin(grain=64)),
                       rp.PolicySpec("twin, cold to least load", lambda _s, _r: CacheAwareTwin(cold="least-load")),
@@ -1042,6 +1113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--routing-quality", action="store_true",
                     help="discrete-event only: the --variant profiles on bench/routing_quality.py's workloads")
     ap.add_argument("--twin-ablation", action="store_true", help="with --des-variants: parts of the peers' policy")
+    ap.add_argument("--oracle", action="store_true",
+                    help="with --des-variants: a greedy full-knowledge oracle (what routing could reach at best)")
     args = ap.parse_args(argv)
 
     configs: dict[str, str] = {}
@@ -1090,7 +1163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         caps = capacities(wls, args.seed, args.recompute_capacity)
         if args.des_variants:
-            parts = des_variants(wls, loads, caps, args.seed, args.des_requests, configs, args.twin_ablation)
+            parts = des_variants(wls, loads, caps, args.seed, args.des_requests, configs, args.twin_ablation,
+                                 args.oracle)
             text = "\n\n".join(parts) + "\n"
             print(text)
             if args.markdown:

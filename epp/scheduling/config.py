@@ -531,6 +531,11 @@ def _dependency_warnings(plugins: _Plugins, profiles: list[ProfileSpec]) -> list
                 if src not in order[:i]:
                     out.append(f"profile {prof.name}: no-hit-lru-scorer \"{name}\" reads \"{src}\", which does not run "
                                "before it in this profile: every request will look cold")
+            elif spec.type == "prefill-backlog-scorer":
+                src = spec.params.prefix_name
+                if src not in order[:i]:
+                    out.append(f"profile {prof.name}: prefill-backlog-scorer \"{name}\" reads \"{src}\", which does "
+                               "not run before it in this profile: every prompt will count as uncached")
     if any(s.type == "prefix-cache-affinity-filter" for s in specs.values()) and \
             not any(s.type == "prefix-cache-scorer" for s in specs.values()):
         out.append("prefix-cache-affinity-filter: no prefix-cache-scorer is declared, so it has no index to read "

@@ -358,3 +358,106 @@ class NoHitLRUScorer:
 
     def forget(self, address: str) -> None:
         self._lru.pop(address, None)
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillBacklogParams:
+    tokens_per_second: float = 20000.0
+    step_seconds: float = 0.006
+    scale_seconds: float = 0.02
+    prefix_name: str = "prefix-cache-scorer"
+    prefix_type: str = "prefix-cache-scorer"
+    count_own: bool = False
+
+
+_CHARS_PER_TOKEN = 4.0  # the datastore's prompt-token estimate
+
+
+@register("prefill-backlog-scorer", SCORER)
+class PrefillBacklogScorer:
+    """Ours: a pod still computing the prefills this picker sent it scores lower.
+
+    Per endpoint the picker keeps a clock of when those prefills should be done, as if the engine
+    took them one after another: each request routed there adds `stepSeconds` plus its uncached
+    prompt tokens (estimated tokens x (1 - the prefix scorer's share for that pod)) divided by
+    `tokensPerSecond`; the clock restarts when the pod has nothing of ours in flight. The wait is
+    that clock minus now; score = (min wait + scaleSeconds) / (wait + scaleSeconds). A scrape is 50 ms
+    old and counts a queue only once it forms; this sees a prefill the moment it is sent, so a warm
+    request is not put behind another pod-mate's cold prompt. Opt-in: the rate is the engine's, and
+    the discrete-event benchmark has it trading shared-prefix gains for losses elsewhere
+    (docs/scheduling.md). Reads the prefix scorer named by `prefixPluginName`, which must run earlier.
+    """
+
+    BOUNDED = True
+
+    def __init__(self, name: str, params: PrefillBacklogParams, ctx: BuildContext) -> None:
+        self.name = name
+        self.p = params
+        self._until: dict[str, float] = {}  # address -> when its prefills should be done
+        self._scores_key = f"prefix-scores:{params.prefix_name}"
+        self._now_key = f"prefill-backlog-now:{name}"
+
+    @classmethod
+    def parse(cls, p: Params) -> PrefillBacklogParams:
+        out = PrefillBacklogParams(
+            tokens_per_second=p.number("tokensPerSecond", 20000.0, lo=1.0),
+            step_seconds=p.number("stepSeconds", 0.006, lo=0.0, hi=10.0),
+            scale_seconds=p.number("scaleSeconds", 0.02, lo=0.001, hi=60.0),
+            prefix_name=p.string("prefixPluginName", "prefix-cache-scorer"),
+            prefix_type=p.string("prefixPluginType", "prefix-cache-scorer"),
+            count_own=p.boolean("countOwn", False),
+        )
+        p.done()
+        return out
+
+    @staticmethod
+    def refs(params: PrefillBacklogParams) -> list[tuple[str, str, tuple[str, ...]]]:
+        """Plugins this one names: (parameter, plugin name, acceptable types)."""
+        return [("prefixPluginName", params.prefix_name, (params.prefix_type,))]
+
+    def score(self, cycle: Cycle, endpoints: Sequence[Endpoint]) -> list[float]:
+        now = cycle.now
+        cycle.request.scratch[self._now_key] = now
+        until = self._until
+        if not until and not self.p.count_own:
+            return [1.0] * len(endpoints)
+        waits = [max(0.0, until.get(ep.address, 0.0) - now) for ep in endpoints]
+        if self.p.count_own:
+            waits = [w + self._cost(cycle.request, endpoints, i) for i, w in enumerate(waits)]
+        c = self.p.scale_seconds
+        base = min(waits) + c
+        return [base / (w + c) for w in waits]
+
+    def on_routed(self, request: SchedulingRequest, endpoint: Endpoint) -> None:
+        now = request.scratch.get(self._now_key)
+        if now is None:  # not scored by this profile (e.g. another profile chose)
+            return
+        cost = self._cost(request, (endpoint,), 0)
+        addr = endpoint.address
+        self._until[addr] = max(now, self._until.get(addr, 0.0)) + cost
+
+    def _cost(self, request: SchedulingRequest, endpoints: Sequence[Endpoint], i: int) -> float:
+        """Seconds of prefill `request` adds on endpoints[i]: a step plus its uncached tokens."""
+        hit = 0.0
+        seen = request.scratch.get(self._scores_key)
+        if seen is not None:
+            target = endpoints[i]
+            eps, ratios = seen
+            for j, e in enumerate(eps):
+                if e is target:
+                    hit = min(1.0, max(0.0, ratios[j]))
+                    break
+        uncached = len(request.prompt) / _CHARS_PER_TOKEN * (1.0 - hit)
+        return self.p.step_seconds + uncached / self.p.tokens_per_second
+
+    def on_finished(self, request: SchedulingRequest, endpoint: Endpoint) -> None:
+        if endpoint.inflight <= 0:  # nothing of ours left there: its prefills are done
+            self._until.pop(endpoint.address, None)
+
+    def sweep(self, present: Sequence[str], now: float) -> None:
+        """Drop clocks that have run out (the map holds only pods with work pending)."""
+        for addr in [a for a, t in self._until.items() if t <= now]:
+            del self._until[addr]
+
+    def forget(self, address: str) -> None:
+        self._until.pop(address, None)

@@ -1,0 +1,129 @@
+"""prefill-backlog-scorer: the clock of prefills sent to each pod, its score, reset and config."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from epp.scheduling.config import build_scheduler, load_config
+from epp.scheduling.cycle import Cycle
+from epp.scheduling.registry import ConfigError
+from epp.scheduling.scorers import PrefillBacklogParams, PrefillBacklogScorer
+from tests.scheduling.test_profile import HEAD, route, text
+from tests.scheduling.test_scorers import CTX
+from tests.scheduling.util import ep, req
+
+P = PrefillBacklogParams(tokens_per_second=1000.0, step_seconds=0.01, scale_seconds=0.02)
+
+
+def decide(s: PrefillBacklogScorer, r, eps, now: float, chosen: int, prefix: list[float] | None = None) -> list[float]:
+    """Score at `now`, then route to eps[chosen] (with the prefix scorer's ratios, if given)."""
+    if prefix is not None:
+        r.scratch["prefix-scores:prefix-cache-scorer"] = (eps, prefix)
+    scores = s.score(Cycle(r, now, 0.2), eps)
+    s.on_routed(r, eps[chosen])
+    return scores
+
+
+def test_uncached_tokens_run_the_clock_and_lower_the_score():
+    s = PrefillBacklogScorer("b", P, CTX)
+    eps = [ep(1), ep(2)]
+    assert decide(s, req("x" * 4000), eps, 100.0, 0) == [1.0, 1.0]  # nothing pending anywhere
+    # 1,000 tokens at 1,000/s plus the 10 ms step: pod 1 busy until 101.01
+    scores = s.score(Cycle(req("y"), 100.5, 0.2), eps)
+    assert scores[1] == 1.0
+    assert scores[0] == pytest.approx(0.02 / (0.51 + 0.02))
+    assert s.score(Cycle(req("y"), 101.5, 0.2), eps) == [1.0, 1.0]  # the clock ran out
+
+
+def test_cached_share_is_not_counted_and_clocks_queue_fifo():
+    s = PrefillBacklogScorer("b", P, CTX)
+    eps = [ep(1), ep(2)]
+    decide(s, req("x" * 4000), eps, 100.0, 0, prefix=[0.75, 0.0])  # 250 uncached tokens: 0.26 s
+    decide(s, req("z" * 400), eps, 100.1, 0, prefix=[0.0, 0.0])  # 100 more behind it: 0.11 s
+    scores = s.score(Cycle(req("y"), 100.2, 0.2), eps)
+    assert scores[0] == pytest.approx(0.02 / ((100.37 - 100.2) + 0.02))
+
+
+def test_clock_restarts_when_nothing_of_ours_is_in_flight():
+    s = PrefillBacklogScorer("b", P, CTX)
+    a, b = ep(1), ep(2)
+    r = req("x" * 40000)
+    decide(s, r, [a, b], 100.0, 0)
+    a.inflight = 1  # another request still there: keep the clock
+    s.on_finished(r, a)
+    assert s.score(Cycle(req("y"), 100.1, 0.2), [a, b])[0] < 0.01
+    a.inflight = 0
+    s.on_finished(r, a)
+    assert s.score(Cycle(req("y"), 100.1, 0.2), [a, b]) == [1.0, 1.0]
+
+
+def test_sweep_and_forget_bound_the_state():
+    s = PrefillBacklogScorer("b", P, CTX)
+    eps = [ep(i) for i in range(1, 6)]
+    for i in range(5):
+        decide(s, req("x" * 400 * (i + 1)), eps, 100.0, i)
+    s.forget(eps[4].address)
+    s.sweep([], 100.25)  # pods 1-2 (0.11, 0.21 s) have run out, 3-4 (0.31, 0.41 s) not
+    assert sorted(s._until) == [eps[2].address, eps[3].address]
+
+
+def test_not_scored_means_not_routed_here():
+    """A request another profile scored (no now stamped by this plugin) leaves the clocks alone."""
+    s = PrefillBacklogScorer("b", P, CTX)
+    s.on_routed(req("x" * 4000), ep(1))
+    assert s._until == {}
+
+
+PROFILE = HEAD + """plugins:
+- type: prefix-cache-scorer
+- type: prefill-backlog-scorer
+  parameters: {tokensPerSecond: 20000}
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: prefix-cache-scorer
+    weight: 3
+  - pluginRef: prefill-backlog-scorer
+    weight: 2
+  - pluginRef: max-score-picker
+"""
+
+
+def test_through_the_profile_a_cold_prompt_avoids_the_pod_prefilling_one():
+    """Two long cold prompts in a row, before any scrape could show a queue: the second goes to the
+    other pod every time; without the scorer the tie is random."""
+    for seed in range(10):
+        sched = build_scheduler(load_config(PROFILE), rng=random.Random(seed))
+        eps = [ep(1), ep(2)]
+        first = route(sched, req(text(24000, seed)), eps)
+        second = route(sched, req(text(24000, seed + 100)), eps)
+        assert second is not first
+        # a request sharing the first's prompt still follows it (prefix 3 against the backlog's 2)
+        again = route(sched, req(text(24000, seed) + " more"), eps)
+        assert again is first
+
+
+def test_config_checks():
+    with pytest.raises(ConfigError, match="tokensPerSecond"):
+        load_config(PROFILE.replace("tokensPerSecond: 20000", "tokensPerSecond: 0"))
+    with pytest.raises(ConfigError, match="prefixPluginName"):
+        load_config(PROFILE.replace("{tokensPerSecond: 20000}", "{prefixPluginName: nope}"))
+    with pytest.raises(ConfigError, match="scaleSecond"):
+        load_config(PROFILE.replace("{tokensPerSecond: 20000}", "{scaleSecond: 1}"))
+
+
+def test_listed_before_its_prefix_scorer_is_warned():
+    wrong = PROFILE.replace("""  - pluginRef: prefix-cache-scorer
+    weight: 3
+  - pluginRef: prefill-backlog-scorer
+    weight: 2
+""", """  - pluginRef: prefill-backlog-scorer
+    weight: 2
+  - pluginRef: prefix-cache-scorer
+    weight: 3
+""")
+    assert any("prefill-backlog-scorer" in w and "uncached" in w for w in load_config(wrong).warnings)
+    assert not any("prefill-backlog-scorer" in w for w in load_config(PROFILE).warnings)
