@@ -888,10 +888,10 @@ VARIANTS = {"prefix6": _v_prefix6, "no-kv": _v_no_kv, "own-load": _v_own_load, "
             "sticky500": _v_q(4, True, _sticky_default(500)), "sticky1000": _v_q(4, True, _sticky_default(1000)),
             "sticky2000": _v_q(4, True, _sticky_default(2000)),
             "previous-default": lambda d: None,
-            # prefill-backlog-scorer (opt-in) on the current default; ttft2 = with countOwn
+            # prefill-backlog-scorer (opt-in) on the current default; ttft2 / own10 = with ownShare 1 / 0.1
             "backlog1": _backlog(1), "backlog2": _backlog(2), "backlog3": _backlog(3),
-            "backlog2-scale50ms": _backlog(2, scaleSeconds=0.05), "ttft2": _backlog(2, countOwn=True),
-            "ttft2-scale5ms": _backlog(2, countOwn=True, scaleSeconds=0.005)}
+            "backlog2-scale50ms": _backlog(2, scaleSeconds=0.05), "ttft2": _backlog(2, ownShare=1.0),
+            "own10": _backlog(2, ownShare=0.1)}
 
 
 def variant_text(name: str) -> str:

@@ -367,7 +367,7 @@ class PrefillBacklogParams:
     scale_seconds: float = 0.02
     prefix_name: str = "prefix-cache-scorer"
     prefix_type: str = "prefix-cache-scorer"
-    count_own: bool = False
+    own_share: float = 0.0
 
 
 _CHARS_PER_TOKEN = 4.0  # the datastore's prompt-token estimate
@@ -381,7 +381,8 @@ class PrefillBacklogScorer:
     took them one after another: each request routed there adds `stepSeconds` plus its uncached
     prompt tokens (estimated tokens x (1 - the prefix scorer's share for that pod)) divided by
     `tokensPerSecond`; the clock restarts when the pod has nothing of ours in flight. The wait is
-    that clock minus now; score = (min wait + scaleSeconds) / (wait + scaleSeconds). A scrape is 50 ms
+    that clock minus now, plus `ownShare` (0-1, default 0) of this request's own prefill there (1: a
+    predicted time to first token); score = (min wait + scaleSeconds) / (wait + scaleSeconds). A scrape is 50 ms
     old and counts a queue only once it forms; this sees a prefill the moment it is sent, so a warm
     request is not put behind another pod-mate's cold prompt. Opt-in: the rate is the engine's, and
     the discrete-event benchmark has it trading shared-prefix gains for losses elsewhere
@@ -405,7 +406,7 @@ class PrefillBacklogScorer:
             scale_seconds=p.number("scaleSeconds", 0.02, lo=0.001, hi=60.0),
             prefix_name=p.string("prefixPluginName", "prefix-cache-scorer"),
             prefix_type=p.string("prefixPluginType", "prefix-cache-scorer"),
-            count_own=p.boolean("countOwn", False),
+            own_share=p.number("ownShare", 0.0, lo=0.0, hi=1.0),
         )
         p.done()
         return out
@@ -419,11 +420,12 @@ class PrefillBacklogScorer:
         now = cycle.now
         cycle.request.scratch[self._now_key] = now
         until = self._until
-        if not until and not self.p.count_own:
+        share = self.p.own_share
+        if not until and not share:
             return [1.0] * len(endpoints)
         waits = [max(0.0, until.get(ep.address, 0.0) - now) for ep in endpoints]
-        if self.p.count_own:
-            waits = [w + self._cost(cycle.request, endpoints, i) for i, w in enumerate(waits)]
+        if share:
+            waits = [w + share * self._cost(cycle.request, endpoints, i) for i, w in enumerate(waits)]
         c = self.p.scale_seconds
         base = min(waits) + c
         return [base / (w + c) for w in waits]

@@ -127,3 +127,19 @@ def test_listed_before_its_prefix_scorer_is_warned():
 """)
     assert any("prefill-backlog-scorer" in w and "uncached" in w for w in load_config(wrong).warnings)
     assert not any("prefill-backlog-scorer" in w for w in load_config(PROFILE).warnings)
+
+
+def test_own_share_adds_the_request_s_own_prefill():
+    """ownShare 1: a cold pod's score carries this request's own prefill even with no clock running;
+    0 (the default) scores every idle pod alike whatever it holds."""
+    eps = [ep(1), ep(2)]
+    r = req("x" * 4000)
+    plain = PrefillBacklogScorer("b", P, CTX)
+    assert decide(plain, r, eps, 100.0, 0, prefix=[1.0, 0.0]) == [1.0, 1.0]
+    own = PrefillBacklogScorer("b", PrefillBacklogParams(1000.0, 0.01, 0.02, own_share=1.0), CTX)
+    scores = decide(own, req("x" * 4000), eps, 100.0, 0, prefix=[1.0, 0.0])
+    # warm pod: a step (0.01 s); cold pod: the step and 1,000 tokens (1.01 s)
+    assert scores[0] == 1.0
+    assert scores[1] == pytest.approx((0.01 + 0.02) / (1.01 + 0.02))
+    with pytest.raises(ConfigError, match="ownShare"):
+        load_config(PROFILE.replace("tokensPerSecond: 20000", "ownShare: 2"))
