@@ -397,6 +397,8 @@ class PrefillBacklogScorer:
         self._until: dict[str, float] = {}  # address -> when its prefills should be done
         self._scores_key = f"prefix-scores:{params.prefix_name}"
         self._now_key = f"prefill-backlog-now:{name}"
+        self._done_key = f"prefill-backlog-done:{name}"  # when the clock has this request's prefill done
+        self._clock = ctx.clock
 
     @classmethod
     def parse(cls, p: Params) -> PrefillBacklogParams:
@@ -436,7 +438,8 @@ class PrefillBacklogScorer:
             return
         cost = self._cost(request, (endpoint,), 0)
         addr = endpoint.address
-        self._until[addr] = max(now, self._until.get(addr, 0.0)) + cost
+        done = self._until[addr] = max(now, self._until.get(addr, 0.0)) + cost
+        request.scratch[self._done_key] = done
 
     def _cost(self, request: SchedulingRequest, endpoints: Sequence[Endpoint], i: int) -> float:
         """Seconds of prefill `request` adds on endpoints[i]: a step plus its uncached tokens."""
@@ -453,8 +456,17 @@ class PrefillBacklogScorer:
         return self.p.step_seconds + uncached / self.p.tokens_per_second
 
     def on_finished(self, request: SchedulingRequest, endpoint: Endpoint) -> None:
+        addr = endpoint.address
         if endpoint.inflight <= 0:  # nothing of ours left there: its prefills are done
-            self._until.pop(endpoint.address, None)
+            self._until.pop(addr, None)
+            return
+        done = request.scratch.get(self._done_key)
+        until = self._until.get(addr)
+        if done is None or until is None:
+            return
+        now = self._clock()
+        if done > now:  # finished before the clock had its prefill done: what queued behind starts earlier
+            self._until[addr] = max(now, until - (done - now))
 
     def sweep(self, present: Sequence[str], now: float) -> None:
         """Drop clocks that have run out (the map holds only pods with work pending)."""

@@ -8,7 +8,7 @@ import pytest
 
 from epp.scheduling.config import build_scheduler, load_config
 from epp.scheduling.cycle import Cycle
-from epp.scheduling.registry import ConfigError
+from epp.scheduling.registry import BuildContext, ConfigError
 from epp.scheduling.scorers import PrefillBacklogParams, PrefillBacklogScorer
 from tests.scheduling.test_profile import HEAD, route, text
 from tests.scheduling.test_scorers import CTX
@@ -143,3 +143,22 @@ def test_own_share_adds_the_request_s_own_prefill():
     assert scores[1] == pytest.approx((0.01 + 0.02) / (1.01 + 0.02))
     with pytest.raises(ConfigError, match="ownShare"):
         load_config(PROFILE.replace("tokensPerSecond: 20000", "ownShare: 2"))
+
+
+def test_an_early_finish_moves_the_clock_back():
+    """A request that ends before the clock had its prefill done (a fast engine, a refused prompt)
+    takes its leftover off the clock, so what was queued behind it is expected sooner."""
+    now = [100.0]
+    ctx = BuildContext(rng=random.Random(0), detector=CTX.detector, guard=CTX.guard, clock=lambda: now[0])
+    s = PrefillBacklogScorer("b", P, ctx)
+    a, b = ep(1), ep(2)
+    r1, r2 = req("x" * 4000), req("y" * 4000)
+    decide(s, r1, [a, b], 100.0, 0)  # done at 101.01
+    decide(s, r2, [a, b], 100.0, 0)  # done at 102.02
+    a.inflight = 1  # r2 still there
+    now[0] = 100.1
+    s.on_finished(r1, a)  # 0.91 s early
+    assert s._until[a.address] == pytest.approx(101.11)
+    now[0] = 102.5
+    s.on_finished(r2, a)  # a finish after its clock time changes nothing (another request still there)
+    assert s._until[a.address] == pytest.approx(101.11)
