@@ -6,6 +6,8 @@ import asyncio
 import json
 import time
 
+import grpc
+
 from tests.extproc_client import body_chunks, chat, exchange, request_headers, set_headers
 
 
@@ -167,3 +169,51 @@ async def test_base_model_requests_not_herded_onto_the_lora_pod(start_picker, se
     picks = [await pick(ch, model="base", content=f"unique prompt {i}") for i in range(20)]
     assert picks.count(plain) >= 5 and picks.count(lora) >= 5, picks
     assert await pick(ch, model="sql-lora") == lora
+
+
+BACKLOG_CONFIG = """
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: prefix-cache-scorer
+- type: prefill-backlog-scorer
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - {pluginRef: prefix-cache-scorer, weight: 3}
+  - {pluginRef: prefill-backlog-scorer, weight: 2}
+  - {pluginRef: max-score-picker}
+"""
+
+
+async def test_prefill_backlog_spreads_cold_prompts_while_they_are_in_flight(start_picker, servers):
+    """Two long cold prompts, both still in flight (their streams open, as Envoy keeps them to the
+    response's end): the second goes to the pod not prefilling the first, every round; once both
+    end, the pods' clocks are clear again."""
+    import random
+    import string
+
+    from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+
+    addrs = [await servers.add(vllm_page()) for _ in range(2)]
+    app, ch = await start_picker(endpoints=addrs, refresh_metrics_interval=0.02, config_text=BACKLOG_CONFIG)
+    await fresh(app, 2)
+    rng = random.Random(7)
+    stub = ep_grpc.ExternalProcessorStub(ch)
+    for _ in range(4):
+        calls, chosen = [], []
+        for _ in range(2):
+            prompt = "".join(rng.choice(string.ascii_letters) for _ in range(24000))
+            call = stub.Process()
+            await call.write(request_headers())
+            for m in body_chunks(chat(content=prompt)):
+                await call.write(m)
+            chosen.append(set_headers(await call.read())["x-gateway-destination-endpoint"])
+            calls.append(call)
+        assert chosen[0] != chosen[1]
+        for call in calls:
+            await call.done_writing()
+            while await call.read() is not grpc.aio.EOF:
+                pass
+    assert all(e.inflight == 0 for e in app.datastore.endpoints.values())
