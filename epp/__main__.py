@@ -90,7 +90,8 @@ def supervise(workers: int, args: list[str]) -> int:
     OS-assigned one. If a worker dies, the others are stopped and its exit code is returned, so the
     pod restarts whole. The workers share one file in /dev/shm (epp.workershare): worker 0's scrapes
     and every worker's in-flight counts; its name is removed once every worker has mapped it (the
-    mappings keep it), so nothing is left behind however the supervisor ends."""
+    mappings keep it), so nothing is left behind however the supervisor ends. What each worker's
+    plugins learn (prefix placements) goes to the others over ipc:// sockets named after the share."""
     from epp import workershare
 
     share = workershare.create(workers)
@@ -100,6 +101,9 @@ def supervise(workers: int, args: list[str]) -> int:
     finally:
         with contextlib.suppress(OSError):
             os.unlink(share)
+        for i in range(workers):  # the workers' ipc:// sockets (epp.workershare.sibling_url), if left
+            with contextlib.suppress(OSError):
+                os.unlink(f"{share}.peer{i}")
 
 
 def _run_workers(workers: int, args: list[str], attached: Callable[[], bool], release: Callable[[], None]) -> int:

@@ -398,8 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "connections over them); auto: the CPUs this process may use (the pod's CPU limit). "
                           "The first worker scrapes the pool and shares each page with the others through shared "
                           "memory (the model servers are polled once, not once per worker); every worker's "
-                          "in-flight counts are summed into each decision; only the first serves --metrics-port; "
-                          "prefix and flow-control state stay each worker's own (default 1)")
+                          "in-flight counts are summed into each decision; what a worker's prefix index learns "
+                          "from a routed request reaches the others within milliseconds (signed messages on "
+                          "ipc:// sockets next to the share), so they place a prefix as one picker would; only "
+                          "the first serves --metrics-port; flow-control queues stay each worker's own (default 1)")
     srv.add_argument("--worker-index", type=int, default=-1, help=argparse.SUPPRESS)
     srv.add_argument("--worker-share", default="", help=argparse.SUPPRESS)
     srv.add_argument("--gc-tuning", default=True, **B,

@@ -22,6 +22,7 @@ Wire: three frames [b"epp-peers/1", msgpack payload, 16-byte MAC]; the payload i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -98,12 +99,18 @@ class PeerSync:
     def __init__(self, *, key: bytes, port: int, peers: Sequence[tuple[str, int]], bind_address: str = "0.0.0.0",
                  scheduler: Any = None, endpoints: Callable[[str], Endpoint | None] | None = None,
                  replica_id: bytes | None = None,
-                 resolve: Callable[[str, int], list[str]] | None = None) -> None:
+                 resolve: Callable[[str, int], list[str]] | None = None,
+                 bind_url: str = "", peer_urls: Sequence[str] = (), notes_only: bool = False) -> None:
         if len(key) < 16:
             raise ValueError("the peers' key needs at least 16 bytes")
         self.key = key
         self.port = port
         self.peers = list(peers)
+        # --workers siblings (epp.server): fixed ZMQ endpoints (ipc://) instead of host:port, and only
+        # the plugins' notes (the workers' in-flight counts already go through shared memory)
+        self.bind_url = bind_url
+        self.peer_urls = list(peer_urls)
+        self.notes_only = notes_only
         self.bind_address = bind_address
         self.scheduler = scheduler
         self.endpoint_of = endpoints or (lambda _address: None)  # the datastore's endpoint for an address
@@ -130,15 +137,18 @@ class PeerSync:
         pub.setsockopt(zmq.SNDHWM, 10000)
         pub.setsockopt(zmq.LINGER, 0)
         host = self.bind_address if self.bind_address not in ("", "0.0.0.0", "::") else "*"
-        if self.port:
+        if self.bind_url:
+            pub.bind(self.bind_url)
+        elif self.port:
             pub.bind(f"tcp://{host}:{self.port}")
         else:
             self.port = pub.bind_to_random_port(f"tcp://{host}")
         self._pub = pub
         self._thread = threading.Thread(target=self._run, name="peers", daemon=True)
         self._thread.start()
-        self._heartbeat = self._loop.call_later(HEARTBEAT, self._beat)
-        log.info("active-active peers on", extra={"port": self.port, "peers": [f"{h}:{p}" for h, p in self.peers]})
+        if not self.notes_only:
+            self._heartbeat = self._loop.call_later(HEARTBEAT, self._beat)
+            log.info("active-active peers on", extra={"port": self.port, "peers": [f"{h}:{p}" for h, p in self.peers]})
         return self.port
 
     async def stop(self) -> None:
@@ -152,21 +162,30 @@ class PeerSync:
         if self._pub is not None:
             self._pub.close(0)
             self._pub = None
+        if self.bind_url.startswith("ipc://"):  # libzmq leaves the socket file when the process ends first
+            with contextlib.suppress(OSError):
+                os.unlink(self.bind_url[len("ipc://"):])
 
     # ---- the serving loop ---------------------------------------------------------------
     def routed(self, ep: Endpoint, requests: int, tokens: int, request: Any = None) -> None:
         """This replica sent (+1, with `request` for the plugins' notes) or finished (−1) one on `ep`."""
-        tally(self._own, ep.address, requests, tokens)
+        if not self.notes_only:
+            tally(self._own, ep.address, requests, tokens)
         notes: Mapping[str, Any] = {}
         if request is not None and self.scheduler is not None:
             gather = getattr(self.scheduler, "peer_notes", None)
             if gather is not None:
                 notes = gather(request, ep)
+        if self.notes_only and not notes:
+            return
         self._send(["r" if requests > 0 else "f", self.replica_id, self._next_seq(), ep.address, tokens,
                     dict(notes)])
 
     def refresh(self, endpoints: Sequence[Endpoint]) -> None:
-        """Before a decision: each endpoint's in-flight figures become this replica's own plus its peers'."""
+        """Before a decision: each endpoint's in-flight figures become this replica's own plus its peers'
+        (notes-only siblings count nothing: their shared memory has the counts)."""
+        if self.notes_only:
+            return
         own, totals = self._own, self._totals
         for ep in endpoints:
             mine = own.get(ep.address)
@@ -247,7 +266,7 @@ class PeerSync:
             sub.close(0)
 
     def _connect(self, sub: Any, connected: set[str]) -> set[str]:
-        want: set[str] = set()
+        want: set[str] = set(self.peer_urls)
         for host, port in self.peers:
             for ip in self._resolve(host, port):
                 want.add(f"tcp://{ip}:{port}" if ":" not in ip else f"tcp://[{ip}]:{port}")

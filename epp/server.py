@@ -43,7 +43,7 @@ from epp.bbr import BodyRouter
 from epp.cli import Options
 from epp.datalayer import DataLayerConfig
 from epp.datastore import Datastore
-from epp.director import Director
+from epp.director import Director, LoadShare
 from epp.extproc import BUFFERED, DUPLEX, ExtProcServicer
 from epp.flowcontrol import build as flow_build
 from epp.flowcontrol.aio import AsyncFlowControl
@@ -69,7 +69,7 @@ from epp.scheduling.framework import Scheduler
 from epp.scheduling.scorers import pool_serves_adapters
 from epp.scheduling.session import SessionAffinityScorer, configure_session_keys, read_session_keys
 from epp.telemetry import Telemetry
-from epp.workershare import SharedMetricsThread, SharePublisher, WorkerShare
+from epp.workershare import SharedMetricsThread, SharePublisher, SiblingShare, WorkerShare
 
 log = logging.getLogger("epp.server")
 
@@ -236,6 +236,18 @@ class App:
                                   port=opts.ha_peer_port or PEER_PORT, peers=parse_peers(opts.ha_peers),
                                   bind_address=opts.bind_address, scheduler=self.scheduler,
                                   endpoints=self.datastore.endpoints.get)
+        # --workers: what each worker's plugins learn (the approximate prefix index's placements) goes
+        # to its siblings as --ha-peers notes over ipc://, signed with the share's key
+        self.siblings: PeerSync | None = None
+        if self.share is not None and self.peers is None and self.share.workers > 1:
+            me = self.share.worker
+            others = [self.share.sibling_url(i) for i in range(self.share.workers) if i != me]
+            self.siblings = PeerSync(key=self.share.sibling_key(), port=0, peers=[], scheduler=self.scheduler,
+                                     endpoints=self.datastore.endpoints.get, bind_url=self.share.sibling_url(me),
+                                     peer_urls=others, notes_only=True)
+        load_share: LoadShare | None = self.share if self.share is not None else self.peers
+        if self.share is not None and self.siblings is not None:
+            load_share = SiblingShare(self.share, self.siblings)
         self.director = Director(self.datastore, self.scheduler, telemetry=self.telemetry,
                                  admission=build_admission(self.config),
                                  session_header=session_header(self.scheduler),
@@ -244,7 +256,7 @@ class App:
                                                      or getattr(self.config, "parser", None)),
                                  request_control=build_request_control(self.config.plugins),
                                  flow_control=self.flow,
-                                 share=self.share if self.share is not None else self.peers)
+                                 share=load_share)
         self.scraper: ScrapeThread | SharedMetricsThread | None = None
         self.kube: Any = None  # the KubeSource, when watching a cluster
         mode = BUFFERED if opts.default_body_mode == "buffered" else DUPLEX
@@ -310,6 +322,8 @@ class App:
         if self.peers is not None:
             self.peers.start()
             self.telemetry.registry.register(PeerCollector(self.peers))  # type: ignore[arg-type]
+        if self.siblings is not None:
+            self.siblings.start()
         if o.standalone:
             log.info("standalone mode: no InferencePool object; the pool comes from --endpoint-selector",
                      extra={"pool": o.pool_name, "selector": o.endpoint_selector, "ports": o.endpoint_target_ports})
@@ -566,6 +580,8 @@ class App:
             await self.scraper.stop()
         if self.peers is not None:
             await self.peers.stop()
+        if self.siblings is not None:
+            await self.siblings.stop()
         if self.share is not None:
             self.share.close()
         if self.metrics_http is not None:

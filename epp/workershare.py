@@ -6,7 +6,7 @@ The supervisor creates the file (`create`), every worker maps it (`WorkerShare`)
 little-endian, fixed at creation; the file is sparse (on tmpfs only the pages touched take memory):
 
     header     64 B: magic, version, workers, slots, slot bytes, generation (u64, bumped after every
-               directory change), high (slots ever used)
+               directory change), high (slots ever used), the siblings' message key (24 B at 40)
     ports      workers × u32: each worker's loopback metrics port (0: none yet), for worker 0's page;
                the top bit says the worker has mapped the file
     directory  slots × 80 B: tag (u32, bumped on every (re)assignment), used (u16), address length,
@@ -31,6 +31,7 @@ import tempfile
 import threading
 import zlib
 from collections.abc import Sequence
+from typing import Protocol
 
 import msgspec
 
@@ -46,7 +47,8 @@ SLOT_BYTES = 4096
 _HEADER = struct.Struct("<4sIIII")  # magic, version, workers, slots, slot bytes
 _GEN = struct.Struct("<Q")
 _HIGH = struct.Struct("<I")
-_GEN_AT, _HIGH_AT, _HEADER_BYTES = 24, 32, 64
+_GEN_AT, _HIGH_AT, _KEY_AT, _HEADER_BYTES = 24, 32, 40, 64
+_KEY_BYTES = 24  # the siblings' message key (epp.peers notes between workers), random per share
 _DIR = struct.Struct("<IHH72s")  # tag, used, address length, address
 _SLOT = struct.Struct("<QIHxxII")  # seq, tag, ok, payload length, crc32
 _SEQ = struct.Struct("<Q")
@@ -82,6 +84,7 @@ def create(workers: int, slots: int = DEFAULT_SLOTS, directory: str | None = Non
     try:
         os.ftruncate(fd, _size(workers, slots))  # sparse: zero pages cost nothing until written
         os.pwrite(fd, _HEADER.pack(MAGIC, VERSION, workers, slots, SLOT_BYTES), 0)
+        os.pwrite(fd, os.urandom(_KEY_BYTES), _KEY_AT)
     except BaseException:
         os.close(fd)
         os.unlink(path)
@@ -169,6 +172,15 @@ class WorkerShare:
             v.release()
         with contextlib.suppress(BufferError):
             self._mm.close()
+
+    # ---- the workers' prefix notes (epp.peers over ipc://) -------------------------------
+    def sibling_key(self) -> bytes:
+        """The key that signs the workers' messages to each other (random, made with the share)."""
+        return bytes(self._mm[_KEY_AT:_KEY_AT + _KEY_BYTES])
+
+    def sibling_url(self, worker: int) -> str:
+        """Where worker `worker` publishes what its plugins learn (next to the share's file name)."""
+        return f"ipc://{self.path}.peer{worker}"
 
     # ---- each worker's metrics port ------------------------------------------------------
     def set_metrics_port(self, port: int) -> None:
@@ -437,3 +449,27 @@ class SharePublisher:
     def activity(self, ep: Endpoint) -> tuple[int, int]:
         return self.share.activity(ep)
 
+
+
+class _Notes(Protocol):
+    def routed(self, ep: Endpoint, requests: int, tokens: int, request: object = None) -> None: ...
+
+
+class SiblingShare:
+    """What a worker's director shares (`epp.director.LoadShare`): in-flight counts through the share,
+    and what its plugins learn from each routed request through `notes` (an `epp.peers.PeerSync` in
+    notes-only mode between the workers), so N workers keep one prefix placement as one picker does."""
+
+    def __init__(self, share: WorkerShare, notes: _Notes) -> None:
+        self.share = share
+        self.notes = notes
+
+    def refresh(self, endpoints: Sequence[Endpoint]) -> None:
+        """The other workers' counts folded into `endpoints` (the notes carry none)."""
+        self.share.refresh(endpoints)
+
+    def routed(self, ep: Endpoint, requests: int, tokens: int, request: object = None) -> None:
+        """Count it in the share; tell the siblings what the plugins learned from a routed request."""
+        self.share.routed(ep, requests, tokens, request)
+        if request is not None:
+            self.notes.routed(ep, requests, tokens, request)

@@ -165,3 +165,34 @@ async def test_the_peer_counters_are_exported(pair: Any) -> None:
     assert "inference_extension_peers_known 1.0" in text
     assert 'inference_extension_peer_messages_total{outcome="received"}' in text
     assert "inference_extension_peers_expired_total 0.0" in text
+
+
+async def test_notes_only_siblings_over_ipc_send_notes_and_nothing_else(tmp_path: Any) -> None:
+    """--workers siblings: fixed ipc:// endpoints, only routed requests with plugin notes are sent
+    (no finishes, no snapshots, no counts: shared memory has those)."""
+    urls = [f"ipc://{tmp_path}/s.peer{i}" for i in range(2)]
+    notes = Notes()
+    a_eps, b_eps = {X: ep(X)}, {X: ep(X)}
+    a = PeerSync(key=KEY, port=0, peers=[], scheduler=Notes(), endpoints=a_eps.get, bind_url=urls[0],
+                 peer_urls=[urls[1]], notes_only=True)
+    b = PeerSync(key=KEY, port=0, peers=[], scheduler=notes, endpoints=b_eps.get, bind_url=urls[1],
+                 peer_urls=[urls[0]], notes_only=True)
+    a.start()
+    b.start()
+    try:
+        for _ in range(200):  # PUB/SUB: sends before the subscription are lost
+            a.routed(a_eps[X], 1, 100, request=object())
+            await asyncio.sleep(0.02)
+            if notes.applied:
+                break
+        assert notes.applied and notes.applied[0] == (X, {"prefix": [1, 2, 3]})
+        sent = a.stats.sent
+        a.routed(a_eps[X], -1, -100)  # a finish: nothing to tell
+        a.routed(a_eps[X], 1, 100)  # a count without a request: no notes, nothing sent
+        await asyncio.sleep(1.2)  # past a heartbeat: no snapshot either
+        assert a.stats.sent == sent
+        b.refresh(list(b_eps.values()))
+        assert b_eps[X].inflight == 0  # counts are not folded in from notes
+    finally:
+        await a.stop()
+        await b.stop()

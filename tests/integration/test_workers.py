@@ -65,12 +65,12 @@ async def two_workers(pid: int) -> list[int]:
     return kids
 
 
-async def route_once(port: int) -> str:
+async def route_once(port: int, content: str = "hi") -> str:
     """One routed request on a new connection (the kernel picks the worker per connection)."""
     # a local subchannel pool: channels in one process would share one connection otherwise
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
         call = ep_grpc.ExternalProcessorStub(ch).Process()
-        for m in [request_headers(), *body_chunks(chat("m", "hi"))]:
+        for m in [request_headers(), *body_chunks(chat("m", content))]:
             await call.write(m)
         await call.done_writing()
         replies = [r async for r in call]
@@ -137,8 +137,10 @@ async def test_workers_die_with_a_killed_supervisor():
                           "--shutdown-grace", "1s"], stderr=subprocess.DEVNULL)
     kids: list[int] = []
 
-    def share_files() -> list[str]:
-        return [f for f in set(os.listdir(shm)) - before if f.startswith("epp-workers-")] if shm else []
+    def share_files(sockets: bool = False) -> list[str]:
+        """The share's file (and with `sockets`, the workers' ipc:// socket files next to it)."""
+        new = set(os.listdir(shm)) - before if shm else set()
+        return [f for f in new if f.startswith("epp-workers-") and (sockets or ".peer" not in f)]
 
     try:
         await wait_serving(hport)
@@ -155,7 +157,7 @@ async def test_workers_die_with_a_killed_supervisor():
             break
         await asyncio.sleep(0.1)
     assert not [k for k in kids if alive(k)]
-    assert not share_files()  # a SIGKILL leaves no share file behind
+    assert not share_files(sockets=True)  # a SIGKILL leaves no share file or socket behind
 
 
 async def test_two_workers_poll_each_model_server_once_and_both_route_on_its_page():
@@ -201,7 +203,7 @@ async def test_two_workers_poll_each_model_server_once_and_both_route_on_its_pag
         kids = await two_workers(p.pid)
         await asyncio.sleep(1.0)  # both listening, pages shared
         if shm:  # both workers mapped the share: its name is gone already, the sharing goes on
-            assert not [f for f in set(os.listdir(shm)) - before if f.startswith("epp-workers-")]
+            assert not [f for f in set(os.listdir(shm)) - before if f.startswith("epp-workers-") and ".peer" not in f]
         cpu0 = {k: cpu_ticks(k) for k in kids}
         routed = await asyncio.gather(*(route_once(port) for _ in range(120)))
         assert set(routed) == {addrs["idle"]}  # every worker saw the busy server's queue
@@ -227,4 +229,59 @@ async def test_two_workers_poll_each_model_server_once_and_both_route_on_its_pag
             for r in runners:
                 await r.cleanup()
     if shm:
+        assert not [f for f in set(os.listdir(shm)) - before if f.startswith("epp-workers-")]
+
+
+async def test_two_workers_keep_one_prefix_placement():
+    """A prefix routed by one worker is followed by both: what a worker's prefix index learns reaches
+    the other within milliseconds (epp.peers notes over the share's ipc:// sockets), so N workers
+    place a shared prompt as one picker does. Without it the other worker's first request of the
+    prefix is cold there and goes wherever its cold-request spreading says."""
+    from aiohttp import web
+
+    from tests.integration.test_scheduling_live import vllm_page
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(text=vllm_page(), content_type="text/plain")
+
+    runners, addrs = [], []
+    for _ in range(4):
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        r = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
+        await r.setup()
+        await web.TCPSite(r, "127.0.0.1", 0).start()
+        runners.append(r)
+        addrs.append(f"127.0.0.1:{r.addresses[0][1]}")
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    before = set(os.listdir(shm)) if shm else set()
+    port, hport = free_port(), free_port()
+    p = subprocess.Popen([sys.executable, "-m", "epp", "--workers", "2", "--pool-name", "p",
+                          "--endpoints", ",".join(addrs), "--grpc-port", str(port), "--grpc-health-port", str(hport),
+                          "--metrics-port", "0", "--bind-address", "127.0.0.1", "--secure-serving=false",
+                          "--log-format", "text", "--drain-timeout", "0s", "--shutdown-grace", "1s"],
+                         stderr=subprocess.DEVNULL)
+    try:
+        await wait_serving(hport)
+        kids = await two_workers(p.pid)
+        await asyncio.sleep(1.5)  # both listening, pages scraped, the siblings' sockets connected
+        for round_ in range(3):
+            system = f"round {round_}: you answer questions about the attached manual. " * 60
+            first = await route_once(port, system + "first question")
+            await asyncio.sleep(0.3)
+            cpu0 = {k: cpu_ticks(k) for k in kids}
+            later = await asyncio.gather(*(route_once(port, system + f"question {i}") for i in range(40)))
+            assert set(later) == {first}, (round_, first, later)
+        assert all(cpu_ticks(k) > cpu0[k] for k in kids)  # both workers routed the followers
+    finally:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout=20)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
+            for r in runners:
+                await r.cleanup()
+    if shm:  # neither the share nor the workers' sockets are left behind
         assert not [f for f in set(os.listdir(shm)) - before if f.startswith("epp-workers-")]
