@@ -91,14 +91,15 @@ def h2load(port: int, secs: float, body: str, connections: int = 16) -> tuple[fl
     return float(m.group(1)), int(n.group(1)), int(n.group(3)), usage.ru_utime + usage.ru_stime
 
 
-def start_picker(workers: int, addrs: list[str]) -> tuple[subprocess.Popen[bytes], int, int]:
+def start_picker(workers: int, addrs: list[str],
+                 extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen[bytes], int, int]:
     """`python -m epp --workers N` on a free port: (process, ext_proc port, metrics port)."""
     port, metrics_port = free_port(), free_port()
     argv = [sys.executable, "-m", "epp", "--workers", str(workers), "--pool-name", "bench", "--endpoints",
             ",".join(addrs), "--secure-serving=false", "--grpc-port", str(port), "--grpc-health-port",
             str(free_port()), "--metrics-port", str(metrics_port), "--metrics-endpoint-auth=false",
             "--bind-address", "127.0.0.1", "--log-level", "warning", "--drain-timeout", "0s",
-            "--shutdown-grace", "1s"]
+            "--shutdown-grace", "1s", *extra]
     return subprocess.Popen(argv, stderr=subprocess.DEVNULL), port, metrics_port
 
 
@@ -111,11 +112,12 @@ def stop(p: subprocess.Popen[bytes]) -> None:
         p.wait()
 
 
-def run(workers: int, pickers: int, secs: float, addrs: list[str], server_pid: int, body: str) -> Row:
+def run(workers: int, pickers: int, secs: float, addrs: list[str], server_pid: int, body: str,
+        extra: tuple[str, ...] = ()) -> Row:
     """`pickers` independent pickers of `workers` workers each, every one driven by its own h2load
     (16 connections in all), at the same time. pickers=2 with 1 worker is the control: two
     processes that share nothing, i.e. what this machine allows two serving loops."""
-    started = [start_picker(workers, addrs) for _ in range(pickers)]
+    started = [start_picker(workers, addrs, extra) for _ in range(pickers)]
     try:
         for _, port, metrics_port in started:
             wait_port(port, timeout=60)  # a busy shared machine starts Python slowly
@@ -156,6 +158,8 @@ def main() -> None:
     ap.add_argument("--profile", default="lean", choices=["buffered", "lean"])
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeat", type=int, default=1, help="rounds of every case, interleaved")
+    ap.add_argument("--picker-arg", action="append", default=[], metavar="FLAG",
+                    help="an extra flag for every picker, e.g. --picker-arg=--worker-prefix-notes=false")
     ap.add_argument("--no-control", action="store_true",
                     help="leave out the control (two independent single-worker pickers, each its own h2load)")
     a = ap.parse_args()
@@ -169,7 +173,8 @@ def main() -> None:
     try:
         with open("/proc/loadavg") as f:
             load0 = f.read().split()[0]
-        rows = [run(w, n, a.seconds, addrs, ms.pid, body) for _ in range(a.repeat) for w, n in cases]
+        rows = [run(w, n, a.seconds, addrs, ms.pid, body, tuple(a.picker_arg))
+                for _ in range(a.repeat) for w, n in cases]
         with open("/proc/loadavg") as f:
             load1 = f.read().split()[0]
     finally:

@@ -261,6 +261,7 @@ class Options:
     worker_index: int = -1  # set by the supervisor in each worker process; -1: not a worker
     worker_share: str = ""  # set by the supervisor: the workers' shared-memory file (epp.workershare)
     gc_tuning: bool = True  # gc.freeze() after start and higher collector thresholds (epp.__main__)
+    worker_prefix_notes: bool = True  # --workers: tell the other workers each routed prefix placement
     # share of requests whose response body crosses the picker when not needed: a sampled stream costs
     # two messages per SSE chunk (~260 for 128 tokens), so 2% of requests doubled the picker's messages
     response_body_sample: float = 0.005
@@ -402,6 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "from a routed request reaches the others within milliseconds (signed messages on "
                           "ipc:// sockets next to the share), so they place a prefix as one picker would; only "
                           "the first serves --metrics-port; flow-control queues stay each worker's own (default 1)")
+    srv.add_argument("--worker-prefix-notes", default=True, **B,
+                     help="with --workers above 1: each worker tells the others where it routed a prompt, so "
+                          "the prefix indexes agree (costs ~10-20%% of the throughput per core at saturation, "
+                          "docs/benchmarks.md \"Every core\"); false: each worker's index is its own and N workers "
+                          "place prefixes like N replicas without --ha-peers (default true)")
     srv.add_argument("--worker-index", type=int, default=-1, help=argparse.SUPPRESS)
     srv.add_argument("--worker-share", default="", help=argparse.SUPPRESS)
     srv.add_argument("--gc-tuning", default=True, **B,
@@ -625,6 +631,7 @@ def parse_args(argv: list[str]) -> Options:
         max_request_body_bytes=a.max_request_body_bytes,
         default_body_mode=a.default_body_mode,
         gc_tuning=a.gc_tuning,
+        worker_prefix_notes=a.worker_prefix_notes,
         workers=a.workers,
         worker_index=a.worker_index,
         worker_share=a.worker_share,

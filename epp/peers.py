@@ -15,8 +15,10 @@ signed with HMAC-SHA256 under the first key of `--session-key-file` (the replica
 unsigned, mis-signed, oversized or malformed ones are dropped and counted.
 
 Wire: three frames [b"epp-peers/1", msgpack payload, 16-byte MAC]; the payload is
-[kind, replica id, seq, address, tokens, notes] for kind "r" (routed) and "f" (finished), and
-[kind, replica id, seq, {address: [requests, tokens]}] for "s" (snapshot).
+[kind, replica id, seq, address, tokens, notes] for kind "r" (routed) and "f" (finished),
+[kind, replica id, seq, {address: [requests, tokens]}] for "s" (snapshot), and
+[kind, replica id, seq, [[address, notes], ...]] for "n" (notes only, between `--workers` siblings:
+batched every 2 ms, a repeated note at most once a second).
 """
 
 from __future__ import annotations
@@ -50,6 +52,12 @@ HEARTBEAT = 1.0
 EXPIRE_AFTER = 3.0
 RESOLVE_EVERY = 10.0
 DEFAULT_PORT = 9005
+# notes-only siblings (--workers): notes go out in one message per BATCH_S, and the same note for the
+# same endpoint at most once per RESEND_S (a repeated prompt refreshes the siblings' index that often)
+BATCH_S = 0.002
+RESEND_S = 1.0
+MAX_RECENT = 8192
+MAX_BATCH = 4096
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
@@ -111,6 +119,8 @@ class PeerSync:
         self.bind_url = bind_url
         self.peer_urls = list(peer_urls)
         self.notes_only = notes_only
+        self._batch: list[list[Any]] = []  # notes-only: what the next batch message carries
+        self._recent: dict[int, float] = {}  # notes-only: hash of (address, note) -> when last sent
         self.bind_address = bind_address
         self.scheduler = scheduler
         self.endpoint_of = endpoints or (lambda _address: None)  # the datastore's endpoint for an address
@@ -153,6 +163,7 @@ class PeerSync:
 
     async def stop(self) -> None:
         """Stop hearing and publishing."""
+        self._flush()
         self._stop.set()
         if self._heartbeat is not None:
             self._heartbeat.cancel()
@@ -176,7 +187,9 @@ class PeerSync:
             gather = getattr(self.scheduler, "peer_notes", None)
             if gather is not None:
                 notes = gather(request, ep)
-        if self.notes_only and not notes:
+        if self.notes_only:
+            if notes:
+                self._queue_note(ep.address, notes)
             return
         self._send(["r" if requests > 0 else "f", self.replica_id, self._next_seq(), ep.address, tokens,
                     dict(notes)])
@@ -195,6 +208,26 @@ class PeerSync:
                 continue
             ep.inflight = (mine[0] if mine else 0) + (max(0, theirs[0]) if theirs else 0)
             ep.inflight_tokens = (mine[1] if mine else 0) + (max(0, theirs[1]) if theirs else 0)
+
+    def _queue_note(self, address: str, notes: Mapping[str, Any]) -> None:
+        key = hash((address, _encode(notes)))
+        now = time.monotonic()
+        last = self._recent.get(key)
+        if last is not None and now - last < RESEND_S:
+            return  # the siblings heard this one a moment ago
+        if len(self._recent) >= MAX_RECENT:
+            self._recent.clear()
+        self._recent[key] = now
+        self._batch.append([address, dict(notes)])
+        if len(self._batch) >= MAX_BATCH:
+            self._flush()
+        elif len(self._batch) == 1 and self._loop is not None:
+            self._loop.call_later(BATCH_S, self._flush)
+
+    def _flush(self) -> None:
+        if self._batch:
+            batch, self._batch = self._batch, []
+            self._send(["n", self.replica_id, self._next_seq(), batch])
 
     def peer_count(self) -> int:
         """Peers heard from within the last EXPIRE_AFTER seconds."""
@@ -290,12 +323,15 @@ class PeerSync:
             except zmq.Again:
                 break
             got = self._accept(frames)
-            if got is not None:
+            if isinstance(got, list):
+                notes.extend(got)
+            elif got is not None:
                 notes.append(got)
         return notes
 
-    def _accept(self, frames: list[bytes]) -> tuple[str, Mapping[str, Any]] | None:
-        """Apply one message's counts; its notes (address, {plugin: note}) when it has any."""
+    def _accept(self, frames: list[bytes]) -> tuple[str, Mapping[str, Any]] | list[tuple[str, Any]] | None:
+        """Apply one message's counts; its notes (address, {plugin: note}) when it has any (a list of
+        them for a sibling's batch)."""
         if (len(frames) != 3 or frames[0] != TOPIC or len(frames[2]) != MAC_BYTES
                 or not hmac.compare_digest(frames[2], sign(self.key, frames[1]))):
             self._bad("unsigned or mis-signed")
@@ -303,7 +339,7 @@ class PeerSync:
         try:
             msg = _decode(frames[1])
             kind, rid = msg[0], msg[1]
-            if not isinstance(rid, bytes) or kind not in ("r", "f", "s"):
+            if not isinstance(rid, bytes) or kind not in ("r", "f", "s", "n"):
                 raise ValueError("kind")
         except (msgspec.DecodeError, ValueError, TypeError, IndexError):
             self._bad("malformed")
@@ -322,6 +358,8 @@ class PeerSync:
             if kind == "s":
                 self._snapshot(peer, msg[3])
                 return None
+            if kind == "n":  # a sibling's batch of notes
+                return [(str(a), n) for a, n in msg[3][:MAX_BATCH] if isinstance(n, dict) and n]
             address, tokens, notes = str(msg[3]), int(msg[4]), msg[5]
         except (ValueError, TypeError, IndexError, AttributeError):
             self._bad("malformed")

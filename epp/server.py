@@ -239,7 +239,7 @@ class App:
         # --workers: what each worker's plugins learn (the approximate prefix index's placements) goes
         # to its siblings as --ha-peers notes over ipc://, signed with the share's key
         self.siblings: PeerSync | None = None
-        if self.share is not None and self.peers is None and self.share.workers > 1:
+        if self.share is not None and self.peers is None and self.share.workers > 1 and opts.worker_prefix_notes:
             me = self.share.worker
             others = [self.share.sibling_url(i) for i in range(self.share.workers) if i != me]
             self.siblings = PeerSync(key=self.share.sibling_key(), port=0, peers=[], scheduler=self.scheduler,

@@ -168,12 +168,23 @@ async def test_the_peer_counters_are_exported(pair: Any) -> None:
 
 
 async def test_notes_only_siblings_over_ipc_send_notes_and_nothing_else(tmp_path: Any) -> None:
-    """--workers siblings: fixed ipc:// endpoints, only routed requests with plugin notes are sent
-    (no finishes, no snapshots, no counts: shared memory has those)."""
+    """--workers siblings: fixed ipc:// endpoints; only routed requests' plugin notes are sent, in
+    batches, a repeated note at most once a second (no finishes, no snapshots, no counts: shared
+    memory has those)."""
+
+    class Counting(Notes):
+        def __init__(self) -> None:
+            super().__init__()
+            self.n = 0
+
+        def peer_notes(self, request: Any, endpoint: Endpoint) -> dict[str, Any]:
+            self.n += 1
+            return {"prefix": [self.n]} if request == "new" else {"prefix": [0]}
+
     urls = [f"ipc://{tmp_path}/s.peer{i}" for i in range(2)]
     notes = Notes()
     a_eps, b_eps = {X: ep(X)}, {X: ep(X)}
-    a = PeerSync(key=KEY, port=0, peers=[], scheduler=Notes(), endpoints=a_eps.get, bind_url=urls[0],
+    a = PeerSync(key=KEY, port=0, peers=[], scheduler=Counting(), endpoints=a_eps.get, bind_url=urls[0],
                  peer_urls=[urls[1]], notes_only=True)
     b = PeerSync(key=KEY, port=0, peers=[], scheduler=notes, endpoints=b_eps.get, bind_url=urls[1],
                  peer_urls=[urls[0]], notes_only=True)
@@ -181,18 +192,28 @@ async def test_notes_only_siblings_over_ipc_send_notes_and_nothing_else(tmp_path
     b.start()
     try:
         for _ in range(200):  # PUB/SUB: sends before the subscription are lost
-            a.routed(a_eps[X], 1, 100, request=object())
+            a.routed(a_eps[X], 1, 100, request="new")
             await asyncio.sleep(0.02)
             if notes.applied:
                 break
-        assert notes.applied and notes.applied[0] == (X, {"prefix": [1, 2, 3]})
-        sent = a.stats.sent
+        assert notes.applied and notes.applied[0][0] == X
+        await asyncio.sleep(0.05)
+        sent, applied = a.stats.sent, len(notes.applied)
+        for _ in range(50):  # one batch for 50 new notes
+            a.routed(a_eps[X], 1, 100, request="new")
+        await until(lambda: len(notes.applied) == applied + 50)
+        assert a.stats.sent == sent + 1
+        for _ in range(20):  # the same note again and again: sent once
+            a.routed(a_eps[X], 1, 100, request="same")
+        await asyncio.sleep(0.05)
+        assert a.stats.sent == sent + 2 and len(notes.applied) == applied + 51
         a.routed(a_eps[X], -1, -100)  # a finish: nothing to tell
         a.routed(a_eps[X], 1, 100)  # a count without a request: no notes, nothing sent
         await asyncio.sleep(1.2)  # past a heartbeat: no snapshot either
-        assert a.stats.sent == sent
+        assert a.stats.sent == sent + 2
         b.refresh(list(b_eps.values()))
         assert b_eps[X].inflight == 0  # counts are not folded in from notes
     finally:
         await a.stop()
         await b.stop()
+    assert not list(tmp_path.iterdir())  # the socket files are removed

@@ -79,6 +79,8 @@ async def route_once(port: int, content: str = "hi") -> str:
 
 def test_flags():
     assert parse_args(["--pool-name", "p"]).workers == 1
+    assert parse_args(["--pool-name", "p"]).worker_prefix_notes is True
+    assert parse_args(["--pool-name", "p", "--worker-prefix-notes=false"]).worker_prefix_notes is False
     assert parse_args(["--pool-name", "p", "--workers", "auto"]).workers == cpu_limit() >= 1
     with pytest.raises(SystemExit):
         parse_args(["--pool-name", "p", "--workers", "2", "--grpc-port", "0"])
