@@ -281,7 +281,8 @@ async def test_two_workers_keep_one_prefix_placement():
     p = subprocess.Popen([sys.executable, "-m", "epp", "--workers", "2", "--pool-name", "p",
                           "--endpoints", ",".join(addrs), "--grpc-port", str(port), "--grpc-health-port", str(hport),
                           "--metrics-port", "0", "--bind-address", "127.0.0.1", "--secure-serving=false",
-                          "--log-format", "text", "--config-text", PREFIX_ONLY, "--drain-timeout", "0s", "--shutdown-grace", "1s"],
+                          "--log-format", "text", "--config-text", PREFIX_ONLY, "--drain-timeout", "0s",
+                          "--shutdown-grace", "1s"],
                          stderr=subprocess.DEVNULL)
     try:
         await wait_serving(hport)
