@@ -83,6 +83,33 @@ async def route_once(port: int, content: str = "hi") -> str:
     return set_headers(replies[0])["x-gateway-destination-endpoint"]
 
 
+async def serve_pages(apps):  # type: ignore[no-untyped-def]
+    """Each aiohttp app on its own loopback port: (runners, addresses)."""
+    from aiohttp import web
+
+    runners, addrs = [], []
+    for app in apps:
+        r = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
+        await r.setup()
+        await web.TCPSite(r, "127.0.0.1", 0).start()
+        runners.append(r)
+        addrs.append(f"127.0.0.1:{r.addresses[0][1]}")
+    return runners, addrs
+
+
+async def stop_all(p: subprocess.Popen[bytes], runners) -> None:  # type: ignore[no-untyped-def]
+    """SIGTERM the supervisor (killed if it does not end), then the page servers."""
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(timeout=20)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=10)
+        for r in runners:
+            await r.cleanup()
+
+
 def test_flags():
     assert parse_args(["--pool-name", "p"]).workers == 1
     assert parse_args(["--pool-name", "p"]).worker_prefix_notes is True
@@ -187,15 +214,8 @@ async def test_two_workers_poll_each_model_server_once_and_both_route_on_its_pag
         app.router.add_get("/metrics", metrics)
         return app
 
-    runners = []
-    addrs = {}
-    for name, waiting in (("busy", 1000.0), ("idle", 0.0)):
-        r = web.AppRunner(server(name, waiting), access_log=None, shutdown_timeout=0.2)
-        await r.setup()
-        site = web.TCPSite(r, "127.0.0.1", 0)
-        await site.start()
-        runners.append(r)
-        addrs[name] = f"127.0.0.1:{r.addresses[0][1]}"
+    runners, where = await serve_pages([server("busy", 1000.0), server("idle", 0.0)])
+    addrs = dict(zip(("busy", "idle"), where, strict=True))
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
     before = set(os.listdir(shm)) if shm else set()
     port, hport, mport = free_port(), free_port(), free_port()
@@ -227,15 +247,7 @@ async def test_two_workers_poll_each_model_server_once_and_both_route_on_its_pag
         rate = (hits["idle"] - h0["idle"]) / (time.monotonic() - t0)
         assert 5 < rate < 30, rate  # one poller at ~20/s (two would be ~40/s)
     finally:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(timeout=20)
-        finally:
-            if p.poll() is None:
-                p.kill()
-                p.wait(timeout=10)
-            for r in runners:
-                await r.cleanup()
+        await stop_all(p, runners)
     if shm:
         assert not [f for f in set(os.listdir(shm)) - before if f.startswith("epp-workers-")]
 
@@ -266,15 +278,12 @@ async def test_two_workers_keep_one_prefix_placement():
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(text=vllm_page(), content_type="text/plain")
 
-    runners, addrs = [], []
-    for _ in range(4):
-        app = web.Application()
-        app.router.add_get("/metrics", metrics)
-        r = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
-        await r.setup()
-        await web.TCPSite(r, "127.0.0.1", 0).start()
-        runners.append(r)
-        addrs.append(f"127.0.0.1:{r.addresses[0][1]}")
+    def app() -> web.Application:
+        a = web.Application()
+        a.router.add_get("/metrics", metrics)
+        return a
+
+    runners, addrs = await serve_pages([app() for _ in range(4)])
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
     before = set(os.listdir(shm)) if shm else set()
     port, hport = free_port(), free_port()
@@ -299,14 +308,6 @@ async def test_two_workers_keep_one_prefix_placement():
         # both workers served (their serving loops ran; the kernel spreads the new connections)
         assert all(loop_ns(k) - cpu0[k] > 20_000_000 for k in kids), {k: loop_ns(k) - cpu0[k] for k in kids}
     finally:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(timeout=20)
-        finally:
-            if p.poll() is None:
-                p.kill()
-                p.wait(timeout=10)
-            for r in runners:
-                await r.cleanup()
+        await stop_all(p, runners)
     if shm:  # neither the share nor the workers' sockets are left behind
         assert not [f for f in set(os.listdir(shm)) - before if f.startswith("epp-workers-")]
