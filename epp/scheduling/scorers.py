@@ -427,7 +427,8 @@ class PrefillBacklogScorer:
             return [1.0] * len(endpoints)
         waits = [max(0.0, until.get(ep.address, 0.0) - now) for ep in endpoints]
         if share:
-            waits = [w + share * self._cost(cycle.request, endpoints, i) for i, w in enumerate(waits)]
+            costs = self._costs(cycle.request, endpoints)
+            waits = [w + share * cost for w, cost in zip(waits, costs, strict=True)]
         c = self.p.scale_seconds
         base = min(waits) + c
         return [base / (w + c) for w in waits]
@@ -436,24 +437,21 @@ class PrefillBacklogScorer:
         now = request.scratch.get(self._now_key)
         if now is None:  # not scored by this profile (e.g. another profile chose)
             return
-        cost = self._cost(request, (endpoint,), 0)
+        cost = self._costs(request, (endpoint,))[0]
         addr = endpoint.address
         done = self._until[addr] = max(now, self._until.get(addr, 0.0)) + cost
         request.scratch[self._done_key] = done
 
-    def _cost(self, request: SchedulingRequest, endpoints: Sequence[Endpoint], i: int) -> float:
-        """Seconds of prefill `request` adds on endpoints[i]: a step plus its uncached tokens."""
-        hit = 0.0
+    def _costs(self, request: SchedulingRequest, endpoints: Sequence[Endpoint]) -> list[float]:
+        """Seconds of prefill `request` adds on each endpoint: a step plus its uncached tokens."""
+        hits: dict[int, float] = {}
         seen = request.scratch.get(self._scores_key)
         if seen is not None:
-            target = endpoints[i]
             eps, ratios = seen
-            for j, e in enumerate(eps):
-                if e is target:
-                    hit = min(1.0, max(0.0, ratios[j]))
-                    break
-        uncached = len(request.prompt) / _CHARS_PER_TOKEN * (1.0 - hit)
-        return self.p.step_seconds + uncached / self.p.tokens_per_second
+            hits = {id(e): r for e, r in zip(eps, ratios, strict=False)}
+        tokens = len(request.prompt) / _CHARS_PER_TOKEN
+        step, rate = self.p.step_seconds, self.p.tokens_per_second
+        return [step + tokens * (1.0 - min(1.0, max(0.0, hits.get(id(ep), 0.0)))) / rate for ep in endpoints]
 
     def on_finished(self, request: SchedulingRequest, endpoint: Endpoint) -> None:
         addr = endpoint.address
