@@ -21,7 +21,6 @@ from tests.extproc_client import body_chunks, chat, request_headers, set_headers
 from tests.procs import free_port, wait_serving
 
 EPS = "10.0.0.1:8000,10.0.0.2:8000"
-_TICK = os.sysconf("SC_CLK_TCK")
 
 
 def children(pid: int) -> list[int]:
@@ -47,16 +46,17 @@ def alive(pid: int) -> bool:
         return False
 
 
-def cpu_ticks(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
-
-
 def loop_ns(pid: int) -> int:
     """CPU time of a process's main thread (its serving loop), ns (/proc/<pid>/schedstat)."""
     with open(f"/proc/{pid}/schedstat") as f:
         return int(f.read().split()[0])
+
+
+def assert_both_served(kids: list[int], before: dict[int, int]) -> None:
+    """Connections reached every worker: each loop's CPU since `before` is a real share of the
+    busiest one's, not just its timers (ns from schedstat: 60 cheap requests fit in one 10 ms tick)."""
+    used = {k: loop_ns(k) - before[k] for k in kids}
+    assert min(used.values()) > 0.1 * max(used.values()), used
 
 
 async def two_workers(pid: int) -> list[int]:
@@ -131,11 +131,10 @@ async def test_two_workers_share_the_port_and_stop_together():
         await wait_serving(hport)
         kids = await two_workers(p.pid)
         await asyncio.sleep(1.0)  # both listening (the first may be ready before the second)
-        before = {k: cpu_ticks(k) for k in kids}
+        before = {k: loop_ns(k) for k in kids}
         routed = await asyncio.gather(*(route_once(port) for _ in range(120)))
         assert set(routed) <= set(EPS.split(","))
-        used = {k: cpu_ticks(k) - before[k] for k in kids}
-        assert all(v > 0 for v in used.values()), used  # connections reached both workers
+        assert_both_served(kids, before)
         p.send_signal(signal.SIGTERM)
         assert p.wait(timeout=20) == 0
         for _ in range(50):
@@ -232,10 +231,10 @@ async def test_two_workers_poll_each_model_server_once_and_both_route_on_its_pag
         await asyncio.sleep(1.0)  # both listening, pages shared
         if shm:  # both workers mapped the share: its name is gone already, the sharing goes on
             assert not [f for f in set(os.listdir(shm)) - before if f.startswith("epp-workers-") and ".peer" not in f]
-        cpu0 = {k: cpu_ticks(k) for k in kids}
+        cpu0 = {k: loop_ns(k) for k in kids}
         routed = await asyncio.gather(*(route_once(port) for _ in range(120)))
         assert set(routed) == {addrs["idle"]}  # every worker saw the busy server's queue
-        assert all(cpu_ticks(k) > cpu0[k] for k in kids)  # and both workers routed
+        assert_both_served(kids, cpu0)
         # worker 0's /metrics counts every worker's decisions (each worker's page merged in)
         text = await asyncio.to_thread(lambda: urllib.request.urlopen(
             f"http://127.0.0.1:{mport}/metrics", timeout=10).read().decode())
