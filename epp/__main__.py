@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
@@ -115,10 +116,12 @@ def _run_workers(workers: int, args: list[str], attached: Callable[[], bool], re
 
     children: list[subprocess.Popen[bytes]] = []
     stopping = False
+    forwarded: set[int] = set()  # the signals passed on to the workers
 
     def forward(sig: int, _frame: object = None) -> None:
         nonlocal stopping
         stopping = True
+        forwarded.add(sig)
         for c in children:
             if c.poll() is None:
                 c.send_signal(sig)
@@ -137,7 +140,8 @@ def _run_workers(workers: int, args: list[str], attached: Callable[[], bool], re
             code = c.poll()
             if code is None:
                 running = True
-            elif code != 0 and rc == 0:
+            elif code != 0 and rc == 0 and not (stopping and -code in forwarded):
+                # (a worker still starting when the stop was passed on dies of it: that is a stop too)
                 rc = code if code > 0 else 128 - code  # killed by a signal: the shell's convention
                 if not stopping:  # a worker failed on its own: take the rest down with it
                     forward(signal.SIGTERM)
@@ -148,6 +152,19 @@ def _run_workers(workers: int, args: list[str], attached: Callable[[], bool], re
             with contextlib.suppress(OSError):
                 release()
         time.sleep(0.2)
+
+
+def _flow_control_on(opts: Options) -> bool:
+    """Whether the picker's config turns flow control on (a config that does not load: False, the
+    workers report it)."""
+    from epp.cli import config_text
+    from epp.scheduling.config import ConfigError, gate_enabled, load_config
+
+    try:
+        cfg = load_config(config_text(opts))
+    except (ConfigError, OSError):
+        return False
+    return cfg.flow_control is not None and gate_enabled(cfg.feature_gates, "flowControl")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,10 +182,17 @@ def main(argv: list[str] | None = None) -> int:
 
         return sidecar.main(args[1:])
     opts = parse_args(args)
-    if opts.workers > 1 and opts.worker_index < 0:
-        return supervise(opts.workers, args)
+    if opts.workers > 1 and opts.worker_index < 0 and opts.workers_why and _flow_control_on(opts):
+        # the default (the CPU limit) gives way: flow control's queues and fairness are one process's
+        opts = dataclasses.replace(opts, workers=1, workers_why=f"flow control on (one process; {opts.workers_why} "
+                                                                  f"would give {opts.workers})")
     logs.setup(opts.log_level, opts.log_format, time_encoding=opts.log_time_encoding,
                stacktrace_level=opts.log_stacktrace_level)
+    if opts.workers > 1 and opts.worker_index < 0:
+        if opts.workers_why:
+            log.info("workers", extra={"workers": opts.workers, "why": opts.workers_why})
+        # every worker gets the count decided here, whatever it would read of the cgroup itself
+        return supervise(opts.workers, [*args, "--workers", str(opts.workers)])
     if opts.event_loop != "asyncio":
         try:
             import uvloop

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from epp import __version__, tls
+from epp.cpus import DEFAULT_WORKERS_CAP, cpu_limit, default_workers
 from epp.resources import GROUP_V1, GROUP_X, parse_selector
 from epp.scheduling.session import SESSION_KEY_ENV, read_session_keys
 from epp.units import go_duration
@@ -110,18 +111,18 @@ def _base_models(text: str) -> dict[str, str]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def cpu_limit() -> int:
-    """CPUs this process may use: the cgroup v2 quota (`cpu.max`, a pod's CPU limit) rounded up,
-    else the affinity mask; at least 1."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        with open("/sys/fs/cgroup/cpu.max", encoding="ascii") as f:
-            quota, period = f.read().split()[:2]
-        if quota != "max":
-            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, cpus)
+def _default_workers(a: argparse.Namespace) -> tuple[int, str]:
+    """--workers not given: the CPU limit (epp.cpus.default_workers), or 1 where more processes
+    would change what the flags ask for; (workers, why)."""
+    n, why = default_workers()
+    if n == 1:
+        return 1, why
+    single = [("--grpc-port 0", a.grpc_port == 0), ("leader election", a.ha_enable_leader_election),
+              ("--ha-peers", bool(a.ha_peers)), ("--mode bbr", a.mode != "epp")]
+    for what, on in single:
+        if on:
+            return 1, f"{what} (one process; {why} would give {n})"
+    return n, why
 
 
 def _workers(text: str) -> int:
@@ -258,6 +259,7 @@ class Options:
     max_request_body_bytes: int = 16 * 1024 * 1024
     default_body_mode: str = "duplex"
     workers: int = 1  # picker processes serving the ext_proc port together (SO_REUSEPORT)
+    workers_why: str = ""  # --workers not given: how the default was chosen (logged at start)
     worker_index: int = -1  # set by the supervisor in each worker process; -1: not a worker
     worker_share: str = ""  # set by the supervisor: the workers' shared-memory file (epp.workershare)
     gc_tuning: bool = True  # gc.freeze() after start and higher collector thresholds (epp.__main__)
@@ -303,6 +305,17 @@ class Options:
         if self.grpc_max_recv_msg_size > 0:
             return self.grpc_max_recv_msg_size
         return min(self.max_request_body_bytes + RECV_MARGIN, _MAX_MSG)
+
+
+
+def config_text(opts: Options) -> str | None:
+    """The EndpointPickerConfig YAML from --config-text or --config-file (None: the defaults)."""
+    if opts.config_text:
+        return opts.config_text
+    if opts.config_file:
+        with open(opts.config_file, encoding="utf-8") as f:
+            return f.read()
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -394,15 +407,18 @@ def build_parser() -> argparse.ArgumentParser:
                           "the others skip the whole response side (mode_override on the request-headers reply: "
                           "2 messages a request, in-flight still counted to the end of the exchange). "
                           "1: every request's headers (default %(default)s)")
-    srv.add_argument("--workers", type=_workers, default=1, metavar="N|auto",
+    srv.add_argument("--workers", type=_workers, default=None, metavar="N|auto",
                      help="picker processes serving one ext_proc port (SO_REUSEPORT; the kernel spreads "
-                          "connections over them); auto: the CPUs this process may use (the pod's CPU limit). "
+                          "connections over them). Default: the container's CPU limit (limits.cpu) rounded up, "
+                          f"at most {DEFAULT_WORKERS_CAP}; 1 when no limit is set, with --grpc-port 0, leader "
+                          "election, --ha-peers, --mode bbr or flow control on (their state is one process's). "
+                          "auto: the CPU limit, else every CPU of the affinity mask. "
                           "The first worker scrapes the pool and shares each page with the others through shared "
                           "memory (the model servers are polled once, not once per worker); every worker's "
                           "in-flight counts are summed into each decision; what a worker's prefix index learns "
                           "from a routed request reaches the others within milliseconds (signed messages on "
                           "ipc:// sockets next to the share), so they place a prefix as one picker would; only "
-                          "the first serves --metrics-port; flow-control queues stay each worker's own (default 1)")
+                          "the first serves --metrics-port; flow-control queues stay each worker's own")
     srv.add_argument("--worker-prefix-notes", default=True, **B,
                      help="with --workers above 1: each worker tells the others where it routed a prompt, so "
                           "the prefix indexes agree (costs ~10-20%% of the throughput per core at saturation, "
@@ -572,6 +588,9 @@ def parse_args(argv: list[str]) -> Options:
         level, fmt = _logging(a)
     except argparse.ArgumentTypeError as e:
         p.error(str(e))
+    workers_why = ""
+    if a.workers is None:
+        a.workers, workers_why = _default_workers(a)
     if a.workers > 1 and a.grpc_port == 0:
         p.error("--workers above 1 needs a fixed --grpc-port (the workers share it)")
     if a.ha_peers:
@@ -633,6 +652,7 @@ def parse_args(argv: list[str]) -> Options:
         gc_tuning=a.gc_tuning,
         worker_prefix_notes=a.worker_prefix_notes,
         workers=a.workers,
+        workers_why=workers_why,
         worker_index=a.worker_index,
         worker_share=a.worker_share,
         response_body_sample=a.response_body_sample,

@@ -40,7 +40,7 @@ from grpc_health.v1._async import HealthServicer
 
 from epp import h2server, tls
 from epp.bbr import BodyRouter
-from epp.cli import Options
+from epp.cli import Options, config_text
 from epp.datalayer import DataLayerConfig
 from epp.datastore import Datastore
 from epp.director import Director, LoadShare
@@ -92,16 +92,6 @@ def session_header(scheduler: Scheduler) -> str | None:
     for ws in getattr(scheduler, "scorers", ()):
         if isinstance(ws.scorer, SessionAffinityScorer):
             return str(ws.scorer.header)
-    return None
-
-
-def config_text(opts: Options) -> str | None:
-    """The EndpointPickerConfig YAML from --config-text or --config-file (None: the defaults)."""
-    if opts.config_text:
-        return opts.config_text
-    if opts.config_file:
-        with open(opts.config_file, encoding="utf-8") as f:
-            return f.read()
     return None
 
 
@@ -315,6 +305,8 @@ class App:
         o = self.opts
         for notice in o.notices:
             log.info(notice)
+        if o.workers_why:  # --workers not given, one process: why (a supervisor says it for its workers)
+            log.info("workers", extra={"workers": o.workers, "why": o.workers_why})
         for warning in self.config.warnings:  # what the config asked for but will not get, once per start
             log.warning("config: %s", warning)
         for prod in self.kv_producers:  # binds the centralized KV-event endpoint, when configured

@@ -178,6 +178,26 @@ def test_bad_values_are_refused() -> None:
         render("standalone", {**pool, "inferenceExtension": {"extProcPort": 9100}})
 
 
+@pytest.mark.parametrize("chart", ["inferencepool", "standalone"])
+def test_workers_value(chart: str) -> None:
+    pool = {"inferencePool": {"modelServers": {"matchLabels": {"app": "x"}}}}
+
+    def workers(ext: dict[str, Any]) -> str | None:
+        return flag(container(render(chart, {**pool, "inferenceExtension": ext}))["args"], "--workers")
+
+    assert workers({}) is None  # the picker's default: the container's CPU limit (epp.cpus)
+    assert workers({"workers": 1}) == "1"  # given, always passed: 1 is no longer the picker's default
+    assert workers({"workers": 3}) == "3"
+    assert workers({"workers": "auto"}) == "auto"
+    assert workers({"workers": 2, "replicas": 2, "haMode": "active-active"}) == "2"
+    assert workers({"workers": 1, "replicas": 2}) == "1"
+    assert workers({"replicas": 2}) is None  # leader election: the picker's default is then 1
+    with pytest.raises(Exception, match="workers above 1"):
+        render(chart, {**pool, "inferenceExtension": {"workers": 2, "replicas": 2}})
+    with pytest.raises(Exception, match="workers"):
+        render(chart, {**pool, "inferenceExtension": {"workers": "many"}})
+
+
 # ---- the inferencepool chart ---------------------------------------------------------------------
 
 

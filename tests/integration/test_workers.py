@@ -16,6 +16,7 @@ import grpc
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
+from epp import cpus
 from epp.cli import cpu_limit, parse_args
 from tests.extproc_client import body_chunks, chat, request_headers, set_headers
 from tests.procs import free_port, wait_serving
@@ -145,6 +146,74 @@ async def test_two_workers_share_the_port_and_stop_together():
     finally:
         if p.poll() is None:
             p.kill()  # the workers follow (PR_SET_PDEATHSIG)
+            p.wait(timeout=10)
+
+
+@pytest.fixture
+def cgroup_with_cpu_limit():  # type: ignore[no-untyped-def]
+    """A real cgroup of this machine limited to 1.5 CPUs (v1 cfs quota, or v2 cpu.max), removed after;
+    the test is skipped where cgroups cannot be made (no root, a read-only cgroupfs)."""
+    with open("/proc/self/mountinfo") as f:
+        mounts = cpus._mounts(f.read())  # the same discovery the picker uses
+    made = None
+    for m in mounts:
+        d = os.path.join(m.point, f"epp-test-{os.getpid()}")
+        try:
+            os.mkdir(d)
+        except OSError:
+            continue
+        try:
+            if m.v2:
+                with open(os.path.join(d, "cpu.max"), "w") as f:
+                    f.write("150000 100000")
+            else:
+                with open(os.path.join(d, "cpu.cfs_quota_us"), "w") as f:
+                    f.write("150000")
+        except OSError:
+            os.rmdir(d)
+            continue
+        made = d
+        break
+    if made is None:
+        pytest.skip("no cgroup with a CPU limit can be made here")
+    try:
+        yield made
+    finally:
+        for _ in range(50):  # the cgroup goes once its processes have ended
+            try:
+                os.rmdir(made)
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+async def test_the_default_is_one_worker_per_cpu_of_the_limit(cgroup_with_cpu_limit):  # type: ignore[no-untyped-def]
+    port, hport = free_port(), free_port()
+    procs = os.path.join(cgroup_with_cpu_limit, "cgroup.procs")
+
+    def enter() -> None:
+        with open(procs, "w") as f:
+            f.write(str(os.getpid()))
+
+    p = subprocess.Popen([sys.executable, "-m", "epp", "--pool-name", "p", "--endpoints", EPS,
+                          "--grpc-port", str(port), "--grpc-health-port", str(hport), "--metrics-port", "0",
+                          "--bind-address", "127.0.0.1", "--secure-serving=false", "--log-format", "json",
+                          "--drain-timeout", "0s", "--shutdown-grace", "1s"],
+                         stderr=subprocess.PIPE, preexec_fn=enter)
+    try:
+        await wait_serving(hport)
+        kids = await two_workers(p.pid)  # 1.5 CPUs: 2 workers, no --workers given
+        routed = await asyncio.gather(*(route_once(port) for _ in range(40)))
+        assert set(routed) <= set(EPS.split(","))
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=20)
+        assert p.returncode == 0
+        lines = [line for line in err.decode().splitlines() if '"msg": "workers"' in line or '"msg":"workers"' in line]
+        assert len(lines) == 1 and "1.5 CPUs" in lines[0], err.decode()[-2000:]  # said once, by worker 0
+        assert not [k for k in kids if alive(k)]
+    finally:
+        if p.poll() is None:
+            p.kill()
             p.wait(timeout=10)
 
 

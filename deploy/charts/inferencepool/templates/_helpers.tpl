@@ -229,9 +229,9 @@ serving TLS).
 - --ha-peer-port
 - {{ default 9005 .port | int | quote }}
 {{- end }}{{- end }}
-{{- $workers := toString (default 1 $ext.workers) }}
-{{- if ne $workers "1" }}
-{{- if include "epp.leaderElection" . }}
+{{- $workers := toString (default "" $ext.workers) }}
+{{- if ne $workers "" }}
+{{- if and (ne $workers "1") (include "epp.leaderElection" .) }}
 {{- fail "inferenceExtension.workers above 1 needs haMode: active-active or one replica (leader election runs one Lease per process)" }}
 {{- end }}
 - --workers
