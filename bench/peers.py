@@ -891,7 +891,12 @@ VARIANTS = {"prefix6": _v_prefix6, "no-kv": _v_no_kv, "own-load": _v_own_load, "
             # prefill-backlog-scorer (opt-in) on the current default; ttft2 / own10 = with ownShare 1 / 0.1
             "backlog1": _backlog(1), "backlog2": _backlog(2), "backlog3": _backlog(3),
             "backlog2-scale50ms": _backlog(2, scaleSeconds=0.05), "ttft2": _backlog(2, ownShare=1.0),
-            "own10": _backlog(2, ownShare=0.1)}
+            "own10": _backlog(2, ownShare=0.1),
+            "backlog2-hit50": _backlog(2, minHit=0.5), "backlog2-hit80": _backlog(2, minHit=0.8),
+            "ttft2-hit50": _backlog(2, ownShare=1.0, minHit=0.5), "backlog1-hit50": _backlog(1, minHit=0.5),
+            "backlog1.25-hit50": _backlog(1.25, minHit=0.5), "backlog1.5-hit50": _backlog(1.5, minHit=0.5),
+            "backlog1.75-hit50": _backlog(1.75, minHit=0.5),
+            "backlog2-hit50-scale40ms": _backlog(2, minHit=0.5, scaleSeconds=0.04)}
 
 
 def variant_text(name: str) -> str:

@@ -368,6 +368,7 @@ class PrefillBacklogParams:
     prefix_name: str = "prefix-cache-scorer"
     prefix_type: str = "prefix-cache-scorer"
     own_share: float = 0.0
+    min_hit: float = 0.0
 
 
 _CHARS_PER_TOKEN = 4.0  # the datastore's prompt-token estimate
@@ -382,7 +383,8 @@ class PrefillBacklogScorer:
     prompt tokens (estimated tokens x (1 - the prefix scorer's share for that pod)) divided by
     `tokensPerSecond`; the clock restarts when the pod has nothing of ours in flight. The wait is
     that clock minus now, plus `ownShare` (0-1, default 0) of this request's own prefill there (1: a
-    predicted time to first token); score = (min wait + scaleSeconds) / (wait + scaleSeconds). A scrape is 50 ms
+    predicted time to first token); score = (min wait + scaleSeconds) / (wait + scaleSeconds), flat for a
+    prompt no pod holds `minHit` (0-1, default 0) of by the prefix scorer's share. A scrape is 50 ms
     old and counts a queue only once it forms; this sees a prefill the moment it is sent, so a warm
     request is not put behind another pod-mate's cold prompt. Opt-in: the rate is the engine's, and
     the discrete-event benchmark has it trading shared-prefix gains for losses elsewhere
@@ -409,6 +411,7 @@ class PrefillBacklogScorer:
             prefix_name=p.string("prefixPluginName", "prefix-cache-scorer"),
             prefix_type=p.string("prefixPluginType", "prefix-cache-scorer"),
             own_share=p.number("ownShare", 0.0, lo=0.0, hi=1.0),
+            min_hit=p.number("minHit", 0.0, lo=0.0, hi=1.0),
         )
         p.done()
         return out
@@ -425,6 +428,10 @@ class PrefillBacklogScorer:
         share = self.p.own_share
         if not until and not share:
             return [1.0] * len(endpoints)
+        if self.p.min_hit > 0.0:  # only prompts some pod holds enough of (a hot prefix to place)
+            seen = cycle.request.scratch.get(self._scores_key)
+            if seen is None or not seen[1] or max(seen[1]) < self.p.min_hit:
+                return [1.0] * len(endpoints)
         waits = [max(0.0, until.get(ep.address, 0.0) - now) for ep in endpoints]
         if share:
             costs = self._costs(cycle.request, endpoints)

@@ -162,3 +162,19 @@ def test_an_early_finish_moves_the_clock_back():
     now[0] = 102.5
     s.on_finished(r2, a)  # a finish after its clock time changes nothing (another request still there)
     assert s._until[a.address] == pytest.approx(101.11)
+
+
+def test_min_hit_scores_only_prompts_a_pod_holds_enough_of():
+    """minHit 0.5: a prompt no pod holds half of is scored flat (its clock still runs); one a pod
+    holds is scored by the clocks as without it."""
+    eps = [ep(1), ep(2)]
+    gated = PrefillBacklogScorer("b", PrefillBacklogParams(1000.0, 0.01, 0.02, min_hit=0.5), CTX)
+    decide(gated, req("x" * 4000), eps, 100.0, 0, prefix=[0.0, 0.0])  # cold: pod 1 busy to 101.01
+    assert decide(gated, req("y" * 400), eps, 100.5, 1, prefix=[0.2, 0.4]) == [1.0, 1.0]
+    # pod 2 now runs 60 uncached tokens and a step: busy to 100.57
+    hot = decide(gated, req("z" * 400), eps, 100.5, 1, prefix=[0.9, 0.0])
+    assert hot[1] == 1.0 and hot[0] == pytest.approx((0.07 + 0.02) / (0.51 + 0.02))
+    r = req("w" * 400)  # no prefix scores at all (no prefix scorer ran): flat
+    assert gated.score(Cycle(r, 100.5, 0.2), eps) == [1.0, 1.0]
+    with pytest.raises(ConfigError, match="minHit"):
+        load_config(PROFILE.replace("tokensPerSecond: 20000", "minHit: 1.5"))
