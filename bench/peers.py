@@ -896,7 +896,10 @@ VARIANTS = {"prefix6": _v_prefix6, "no-kv": _v_no_kv, "own-load": _v_own_load, "
             "ttft2-hit50": _backlog(2, ownShare=1.0, minHit=0.5), "backlog1-hit50": _backlog(1, minHit=0.5),
             "backlog1.25-hit50": _backlog(1.25, minHit=0.5), "backlog1.5-hit50": _backlog(1.5, minHit=0.5),
             "backlog1.75-hit50": _backlog(1.75, minHit=0.5),
-            "backlog2-hit50-scale40ms": _backlog(2, minHit=0.5, scaleSeconds=0.04)}
+            "backlog2-hit50-scale40ms": _backlog(2, minHit=0.5, scaleSeconds=0.04),
+            "backlog2-hit50-move1s": _backlog(2, minHit=0.5, moveEverySeconds=1.0),
+            "backlog2-hit50-move4s": _backlog(2, minHit=0.5, moveEverySeconds=4.0),
+            "backlog1.5-hit50-move4s": _backlog(1.5, minHit=0.5, moveEverySeconds=4.0)}
 
 
 def variant_text(name: str) -> str:

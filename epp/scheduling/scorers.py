@@ -369,6 +369,7 @@ class PrefillBacklogParams:
     prefix_type: str = "prefix-cache-scorer"
     own_share: float = 0.0
     min_hit: float = 0.0
+    move_every: float = 0.0
 
 
 _CHARS_PER_TOKEN = 4.0  # the datastore's prompt-token estimate
@@ -397,6 +398,7 @@ class PrefillBacklogScorer:
         self.name = name
         self.p = params
         self._until: dict[str, float] = {}  # address -> when its prefills should be done
+        self._moved: dict[str, float] = {}  # moveEverySeconds: address -> last move away from it
         self._scores_key = f"prefix-scores:{params.prefix_name}"
         self._now_key = f"prefill-backlog-now:{name}"
         self._done_key = f"prefill-backlog-done:{name}"  # when the clock has this request's prefill done
@@ -412,6 +414,7 @@ class PrefillBacklogScorer:
             prefix_type=p.string("prefixPluginType", "prefix-cache-scorer"),
             own_share=p.number("ownShare", 0.0, lo=0.0, hi=1.0),
             min_hit=p.number("minHit", 0.0, lo=0.0, hi=1.0),
+            move_every=p.number("moveEverySeconds", 0.0, lo=0.0, hi=3600.0),
         )
         p.done()
         return out
@@ -438,7 +441,39 @@ class PrefillBacklogScorer:
             waits = [w + share * cost for w, cost in zip(waits, costs, strict=True)]
         c = self.p.scale_seconds
         base = min(waits) + c
-        return [base / (w + c) for w in waits]
+        scores = [base / (w + c) for w in waits]
+        if self.p.move_every > 0.0:
+            scores = self._hold_moves(cycle.request, endpoints, scores, now)
+        return scores
+
+    def _hold_moves(self, request: SchedulingRequest, endpoints: Sequence[Endpoint], scores: list[float],
+                    now: float) -> list[float]:
+        """moveEverySeconds: within that long of the last move away from the pod holding most of this
+        prompt, pods holding less than minHit of it score no better than the worst pod that holds it
+        (one copy of a hot prefix per period; a burst does not scatter it)."""
+        ratios = self._ratios(request, endpoints)
+        best = max(range(len(endpoints)), key=ratios.__getitem__)
+        last = self._moved.get(endpoints[best].address)
+        if last is None or now - last >= self.p.move_every:
+            return scores
+        warm = self._warm(ratios)
+        floor = min(sc for sc, w in zip(scores, warm, strict=True) if w)
+        return [sc if w else min(sc, floor) for sc, w in zip(scores, warm, strict=True)]
+
+    def _warm(self, ratios: list[float]) -> list[bool]:
+        cut = self.p.min_hit or 0.5
+        return [r >= cut for r in ratios]
+
+    def _ratios(self, request: SchedulingRequest, endpoints: Sequence[Endpoint]) -> list[float]:
+        """The prefix scorer's share for each endpoint (0 where it gave none)."""
+        seen = request.scratch.get(self._scores_key)
+        if seen is None:
+            return [0.0] * len(endpoints)
+        eps, ratios = seen
+        if eps is endpoints:
+            return [float(r) for r in ratios]
+        hits = {id(e): r for e, r in zip(eps, ratios, strict=False)}
+        return [float(hits.get(id(ep), 0.0)) for ep in endpoints]
 
     def on_routed(self, request: SchedulingRequest, endpoint: Endpoint) -> None:
         now = request.scratch.get(self._now_key)
@@ -448,17 +483,27 @@ class PrefillBacklogScorer:
         addr = endpoint.address
         done = self._until[addr] = max(now, self._until.get(addr, 0.0)) + cost
         request.scratch[self._done_key] = done
+        if self.p.move_every > 0.0:
+            self._note_move(request, endpoint, now)
+
+    def _note_move(self, request: SchedulingRequest, endpoint: Endpoint, now: float) -> None:
+        seen = request.scratch.get(self._scores_key)
+        if seen is None or not seen[1]:
+            return
+        eps, ratios = seen
+        warm = self._warm([float(r) for r in ratios])
+        if not any(warm):
+            return
+        chosen = next((w for e, w in zip(eps, warm, strict=False) if e is endpoint), False)
+        if not chosen:  # sent to a pod without the prefix: a move away from the one that has most
+            best = max(range(len(ratios)), key=lambda i: ratios[i])
+            self._moved[eps[best].address] = now
 
     def _costs(self, request: SchedulingRequest, endpoints: Sequence[Endpoint]) -> list[float]:
         """Seconds of prefill `request` adds on each endpoint: a step plus its uncached tokens."""
-        hits: dict[int, float] = {}
-        seen = request.scratch.get(self._scores_key)
-        if seen is not None:
-            eps, ratios = seen
-            hits = {id(e): r for e, r in zip(eps, ratios, strict=False)}
         tokens = len(request.prompt) / _CHARS_PER_TOKEN
         step, rate = self.p.step_seconds, self.p.tokens_per_second
-        return [step + tokens * (1.0 - min(1.0, max(0.0, hits.get(id(ep), 0.0)))) / rate for ep in endpoints]
+        return [step + tokens * (1.0 - min(1.0, max(0.0, r))) / rate for r in self._ratios(request, endpoints)]
 
     def on_finished(self, request: SchedulingRequest, endpoint: Endpoint) -> None:
         addr = endpoint.address
@@ -477,6 +522,9 @@ class PrefillBacklogScorer:
         """Drop clocks that have run out (the map holds only pods with work pending)."""
         for addr in [a for a, t in self._until.items() if t <= now]:
             del self._until[addr]
+        for addr in [a for a, t in self._moved.items() if now - t >= self.p.move_every]:
+            del self._moved[addr]
 
     def forget(self, address: str) -> None:
         self._until.pop(address, None)
+        self._moved.pop(address, None)

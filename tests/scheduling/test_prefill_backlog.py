@@ -178,3 +178,31 @@ def test_min_hit_scores_only_prompts_a_pod_holds_enough_of():
     assert gated.score(Cycle(r, 100.5, 0.2), eps) == [1.0, 1.0]
     with pytest.raises(ConfigError, match="minHit"):
         load_config(PROFILE.replace("tokensPerSecond: 20000", "minHit: 1.5"))
+
+
+def test_move_every_lets_one_copy_of_a_hot_prefix_through_per_period():
+    """moveEverySeconds 2: the first request sent away from the pod holding its prefix is scored as
+    usual; for 2 s after it, pods without the prefix score no better than the worst pod holding it,
+    so a burst does not scatter the prefix; then one more move may go."""
+    eps = [ep(1), ep(2), ep(3)]
+    s = PrefillBacklogScorer("b", PrefillBacklogParams(1000.0, 0.01, 0.02, min_hit=0.5, move_every=2.0), CTX)
+    decide(s, req("x" * 4000), eps, 100.0, 0, prefix=[0.0, 0.0, 0.0])  # pod 1 busy to 101.01
+    hot = [0.9, 0.0, 0.0]
+    first = decide(s, req("a" * 400), eps, 100.1, 1, prefix=hot)  # free to move: pod 2 wins
+    assert first[1] == first[2] == 1.0 and first[0] < 0.1
+    held = s.score(Cycle(_with(req("b" * 400), eps, [0.9, 0.9, 0.0]), 100.2, 0.2), eps)
+    # the copy (pod 2, busy to 100.21) scores by its clock, above pod 1; the cold pod is held to pod 1's
+    assert held[0] < 0.1 < held[1] and held[2] == pytest.approx(held[0])
+    held = s.score(Cycle(_with(req("c" * 400), eps, hot), 100.2, 0.2), eps)
+    assert held[2] == pytest.approx(held[0]) and held[0] < 0.1  # the cold pod no better than pod 1
+    later = s.score(Cycle(_with(req("d" * 400), eps, hot), 102.2, 0.2), eps)
+    assert later[2] == 1.0  # the period is over
+    s.sweep([], 102.2)
+    assert s._moved == {}
+    with pytest.raises(ConfigError, match="moveEverySeconds"):
+        load_config(PROFILE.replace("tokensPerSecond: 20000", "moveEverySeconds: -1"))
+
+
+def _with(r, eps, ratios):  # type: ignore[no-untyped-def]
+    r.scratch["prefix-scores:prefix-cache-scorer"] = (eps, ratios)
+    return r
