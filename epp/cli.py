@@ -422,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--worker-prefix-notes", default=True, **B,
                      help="with --workers above 1: each worker tells the others where it routed a prompt, so "
                           "the prefix indexes agree (at saturation ~1%% of a worker's CPU when prompts repeat, up "
-                          "to ~15%% of the throughput when every prompt is new; docs/benchmarks.md \"Every core\"); false: each worker's index is its own and N workers "
+                          "to ~15%% of the throughput when every prompt is new; docs/benchmarks.md \"Every "
+                          "core\"); false: each worker's index is its own and N workers "
                           "place prefixes like N replicas without --ha-peers (default true)")
     srv.add_argument("--worker-index", type=int, default=-1, help=argparse.SUPPRESS)
     srv.add_argument("--worker-share", default="", help=argparse.SUPPRESS)

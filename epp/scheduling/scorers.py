@@ -452,11 +452,13 @@ class PrefillBacklogScorer:
         prompt, pods holding less than minHit of it score no better than the worst pod that holds it
         (one copy of a hot prefix per period; a burst does not scatter it)."""
         ratios = self._ratios(request, endpoints)
+        warm = self._warm(ratios)
+        if not any(warm):  # no pod holds it: nothing to copy, nothing to hold back
+            return scores
         best = max(range(len(endpoints)), key=ratios.__getitem__)
         last = self._moved.get(endpoints[best].address)
         if last is None or now - last >= self.p.move_every:
             return scores
-        warm = self._warm(ratios)
         floor = min(sc for sc, w in zip(scores, warm, strict=True) if w)
         return [sc if w else min(sc, floor) for sc, w in zip(scores, warm, strict=True)]
 

@@ -195,6 +195,14 @@ def test_move_every_lets_one_copy_of_a_hot_prefix_through_per_period():
     assert held[0] < 0.1 < held[1] and held[2] == pytest.approx(held[0])
     held = s.score(Cycle(_with(req("c" * 400), eps, hot), 100.2, 0.2), eps)
     assert held[2] == pytest.approx(held[0]) and held[0] < 0.1  # the cold pod no better than pod 1
+    # without minHit (warm: half held): no move is noted without prefix scores, and a prompt no pod
+    # holds half of is never held back, even right after a move away from the pod holding most of it
+    ungated = PrefillBacklogScorer("u", PrefillBacklogParams(1000.0, 0.01, 0.02, move_every=2.0), CTX)
+    decide(ungated, req("x" * 4000), eps, 100.0, 0)
+    assert ungated._moved == {}
+    decide(ungated, req("g" * 400), eps, 100.1, 1, prefix=hot)
+    assert list(ungated._moved) == [eps[0].address]
+    assert ungated.score(Cycle(_with(req("e" * 400), eps, [0.3, 0.0, 0.0]), 100.2, 0.2), eps)[2] == 1.0
     later = s.score(Cycle(_with(req("d" * 400), eps, hot), 102.2, 0.2), eps)
     assert later[2] == 1.0  # the period is over
     s.sweep([], 102.2)
