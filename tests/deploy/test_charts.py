@@ -657,13 +657,20 @@ def _start_picker(
         ports = {"grpc": free_port(), "health": free_port(), "metrics": free_port()}
         log_path = run / "picker.log"
         with log_path.open("w") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "epp", *local_args(out, run, ports), *extra],
+            args = [*local_args(out, run, ports), *extra]
+            proc = subprocess.Popen([sys.executable, "-m", "epp", *args],
                                     env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
         deadline = time.monotonic() + 20
         while proc.poll() is None and time.monotonic() < deadline and "picker started" not in log_path.read_text():
             time.sleep(0.05)
         if proc.poll() is not None and "Address already in use" in log_path.read_text():
             continue
+        # with a CPU limit the picker runs a worker per CPU and the first "started" may be any worker's;
+        # /metrics is worker 0's: wait for it too (bounded)
+        bind = [a for i, a in enumerate(args) if i and args[i - 1] == "--bind-address"]
+        host = bind[-1] if bind else "127.0.0.1"
+        while proc.poll() is None and time.monotonic() < deadline and not _connects(host, ports["metrics"]):
+            time.sleep(0.05)
         return proc, ports, log_path
     raise AssertionError(f"no free ports in 3 tries: {log_path.read_text()[-2000:]}")
 

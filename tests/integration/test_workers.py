@@ -112,7 +112,9 @@ async def stop_all(p: subprocess.Popen[bytes], runners) -> None:  # type: ignore
 
 
 def test_flags():
-    assert parse_args(["--pool-name", "p"]).workers == 1
+    # not given: the CPU limit (1 on a machine without one, as CI's); tests/test_cpus.py has the rules
+    assert parse_args(["--pool-name", "p", "--grpc-port", "9002"]).workers == cpus.default_workers()[0]
+    assert parse_args(["--pool-name", "p", "--grpc-port", "0"]).workers == 1
     assert parse_args(["--pool-name", "p"]).worker_prefix_notes is True
     assert parse_args(["--pool-name", "p", "--worker-prefix-notes=false"]).worker_prefix_notes is False
     assert parse_args(["--pool-name", "p", "--workers", "auto"]).workers == cpu_limit() >= 1

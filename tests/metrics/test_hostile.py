@@ -164,6 +164,7 @@ async def test_huge_and_endless_pages_are_cut_and_backed_off(hostile: Hostile, s
     finally:
         sampler.cancel()
     polls = {route: s.polls()[addrs[route]] for route in routes}
+    ok = s.polls_ok  # read with the attempts: one good poll may be in flight (attempted, not yet ok)
     print(f"\npolls in the window: {polls}; RSS before {rss_before >> 20} MiB, peak {peak[0] >> 20} MiB")
     assert good_ep.scrape_ok and good_ep.metrics is not None
     for route in routes[1:]:
@@ -171,7 +172,7 @@ async def test_huge_and_endless_pages_are_cut_and_backed_off(hostile: Hostile, s
         assert not ep.scrape_ok and ep.metrics is None and is_stale(ep, 0.0), route
         # backed off: the good pod was polled every 20 ms, the bad ones at 40, 80, 160, 400, 400... ms
         assert polls[route] * 4 < polls["/good"], (route, polls)
-    assert s.polls_ok == polls["/good"]  # every good poll was the good pod's
+    assert polls["/good"] - 1 <= ok <= polls["/good"]  # every good poll was the good pod's
     # the poller stopped reading at the cap: a stream's writer saw the connection go well before its end
     assert all(n < 64 * CAP for n in hostile.sent["/endless"]), hostile.sent["/endless"]
     assert "/huge" in hostile.sent
