@@ -899,7 +899,10 @@ VARIANTS = {"prefix6": _v_prefix6, "no-kv": _v_no_kv, "own-load": _v_own_load, "
             "backlog2-hit50-scale40ms": _backlog(2, minHit=0.5, scaleSeconds=0.04),
             "backlog2-hit50-move1s": _backlog(2, minHit=0.5, moveEverySeconds=1.0),
             "backlog2-hit50-move4s": _backlog(2, minHit=0.5, moveEverySeconds=4.0),
-            "backlog1.5-hit50-move4s": _backlog(1.5, minHit=0.5, moveEverySeconds=4.0)}
+            "backlog1.5-hit50-move4s": _backlog(1.5, minHit=0.5, moveEverySeconds=4.0),
+            "backlog1.5-hit50-move4s-idle": _backlog(1.5, minHit=0.5, moveEverySeconds=4.0, moveToIdleOnly=True),
+            "backlog1.5-hit50-idle": _backlog(1.5, minHit=0.5, moveToIdleOnly=True),
+            "backlog2-hit50-idle": _backlog(2, minHit=0.5, moveToIdleOnly=True)}
 
 
 def variant_text(name: str) -> str:

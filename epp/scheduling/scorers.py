@@ -370,6 +370,7 @@ class PrefillBacklogParams:
     own_share: float = 0.0
     min_hit: float = 0.0
     move_every: float = 0.0
+    move_to_idle: bool = False
 
 
 _CHARS_PER_TOKEN = 4.0  # the datastore's prompt-token estimate
@@ -415,6 +416,7 @@ class PrefillBacklogScorer:
             own_share=p.number("ownShare", 0.0, lo=0.0, hi=1.0),
             min_hit=p.number("minHit", 0.0, lo=0.0, hi=1.0),
             move_every=p.number("moveEverySeconds", 0.0, lo=0.0, hi=3600.0),
+            move_to_idle=p.boolean("moveToIdleOnly", False),
         )
         p.done()
         return out
@@ -442,25 +444,31 @@ class PrefillBacklogScorer:
         c = self.p.scale_seconds
         base = min(waits) + c
         scores = [base / (w + c) for w in waits]
-        if self.p.move_every > 0.0:
-            scores = self._hold_moves(cycle.request, endpoints, scores, now)
+        if self.p.move_every > 0.0 or self.p.move_to_idle:
+            scores = self._hold_moves(cycle.request, endpoints, scores, now, waits)
         return scores
 
     def _hold_moves(self, request: SchedulingRequest, endpoints: Sequence[Endpoint], scores: list[float],
-                    now: float) -> list[float]:
-        """moveEverySeconds: within that long of the last move away from the pod holding most of this
-        prompt, pods holding less than minHit of it score no better than the worst pod that holds it
-        (one copy of a hot prefix per period; a burst does not scatter it)."""
+                    now: float, waits: list[float]) -> list[float]:
+        """Pods holding less than minHit of this prompt score no better than the worst pod that holds it
+        within moveEverySeconds of the last move away from the pod holding most of it (one copy of a
+        hot prefix per period; a burst does not scatter it), and, with moveToIdleOnly, while they
+        still have prefills of ours pending (a copy costs a cold prefill: only an idle pod gains)."""
         ratios = self._ratios(request, endpoints)
         warm = self._warm(ratios)
         if not any(warm):  # no pod holds it: nothing to copy, nothing to hold back
             return scores
-        best = max(range(len(endpoints)), key=ratios.__getitem__)
-        last = self._moved.get(endpoints[best].address)
-        if last is None or now - last >= self.p.move_every:
+        held = False
+        if self.p.move_every > 0.0:
+            best = max(range(len(endpoints)), key=ratios.__getitem__)
+            last = self._moved.get(endpoints[best].address)
+            held = last is not None and now - last < self.p.move_every
+        idle_only = self.p.move_to_idle and not held
+        if not held and not idle_only:
             return scores
         floor = min(sc for sc, w in zip(scores, warm, strict=True) if w)
-        return [sc if w else min(sc, floor) for sc, w in zip(scores, warm, strict=True)]
+        return [sc if w or (idle_only and wt <= 0.0) else min(sc, floor)
+                for sc, w, wt in zip(scores, warm, waits, strict=True)]
 
     def _warm(self, ratios: list[float]) -> list[bool]:
         cut = self.p.min_hit or 0.5

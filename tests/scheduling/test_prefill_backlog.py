@@ -214,3 +214,22 @@ def test_move_every_lets_one_copy_of_a_hot_prefix_through_per_period():
 def _with(r, eps, ratios):  # type: ignore[no-untyped-def]
     r.scratch["prefix-scores:prefix-cache-scorer"] = (eps, ratios)
     return r
+
+
+def test_move_to_idle_only_copies_a_hot_prefix_only_to_a_pod_with_nothing_pending():
+    """moveToIdleOnly: a pod without the prompt's prefix scores no better than the worst pod holding
+    it while prefills of ours are pending there; an idle cold pod is scored as usual."""
+    eps = [ep(1), ep(2), ep(3)]
+    s = PrefillBacklogScorer("b", PrefillBacklogParams(1000.0, 0.01, 0.02, min_hit=0.5, move_to_idle=True), CTX)
+    decide(s, req("x" * 4000), eps, 100.0, 0, prefix=[0.0, 0.0, 0.0])  # pod 1 busy to 101.01
+    decide(s, req("y" * 400), eps, 100.0, 1, prefix=[0.0, 0.0, 0.0])  # pod 2 busy to 100.11
+    scores = s.score(Cycle(_with(req("a" * 400), eps, [0.9, 0.0, 0.0]), 100.05, 0.2), eps)
+    assert scores[2] == 1.0  # idle and cold: free to take a copy
+    assert scores[1] == pytest.approx(scores[0]) and scores[0] < 0.1  # busy and cold: held to pod 1's
+    plain = PrefillBacklogScorer("p", PrefillBacklogParams(1000.0, 0.01, 0.02, min_hit=0.5), CTX)
+    decide(plain, req("x" * 4000), eps, 100.0, 0, prefix=[0.0, 0.0, 0.0])
+    decide(plain, req("y" * 400), eps, 100.0, 1, prefix=[0.0, 0.0, 0.0])
+    assert plain.score(Cycle(_with(req("a" * 400), eps, [0.9, 0.0, 0.0]), 100.05, 0.2), eps)[1] > 0.1
+    text_ = PROFILE.replace("tokensPerSecond: 20000", "moveToIdleOnly: 3")
+    with pytest.raises(ConfigError, match="moveToIdleOnly"):
+        load_config(text_)
