@@ -437,7 +437,7 @@ class PrefillBacklogScorer:
             seen = cycle.request.scratch.get(self._scores_key)
             if seen is None or not seen[1] or max(seen[1]) < self.p.min_hit:
                 return [1.0] * len(endpoints)
-        waits = [max(0.0, until.get(ep.address, 0.0) - now) for ep in endpoints]
+        pending = waits = [max(0.0, until.get(ep.address, 0.0) - now) for ep in endpoints]
         if share:
             costs = self._costs(cycle.request, endpoints)
             waits = [w + share * cost for w, cost in zip(waits, costs, strict=True)]
@@ -445,11 +445,11 @@ class PrefillBacklogScorer:
         base = min(waits) + c
         scores = [base / (w + c) for w in waits]
         if self.p.move_every > 0.0 or self.p.move_to_idle:
-            scores = self._hold_moves(cycle.request, endpoints, scores, now, waits)
+            scores = self._hold_moves(cycle.request, endpoints, scores, now, pending)
         return scores
 
     def _hold_moves(self, request: SchedulingRequest, endpoints: Sequence[Endpoint], scores: list[float],
-                    now: float, waits: list[float]) -> list[float]:
+                    now: float, pending: list[float]) -> list[float]:
         """Pods holding less than minHit of this prompt score no better than the worst pod that holds it
         within moveEverySeconds of the last move away from the pod holding most of it (one copy of a
         hot prefix per period; a burst does not scatter it), and, with moveToIdleOnly, while they
@@ -467,8 +467,8 @@ class PrefillBacklogScorer:
         if not held and not idle_only:
             return scores
         floor = min(sc for sc, w in zip(scores, warm, strict=True) if w)
-        return [sc if w or (idle_only and wt <= 0.0) else min(sc, floor)
-                for sc, w, wt in zip(scores, warm, waits, strict=True)]
+        return [sc if w or (idle_only and left <= 0.0) else min(sc, floor)
+                for sc, w, left in zip(scores, warm, pending, strict=True)]
 
     def _warm(self, ratios: list[float]) -> list[bool]:
         cut = self.p.min_hit or 0.5

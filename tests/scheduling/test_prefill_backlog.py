@@ -233,3 +233,13 @@ def test_move_to_idle_only_copies_a_hot_prefix_only_to_a_pod_with_nothing_pendin
     text_ = PROFILE.replace("tokensPerSecond: 20000", "moveToIdleOnly: 3")
     with pytest.raises(ConfigError, match="moveToIdleOnly"):
         load_config(text_)
+
+
+def test_move_to_idle_only_reads_the_clock_not_the_own_share():
+    """With ownShare, an idle cold pod's wait includes this request's own prefill; it is still idle."""
+    eps = [ep(1), ep(2)]
+    params = PrefillBacklogParams(1000.0, 0.01, 0.02, own_share=1.0, min_hit=0.5, move_to_idle=True)
+    s = PrefillBacklogScorer("b", params, CTX)
+    decide(s, req("x" * 4000), eps, 100.0, 0, prefix=[0.0, 0.0])  # pod 1 busy to 101.01
+    scores = s.score(Cycle(_with(req("a" * 400), eps, [0.9, 0.0]), 100.05, 0.2), eps)
+    assert scores[1] == 1.0 and scores[0] < 0.2  # not held to pod 1 (0.13)
