@@ -463,11 +463,10 @@ class PrefillBacklogScorer:
             best = max(range(len(endpoints)), key=ratios.__getitem__)
             last = self._moved.get(endpoints[best].address)
             held = last is not None and now - last < self.p.move_every
-        idle_only = self.p.move_to_idle and not held
-        if not held and not idle_only:
+        if not held and not self.p.move_to_idle:
             return scores
         floor = min(sc for sc, w in zip(scores, warm, strict=True) if w)
-        return [sc if w or (idle_only and left <= 0.0) else min(sc, floor)
+        return [sc if w or (not held and left <= 0.0) else min(sc, floor)
                 for sc, w, left in zip(scores, warm, pending, strict=True)]
 
     def _warm(self, ratios: list[float]) -> list[bool]:
