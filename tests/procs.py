@@ -20,6 +20,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free loopback ports: all held bound at once, since one released port may be the
+    next one the OS hands out (two free_port() calls in a row can return the same port)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+
+
 async def wait_serving(hport: int, timeout: float = 30.0) -> None:
     """Poll the readiness health service on 127.0.0.1:`hport` until SERVING; AssertionError after `timeout`."""
     end = time.monotonic() + timeout

@@ -19,7 +19,7 @@ import pytest
 
 from epp.scheduling import session
 from tests.extproc_client import body_chunks, chat, exchange, request_headers, response_headers, set_headers
-from tests.procs import free_port, wait_serving
+from tests.procs import free_port, free_ports, wait_serving
 
 EPS = ["127.0.0.1:9", "127.0.0.1:10", "127.0.0.1:11"]
 CURRENT, OLDER = b"k" * 32, b"an-older-key-still-accepted-0001"
@@ -90,7 +90,7 @@ def running_picker(tmp_path: Path) -> Iterator[Any]:
     procs: list[subprocess.Popen[str]] = []
 
     def start(*extra: str, env: dict[str, str] | None = None) -> tuple[int, int]:
-        port, hport = free_port(), free_port()
+        port, hport = free_ports(2)
         p = subprocess.Popen(_argv("--config-text", CONFIG, *extra, port=port, hport=hport), env=env or _env(),
                              stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True)
         procs.append(p)

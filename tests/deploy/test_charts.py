@@ -40,7 +40,7 @@ from tests.deploy.charts import (
 )
 from tests.deploy.crdschema import Validator
 from tests.deploy.envoy_run import envoy_binary, validate
-from tests.procs import free_port
+from tests.procs import free_port, free_ports
 
 CRDS = Validator()
 K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version() + ".0")
@@ -654,7 +654,7 @@ def _start_picker(
     for attempt in range(3):
         run = workdir / f"run{attempt}"
         run.mkdir()
-        ports = {"grpc": free_port(), "health": free_port(), "metrics": free_port()}
+        ports = dict(zip(("grpc", "health", "metrics"), free_ports(3), strict=True))
         log_path = run / "picker.log"
         with log_path.open("w") as log:
             args = [*local_args(out, run, ports), *extra]

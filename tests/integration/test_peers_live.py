@@ -16,7 +16,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
 from tests.extproc_client import body_chunks, chat, request_headers, set_headers
 from tests.integration.test_scheduling_live import vllm_page
-from tests.procs import free_port, wait_serving
+from tests.procs import free_ports, wait_serving
 
 DEST = "x-gateway-destination-endpoint"
 
@@ -44,7 +44,7 @@ async def two_pages() -> AsyncIterator[list[str]]:
 
 def start(eps: list[str], key: str, peer_port: int, peer_of: int,
           peers: bool) -> tuple[subprocess.Popen[bytes], int, int]:
-    port, hport = free_port(), free_port()
+    port, hport = free_ports(2)
     argv = [sys.executable, "-m", "epp", "--pool-name", "p", "--endpoints", ",".join(eps),
             "--grpc-port", str(port), "--grpc-health-port", str(hport), "--metrics-port", "0",
             "--bind-address", "127.0.0.1", "--secure-serving=false", "--ha-mode", "active-active",
@@ -72,7 +72,7 @@ async def test_requests_in_flight_on_one_replica_steer_the_other(two_pages: list
     x, y = two_pages
     key = tmp_path / "key"
     key.write_text("a-shared-session-key-of-32-bytes!\n")
-    pa, pb = free_port(), free_port()
+    pa, pb = free_ports(2)
     a, a_port, a_h = start(two_pages, str(key), pa, pb, peers)
     b, b_port, b_h = start(two_pages, str(key), pb, pa, peers)
     try:

@@ -13,7 +13,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.extproc_client import body_chunks, chat, request_headers, response_headers, set_headers
-from tests.procs import free_port, wait_serving
+from tests.procs import free_ports, wait_serving
 
 
 @pytest.fixture
@@ -21,7 +21,7 @@ def picker_proc():
     procs: list[subprocess.Popen] = []
 
     def start(*args: str) -> tuple[subprocess.Popen, int, int]:
-        port, hport = free_port(), free_port()
+        port, hport = free_ports(2)
         p = subprocess.Popen([sys.executable, "-m", "epp", "--grpc-port", str(port), "--grpc-health-port", str(hport),
                               "--metrics-port", "0", "--bind-address", "127.0.0.1", "--log-format", "text", *args],
                              stderr=subprocess.PIPE, text=True)

@@ -19,7 +19,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from epp import cpus
 from epp.cli import cpu_limit, parse_args
 from tests.extproc_client import body_chunks, chat, request_headers, set_headers
-from tests.procs import free_port, wait_serving
+from tests.procs import free_port, free_ports, wait_serving
 
 EPS = "10.0.0.1:8000,10.0.0.2:8000"
 
@@ -125,7 +125,7 @@ def test_flags():
 
 
 async def test_two_workers_share_the_port_and_stop_together():
-    port, hport = free_port(), free_port()
+    port, hport = free_ports(2)
     p = subprocess.Popen([sys.executable, "-m", "epp", "--workers", "2", "--pool-name", "p", "--endpoints", EPS,
                           "--grpc-port", str(port), "--grpc-health-port", str(hport), "--metrics-port", "0",
                           "--bind-address", "127.0.0.1", "--secure-serving=false", "--log-format", "text",
@@ -190,7 +190,7 @@ def cgroup_with_cpu_limit():  # type: ignore[no-untyped-def]
 
 
 async def test_the_default_is_one_worker_per_cpu_of_the_limit(cgroup_with_cpu_limit):  # type: ignore[no-untyped-def]
-    port, hport = free_port(), free_port()
+    port, hport = free_ports(2)
     procs = os.path.join(cgroup_with_cpu_limit, "cgroup.procs")
 
     def enter() -> None:
@@ -235,7 +235,7 @@ def test_a_worker_that_cannot_start_takes_the_rest_down():
 async def test_workers_die_with_a_killed_supervisor():
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
     before = set(os.listdir(shm)) if shm else set()
-    port, hport = free_port(), free_port()
+    port, hport = free_ports(2)
     p = subprocess.Popen([sys.executable, "-m", "epp", "--workers", "2", "--pool-name", "p", "--endpoints", EPS,
                           "--grpc-port", str(port), "--grpc-health-port", str(hport), "--metrics-port", "0",
                           "--bind-address", "127.0.0.1", "--secure-serving=false", "--drain-timeout", "0s",
@@ -288,7 +288,7 @@ async def test_two_workers_poll_each_model_server_once_and_both_route_on_its_pag
     addrs = dict(zip(("busy", "idle"), where, strict=True))
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
     before = set(os.listdir(shm)) if shm else set()
-    port, hport, mport = free_port(), free_port(), free_port()
+    port, hport, mport = free_ports(3)
     p = subprocess.Popen([sys.executable, "-m", "epp", "--workers", "2", "--pool-name", "p",
                           "--endpoints", f"{addrs['busy']},{addrs['idle']}",
                           "--grpc-port", str(port), "--grpc-health-port", str(hport), "--metrics-port", str(mport),
@@ -356,7 +356,7 @@ async def test_two_workers_keep_one_prefix_placement():
     runners, addrs = await serve_pages([app() for _ in range(4)])
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
     before = set(os.listdir(shm)) if shm else set()
-    port, hport = free_port(), free_port()
+    port, hport = free_ports(2)
     p = subprocess.Popen([sys.executable, "-m", "epp", "--workers", "2", "--pool-name", "p",
                           "--endpoints", ",".join(addrs), "--grpc-port", str(port), "--grpc-health-port", str(hport),
                           "--metrics-port", "0", "--bind-address", "127.0.0.1", "--secure-serving=false",
