@@ -134,8 +134,12 @@ async def test_pool_selector_and_ports_change(api: ApiServer, make_source: Make)
 
     api.patch(f"{GROUP_V1}/v1", "InferencePool", POOL, {"spec": {"selector": {"matchLabels": {"app": "new"}}}})
     await wait_for(lambda: addrs(ds) == {"10.0.0.2:8000"}, what="endpoints follow the new selector")
+    # the new watch starts after its list has been applied, so wait for it rather than assert it
+    await wait_for(
+        lambda: any(q.get("labelSelector") == ["app=new"] for q in api.requests_to(PODS_PATH, watch=True)),
+        what="pod watch with the new selector",
+    )
     await wait_for(lambda: api.watch_count("/pods") == 1, what="old pod watch closed")
-    assert any(q.get("labelSelector") == ["app=new"] for q in api.requests_to(PODS_PATH, watch=True))
     # pods of the new selector keep flowing on the new watch
     api.create(pod("d", "10.0.0.4", {"app": "new"}))
     await wait_for(lambda: "10.0.0.4:8000" in ds.endpoints, what="pod on the new watch")
