@@ -3,7 +3,8 @@
 `--manifests PATH` names a file or a directory (read recursively: *.yaml, *.yml, *.json). Every
 document of a kind the picker reads is parsed with the same code the Kubernetes source uses.
 Changes are found by polling mtimes and sizes (no inotify dependency; a 1 s poll of a few files
-costs nothing).
+costs nothing). After the first load, files are stat'ed, read and parsed on a worker thread and only
+the result is applied on the serving loop, so a large manifest being reloaded does not hold up requests.
 
 A file being rewritten must not drop the pool, so a change is applied only when it reads as a
 whole and makes sense; otherwise the file's last good objects stay until it does, and the reason
@@ -148,6 +149,14 @@ class FileSource:
 
     def load(self) -> bool:
         """Read changed files and apply everything to the datastore; True when something changed."""
+        changed = self._scan()
+        if changed or not self.datastore.synced:
+            self._apply()
+        return changed
+
+    def _scan(self) -> bool:
+        """Stat, read and parse the changed files into `_files` (no datastore change: this runs on a
+        worker thread while the picker serves); True when something changed."""
         changed = False
         seen = set()
         for seq_base, path in enumerate(_list_files(self.paths)):
@@ -186,8 +195,6 @@ class FileSource:
         for gone in [p for p in self._files if p not in seen]:
             del self._files[gone]
             changed = True
-        if changed or not self.datastore.synced:
-            self._apply()
         return changed
 
     def _keep(self, path: str, stamp: tuple[int, int], old: _FileState | None, errors: list[str]) -> bool:
@@ -230,7 +237,11 @@ class FileSource:
         while True:
             await asyncio.sleep(self.interval)
             try:
-                self.load()
+                # the files are read and parsed on a thread: a large manifest takes many ms to parse,
+                # which on the serving loop every request would wait for; the datastore changes here
+                changed = await asyncio.to_thread(self._scan)
+                if changed or not self.datastore.synced:
+                    self._apply()
             except Exception:  # never let a bad file stop reloading
                 log.exception("manifest reload failed")
 

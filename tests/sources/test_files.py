@@ -207,3 +207,42 @@ def test_pool_survives_a_file_being_rewritten_while_polled(tmp_path):
         t.join(timeout=10)
     allowed = {("10.0.0.1:8000", "10.0.0.2:8000"), ("10.0.0.1:8000", "10.0.0.3:8000")}
     assert seen <= allowed, seen
+
+
+async def test_a_slow_reload_does_not_hold_up_the_serving_loop(tmp_path, monkeypatch):
+    """Reading and parsing a changed manifest happens off the event loop: the loop keeps running
+    while a (here artificially) slow parse is under way, and the result is applied afterwards."""
+    import asyncio
+
+    from epp.sources import files
+
+    touch(tmp_path / "pool.yaml", POOL)
+    touch(tmp_path / "pods.yaml", PODS)
+    ds = Datastore("p")
+    src = FileSource(ds, [str(tmp_path)], interval=0.05)
+    await src.start()
+    try:
+        assert sorted(ds.endpoints) == ["10.0.0.1:8000", "10.0.0.2:8000"]
+        real = files.parse_file
+        parsing = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def slow_parse(*args, **kwargs):
+            loop.call_soon_threadsafe(parsing.set)
+            time.sleep(0.6)  # a parse this long on the loop would stall every request
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(files, "parse_file", slow_parse)
+        touch(tmp_path / "pods.yaml", PODS.replace("10.0.0.2", "10.0.0.9"))
+        await asyncio.wait_for(parsing.wait(), 5)
+        gaps, last = [], loop.time()
+        deadline = last + 5
+        while sorted(ds.endpoints) != ["10.0.0.1:8000", "10.0.0.9:8000"]:
+            await asyncio.sleep(0.01)
+            now = loop.time()
+            gaps.append(now - last)
+            last = now
+            assert now < deadline, "the reload never applied"
+        assert len(gaps) > 10 and max(gaps) < 0.3, f"the loop stalled during the reload: {max(gaps):.2f} s"
+    finally:
+        await src.stop()
