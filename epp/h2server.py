@@ -290,6 +290,10 @@ class _Conn(asyncio.Protocol):
         self.header_bytes = 0  # the block so far, frame heads included (MAX_HEADER_BLOCK)
         self.header_flags = 0
         self.out: list[bytes] = []
+        # stream id -> the slice of `out` holding its last frames, until written: Envoy ends each
+        # ext_proc stream with END_STREAM and RST_STREAM together, and nothing may be sent on a
+        # stream the client has reset (RFC 9113 §5.1), so the trailers of such a stream are dropped
+        self.unsent_ends: dict[int, tuple[int, int]] = {}
         self.flush_scheduled = False
         self.closing = False
         self.goaway_sent = False
@@ -368,8 +372,12 @@ class _Conn(asyncio.Protocol):
         self.flush_scheduled = False
         tr = self.transport
         out, self.out = self.out, []
+        if self.unsent_ends:
+            self.unsent_ends.clear()
         if tr is not None and not tr.is_closing() and out:
-            tr.write(b"".join(out) if len(out) > 1 else out[0])
+            data = b"".join(out) if len(out) > 1 else out[0]
+            if data:
+                tr.write(data)
 
     def close(self, code: int, why: str) -> None:
         """End the connection: GOAWAY with `code`, then close once the bytes are out."""
@@ -463,6 +471,10 @@ class _Conn(asyncio.Protocol):
             if st is not None:
                 self._abandon(st)
                 self._check_idle()
+            end = self.unsent_ends.pop(sid, None)
+            if end is not None:  # reset before its trailers went out: they are not sent (saves a write)
+                for i in range(*end):
+                    self.out[i] = b""
         elif ftype == GOAWAY:
             self.goaway(NO_ERROR)  # the client stops; we answer what is open and end with it
             self._check_idle()
@@ -904,11 +916,13 @@ class _Conn(asyncio.Protocol):
         if not st.headers_sent:
             st.headers_sent = True
             block = _RESPONSE_HEADERS + block
+        start = len(self.out)
         self._send(_frame(HEADERS, END_HEADERS | END_STREAM, st.id, block))
         if not st.remote_closed:
             # the client may stop sending (RFC 9113 §8.1); its late frames are then ignored
             self._send(_frame(RST_STREAM, 0, st.id, _U32.pack(NO_ERROR)))
             st.remote_closed = True
+        self.unsent_ends[st.id] = (start, len(self.out))
         self._maybe_done(st)
 
     def _fail(self, st: _Stream, code: grpc.StatusCode, details: str, rst: int | None = None) -> None:

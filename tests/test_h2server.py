@@ -780,3 +780,60 @@ async def test_random_frames_never_break_the_server(served) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
         unary, _ = _calls(ch)
         assert (await unary(Req(service="abcd"), timeout=5)).status == 1
+
+
+def _frames_until_ping_ack(sock: socket.socket) -> list[tuple[int, int, int]]:
+    """(type, flags, stream id) of every frame the server sends until its PING ACK."""
+    buf, out = b"", []
+    sock.settimeout(5)
+    while True:
+        while len(buf) >= 9:
+            length = int.from_bytes(buf[:3], "big")
+            if len(buf) < 9 + length:
+                break
+            ftype, flags, sid = buf[3], buf[4], int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF
+            out.append((ftype, flags, sid))
+            buf = buf[9 + length:]
+            if ftype == 0x6 and flags & 0x1:
+                return out
+        data = sock.recv(1 << 16)
+        assert data, "connection closed"
+        buf += data
+
+
+async def test_a_stream_reset_with_its_end_gets_no_trailers() -> None:
+    """Envoy ends an ext_proc stream with END_STREAM and RST_STREAM in one write: the handler's
+    state still closes, and the trailers it would have answered are not sent (nothing may go out
+    on a stream the client reset, and it saves a write a request). END_STREAM alone gets them."""
+    steps = Steps()
+    srv = GrpcServer({"/t.S/Chat": Method("stream_steps", Req.FromString, steps)})
+    port = await srv.listen("127.0.0.1", 0)
+
+    def run() -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
+        c = Raw(port)
+        seen = []
+        for sid, reset in ((1, True), (3, False)):
+            c.headers(sid, "/t.S/Chat")
+            c.h2.send_data(sid, _msg(Req(service=f"m{sid}")))
+            c.flush()
+            c.events(h2.events.DataReceived)
+            c.h2.end_stream(sid)
+            if reset:
+                c.h2.reset_stream(sid)
+            c.h2.ping(b"marker00")
+            c.flush()  # END_STREAM (+ RST_STREAM) and the PING in one write
+            seen.append(_frames_until_ping_ack(c.sock))
+        return seen[0], seen[1]
+
+    try:
+        reset, ended = await asyncio.to_thread(run)
+        for _ in range(50):
+            if len(steps.closed) == 2:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        await srv.stop(0)
+    HEADERS = 0x1
+    assert not [f for f in reset if f[2] == 1], f"frames sent on the reset stream: {reset}"
+    assert [f for f in ended if f[0] == HEADERS and f[2] == 3], f"no trailers for the ended stream: {ended}"
+    assert sorted(steps.closed) == [["m1"], ["m3"]]
