@@ -885,6 +885,10 @@ VARIANTS = {"prefix6": _v_prefix6, "no-kv": _v_no_kv, "own-load": _v_own_load, "
             # the default since the second round: q4-live-long-nohit1-kv1 with no-hit-lru at half weight
             "new-default": _v_q(4, True, _round2), "spread2-default": _v_q(2, True, _round2),
             "spread3-default": _v_q(3, True, _round2),
+            # fewer moves of a warm prefix under a burst: the queue counts fully only from a spread of 8,
+            # or the prefix match weighs 4 (issue 18, bursty)
+            "spread8-default": _v_q(8, True, _round2), "spread16-default": _v_q(16, True, _round2),
+            "p4-default": _v_q(4, True, lambda d: (_round2(d), _set_weight(d, "prefix-cache-scorer", 4))),
             "sticky500": _v_q(4, True, _sticky_default(500)), "sticky1000": _v_q(4, True, _sticky_default(1000)),
             "sticky2000": _v_q(4, True, _sticky_default(2000)),
             "previous-default": lambda d: None,
