@@ -685,6 +685,14 @@ class Steps:
         self.closed.append(list(state) + (["CLOSED WHILE WAITING"] if id(state) in self.waiting else []))
 
 
+async def _wait_closed(steps: Steps, n: int) -> None:
+    """Until `n` streams' states have closed (at most a second)."""
+    for _ in range(50):
+        if len(steps.closed) == n:
+            return
+        await asyncio.sleep(0.02)
+
+
 async def test_stream_steps_without_a_task_a_stream() -> None:
     steps = Steps()
     srv = GrpcServer({"/t.S/Chat": Method("stream_steps", Req.FromString, steps)})
@@ -728,10 +736,7 @@ async def test_stream_steps_without_a_task_a_stream() -> None:
             await gone.write(Req(service="queue"))
             await asyncio.sleep(0.1)
             gone.cancel()
-            for _ in range(50):
-                if len(steps.closed) == 4:
-                    break
-                await asyncio.sleep(0.02)
+            await _wait_closed(steps, 4)
     finally:
         await srv.stop(0)
     assert steps.opened == 4
@@ -827,10 +832,7 @@ async def test_a_stream_reset_with_its_end_gets_no_trailers() -> None:
 
     try:
         reset, ended = await asyncio.to_thread(run)
-        for _ in range(50):
-            if len(steps.closed) == 2:
-                break
-            await asyncio.sleep(0.02)
+        await _wait_closed(steps, 2)
     finally:
         await srv.stop(0)
     HEADERS = 0x1

@@ -149,7 +149,10 @@ class FileSource:
 
     def load(self) -> bool:
         """Read changed files and apply everything to the datastore; True when something changed."""
-        changed = self._scan()
+        return self._settle(self._scan())
+
+    def _settle(self, changed: bool) -> bool:
+        """Apply the files' objects to the datastore when they changed or it has none yet (on the loop)."""
         if changed or not self.datastore.synced:
             self._apply()
         return changed
@@ -239,9 +242,7 @@ class FileSource:
             try:
                 # the files are read and parsed on a thread: a large manifest takes many ms to parse,
                 # which on the serving loop every request would wait for; the datastore changes here
-                changed = await asyncio.to_thread(self._scan)
-                if changed or not self.datastore.synced:
-                    self._apply()
+                self._settle(await asyncio.to_thread(self._scan))
             except Exception:  # never let a bad file stop reloading
                 log.exception("manifest reload failed")
 

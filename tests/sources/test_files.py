@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import textwrap
 import time
 
 from epp.datastore import Datastore
+from epp.sources import files
 from epp.sources.files import FileSource
 
 POOL = """
@@ -212,10 +214,6 @@ def test_pool_survives_a_file_being_rewritten_while_polled(tmp_path):
 async def test_a_slow_reload_does_not_hold_up_the_serving_loop(tmp_path, monkeypatch):
     """Reading and parsing a changed manifest happens off the event loop: the loop keeps running
     while a (here artificially) slow parse is under way, and the result is applied afterwards."""
-    import asyncio
-
-    from epp.sources import files
-
     touch(tmp_path / "pool.yaml", POOL)
     touch(tmp_path / "pods.yaml", PODS)
     ds = Datastore("p")
