@@ -9,11 +9,16 @@ import gc
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from epp import logs
 from epp.cli import Options, parse_args
+
+if TYPE_CHECKING:
+    from epp import handoff
 
 log = logging.getLogger("epp")
 
@@ -84,22 +89,52 @@ def _worker_dies_with_supervisor() -> None:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def supervise(workers: int, args: list[str]) -> int:
+def supervise(workers: int, args: list[str], opts: Options | None = None) -> int:
     """`--workers N`: N picker processes (`python -m epp` with the same flags) serving one ext_proc
-    port through SO_REUSEPORT, the kernel spreading connections over them; this process only starts
-    them, passes SIGTERM/SIGINT on and waits. Worker 0 serves --metrics-port; the others bind an
-    OS-assigned one. If a worker dies, the others are stopped and its exit code is returned, so the
-    pod restarts whole. The workers share one file in /dev/shm (epp.workershare): worker 0's scrapes
-    and every worker's in-flight counts; its name is removed once every worker has mapped it (the
-    mappings keep it), so nothing is left behind however the supervisor ends. What each worker's
-    plugins learn (prefix placements) goes to the others over ipc:// sockets named after the share."""
-    from epp import workershare
+    port; this process starts them, passes SIGTERM/SIGINT on and waits. With
+    `--worker-connections balanced` (the default, on the native gRPC server) it also holds the
+    port's listener and hands each connection to the worker with the fewest (epp.handoff);
+    otherwise every worker listens through SO_REUSEPORT and the kernel spreads connections.
+    Worker 0 serves --metrics-port; the others bind an OS-assigned one. If a worker dies, the
+    others are stopped and its exit code is returned, so the pod restarts whole. The workers share
+    one file in /dev/shm (epp.workershare): worker 0's scrapes and every worker's in-flight counts;
+    its name is removed once every worker has mapped it (the mappings keep it), so nothing is left
+    behind however the supervisor ends. What each worker's plugins learn (prefix placements) goes
+    to the others over ipc:// sockets named after the share."""
+    from epp import handoff, workershare
 
+    dispatcher = None
+    theirs: list[socket.socket] = []  # the workers' ends of their control streams
+
+    def close_theirs() -> None:  # once the workers have them: a dead worker's end must read as gone
+        for t in theirs:
+            t.close()
+
+    if opts is not None and opts.worker_connections == "balanced" and opts.grpc_server == "native":
+        try:
+            listener = handoff.bind_listener(opts.grpc_bind_address or opts.bind_address, opts.grpc_port)
+        except OSError as e:
+            log.error("ext_proc port not bound", extra={"port": opts.grpc_port, "error": str(e)})
+            return 1
+        pairs = [handoff.control_pair() for _ in range(workers)]
+        dispatcher = handoff.Dispatcher(listener, [mine for mine, _ in pairs])
+        theirs = [t for _, t in pairs]
     share = workershare.create(workers)
     try:
+        extra: list[list[str]] = [[] for _ in range(workers)]
+        fds: list[tuple[int, ...]] = [() for _ in range(workers)]
+        if dispatcher is not None:
+            for i, t in enumerate(theirs):
+                extra[i] = ["--worker-handoff-fd", str(t.fileno())]
+                fds[i] = (t.fileno(),)
         return _run_workers(workers, [*args, "--worker-share", share],
-                            lambda: workershare.all_attached(share, workers), lambda: os.unlink(share))
+                            lambda: workershare.all_attached(share, workers), lambda: os.unlink(share),
+                            extra=extra, pass_fds=fds, dispatcher=dispatcher,
+                            started=close_theirs)
     finally:
+        close_theirs()
+        if dispatcher is not None:
+            dispatcher.close()
         with contextlib.suppress(OSError):
             os.unlink(share)
         for i in range(workers):  # the workers' ipc:// sockets (epp.workershare.sibling_url), if left
@@ -107,8 +142,12 @@ def supervise(workers: int, args: list[str]) -> int:
                 os.unlink(f"{share}.peer{i}")
 
 
-def _run_workers(workers: int, args: list[str], attached: Callable[[], bool], release: Callable[[], None]) -> int:
-    """Start and watch the workers; `release()` once `attached()` (every worker mapped the share)."""
+def _run_workers(workers: int, args: list[str], attached: Callable[[], bool], release: Callable[[], None], *,
+                 extra: list[list[str]] | None = None, pass_fds: list[tuple[int, ...]] | None = None,
+                 dispatcher: handoff.Dispatcher | None = None, started: Callable[[], None] | None = None) -> int:
+    """Start and watch the workers; `release()` once `attached()` (every worker mapped the share).
+    Worker i gets `extra[i]` flags and inherits `pass_fds[i]`; `started()` runs once all exist;
+    `dispatcher` hands them connections while they run."""
     import subprocess
     import time
 
@@ -129,10 +168,13 @@ def _run_workers(workers: int, args: list[str], attached: Callable[[], bool], re
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     for i in range(workers):
-        argv = [sys.executable, "-m", "epp", *args, "--worker-index", str(i)]
+        argv = [sys.executable, "-m", "epp", *args, "--worker-index", str(i), *(extra[i] if extra else [])]
         if i:
             argv += ["--metrics-port", "0"]
-        children.append(subprocess.Popen(argv, preexec_fn=_worker_dies_with_supervisor))
+        children.append(subprocess.Popen(argv, preexec_fn=_worker_dies_with_supervisor,
+                                         pass_fds=pass_fds[i] if pass_fds else ()))
+    if started is not None:
+        started()  # e.g. the workers' ends of their control streams: theirs now, not ours
     rc = 0
     while True:
         running = False
@@ -151,7 +193,10 @@ def _run_workers(workers: int, args: list[str], attached: Callable[[], bool], re
             released = True
             with contextlib.suppress(OSError):
                 release()
-        time.sleep(0.2)
+        if dispatcher is not None:
+            dispatcher.poll(0.2)
+        else:
+            time.sleep(0.2)
 
 
 def _flow_control_on(opts: Options) -> bool:
@@ -192,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         if opts.workers_why:
             log.info("workers", extra={"workers": opts.workers, "why": opts.workers_why})
         # every worker gets the count decided here, whatever it would read of the cgroup itself
-        return supervise(opts.workers, [*args, "--workers", str(opts.workers)])
+        return supervise(opts.workers, [*args, "--workers", str(opts.workers)], opts)
     if opts.event_loop != "asyncio":
         try:
             import uvloop

@@ -262,6 +262,8 @@ class Options:
     workers_why: str = ""  # --workers not given: how the default was chosen (logged at start)
     worker_index: int = -1  # set by the supervisor in each worker process; -1: not a worker
     worker_share: str = ""  # set by the supervisor: the workers' shared-memory file (epp.workershare)
+    worker_connections: str = "balanced"  # --workers: who spreads connections ("balanced": the supervisor)
+    worker_handoff_fd: int = -1  # set by the supervisor: the control stream it hands connections on
     gc_tuning: bool = True  # gc.freeze() after start and higher collector thresholds (epp.__main__)
     worker_prefix_notes: bool = True  # --workers: tell the other workers each routed prefix placement
     # share of requests whose response body crosses the picker when not needed: a sampled stream costs
@@ -408,10 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "2 messages a request, in-flight still counted to the end of the exchange). "
                           "1: every request's headers (default %(default)s)")
     srv.add_argument("--workers", type=_workers, default=None, metavar="N|auto",
-                     help="picker processes serving one ext_proc port (SO_REUSEPORT; the kernel spreads "
-                          "connections over them). Default: the container's CPU limit (limits.cpu) rounded up, "
-                          f"at most {DEFAULT_WORKERS_CAP}; 1 when no limit is set, with --grpc-port 0, leader "
-                          "election, --ha-peers, --mode bbr or flow control on (their state is one process's). "
+                     help="picker processes serving one ext_proc port (--worker-connections says how "
+                          "connections are spread over them). Default: the container's CPU limit (limits.cpu) "
+                          f"rounded up, at most {DEFAULT_WORKERS_CAP}; 1 when no limit is set, with --grpc-port 0, "
+                          "leader election, --ha-peers, --mode bbr or flow control on (their state is one process's). "
                           "auto: the CPU limit, else every CPU of the affinity mask. "
                           "The first worker scrapes the pool and shares each page with the others through shared "
                           "memory (the model servers are polled once, not once per worker); every worker's "
@@ -425,7 +427,15 @@ def build_parser() -> argparse.ArgumentParser:
                           "to ~15%% of the throughput when every prompt is new; docs/benchmarks.md \"Every "
                           "core\"); false: each worker's index is its own and N workers "
                           "place prefixes like N replicas without --ha-peers (default true)")
+    srv.add_argument("--worker-connections", choices=("balanced", "kernel"), default="balanced",
+                     help="with --workers above 1: balanced (default) = this process accepts every ext_proc "
+                          "connection and hands it to the worker holding the fewest (Envoy opens one per "
+                          "worker thread, so a gateway of 2 threads gets one per picker worker); kernel = "
+                          "every worker listens with SO_REUSEPORT and the kernel picks one by a hash of the "
+                          "addresses (two connections land on one worker half the time). --grpc-server "
+                          "grpcio is always kernel. The health port is always SO_REUSEPORT (short probes)")
     srv.add_argument("--worker-index", type=int, default=-1, help=argparse.SUPPRESS)
+    srv.add_argument("--worker-handoff-fd", type=int, default=-1, help=argparse.SUPPRESS)
     srv.add_argument("--worker-share", default="", help=argparse.SUPPRESS)
     srv.add_argument("--gc-tuning", default=True, **B,
                      help="after start, freeze the heap out of the cyclic collector and raise its thresholds "
@@ -656,6 +666,8 @@ def parse_args(argv: list[str]) -> Options:
         workers_why=workers_why,
         worker_index=a.worker_index,
         worker_share=a.worker_share,
+        worker_connections=a.worker_connections,
+        worker_handoff_fd=a.worker_handoff_fd,
         response_body_sample=a.response_body_sample,
         response_headers_sample=a.response_headers_sample,
         shutdown_grace=a.shutdown_grace,

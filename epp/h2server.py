@@ -40,6 +40,8 @@ from urllib.parse import quote
 import grpc
 import hpack
 
+from epp import handoff
+
 log = logging.getLogger("epp.h2server")
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -71,6 +73,7 @@ MAX_RAISE_WORK = 100_000  # waiting streams a connection's larger initial window
 MAX_HEADER_LIST = 64 << 10
 PARTIAL_CAP = 128 << 20  # bytes of unfinished messages a connection may hold before its window stops
 PREFACE_TIMEOUT = 10.0  # seconds a connection may stay silent before its HTTP/2 preface
+HANDSHAKE_TIMEOUT = 10.0  # seconds a TLS handshake may take
 
 _FRAME = struct.Struct(">IBI")  # (24-bit length << 8 | type), flags, stream id: 9 bytes
 _HDR = struct.Struct(">HBBBI")  # writing: length hi 16 bits, lo 8 bits, type, flags, stream id
@@ -259,8 +262,9 @@ class _ProtocolError(Exception):
 class _Conn(asyncio.Protocol):
     """One client connection: frames in, handler tasks per stream, frames out."""
 
-    def __init__(self, server: GrpcServer) -> None:
+    def __init__(self, server: GrpcServer, on_lost: Callable[[], None] | None = None) -> None:
         self.server = server
+        self.on_lost = on_lost  # a connection handed over by a --workers supervisor: tell it it is gone
         self.loop = server.loop
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
@@ -360,6 +364,8 @@ class _Conn(asyncio.Protocol):
         self.blocked_own.clear()
         self.resume_writing()
         self._check_idle()
+        if self.on_lost is not None:
+            self.on_lost()
 
     def _send(self, data: bytes) -> None:
         """Queue bytes for the client; everything queued in one loop iteration is one write."""
@@ -1009,6 +1015,7 @@ class GrpcServer:
         self.conns: set[_Conn] = set()
         self.shutting_down = False
         self._servers: list[asyncio.AbstractServer] = []
+        self._receivers: list[handoff.Receiver] = []  # --workers: connections the supervisor hands over
         self._stopped: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
 
@@ -1019,44 +1026,55 @@ class GrpcServer:
         switches to what it returns once the client's hello is in."""
         self.loop = asyncio.get_running_loop()
         self._stopped = self._stopped or asyncio.Event()
-        tls_ctx = None
-        if ssl_context is not None:
-            tls_ctx = ssl_context()
-            first = tls_ctx
-
-            def switch(obj: Any, _name: str | None, _ctx: ssl.SSLContext) -> None:
-                # called for every handshake, with or without SNI, before the certificate is chosen
-                current = ssl_context()
-                if current is not first:
-                    obj.context = current
-
-            tls_ctx.sni_callback = switch
-        host = host.strip("[]")
-        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, _, _, _, addr = infos[0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        tls_ctx = _reloading_context(ssl_context)
+        sock = handoff.bind_listener(host, port, reuse_port=reuse_port)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6 and not host:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            sock.bind(addr)
-            sock.listen(1024)
-            sock.setblocking(False)
-        except OSError:
+            srv = await self.loop.create_server(lambda: _Conn(self), sock=sock, ssl=tls_ctx,
+                                                ssl_handshake_timeout=HANDSHAKE_TIMEOUT if tls_ctx else None)
+        except BaseException:
             sock.close()
             raise
-        srv = await self.loop.create_server(lambda: _Conn(self), sock=sock, ssl=tls_ctx,
-                                            ssl_handshake_timeout=10.0 if tls_ctx is not None else None)
         self._servers.append(srv)
         return int(sock.getsockname()[1])
+
+    def adopt_from(self, fd: int, *, ssl_context: Callable[[], ssl.SSLContext] | None = None) -> None:
+        """Serve the connections a `--workers` supervisor hands over on the control stream `fd`
+        (epp.handoff), as `listen` serves the ones it accepts."""
+        self.loop = asyncio.get_running_loop()
+        self._stopped = self._stopped or asyncio.Event()
+        tls_ctx = _reloading_context(ssl_context)
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def serve(sock: socket.socket, closed: Callable[[], None]) -> None:
+            try:
+                await self.loop.connect_accepted_socket(
+                    lambda: _Conn(self, on_lost=closed), sock, ssl=tls_ctx,
+                    ssl_handshake_timeout=HANDSHAKE_TIMEOUT if tls_ctx else None)
+            except Exception as e:  # a failed or timed-out handshake, a connection already gone
+                log.debug("handed connection not served", extra={"error": str(e)})
+                sock.close()
+                closed()
+
+        def adopt(sock: socket.socket, closed: Callable[[], None]) -> None:
+            if self.shutting_down:
+                sock.close()
+                closed()
+                return
+            sock.setblocking(False)
+            t = self.loop.create_task(serve(sock, closed))
+            tasks.add(t)
+            t.add_done_callback(tasks.discard)
+
+        rx = handoff.Receiver(fd, self.loop, adopt)
+        rx.start()
+        self._receivers.append(rx)
 
     async def stop(self, grace: float | None) -> None:
         """No new connections or streams; open streams finish within `grace` seconds, then are
         cancelled and the connections closed."""
         self.shutting_down = True
+        for rx in self._receivers:
+            rx.stop()
         for srv in self._servers:
             srv.close()
         conns = list(self.conns)
@@ -1088,6 +1106,23 @@ class GrpcServer:
         if self._stopped is None:
             self._stopped = asyncio.Event()
         await self._stopped.wait()
+
+
+def _reloading_context(factory: Callable[[], ssl.SSLContext] | None) -> ssl.SSLContext | None:
+    """The context to serve TLS with (None: plaintext): `factory()` now, switched at each handshake
+    to what `factory()` returns then, so a reloaded certificate serves new connections."""
+    if factory is None:
+        return None
+    first = factory()
+
+    def switch(obj: Any, _name: str | None, _ctx: ssl.SSLContext) -> None:
+        # called for every handshake, with or without SNI, before the certificate is chosen
+        current = factory()
+        if current is not first:
+            obj.context = current
+
+    first.sni_callback = switch
+    return first
 
 
 def server_context(cert: bytes, key: bytes, client_ca: bytes | None = None) -> ssl.SSLContext:

@@ -475,9 +475,13 @@ class App:
             fixed = h2server.server_context(self.cert.cert, self.cert.key,
                                             tls.read_ca(o.client_ca_file) if mtls else None)
             factory = lambda: fixed  # noqa: E731
-        reuse = o.workers > 1  # --workers: every worker listens on the same port
-        self.grpc_port = await main.listen(o.grpc_bind_address or o.bind_address, o.grpc_port,
-                                           reuse_port=reuse, ssl_context=factory)
+        reuse = o.workers > 1  # --workers: every worker listens on the same port (unless handed connections)
+        if o.worker_handoff_fd >= 0:  # --worker-connections balanced: the supervisor accepts (epp.handoff)
+            main.adopt_from(o.worker_handoff_fd, ssl_context=factory)
+            self.grpc_port = o.grpc_port
+        else:
+            self.grpc_port = await main.listen(o.grpc_bind_address or o.bind_address, o.grpc_port,
+                                               reuse_port=reuse, ssl_context=factory)
         self._servers.append(main)
         if o.grpc_health_port != o.grpc_port or o.grpc_health_port == 0:
             hs = h2server.GrpcServer(health)

@@ -1,9 +1,11 @@
-"""`--workers N`: N picker processes on one ext_proc port (SO_REUSEPORT), started and stopped by
-`python -m epp` as a real process; the kernel spreads connections over them."""
+"""`--workers N`: N picker processes on one ext_proc port, started and stopped by `python -m epp`
+as a real process; the supervisor hands each connection to the worker holding the fewest
+(`--worker-connections balanced`, the default) or the kernel spreads them (SO_REUSEPORT, `kernel`)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -16,7 +18,7 @@ import grpc
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
-from epp import cpus
+from epp import cpus, tls
 from epp.cli import cpu_limit, parse_args
 from tests.extproc_client import body_chunks, chat, request_headers, set_headers
 from tests.procs import free_port, free_ports, wait_serving
@@ -124,12 +126,32 @@ def test_flags():
         parse_args(["--pool-name", "p", "--workers", "2", "--ha-enable-leader-election"])
 
 
-async def test_two_workers_share_the_port_and_stop_together():
+def grpc_conns(pid: int, port: int) -> int:
+    """Established TCP connections a process holds on local port `port` (/proc/<pid>/fd, /proc/net/tcp*)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    n = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            for line in f.read().splitlines()[1:]:
+                cols = line.split()
+                if cols[9] in inodes and cols[3] == "01" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                    n += 1
+    return n
+
+
+@pytest.mark.parametrize("spread", ["balanced", "kernel"])
+async def test_two_workers_share_the_port_and_stop_together(spread: str):
     port, hport = free_ports(2)
     p = subprocess.Popen([sys.executable, "-m", "epp", "--workers", "2", "--pool-name", "p", "--endpoints", EPS,
                           "--grpc-port", str(port), "--grpc-health-port", str(hport), "--metrics-port", "0",
                           "--bind-address", "127.0.0.1", "--secure-serving=false", "--log-format", "text",
-                          "--drain-timeout", "0s", "--shutdown-grace", "1s"], stderr=subprocess.DEVNULL)
+                          "--drain-timeout", "0s", "--shutdown-grace", "1s", "--worker-connections", spread],
+                         stderr=subprocess.DEVNULL)
     try:
         await wait_serving(hport)
         kids = await two_workers(p.pid)
@@ -149,6 +171,71 @@ async def test_two_workers_share_the_port_and_stop_together():
         if p.poll() is None:
             p.kill()  # the workers follow (PR_SET_PDEATHSIG)
             p.wait(timeout=10)
+
+
+async def test_two_connections_always_reach_two_workers(tmp_path):
+    """A gateway of two Envoy threads opens two connections: one per worker, every time (the
+    kernel's hash puts both on one worker half the time), and a closed one's worker gets the next."""
+    port, hport = free_ports(2)
+    pair = tls.self_signed(["localhost"])  # one certificate for both workers (each would make its own)
+    (tmp_path / "tls.crt").write_bytes(pair.cert)
+    (tmp_path / "tls.key").write_bytes(pair.key)
+    p = subprocess.Popen([sys.executable, "-m", "epp", "--workers", "2", "--pool-name", "p", "--endpoints", EPS,
+                          "--grpc-port", str(port), "--grpc-health-port", str(hport), "--metrics-port", "0",
+                          "--bind-address", "127.0.0.1", "--log-format", "text", "--cert-path", str(tmp_path),
+                          "--drain-timeout", "0s", "--shutdown-grace", "1s"], stderr=subprocess.DEVNULL)
+    creds = grpc.ssl_channel_credentials(root_certificates=pair.cert)
+    opts = [("grpc.use_local_subchannel_pool", 1), ("grpc.ssl_target_name_override", "localhost")]
+
+    async def channel() -> grpc.aio.Channel:
+        ch = grpc.aio.secure_channel(f"127.0.0.1:{port}", creds, options=opts)
+        await ch.channel_ready()
+        return ch
+
+    async def counts(want: list[int] | None = None, total: int | None = None) -> list[int]:
+        """Each worker's connections once they are `want` (or add up to `total`), bounded."""
+        got: list[int] = []
+        for _ in range(100):
+            got = [grpc_conns(k, port) for k in kids]
+            if got == want or sum(got) == total:
+                break
+            await asyncio.sleep(0.05)
+        return got
+
+    async def close(ch: grpc.aio.Channel) -> None:
+        await ch.close()
+        await asyncio.sleep(0.3)  # the worker sees the end and tells the supervisor (milliseconds)
+
+    try:
+        await wait_serving(hport)
+        kids = await two_workers(p.pid)
+        await asyncio.sleep(1.0)  # both taking connections
+        for _ in range(4):
+            chans = [await channel() for _ in range(2)]
+            assert await counts([1, 1]) == [1, 1]
+            for ch in chans:
+                await close(ch)
+            assert await counts([0, 0]) == [0, 0]
+        a, b = await channel(), await channel()
+        third = await channel()
+        assert sorted(await counts(total=3)) == [1, 2]
+        await close(third)  # on the worker that held 1: both hold 1 again
+        assert await counts([1, 1]) == [1, 1]
+        held_a = [grpc_conns(k, port) for k in kids]
+        await close(a)
+        after = await counts(total=1)
+        again = await channel()  # goes where a left
+        assert await counts([1, 1]) == [1, 1], (held_a, after)
+        for ch in (b, again):
+            await ch.close()
+    finally:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout=20)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
 
 
 @pytest.fixture
