@@ -1,6 +1,7 @@
 """`--workers` 1 -> 2: routed requests per second and CPU per request of the picker's processes.
 
     .venv/bin/python bench/worker_scaling.py [SECONDS] [--profile lean] [--workers 1 2] [--repeat R]
+        [--connections 16] [--spread balanced kernel]
 
 The picker runs as `python -m epp --workers N` (plaintext, 16 static endpoints on loopback metric
 pages, bench/extproc_cost.py's), unpinned. The load generator is `h2load` (C, Debian's
@@ -8,7 +9,8 @@ pages, bench/extproc_cost.py's), unpinned. The load generator is `h2load` (C, De
 gRPC client left no free core for a second worker on a 2-core machine): each of its requests is
 one ext_proc stream carrying the gRPC-framed messages Envoy sends for one request of the profile
 (request headers, then the body with end_of_stream), closed loop over 16 connections of 8 streams
-(SO_REUSEPORT spreads connections, not streams, over the workers). h2load sees HTTP status only,
+(`--connections`; the supervisor, or SO_REUSEPORT with `--spread kernel`, spreads connections, not
+streams, over the workers). h2load sees HTTP status only,
 so the picker's own /metrics (worker 0 merges every worker's counters) checks that every stream
 was routed and none failed. CPU is read from /proc for the supervisor and every worker, and from
 rusage for h2load; the figure per request divides by the requests the picker counted.
@@ -113,10 +115,13 @@ def stop(p: subprocess.Popen[bytes]) -> None:
 
 
 def run(workers: int, pickers: int, secs: float, addrs: list[str], server_pid: int, body: str,
-        extra: tuple[str, ...] = ()) -> Row:
+        extra: tuple[str, ...] = (), connections: int = 16, spread: str = "") -> Row:
     """`pickers` independent pickers of `workers` workers each, every one driven by its own h2load
-    (16 connections in all), at the same time. pickers=2 with 1 worker is the control: two
-    processes that share nothing, i.e. what this machine allows two serving loops."""
+    (`connections` in all), at the same time; `spread`: their --worker-connections. pickers=2 with
+    1 worker is the control: two processes that share nothing, i.e. what this machine allows two
+    serving loops."""
+    if spread:
+        extra = (*extra, "--worker-connections", spread)
     started = [start_picker(workers, addrs, extra) for _ in range(pickers)]
     try:
         for _, port, metrics_port in started:
@@ -124,7 +129,7 @@ def run(workers: int, pickers: int, secs: float, addrs: list[str], server_pid: i
             wait_port(metrics_port, timeout=60)
         time.sleep(1.5)  # every worker listening
         pids = [x for p, _, _ in started for x in ([p.pid, *children(p.pid)] if workers > 1 else [p.pid])]
-        conns = 16 // pickers
+        conns = max(1, connections // pickers)
 
         def drive(seconds: float) -> list[tuple[float, int, int, float]]:
             with ThreadPoolExecutor(pickers) as pool:
@@ -145,6 +150,8 @@ def run(workers: int, pickers: int, secs: float, addrs: list[str], server_pid: i
         lost = sum(r[2] for r in results) + int(errors) + max(0, done - int(routed))
         label = f"{workers} worker{'s' if workers > 1 else ''}" if pickers == 1 else \
             f"control: {pickers} independent pickers"
+        if spread:
+            label += f" ({spread})"
         return Row(label, len(pids), sum(r[0] for r in results), 1e6 * cpu / max(routed, 1),
                    100 * sum(r[3] for r in results) / wall, 100 * served / wall, lost)
     finally:
@@ -160,6 +167,12 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="rounds of every case, interleaved")
     ap.add_argument("--picker-arg", action="append", default=[], metavar="FLAG",
                     help="an extra flag for every picker, e.g. --picker-arg=--worker-prefix-notes=false")
+    ap.add_argument("--connections", type=int, default=16,
+                    help="h2load's connections in all (8 streams each; default 16). A gateway opens one per "
+                         "Envoy worker thread, so 2 or 4 is what a small one sends")
+    ap.add_argument("--spread", nargs="+", default=[""], choices=["", "balanced", "kernel"],
+                    help="run the multi-worker cases once per --worker-connections value (default: the "
+                         "picker's default only)")
     ap.add_argument("--no-control", action="store_true",
                     help="leave out the control (two independent single-worker pickers, each its own h2load)")
     a = ap.parse_args()
@@ -168,13 +181,14 @@ def main() -> None:
     body = f"/tmp/epp-worker-scaling-{os.getpid()}.bin"
     with open(body, "wb") as f:
         f.write(stream_body(a.profile))
-    cases = [(w, 1) for w in a.workers] + ([] if a.no_control else [(1, 2)])
+    cases = [(w, 1, sp) for w in a.workers for sp in (a.spread if w > 1 else [""])] + \
+        ([] if a.no_control else [(1, 2, "")])
     ms, addrs = metrics_server(16)
     try:
         with open("/proc/loadavg") as f:
             load0 = f.read().split()[0]
-        rows = [run(w, n, a.seconds, addrs, ms.pid, body, tuple(a.picker_arg))
-                for _ in range(a.repeat) for w, n in cases]
+        rows = [run(w, n, a.seconds, addrs, ms.pid, body, tuple(a.picker_arg), a.connections, sp)
+                for _ in range(a.repeat) for w, n, sp in cases]
         with open("/proc/loadavg") as f:
             load1 = f.read().split()[0]
     finally:
@@ -182,8 +196,8 @@ def main() -> None:
         ms.wait()
         os.unlink(body)
     k = len(cases)
-    print(f"{a.profile} profile, 16 endpoints, 1 KB chat, h2load 16 connections x 8 streams, {os.cpu_count()} CPUs, "
-          f"load average {load0} -> {load1}")
+    print(f"{a.profile} profile, 16 endpoints, 1 KB chat, h2load {a.connections} connections x 8 streams, "
+          f"{os.cpu_count()} CPUs, load average {load0} -> {load1}")
     print(f"| case | req/s | x the {rows[0].label} run of its round | CPU µs / request (all picker processes) "
           "| h2load, % of a core | metrics pages' server, % of a core | failed |")
     print("|---|---|---|---|---|---|---|")
