@@ -183,19 +183,24 @@ class Receiver:
         self.adopt = adopt
         self._pending = bytearray()  # reports the control stream had no room for yet
         self._reading = False
+        self._taking = False
         self.adopted = 0
+        self.refused = 0  # handed after stop() and closed (tests)
 
     def start(self) -> None:
         """Take connections from now on."""
-        self.loop.add_reader(self.ctrl.fileno(), self._readable)
-        self._reading = True
+        if not self._reading:
+            self.loop.add_reader(self.ctrl.fileno(), self._readable)
+            self._reading = True
+        self._taking = True
         self._say(READY)
 
     def stop(self) -> None:
-        """Take no more; connections already adopted are the server's to close."""
-        if self._reading:
-            self.loop.remove_reader(self.ctrl.fileno())
-            self._reading = False
+        """Take no more; connections already adopted are the server's to close. The control stream
+        is still read: a connection the supervisor sent before it read STOPPED is closed at once
+        (the client reconnects, to another worker), not left unanswered in the stream until exit."""
+        if self._taking:
+            self._taking = False
             self._say(STOPPED)
 
     def _readable(self) -> None:
@@ -212,8 +217,9 @@ class Receiver:
                 return
             for fd in fds:
                 sock = socket.socket(fileno=fd)
-                if not self._reading:
+                if not self._taking:
                     sock.close()
+                    self.refused += 1
                     self._say(CLOSED)
                     continue
                 self.adopted += 1

@@ -137,6 +137,26 @@ async def test_with_every_worker_stopped_new_connections_are_not_accepted() -> N
         s.close()
 
 
+async def test_a_connection_handed_as_the_worker_stops_is_closed_not_left_unanswered() -> None:
+    """The supervisor may hand one more connection before it reads STOPPED: the stopping worker
+    closes it (the client reconnects elsewhere) and reports it closed."""
+    with dispatcher(1) as (d, ends):
+        w = Worker(ends[0])
+        w.rx.start()
+        await settle(d, lambda: d.workers[0].ready)
+        w.rx.stop()  # STOPPED is on its way; the dispatcher has not read it yet
+        s = connect(d.port)
+        conn, _ = d.listener.accept()
+        with conn:
+            d._hand(conn)  # as a poll that found the connection before the report would
+        assert d.open_counts() == [1]
+        await settle(d, lambda: w.rx.refused == 1 and d.open_counts() == [0] and d.workers[0].stopped)
+        assert not w.held
+        s.settimeout(5)
+        assert s.recv(1) == b""  # closed, not hanging until the worker exits
+        s.close()
+
+
 def test_a_busy_port_is_an_error() -> None:
     first = handoff.bind_listener("127.0.0.1", 0)
     try:
@@ -181,4 +201,5 @@ async def test_a_grpc_server_serves_handed_tls_connections_and_reports_their_end
         finally:
             await srv.stop(0)
             await poller
-    assert srv._receivers[0]._reading is False  # stop() told the supervisor
+        d.poll(0.5)
+        assert d.workers[0].stopped  # stop() told the supervisor
