@@ -118,6 +118,18 @@ class Dispatcher:
         return [w for w in self.workers if w.ready and not w.stopped]
 
     def _update_listening(self) -> None:
+        if self.listener.fileno() < 0:
+            return
+        if all(w.stopped for w in self.workers):
+            # shutting down (or every worker gone): refuse from now on, as a single process closes
+            # its listener, so a client tries another replica at once instead of waiting in the
+            # backlog for a worker that will never take it
+            if self._listening:
+                self.sel.unregister(self.listener)
+                self._listening = False
+            self.listener.close()
+            log.info("ext_proc listener closed: every worker stopped")
+            return
         want = bool(self._candidates())
         if want and not self._listening:
             self.sel.register(self.listener, selectors.EVENT_READ, None)

@@ -122,19 +122,25 @@ async def test_connections_wait_for_a_ready_worker_and_skip_stopped_and_dead_one
             s.close()
 
 
-async def test_with_every_worker_stopped_new_connections_are_not_accepted() -> None:
-    with dispatcher(1) as (d, ends):
-        w = Worker(ends[0])
-        w.rx.start()
-        await settle(d, lambda: d.workers[0].ready)
-        w.rx.stop()
+async def test_with_every_worker_stopped_the_port_refuses_connections() -> None:
+    """Shutting down: once the last worker says it stopped, the listener closes (a client goes to
+    another replica at once, as when a single process closes its own); until then it listens."""
+    with dispatcher(2) as (d, ends):
+        a, b = Worker(ends[0]), Worker(ends[1])
+        a.rx.start()
+        b.rx.start()
+        port = d.port
+        await settle(d, lambda: all(w.ready for w in d.workers))
+        a.rx.stop()
         await settle(d, lambda: d.workers[0].stopped)
-        s = connect(d.port)
-        for _ in range(20):
-            d.poll(0)
-            await asyncio.sleep(0.005)
-        assert not w.held and d.workers[0].handed == 0
+        s = connect(port)  # one worker still serves
+        await settle(d, lambda: len(b.held) == 1)
         s.close()
+        b.rx.stop()
+        await settle(d, lambda: d.workers[1].stopped and d.listener.fileno() < 0)
+        with pytest.raises(ConnectionRefusedError):
+            connect(port)
+        assert not a.held and d.workers[0].handed == 0
 
 
 async def test_a_connection_handed_as_the_worker_stops_is_closed_not_left_unanswered() -> None:
