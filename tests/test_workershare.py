@@ -157,6 +157,42 @@ def test_every_workers_in_flight_counts_are_summed_before_a_decision(pair: tuple
     assert w0.activity(a0) == (3, 250)  # the scraper's signal: every worker's
 
 
+def test_the_fold_into_the_same_endpoints_stands_for_a_millisecond(
+        pair: tuple[WorkerShare, WorkerShare], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decisions within FOLD_EVERY of each other on the pool's one candidate tuple read the others'
+    cells once; this worker's own routing still moves the counts in between; another tuple, or a
+    later decision, reads them again."""
+    w0, w1 = pair
+    a0, a1 = ep(A), ep(A)
+    w0.added(A)
+    w1.sync_directory()
+    w1.refresh([a1])
+    clock = [1000.0]
+    monkeypatch.setattr(workershare.time, "monotonic", lambda: clock[0])
+    pool = (a0,)
+    w0.refresh(pool)
+    assert a0.inflight == 0
+    a1.inflight += 2
+    w1.routed(a1, 2, 20)  # worker 1 sends two
+    a0.inflight += 1
+    w0.routed(a0, 1, 5)  # and worker 0 one, before its next decision
+    clock[0] += workershare.FOLD_EVERY / 2
+    w0.refresh(pool)
+    assert a0.inflight == 1  # the fold stands: own count exact, worker 1's as read a moment ago
+    w0.refresh([a0])  # not the pool's tuple (a subset hint's list): read now
+    assert (a0.inflight, a0.inflight_tokens) == (3, 25)
+    w1.routed(a1, -2, -20)
+    w0.refresh(pool)  # the fold was just made into another list: this tuple is read again
+    assert a0.inflight == 1
+    w1.routed(a1, 1, 10)
+    clock[0] += workershare.FOLD_EVERY / 2
+    w0.refresh(pool)
+    assert a0.inflight == 1
+    clock[0] += workershare.FOLD_EVERY
+    w0.refresh(pool)
+    assert (a0.inflight, a0.inflight_tokens) == (2, 15)
+
+
 def test_counts_sent_before_an_endpoint_had_a_slot_are_shared_once_it_has_one(
         pair: tuple[WorkerShare, WorkerShare]) -> None:
     w0, w1 = pair
