@@ -100,8 +100,8 @@ async def serve_pages(apps):  # type: ignore[no-untyped-def]
     return runners, addrs
 
 
-async def stop_all(p: subprocess.Popen[bytes], runners) -> None:  # type: ignore[no-untyped-def]
-    """SIGTERM the supervisor (killed if it does not end), then the page servers."""
+def stop_supervisor(p: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the supervisor; killed if it does not end."""
     p.send_signal(signal.SIGTERM)
     try:
         p.wait(timeout=20)
@@ -109,6 +109,13 @@ async def stop_all(p: subprocess.Popen[bytes], runners) -> None:  # type: ignore
         if p.poll() is None:
             p.kill()
             p.wait(timeout=10)
+
+
+async def stop_all(p: subprocess.Popen[bytes], runners) -> None:  # type: ignore[no-untyped-def]
+    """SIGTERM the supervisor (killed if it does not end), then the page servers."""
+    try:
+        stop_supervisor(p)
+    finally:
         for r in runners:
             await r.cleanup()
 
@@ -229,13 +236,7 @@ async def test_two_connections_always_reach_two_workers(tmp_path):
         for ch in (b, again):
             await ch.close()
     finally:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(timeout=20)
-        finally:
-            if p.poll() is None:
-                p.kill()
-                p.wait(timeout=10)
+        stop_supervisor(p)
 
 
 @pytest.fixture
