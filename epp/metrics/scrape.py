@@ -537,6 +537,10 @@ class ScrapeThread:
             return
         ready = threading.Event()
         failed: list[BaseException] = []
+        try:  # the serving loop's kind (uvloop as shipped): its timers and callbacks cost less per poll
+            make_loop: Callable[[], asyncio.AbstractEventLoop] = type(asyncio.get_running_loop())
+        except RuntimeError:
+            make_loop = asyncio.new_event_loop
 
         def begin() -> None:
             try:
@@ -547,7 +551,7 @@ class ScrapeThread:
 
         def run() -> None:
             _name_os_thread(b"scraper")
-            loop = asyncio.new_event_loop()
+            loop = make_loop()
             self._loop = loop
             asyncio.set_event_loop(loop)
             loop.call_soon(begin)
