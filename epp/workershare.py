@@ -369,7 +369,8 @@ class WorkerShare:
 
     def refresh(self, endpoints: Sequence[Endpoint]) -> None:
         """Before a decision: each endpoint's in-flight figures become all workers' (this one's own
-        counts, exact, plus the others' cells as they are now)."""
+        counts, exact, plus the others' cells as they are now, or as read within FOLD_EVERY for the
+        same endpoint tuple)."""
         if self._written_gen != self._map_gen:
             self._rewrite_own()
         elif endpoints is self._folded and time.monotonic() < self._fold_due:
