@@ -138,8 +138,8 @@ def main() -> None:
     if a.requests < 1 or a.idle_seconds <= 0 or a.repeat < 1:
         sys.exit("picker_instructions: --requests, --idle-seconds and --repeat must be positive")
     with tempfile.TemporaryDirectory(prefix="epp-cg-") as workdir:
-        print(f"picker from {a.tree}; {a.profile}, {a.requests} requests, "
-              f"{'%g/s one at a time' % a.rate if a.rate > 0 else '4 connections x 4 streams'}", flush=True)
+        how = f"{a.rate:g}/s one at a time" if a.rate > 0 else "4 connections x 4 streams"
+        print(f"picker from {a.tree}; {a.profile}, {a.requests} requests, {how}", flush=True)
         for i in range(a.repeat):
             c = count(a.requests, a.profile, a.rate, a.idle_seconds, a.tree, workdir)
             print(f"run {i + 1}: {c.per_request:,.0f} instructions per request "
