@@ -35,6 +35,7 @@ from prometheus_client import (
     disable_created_metrics,
 )
 from prometheus_client.metrics_core import Metric
+from prometheus_client.values import MutexValue
 
 from epp import __version__
 from epp.datastore import Datastore, Endpoint
@@ -163,23 +164,55 @@ def _pod_labels(ep: Endpoint) -> tuple[str, str, str]:
 
 
 Observe = Callable[[float], None]
+Add = Callable[[float], None]
+
+
+def _plain(*values: Any) -> bool:
+    """Whether these are prometheus_client's in-process values (a float beside a lock), which the
+    fast paths below may add to without the lock. Why that is safe: request metrics have one
+    writer, the serving loop (each --workers process has its own), and a reader on the /metrics
+    thread sees a whole float either way. The lock's `with` costs ~3,000 instructions an update,
+    a sixth of the updates' share of a request (bench/picker_instructions.py). Any other value
+    class (the multiprocess mode's files) keeps its own `inc`."""
+    return all(type(v) is MutexValue for v in values)
+
+
+def fast_inc(child: Any) -> Add:
+    """`child.inc` of a Counter or Gauge child without its per-call checks and lock (see `_plain`);
+    a Counter's amount must be non-negative, as `inc` would insist."""
+    value: Any = getattr(child, "_value", None)
+    if not _plain(value):
+        return child.inc  # type: ignore[no-any-return]
+
+    def inc(amount: float = 1.0) -> None:
+        value._value += amount
+
+    return inc
 
 
 def fast_observe(child: Any) -> Observe:
-    """`child.observe` without its per-call checks and linear walk over up to 36 buckets: a bisect
-    into the child's bucket values (prometheus_client's Histogram layout: `_upper_bounds`,
-    `_buckets`, `_sum`). Falls back to `observe` when the layout is not that one."""
+    """`child.observe` without its per-call checks, lock (see `_plain`) and linear walk over up to
+    36 buckets: a bisect into the child's bucket values (prometheus_client's Histogram layout:
+    `_upper_bounds`, `_buckets`, `_sum`). Falls back to `observe` when the layout is not that one."""
     try:
         bounds, buckets, total = list(child._upper_bounds), child._buckets, child._sum
     except AttributeError:
         return child.observe  # type: ignore[no-any-return]
     if len(bounds) != len(buckets):
         return child.observe  # type: ignore[no-any-return]
+    if _plain(total, *buckets):
+        def observe_plain(value: float) -> None:
+            total._value += value
+            i = bisect_left(bounds, value)
+            if i < len(buckets):  # NaN matches no bucket, as in observe()
+                buckets[i]._value += 1.0
+
+        return observe_plain
 
     def observe(value: float) -> None:
         total.inc(value)
         i = bisect_left(bounds, value)
-        if i < len(buckets):  # NaN matches no bucket, as in observe()
+        if i < len(buckets):
             buckets[i].inc(1)
 
     return observe
@@ -199,7 +232,7 @@ class _Children:
     first_byte: Observe
     ttft_last: Any  # gauge children of inference_request_metric
     tpot_last: Any
-    running: Any
+    running: Add  # the running-requests gauge child's inc (-1 to decrement)
 
 
 # llm-d v0.10 names for the same values: family -> (llm-d family, label renames)
@@ -383,7 +416,8 @@ class Telemetry:
         self._children: dict[tuple[str, str], _Children] = {}
         # (family, label values) -> child; values are bounded (LabelBound, config names, error codes)
         self._labelled: dict[tuple[Any, tuple[str, ...]], Any] = {}
-        self._attempts: dict[tuple[str, str], tuple[Any, tuple[str, ...]]] = {}
+        self._incs: dict[tuple[Any, tuple[str, ...]], Add] = {}
+        self._attempts: dict[tuple[str, str], tuple[Add, tuple[str, ...]]] = {}
         self._served_pods: set[str] = set()
         self._ds: Datastore | None = None
         self._model_table: Any = None
@@ -426,7 +460,7 @@ class Telemetry:
                 first_byte=fast_observe(self.first_byte.labels(model, target)),
                 ttft_last=self.request_metric.labels(model, target, "ttft"),
                 tpot_last=self.request_metric.labels(model, target, "tpot"),
-                running=self.running_requests.labels(model),
+                running=fast_inc(self.running_requests.labels(model)),
             )
             self._children[key] = c
         return c
@@ -435,11 +469,11 @@ class Telemetry:
     def routed(self, ctx: RequestContext) -> None:
         model, target = self._labels(ctx.client_model, ctx.target_model)
         c = self._for(model, target)
-        self._child(self.request_total, model, target, self.priorities(str(ctx.sched.priority))).inc()
-        c.running.inc()
+        self._inc(self.request_total, model, target, self.priorities(str(ctx.sched.priority)))
+        c.running(1.0)
         if ctx.request_size:
             c.req_size(ctx.request_size)
-        self._attempt(target, ctx.endpoints[0] if ctx.endpoints else None).inc()
+        self._attempt(target, ctx.endpoints[0] if ctx.endpoints else None)(1.0)
         self._sched_e2e(ctx.sched_seconds)
         scratch = ctx.sched.scratch
         if scratch:
@@ -455,6 +489,14 @@ class Telemetry:
         if ctx.rewrite_source != "none" and ctx.client_model != ctx.target_model:
             self._child(self.rewrite_decisions, ctx.rewrite_rule, model, target).inc()
 
+    def _inc(self, family: Any, *values: str) -> None:
+        """`family.labels(*values).inc()` through a kept `fast_inc` (request counters)."""
+        key = (family, values)
+        inc = self._incs.get(key)
+        if inc is None:
+            inc = self._incs[key] = fast_inc(self._child(family, *values))
+        inc(1.0)
+
     def _child(self, family: Any, *values: str) -> Any:
         """`family.labels(*values)`, kept: label values here are bounded, and the lookup
         prometheus_client does per call (a lock, a dict) would otherwise repeat per request."""
@@ -464,12 +506,13 @@ class Telemetry:
             child = self._labelled[key] = family.labels(*values)
         return child
 
-    def _attempt(self, target: str, ep: Endpoint | None) -> Any:
+    def _attempt(self, target: str, ep: Endpoint | None) -> Add:
+        """The scheduler-attempts counter's inc for this target and endpoint (None: a failure)."""
         key = (target, ep.address if ep is not None else "")
         hit = self._attempts.get(key)
         if hit is None:
             labels = ("success", target, *_pod_labels(ep)) if ep is not None else ("failure", target, "", "", "")
-            hit = self._attempts[key] = (self.sched_attempts.labels(*labels), labels)
+            hit = self._attempts[key] = (fast_inc(self.sched_attempts.labels(*labels)), labels)
         return hit[0]
 
     def plugin_observed(self, point: str, plugin_type: str, plugin_name: str, seconds: float) -> None:
@@ -480,12 +523,12 @@ class Telemetry:
         model, target = self._labels(model, target)
         self._child(self.request_error_total, model, target, error.code).inc()
         if error.status == 429 and error.code == "ResourceExhausted":
-            self._attempt(target, None).inc()
+            self._attempt(target, None)(1.0)
 
     def finished(self, ctx: RequestContext) -> None:
         model, target = self._labels(ctx.client_model, ctx.target_model)
         c = self._for(model, target)
-        c.running.dec()
+        c.running(-1.0)
         now = time.perf_counter()
         if ctx.routed_at:
             # time from the first request message until the routed reply left: the picker's share

@@ -376,3 +376,39 @@ def test_fast_observe_matches_observe() -> None:
         for s in fam.samples:
             got[s.labels["k"]][s.name + s.labels.get("le", "")] = s.value
     assert got["fast"] == got["slow"]
+
+
+def test_fast_inc_matches_inc_and_leaves_other_values_their_own_inc() -> None:
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+    from epp.telemetry import fast_inc, fast_observe
+
+    r = CollectorRegistry()
+    c = Counter("c", "c", ("k",), registry=r)
+    g = Gauge("g", "g", ("k",), registry=r)
+    fast_c, fast_g = fast_inc(c.labels("fast")), fast_inc(g.labels("fast"))
+    for amount in (1.0, 2.5, 0.0):
+        fast_c(amount)
+        c.labels("slow").inc(amount)
+    for amount in (1.0, 1.0, -1.0, 3.0):
+        fast_g(amount)
+        g.labels("slow").inc(amount)
+    got = {(s.name, s.labels["k"]): s.value for fam in r.collect() for s in fam.samples}
+    assert got[("c_total", "fast")] == got[("c_total", "slow")] == 3.5
+    assert got[("g", "fast")] == got[("g", "slow")] == 4.0
+
+    class FileValue:  # a value class of another kind (as the multiprocess mode's): its own inc runs
+        def __init__(self) -> None:
+            self.calls: list[float] = []
+
+        def inc(self, amount: float) -> None:
+            self.calls.append(amount)
+
+    child = c.labels("other")
+    child._value = FileValue()
+    fast_inc(child)(2.0)
+    assert child._value.calls == [2.0]
+    h = Histogram("h", "h", buckets=(1.0,), registry=r)
+    h._sum = FileValue()
+    fast_observe(h)(0.5)
+    assert h._sum.calls == [0.5]
