@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from extproc_cost import free_port, metrics_server, wait_port
-from worker_scaling import PATH, stream_body
+from worker_scaling import PATH, stop, stream_body
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -102,12 +102,7 @@ def count(requests: int, profile: str, rate: float, idle_s: float, tree: str, wo
         _control(picker.pid, "-d")  # part 2: traffic
         _control(picker.pid, "-i", "off")
     finally:
-        picker.terminate()
-        try:
-            picker.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            picker.kill()
-            picker.wait()
+        stop(picker, timeout=120)  # valgrind writes its last dump on the way out
         srv.kill()
         srv.wait()
     m = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded", run.stdout)

@@ -105,10 +105,11 @@ def start_picker(workers: int, addrs: list[str],
     return subprocess.Popen(argv, stderr=subprocess.DEVNULL), port, metrics_port
 
 
-def stop(p: subprocess.Popen[bytes]) -> None:
+def stop(p: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    """SIGTERM, then SIGKILL after `timeout` s."""
     p.terminate()
     try:
-        p.wait(timeout=20)
+        p.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         p.kill()
         p.wait()
