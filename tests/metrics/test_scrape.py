@@ -263,6 +263,35 @@ async def test_values_follow_the_server(servers: Any, scrapers: Any) -> None:
     await until(lambda: ep.metrics is not None and ep.metrics.waiting == 9)
 
 
+async def test_an_unchanged_page_is_read_once_and_stamped_every_poll(
+        servers: Any, scrapers: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from epp.metrics import scrape
+
+    reads: list[str] = []
+    real = scrape.read_metrics
+
+    def counting(spec: Any, page: Any, now: float) -> Any:
+        reads.append(page)
+        return real(spec, page, now)
+
+    monkeypatch.setattr(scrape, "read_metrics", counting)
+    s = await servers(pages.vllm(waiting=1))
+    ds = datastore(s.address)
+    scraper = scrapers(ds)
+    ep = ds.endpoints[s.address]
+    await until(lambda: scraper.polls_ok >= 5)
+    assert ep.metrics is not None and ep.metrics.waiting == 1
+    assert len(reads) == 1  # five polls of the same bytes, one parse
+    stamp = ep.metrics.updated
+    await until(lambda: ep.metrics is not None and ep.metrics.updated > stamp)  # a reused reading is fresh
+    s.page = pages.vllm(waiting=7)
+    await until(lambda: ep.metrics is not None and ep.metrics.waiting == 7)
+    assert len(reads) == 2
+    s.page = pages.vllm(waiting=1)  # back to the first page: not the last one, so read again
+    await until(lambda: ep.metrics is not None and ep.metrics.waiting == 1)
+    assert len(reads) == 3
+
+
 # ---- failures ---------------------------------------------------------------------------------
 
 
