@@ -1,7 +1,7 @@
 """Instructions the picker executes per routed request, counted by valgrind's callgrind.
 
     .venv/bin/python bench/picker_instructions.py [--requests 3000] [--profile buffered]
-        [--rate 0] [--tree DIR] [--repeat 1]
+        [--rate 0] [--workers 1] [--tree DIR] [--repeat 1]
 
 Why: on a shared 2-core VM a CPU-time figure of the same code moves by 25% or more between
 minutes (docs/benchmarks.md, "Picker cost"), so a change worth 5% cannot be seen in seconds of
@@ -18,7 +18,11 @@ scraping, timers), then `h2load` (Debian's nghttp2-client) sends `--requests` ex
 carrying the messages Envoy sends for one request of `--profile` (request headers, then the
 body), 4 connections of 4 streams, or one stream at a time at `--rate` requests/s. The figure
 per request is the instructions of that phase, less the idle rate over its length, divided by
-the requests. `--tree DIR` runs the picker from another checkout (an A/B against a worktree).
+the requests. `--workers N` runs `--workers N` with valgrind following the children, and counts
+the supervisor and every worker together. `--tree DIR` runs the picker from another checkout (an
+A/B against a worktree). Time runs ~50x slower under valgrind, so what the picker does per
+interval of time (the workers' 1 ms fold of each other's counts, 2 ms note batches) happens per
+request more often here than at full speed.
 """
 
 from __future__ import annotations
@@ -51,7 +55,8 @@ class Count:
 
 
 def _part_totals(prefix: str) -> dict[int, int]:
-    """callgrind dump part -> its instruction total (one file per `callgrind_control -d`)."""
+    """callgrind dump part -> its instruction total, summed over processes (one file per process
+    and `callgrind_control -d`)."""
     out: dict[int, int] = {}
     for path in glob.glob(prefix + "*"):
         part, total = 0, None
@@ -63,16 +68,18 @@ def _part_totals(prefix: str) -> dict[int, int]:
                     total = int(line.split()[1])
                     break
         if total is not None:
-            out[part] = total
+            out[part] = out.get(part, 0) + total
     return out
 
 
-def _control(pid: int, *args: str) -> None:
-    subprocess.run(["callgrind_control", *args, str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   check=True, timeout=60)
+def _control(pid: int | None, *args: str) -> None:
+    """callgrind_control for one process, or (None) for every process valgrind runs here."""
+    subprocess.run(["callgrind_control", *args, *([str(pid)] if pid is not None else [])],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True, timeout=60)
 
 
-def count(requests: int, profile: str, rate: float, idle_s: float, tree: str, workdir: str) -> Count:
+def count(requests: int, profile: str, rate: float, idle_s: float, tree: str, workdir: str,
+          workers: int = 1) -> Count:
     """One picker under callgrind: its idle rate, then `requests` streams."""
     srv, addrs = metrics_server(16)
     body = os.path.join(workdir, "body.bin")
@@ -80,27 +87,31 @@ def count(requests: int, profile: str, rate: float, idle_s: float, tree: str, wo
         f.write(stream_body(profile))
     port = free_port()
     prefix = os.path.join(workdir, f"cg.{time.monotonic_ns()}")
-    argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={prefix}", "--instr-atstart=no",
+    argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={prefix}.%p", "--instr-atstart=no",
+            *(["--trace-children=yes"] if workers > 1 else []),
             sys.executable, "-m", "epp", "--pool-name", "bench", "--endpoints", ",".join(addrs),
             "--secure-serving=false", "--grpc-port", str(port), "--grpc-health-port", str(free_port()),
             "--metrics-port", str(free_port()), "--metrics-endpoint-auth=false", "--bind-address", "127.0.0.1",
             "--log-level", "warning", "--drain-timeout", "0s", "--shutdown-grace", "1s",
-            "--refresh-metrics-interval", "1s"]
+            "--refresh-metrics-interval", "1s", *(["--workers", str(workers)] if workers > 1 else [])]
     picker = subprocess.Popen(argv, cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port, timeout=300)  # Python starts slowly under valgrind
         load = ["h2load", "-t", "1", "-d", body, "-H", "content-type: application/grpc", "-H", "te: trailers"]
         load += ["-c", "1", "-m", "1", "--rps", f"{rate:g}"] if rate > 0 else ["-c", "4", "-m", "4"]
         url = f"http://127.0.0.1:{port}{PATH}"
+        if workers > 1:
+            time.sleep(15)  # every worker up (each imports the picker under valgrind)
         subprocess.run([*load, "-n", "100", url], stdout=subprocess.DEVNULL, check=True, timeout=600)  # warm-up
-        _control(picker.pid, "-i", "on")
+        who = picker.pid if workers == 1 else None  # None: the supervisor and every worker
+        _control(who, "-i", "on")
         time.sleep(idle_s)
-        _control(picker.pid, "-d")  # part 1: idle
+        _control(who, "-d")  # part 1: idle
         t0 = time.monotonic()
         run = subprocess.run([*load, "-n", str(requests), url], capture_output=True, text=True, timeout=1800)
         seconds = time.monotonic() - t0
-        _control(picker.pid, "-d")  # part 2: traffic
-        _control(picker.pid, "-i", "off")
+        _control(who, "-d")  # part 2: traffic
+        _control(who, "-i", "off")
     finally:
         stop(picker, timeout=120)  # valgrind writes its last dump on the way out
         srv.kill()
@@ -124,19 +135,21 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=0.0,
                     help="requests/s one at a time (0: 4 connections x 4 streams, closed loop)")
     ap.add_argument("--idle-seconds", type=float, default=8.0, help="idle window counted first (default %(default)s)")
+    ap.add_argument("--workers", type=int, default=1, help="the picker's --workers (default %(default)s)")
     ap.add_argument("--tree", default=ROOT, help="checkout whose picker runs (default: this one)")
     ap.add_argument("--repeat", type=int, default=1, help="runs (each a fresh picker)")
     a = ap.parse_args()
     for tool in ("valgrind", "callgrind_control", "h2load"):
         if shutil.which(tool) is None:
             sys.exit(f"picker_instructions: `{tool}` not found (Debian: valgrind, nghttp2-client)")
-    if a.requests < 1 or a.idle_seconds <= 0 or a.repeat < 1:
-        sys.exit("picker_instructions: --requests, --idle-seconds and --repeat must be positive")
+    if a.requests < 1 or a.idle_seconds <= 0 or a.repeat < 1 or a.workers < 1:
+        sys.exit("picker_instructions: --requests, --idle-seconds, --repeat and --workers must be positive")
     with tempfile.TemporaryDirectory(prefix="epp-cg-") as workdir:
         how = f"{a.rate:g}/s one at a time" if a.rate > 0 else "4 connections x 4 streams"
-        print(f"picker from {a.tree}; {a.profile}, {a.requests} requests, {how}", flush=True)
+        print(f"picker from {a.tree} (--workers {a.workers}); {a.profile}, {a.requests} requests, {how}",
+              flush=True)
         for i in range(a.repeat):
-            c = count(a.requests, a.profile, a.rate, a.idle_seconds, a.tree, workdir)
+            c = count(a.requests, a.profile, a.rate, a.idle_seconds, a.tree, workdir, a.workers)
             print(f"run {i + 1}: {c.per_request:,.0f} instructions per request "
                   f"({c.ok}/{c.requests} ok, idle {c.idle_per_s / 1e6:.1f} M/s, traffic {c.seconds:.1f} s)",
                   flush=True)
