@@ -93,18 +93,18 @@ class _Target:
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
-def _read(target: _Target, spec: EngineSpec, text: str) -> Metrics:
+def _read(target: _Target, spec: EngineSpec, page: bytes) -> Metrics:
     """`read_metrics` of a polled page, stamped now. A page equal to the target's last one (same
-    engine spec, length and 64-bit digest) reuses that reading: an idle server's page rarely
-    changes, and reading it was half of a poll's CPU (bench/metrics_poller.py). The digest costs
-    ~4 µs for a 40 KB page and keeps nothing of the page; a server that forged a collision would
-    only be read as it was on its previous poll."""
+    engine spec, length and 64-bit digest of its bytes) reuses that reading without decoding it:
+    an idle server's page rarely changes, and reading it was half of a poll's CPU
+    (bench/metrics_poller.py). The digest costs ~4 µs for a 40 KB page and keeps nothing of the
+    page; a server that forged a collision would only be read as it was on its previous poll."""
     now = time.monotonic()
-    size, digest = len(text), xxh64_intdigest(text.encode())
+    size, digest = len(page), xxh64_intdigest(page)
     last = target.last_page
     if last is not None and last[0] is spec and last[1] == size and last[2] == digest:
         return replace(last[3], updated=now)
-    metrics = read_metrics(spec, text, now)
+    metrics = read_metrics(spec, page, now)
     target.last_page = (spec, size, digest, metrics)
     return metrics
 
@@ -437,7 +437,7 @@ class Scraper:
             target.filtered_url = f"{path}?{query}"
         return target.spec
 
-    async def _fetch(self, target: _Target, url: str) -> str:
+    async def _fetch(self, target: _Target, url: str) -> bytes:
         """The page at `url` (a path on the target's server), capped at max_page_bytes; a redirect
         is not followed (an error like any non-200 status)."""
         assert target.conn is not None
@@ -449,7 +449,7 @@ class Scraper:
             raise ScrapeError(str(e)) from None
         except asyncio.IncompleteReadError:
             raise ScrapeError("connection closed before the page ended") from None
-        return body.decode("utf-8", "replace")
+        return body
 
     async def _scrape(self, target: _Target) -> Metrics:
         spec = self._resolve(target)
@@ -457,23 +457,24 @@ class Scraper:
         if target.use_filter:
             # Honoured when probed: trusted from then on (no per-poll check). A reply that lacks
             # the families sends the endpoint back to probing, and this poll to the full page.
-            text = await self._fetch(target, target.filtered_url)
+            page = await self._fetch(target, target.filtered_url)
             try:
-                return _read(target, spec, text)
+                return _read(target, spec, page)
             except MissingMetrics:
                 target.use_filter = None
                 log.info("metrics name filter reply lacks the families, probing again",
                          extra={"endpoint": target.endpoint.address})
                 return _read(target, spec, await self._fetch(target, target.plain_url))
         if target.use_filter is None:
-            probe: str | None
+            probe: bytes | None
             try:
                 probe = await self._fetch(target, target.filtered_url)
             except PageTooLarge:
                 raise
             except ScrapeError:
                 probe = None  # some servers reject unknown query parameters: try the plain URL
-            if probe is not None and only_requested(probe, frozenset(spec.names)) and _has_required(probe, spec):
+            text = probe.decode("utf-8", "replace") if probe is not None else ""
+            if probe is not None and only_requested(text, frozenset(spec.names)) and _has_required(text, spec):
                 metrics = _read(target, spec, probe)
                 target.use_filter = True
                 return metrics
