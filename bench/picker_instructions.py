@@ -28,6 +28,7 @@ request more often here than at full speed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import os
 import re
@@ -138,13 +139,17 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1, help="the picker's --workers (default %(default)s)")
     ap.add_argument("--tree", default=ROOT, help="checkout whose picker runs (default: this one)")
     ap.add_argument("--repeat", type=int, default=1, help="runs (each a fresh picker)")
+    ap.add_argument("--keep", default="", metavar="DIR",
+                    help="leave the callgrind dumps in DIR (for callgrind_annotate; default: removed)")
     a = ap.parse_args()
     for tool in ("valgrind", "callgrind_control", "h2load"):
         if shutil.which(tool) is None:
             sys.exit(f"picker_instructions: `{tool}` not found (Debian: valgrind, nghttp2-client)")
     if a.requests < 1 or a.idle_seconds <= 0 or a.repeat < 1 or a.workers < 1:
         sys.exit("picker_instructions: --requests, --idle-seconds, --repeat and --workers must be positive")
-    with tempfile.TemporaryDirectory(prefix="epp-cg-") as workdir:
+    if a.keep:
+        os.makedirs(a.keep, exist_ok=True)
+    with contextlib.nullcontext(a.keep) if a.keep else tempfile.TemporaryDirectory(prefix="epp-cg-") as workdir:
         how = f"{a.rate:g}/s one at a time" if a.rate > 0 else "4 connections x 4 streams"
         print(f"picker from {a.tree} (--workers {a.workers}); {a.profile}, {a.requests} requests, {how}",
               flush=True)

@@ -36,7 +36,7 @@ from typing import Protocol
 
 import msgspec
 
-from epp.datastore import Datastore, Endpoint, Metrics, tally
+from epp.datastore import Datastore, Endpoint, Metrics
 from epp.metrics.scrape import copied
 
 log = logging.getLogger("epp.workershare")
@@ -64,6 +64,10 @@ _READ_TRIES = 8
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
+
+
+# (the endpoints, the directory generation, the rows to read, (endpoint, slot, address) per endpoint)
+_FoldPlan = tuple[Sequence[Endpoint], int, int, list[tuple[Endpoint, int, str]]]
 
 
 def _layout(workers: int, slots: int) -> tuple[int, int, int, int]:
@@ -145,6 +149,7 @@ class WorkerShare:
             self._mm.close()
             raise ValueError(f"worker {worker} outside the share's {workers} workers")
         self.path, self.worker, self.workers, self.slots = path, worker, workers, slots
+        self._other_cols = tuple(j for j in range(workers) if j != worker)  # the other workers' columns
         self._dir_at, self._metrics_at, counts_at, tokens_at = _layout(workers, slots)
         self._views = [memoryview(self._mm)]
         self._views += [self._views[0][counts_at:counts_at + slots * workers * 8],
@@ -161,8 +166,8 @@ class WorkerShare:
         # the endpoint tuple the others' counts were last folded into, and until when that fold stands
         self._folded: Sequence[Endpoint] | None = None
         self._fold_due = 0.0
+        self._plan: _FoldPlan | None = None
         self._own: dict[str, list[int]] = {}  # address -> [requests, tokens] this worker has in flight
-        self._cells: set[int] = set()  # slots whose own cells this worker wrote non-zero
         self._seen: dict[str, int] = {}  # address -> the metrics seq last read (readers)
         # the writer's (worker 0's) bookkeeping
         self._tags: dict[int, int] = {}
@@ -336,36 +341,55 @@ class WorkerShare:
     # ---- every worker: in-flight counts -------------------------------------------------
     def routed(self, ep: Endpoint, requests: int, tokens: int, request: object = None) -> None:
         """This worker sent (+1) or finished (−1) a request on `ep`: its own cell follows at once."""
-        own = tally(self._own, ep.address, requests, tokens)
-        i = self._slot_of.get(ep.address)
+        # epp.datastore.tally, inlined: this runs twice a request on every worker
+        address = ep.address
+        own = self._own
+        pair = own.get(address)
+        n = requests if pair is None else pair[0] + requests
+        if n > 0:
+            t = tokens if pair is None else pair[1] + tokens
+            if t < 0:
+                t = 0
+            if pair is None:
+                own[address] = [n, t]
+            else:
+                pair[0], pair[1] = n, t
+        else:
+            n = t = 0
+            if pair is not None:
+                del own[address]
+        i = self._slot_of.get(address)
         if i is not None and self._written_gen == self._map_gen:
             cell = i * self.workers + self.worker
-            self._counts[cell] = own[0]
-            self._tokens[cell] = own[1]
-            self._cells.add(i)
+            self._counts[cell] = n
+            self._tokens[cell] = t
 
     def _rewrite_own(self) -> None:
         """The directory changed: put this worker's counts where the endpoints are now, zero the rest."""
         gen = self._map_gen
+        n, w = self.workers, self.worker
         want = {i: self._own[a] for a, i in self._slot_of.items() if a in self._own}
-        for i in self._cells - want.keys():
-            cell = i * self.workers + self.worker
-            self._counts[cell] = 0
-            self._tokens[cell] = 0
-        for i, (n, t) in want.items():
-            cell = i * self.workers + self.worker
-            self._counts[cell] = n
-            self._tokens[cell] = t
-        self._cells = set(want)
+        # this worker's column, read whole (a directory change is rare): every non-zero cell not wanted goes
+        column = self._counts[w::n].tolist(), self._tokens[w::n].tolist()
+        for cells, values in zip((self._counts, self._tokens), column, strict=True):
+            for i, v in enumerate(values):
+                if v and i not in want:
+                    cells[i * n + w] = 0
+        for i, (count, tok) in want.items():
+            cell = i * n + w
+            self._counts[cell] = count
+            self._tokens[cell] = tok
         self._written_gen = gen
 
     def _others(self, cells: memoryview, high: int) -> list[int]:
         """Per slot below `high`, the other workers' cells summed (one strided copy per worker)."""
-        n, w = self.workers, self.worker
-        rows = [cells[j:high * n:n].tolist() for j in range(n) if j != w]
-        if len(rows) == 1:
-            return rows[0]
-        return [sum(c) for c in zip(*rows, strict=True)] if rows else [0] * high
+        n, cols = self.workers, self._other_cols
+        if len(cols) == 1:
+            j = cols[0]
+            return cells[j:high * n:n].tolist()
+        if not cols:
+            return [0] * high
+        return [sum(c) for c in zip(*(cells[j:high * n:n].tolist() for j in cols), strict=True)]
 
     def refresh(self, endpoints: Sequence[Endpoint]) -> None:
         """Before a decision: each endpoint's in-flight figures become all workers' (this one's own
@@ -377,27 +401,39 @@ class WorkerShare:
             # folded less than FOLD_EVERY ago into these very endpoints: their counts are this
             # worker's own, exact (routing and finishing move them), plus the others' as read then
             return
-        slot_of, own = self._slot_of, self._own
-        high = self._high
+        plan = self._plan
+        if plan is None or plan[0] is not endpoints or plan[1] != self._map_gen:
+            plan = self._plan = self._plan_for(endpoints)
+        high = plan[2]
         others, other_tokens = self._others(self._counts, high), self._others(self._tokens, high)
-        for ep in endpoints:
-            address = ep.address
-            i = slot_of.get(address)
-            if i is None or i >= high:
-                continue
+        own = self._own.get
+        for ep, i, address in plan[3]:
             o = others[i]
-            mine = own.get(address)
+            mine = own(address)
             if mine is None:
                 if o <= 0:
                     ep.inflight = ep.inflight_tokens = 0
                 else:
                     ep.inflight = o
-                    ep.inflight_tokens = max(0, other_tokens[i])
+                    t = other_tokens[i]
+                    ep.inflight_tokens = t if t > 0 else 0
             else:
-                ep.inflight = mine[0] + max(0, o)
-                ep.inflight_tokens = mine[1] + max(0, other_tokens[i])
+                t = other_tokens[i]
+                ep.inflight = mine[0] + o if o > 0 else mine[0]
+                ep.inflight_tokens = mine[1] + t if t > 0 else mine[1]
         self._folded = endpoints
         self._fold_due = time.monotonic() + FOLD_EVERY
+
+    def _plan_for(self, endpoints: Sequence[Endpoint]) -> _FoldPlan:
+        """(the endpoints, the directory generation, the rows to read, (endpoint, slot, address) for
+        each endpoint with a slot): what a fold of `endpoints` walks, kept while both stay the same."""
+        # the generation first: a directory read by the other thread meanwhile leaves this plan on the
+        # older generation, so the next fold makes it again
+        gen = self._map_gen
+        high, slot_of = self._high, self._slot_of
+        rows = [(ep, i, ep.address) for ep in endpoints
+                if (i := slot_of.get(ep.address)) is not None and i < high]
+        return (endpoints, gen, high, rows)
 
 
 class SharedMetricsThread:
@@ -478,6 +514,7 @@ class SiblingShare:
     def __init__(self, share: WorkerShare, notes: _Notes) -> None:
         self.share = share
         self.notes = notes
+        self._count, self._note = share.routed, notes.routed  # bound once: twice a request
 
     def refresh(self, endpoints: Sequence[Endpoint]) -> None:
         """The other workers' counts folded into `endpoints` (the notes carry none)."""
@@ -485,6 +522,6 @@ class SiblingShare:
 
     def routed(self, ep: Endpoint, requests: int, tokens: int, request: object = None) -> None:
         """Count it in the share; tell the siblings what the plugins learned from a routed request."""
-        self.share.routed(ep, requests, tokens, request)
+        self._count(ep, requests, tokens, request)
         if request is not None:
-            self.notes.routed(ep, requests, tokens, request)
+            self._note(ep, requests, tokens, request)

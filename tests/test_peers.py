@@ -15,7 +15,7 @@ import zmq
 
 from epp import peers as peers_mod
 from epp.datastore import Endpoint
-from epp.peers import PeerSync, parse_peers, sign
+from epp.peers import PeerSync, _note_key, parse_peers, sign
 from tests.procs import free_port
 
 KEY = b"k" * 32
@@ -217,3 +217,17 @@ async def test_notes_only_siblings_over_ipc_send_notes_and_nothing_else(tmp_path
         await a.stop()
         await b.stop()
     assert not list(tmp_path.iterdir())  # the socket files are removed
+
+
+def test_the_resend_guard_tells_chains_apart_by_length_and_last_hash() -> None:
+    """A note that is a chain of block hashes is remembered by its length and last hash (cheap for
+    every routed request); any other note by its encoding. Different notes never share a key here."""
+    chain = [11, 22, 33]
+    key = _note_key(X, {"prefix": chain})
+    assert key == _note_key(X, {"prefix": list(chain)})
+    assert len({key, _note_key(Y, {"prefix": chain}), _note_key(X, {"prefix": chain[:2]}),
+                _note_key(X, {"prefix": [11, 22, 34]}), _note_key(X, {"other": chain}),
+                _note_key(X, {"prefix": chain, "precise": [5]})}) == 6
+    odd = {"prefix": {"not": "a chain"}}
+    assert _note_key(X, odd) == _note_key(X, {"prefix": {"not": "a chain"}}) != _note_key(X, {"prefix": {"x": 1}})
+    assert _note_key(X, {"prefix": ["a", "b"]}) != _note_key(X, {"prefix": ["a", "c"]})
