@@ -16,7 +16,7 @@ under `valgrind --tool=callgrind` with instrumentation off. After a warm-up of 1
 counting is switched on; the picker sits idle for `--idle-seconds` (its background rate:
 scraping, timers), then `h2load` (Debian's nghttp2-client) sends `--requests` ext_proc streams
 carrying the messages Envoy sends for one request of `--profile` (request headers, then the
-body), 4 connections of 4 streams, or one stream at a time at `--rate` requests/s. The figure
+body), `--connections` (4) connections of 4 streams, or one stream at a time at `--rate` requests/s. The figure
 per request is the instructions of that phase, less the idle rate over its length, divided by
 the requests. `--workers N` runs `--workers N` with valgrind following the children, and counts
 the supervisor and every worker together. `--tree DIR` runs the picker from another checkout (an
@@ -80,7 +80,7 @@ def _control(pid: int | None, *args: str) -> None:
 
 
 def count(requests: int, profile: str, rate: float, idle_s: float, tree: str, workdir: str,
-          workers: int = 1) -> Count:
+          workers: int = 1, connections: int = 4) -> Count:
     """One picker under callgrind: its idle rate, then `requests` streams."""
     srv, addrs = metrics_server(16)
     body = os.path.join(workdir, "body.bin")
@@ -99,7 +99,7 @@ def count(requests: int, profile: str, rate: float, idle_s: float, tree: str, wo
     try:
         wait_port(port, timeout=300)  # Python starts slowly under valgrind
         load = ["h2load", "-t", "1", "-d", body, "-H", "content-type: application/grpc", "-H", "te: trailers"]
-        load += ["-c", "1", "-m", "1", "--rps", f"{rate:g}"] if rate > 0 else ["-c", "4", "-m", "4"]
+        load += ["-c", "1", "-m", "1", "--rps", f"{rate:g}"] if rate > 0 else ["-c", str(connections), "-m", "4"]
         url = f"http://127.0.0.1:{port}{PATH}"
         if workers > 1:
             time.sleep(15)  # every worker up (each imports the picker under valgrind)
@@ -137,6 +137,9 @@ def main() -> None:
                     help="requests/s one at a time (0: 4 connections x 4 streams, closed loop)")
     ap.add_argument("--idle-seconds", type=float, default=8.0, help="idle window counted first (default %(default)s)")
     ap.add_argument("--workers", type=int, default=1, help="the picker's --workers (default %(default)s)")
+    ap.add_argument("--connections", type=int, default=4,
+                    help="h2load's connections of 4 streams each, closed loop (default %(default)s; 2 with one "
+                         "worker is what each of 2 workers is sent: the share of the gap that is split load)")
     ap.add_argument("--tree", default=ROOT, help="checkout whose picker runs (default: this one)")
     ap.add_argument("--repeat", type=int, default=1, help="runs (each a fresh picker)")
     ap.add_argument("--keep", default="", metavar="DIR",
@@ -145,16 +148,17 @@ def main() -> None:
     for tool in ("valgrind", "callgrind_control", "h2load"):
         if shutil.which(tool) is None:
             sys.exit(f"picker_instructions: `{tool}` not found (Debian: valgrind, nghttp2-client)")
-    if a.requests < 1 or a.idle_seconds <= 0 or a.repeat < 1 or a.workers < 1:
-        sys.exit("picker_instructions: --requests, --idle-seconds, --repeat and --workers must be positive")
+    if a.requests < 1 or a.idle_seconds <= 0 or a.repeat < 1 or a.workers < 1 or a.connections < 1:
+        sys.exit("picker_instructions: --requests, --idle-seconds, --repeat, --workers and --connections "
+                 "must be positive")
     if a.keep:
         os.makedirs(a.keep, exist_ok=True)
     with contextlib.nullcontext(a.keep) if a.keep else tempfile.TemporaryDirectory(prefix="epp-cg-") as workdir:
-        how = f"{a.rate:g}/s one at a time" if a.rate > 0 else "4 connections x 4 streams"
+        how = f"{a.rate:g}/s one at a time" if a.rate > 0 else f"{a.connections} connections x 4 streams"
         print(f"picker from {a.tree} (--workers {a.workers}); {a.profile}, {a.requests} requests, {how}",
               flush=True)
         for i in range(a.repeat):
-            c = count(a.requests, a.profile, a.rate, a.idle_seconds, a.tree, workdir, a.workers)
+            c = count(a.requests, a.profile, a.rate, a.idle_seconds, a.tree, workdir, a.workers, a.connections)
             print(f"run {i + 1}: {c.per_request:,.0f} instructions per request "
                   f"({c.ok}/{c.requests} ok, idle {c.idle_per_s / 1e6:.1f} M/s, traffic {c.seconds:.1f} s)",
                   flush=True)
