@@ -32,6 +32,7 @@ import threading
 import time
 import zlib
 from collections.abc import Sequence
+from itertools import compress
 from typing import Protocol
 
 import msgspec
@@ -372,8 +373,8 @@ class WorkerShare:
         # this worker's column, read whole (a directory change is rare): every non-zero cell not wanted goes
         column = self._counts[w::n].tolist(), self._tokens[w::n].tolist()
         for cells, values in zip((self._counts, self._tokens), column, strict=True):
-            for i, v in enumerate(values):
-                if v and i not in want:
+            for i in compress(range(len(values)), values):  # the non-zero ones, found in C
+                if i not in want:
                     cells[i * n + w] = 0
         for i, (count, tok) in want.items():
             cell = i * n + w

@@ -268,3 +268,30 @@ def test_three_workers_counts_add_up_and_a_slot_beyond_the_directory_is_skipped(
         for w in ws:
             w.close()
         os.unlink(p)
+
+
+def test_a_fold_of_the_same_tuple_sees_an_endpoint_that_got_its_slot_later(
+        pair: tuple[WorkerShare, WorkerShare], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rows a fold walks are kept per candidate tuple and directory generation: when the
+    directory changes, the same tuple is walked anew, so an endpoint that got a slot since is read."""
+    w0, w1 = pair
+    clock = [1000.0]
+    monkeypatch.setattr(workershare.time, "monotonic", lambda: clock[0])
+    a0, b0, a1, b1 = ep(A), ep(B), ep(A), ep(B)
+    pool0, pool1 = (a0, b0), (a1, b1)
+    w0.added(A)
+    w1.sync_directory()
+    w0.refresh(pool0)
+    w1.refresh(pool1)
+    w0.added(B)  # B gets its slot only now
+    w1.sync_directory()
+    w1.refresh(pool1)
+    b1.inflight += 2
+    w1.routed(b1, 2, 40)
+    clock[0] += 2 * workershare.FOLD_EVERY
+    w0.refresh(pool0)  # the same tuple as before B had a slot
+    assert (b0.inflight, b0.inflight_tokens) == (2, 40)
+    w1.routed(b1, -2, -40)
+    clock[0] += 2 * workershare.FOLD_EVERY
+    w0.refresh(pool0)
+    assert (b0.inflight, b0.inflight_tokens) == (0, 0)
