@@ -159,7 +159,7 @@ class PrefixIndex:
         lazy: PromptBlocks | None = None
         if isinstance(blocks, PromptBlocks):
             lazy, total = blocks, blocks.count
-            hs = blocks.upto(4)  # a cold prompt stops here: hash the rest only on demand
+            hs = blocks.upto(64)  # a cold long prompt stops here: the rest is hashed on demand (or at insert)
         else:
             hs = list(blocks)
             total = len(hs)
