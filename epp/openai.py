@@ -228,9 +228,35 @@ def _json_prefix(value: object, limit: int) -> str:
         size += len(s)
         return size < limit
 
+    fast = _whole_if_small(value, limit)
+    if fast is not None:
+        return fast
     emit(value)
     out = "".join(parts)
     return out[:limit] if len(out) > limit else out
+
+
+def _whole_if_small(value: object, limit: int) -> str | None:
+    """`_dumps(value)` in one encoder call for the usual chat shape (a list of objects whose values
+    are strings) when even six characters out per character in (the longest escape) stays under
+    `limit`, so nothing is cut; None otherwise (or for a lone surrogate, which msgspec refuses)."""
+    if type(value) is not list:
+        return None
+    chars = 2
+    for m in value:
+        if type(m) is not dict:
+            return None
+        chars += 3
+        for k, x in m.items():
+            if type(x) is not str:
+                return None
+            chars += len(k) + len(x) + 6
+    if 6 * chars >= limit:
+        return None
+    try:
+        return _fast_encode(value).decode()
+    except UnicodeEncodeError:
+        return None
 
 
 def prompt_text(parsed: ParsedBody, limit: int = PROMPT_LIMIT) -> str:

@@ -227,3 +227,29 @@ def test_bracket_counts_are_exact_few_or_many() -> None:
 
     for body in (b"", b"no brackets", b"[" * 3 + b"x" * 70000 + b"[", b"[x]" * (_FEW + 1), b"[" * (5 * _FEW)):
         assert _occurrences(body, b"[") == body.count(b"[")
+
+
+def test_the_one_call_encoding_of_small_chat_messages_equals_the_stepwise_one() -> None:
+    """Small lists of string-valued messages are encoded in one msgspec call; the text must be the
+    json.dumps one character for character (escapes, non-ASCII, key order), and anything else (a
+    lone surrogate, non-string values, a list too long to be sure) takes the step-by-step path."""
+    import json
+
+    samples = [
+        [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}],
+        [{"role": "user", "content": 'quote " back \\ slash / nl \n tab \t cr \r bell \x07 del \x7f'}],
+        [{"content": "é ü 中文 🙂 \u2028 \u2029", "role": "user", "name": "x"}],
+        [{}],
+        [{"role": "user", "content": "\ud800 lone"}],
+        [{"role": "user", "content": [{"type": "text", "text": "parts"}]}],
+        [{"role": "user", "content": "a" * 20_000}],
+    ]
+    for messages in samples:
+        want = json.dumps(messages, separators=(",", ":"), ensure_ascii=False)
+        got = openai._json_prefix(messages, openai.PROMPT_LIMIT)
+        assert got == want[:openai.PROMPT_LIMIT]
+    assert openai._whole_if_small(samples[0], openai.PROMPT_LIMIT) is not None
+    assert openai._whole_if_small(samples[4], openai.PROMPT_LIMIT) is None  # msgspec refuses it
+    assert openai._whole_if_small(samples[5], openai.PROMPT_LIMIT) is None  # not all strings
+    assert openai._whole_if_small(samples[6], openai.PROMPT_LIMIT) is None  # could be cut
+    assert openai._whole_if_small(samples[0], 20) is None
