@@ -16,9 +16,9 @@ under `valgrind --tool=callgrind` with instrumentation off. After a warm-up of 1
 counting is switched on; the picker sits idle for `--idle-seconds` (its background rate:
 scraping, timers), then `h2load` (Debian's nghttp2-client) sends `--requests` ext_proc streams
 carrying the messages Envoy sends for one request of `--profile` (request headers, then the
-body), `--connections` (4) connections of 4 streams, or one stream at a time at `--rate` requests/s. The figure
-per request is the instructions of that phase, less the idle rate over its length, divided by
-the requests. `--workers N` runs `--workers N` with valgrind following the children, and counts
+body), over `--connections` (4) connections of 4 streams, or one stream at a time at `--rate`
+requests/s. The figure per request is the instructions of that phase, less the idle rate over
+its length, divided by the requests. `--workers N` runs `--workers N` with valgrind following the children, and counts
 the supervisor and every worker together. `--tree DIR` runs the picker from another checkout (an
 A/B against a worktree). Time runs ~50x slower under valgrind, so what the picker does per
 interval of time (the workers' 1 ms fold of each other's counts, 2 ms note batches) happens per

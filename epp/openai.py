@@ -182,6 +182,9 @@ def _json_prefix(value: object, limit: int) -> str:
     """The first `limit` characters of `_dumps(value)`, encoding no more of `value` than that needs
     (a 1M-token prompt array or a huge message is not encoded whole to hash its first blocks).
     An escaped string's prefix is the prefix of its escape, so cutting strings is exact."""
+    fast = _whole_if_small(value, limit)
+    if fast is not None:
+        return fast
     parts: list[str] = []
     size = 0
 
@@ -228,9 +231,6 @@ def _json_prefix(value: object, limit: int) -> str:
         size += len(s)
         return size < limit
 
-    fast = _whole_if_small(value, limit)
-    if fast is not None:
-        return fast
     emit(value)
     out = "".join(parts)
     return out[:limit] if len(out) > limit else out
