@@ -36,11 +36,20 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+def set_switch_interval(seconds: float) -> None:
+    """How long a thread may hold the interpreter lock while another waits (0: leave Python's 5 ms).
+    The serving loop shares the lock with the scraper and /metrics threads; a shorter interval bounds
+    what one makes the other wait, and keeps a saturated loop from starving the scraper."""
+    if seconds > 0:
+        sys.setswitchinterval(seconds)
+
+
 async def _serve(opts: Options) -> int:
     from epp.resources import ResourceError
     from epp.scheduling.config import ConfigError
     from epp.server import App
 
+    set_switch_interval(opts.gil_switch_interval)  # before the scraper and /metrics threads start
     try:
         app = App(opts)
     except (ConfigError, ResourceError, OSError) as e:

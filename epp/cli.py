@@ -265,6 +265,7 @@ class Options:
     worker_connections: str = "balanced"  # --workers: who spreads connections ("balanced": the supervisor)
     worker_handoff_fd: int = -1  # set by the supervisor: the control stream it hands connections on
     gc_tuning: bool = True  # gc.freeze() after start and higher collector thresholds (epp.__main__)
+    gil_switch_interval: float = 0.001  # sys.setswitchinterval (epp.__main__); 0: Python's default
     worker_prefix_notes: bool = True  # --workers: tell the other workers each routed prefix placement
     # share of requests whose response body crosses the picker when not needed: a sampled stream costs
     # two messages per SSE chunk (~260 for 128 tokens), so 2% of requests doubled the picker's messages
@@ -440,6 +441,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--gc-tuning", default=True, **B,
                      help="after start, freeze the heap out of the cyclic collector and raise its thresholds "
                           "(fewer, shorter pauses while serving; default true)")
+    srv.add_argument("--gil-switch-interval", type=parse_duration, default=0.001,
+                     help="how long one thread may hold Python's interpreter lock while another waits for it "
+                          "(default 1ms; Python's own is 5ms). The scraper and /metrics threads share the lock "
+                          "with the serving loop: at 5ms a saturated loop let the scraper make a third of its "
+                          "polls (the pages went stale), and a /metrics render could hold a request up to 5ms. "
+                          "0: keep Python's")
     srv.add_argument("--event-loop", choices=["auto", "uvloop", "asyncio"], default="auto",
                      help="auto: uvloop when installed (about 8%% less CPU per request), else asyncio")
     srv.add_argument("--shutdown-grace", type=parse_duration, default=30.0,
@@ -661,6 +668,7 @@ def parse_args(argv: list[str]) -> Options:
         max_request_body_bytes=a.max_request_body_bytes,
         default_body_mode=a.default_body_mode,
         gc_tuning=a.gc_tuning,
+        gil_switch_interval=a.gil_switch_interval,
         worker_prefix_notes=a.worker_prefix_notes,
         workers=a.workers,
         workers_why=workers_why,

@@ -22,3 +22,15 @@ def test_tune_gc_freezes_the_heap_and_raises_thresholds():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.split() == ["(700,", "10,", "10)", f"({GC_THRESHOLDS[0]},", f"{GC_THRESHOLDS[1]},",
                                   f"{GC_THRESHOLDS[2]})", "True", "True"]
+
+
+def test_the_gil_switch_interval_is_one_millisecond_unless_told():
+    """The serving loop shares the interpreter lock with the scraper and /metrics threads: the
+    picker shortens Python's 5 ms switch interval to 1 ms (0 keeps Python's)."""
+    assert parse_args(["--pool-name", "p"]).gil_switch_interval == 0.001
+    assert parse_args(["--pool-name", "p", "--gil-switch-interval", "2ms"]).gil_switch_interval == 0.002
+    code = ("import sys; from epp.__main__ import set_switch_interval; a = sys.getswitchinterval(); "
+            "set_switch_interval(0); b = sys.getswitchinterval(); set_switch_interval(0.001); "
+            "print(a, b, sys.getswitchinterval())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == ["0.005", "0.005", "0.001"]
