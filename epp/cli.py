@@ -630,6 +630,8 @@ def parse_args(argv: list[str]) -> Options:
         p.error("--workers above 1 and --ha-enable-leader-election do not go together (one Lease per process)")
     if a.refresh_metrics_interval <= 0:
         p.error("--refresh-metrics-interval must be positive")
+    if a.gil_switch_interval > 0.1:  # longer would let one thread hold every other off for that long
+        p.error("--gil-switch-interval: at most 100ms (0 keeps Python's 5ms)")
     notices = [f"--{name} has no effect here: {why}" for name, why in NO_EFFECT.items()
                if getattr(a, name.replace("-", "_")) is not None]
     if a.zap_devel is not None and (a.zap_encoder is not None or a.log_format is not None):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from epp.__main__ import GC_THRESHOLDS
 from epp.cli import parse_args
 
@@ -29,6 +31,8 @@ def test_the_gil_switch_interval_is_one_millisecond_unless_told():
     picker shortens Python's 5 ms switch interval to 1 ms (0 keeps Python's)."""
     assert parse_args(["--pool-name", "p"]).gil_switch_interval == 0.001
     assert parse_args(["--pool-name", "p", "--gil-switch-interval", "2ms"]).gil_switch_interval == 0.002
+    with pytest.raises(SystemExit):
+        parse_args(["--pool-name", "p", "--gil-switch-interval", "1s"])
     code = ("import sys; from epp.__main__ import set_switch_interval; a = sys.getswitchinterval(); "
             "set_switch_interval(0); b = sys.getswitchinterval(); set_switch_interval(0.001); "
             "print(a, b, sys.getswitchinterval())")
