@@ -8,7 +8,8 @@ The reference serves Go's pprof handlers; these are their Python counterparts:
   slows the process, so it starts on the first request ("started; ask again") and stops with
   `?stop=1`.
 - `/debug/pprof/profile?seconds=N`: a cProfile of the event-loop thread for N seconds (default
-  10, at most 60), the top functions by cumulative time. One profile at a time (409 otherwise).
+  10, at most 60), the top functions by cumulative time, or by their own time with `sort=tottime`
+  (also `calls`). One profile at a time (409 otherwise).
 
 The HTTP server runs on its own thread; what must run on the event loop (the task list, the
 profiler switch) is handed to it with `call_soon_threadsafe` and waited for with a timeout, so a
@@ -36,6 +37,8 @@ MAX_PROFILE_SECONDS = 60.0
 MAX_TOP = 500
 _LOOP_TIMEOUT = 5.0
 
+_SORTS = {"cumulative": pstats.SortKey.CUMULATIVE, "tottime": pstats.SortKey.TIME, "calls": pstats.SortKey.CALLS}
+
 T = TypeVar("T")
 Reply = tuple[int, str]  # (HTTP status, text body)
 
@@ -59,7 +62,10 @@ class DebugRoutes:
             return self.heap(_int(q.get("top"), 25, 1, MAX_TOP), q.get("stop", "") in ("1", "true"))
         if route == "profile":
             seconds = _float(q.get("seconds"), 10.0, 0.1, MAX_PROFILE_SECONDS)
-            return self.profile(seconds, _int(q.get("top"), 40, 1, MAX_TOP))
+            sort = q.get("sort", "cumulative")
+            if sort not in _SORTS:
+                return 400, f"sort must be one of {', '.join(_SORTS)}, not {sort[:40]!r}\n"
+            return self.profile(seconds, _int(q.get("top"), 40, 1, MAX_TOP), _SORTS[sort])
         return 404, f"no debug route {path!r}; see {PREFIX}/\n"
 
     # ---- routes -----------------------------------------------------------------------------
@@ -97,8 +103,8 @@ class DebugRoutes:
             lines.append(f"{st.size / 1024:10.1f} KiB {st.count:8d} blocks  {frame.filename}:{frame.lineno}")
         return 200, "\n".join(lines) + "\n"
 
-    def profile(self, seconds: float, top: int) -> Reply:
-        """cProfile of the event-loop thread for `seconds`, by cumulative time."""
+    def profile(self, seconds: float, top: int, sort: pstats.SortKey = pstats.SortKey.CUMULATIVE) -> Reply:
+        """cProfile of the event-loop thread for `seconds`, ordered by `sort`."""
         if not self._profiling.acquire(blocking=False):
             return 409, "a profile is already running\n"
         try:
@@ -115,7 +121,7 @@ class DebugRoutes:
             out = io.StringIO()
             out.write(f"cProfile of the event-loop thread for {seconds:g} s\n")
             stats = pstats.Stats(prof, stream=out)
-            stats.sort_stats(pstats.SortKey.CUMULATIVE).print_stats(top)
+            stats.sort_stats(sort).print_stats(top)
             return 200, out.getvalue()
         finally:
             self._profiling.release()
@@ -165,5 +171,6 @@ def _float(text: str | None, default: float, lo: float, hi: float) -> float:
 _INDEX = f"""debug routes (text):
   {PREFIX}/goroutine           asyncio tasks and thread stacks (alias: tasks)
   {PREFIX}/heap?top=N          biggest allocation sites (starts tracemalloc on first use; ?stop=1 stops it)
-  {PREFIX}/profile?seconds=N   cProfile of the event loop for N seconds (max {MAX_PROFILE_SECONDS:g})
+  {PREFIX}/profile?seconds=N   cProfile of the event loop for N seconds (max {MAX_PROFILE_SECONDS:g});
+                               &sort=tottime orders by own time (default cumulative; also calls)
 """

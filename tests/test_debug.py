@@ -53,6 +53,15 @@ async def test_cpu_profile_of_the_event_loop(start_picker):
     text = body.decode()
     assert status == 200 and "cProfile of the event-loop thread for 1 s" in text
     assert "director.py" in text and "decide" in text  # the picker's own code was on the loop
+    assert "Ordered by: cumulative time" in text
+
+
+async def test_cpu_profile_by_own_time_and_a_bad_sort(start_picker):
+    app, ch = await start_picker(endpoints=["127.0.0.1:9"])
+    status, body, _ = await asyncio.to_thread(get, app.metrics_port, "/debug/pprof/profile?seconds=0.2&sort=tottime")
+    assert status == 200 and "Ordered by: internal time" in body.decode()
+    status, body, _ = await asyncio.to_thread(get, app.metrics_port, "/debug/pprof/profile?seconds=0.2&sort=name")
+    assert status == 400 and b"sort must be one of cumulative, tottime, calls" in body
 
 
 async def test_routes_are_off_without_enable_pprof(start_picker):
