@@ -93,11 +93,12 @@ def parse_peers(text: str) -> list[tuple[str, int]]:
     return out
 
 
-def _note_key(address: str, notes: Mapping[str, Any]) -> int:
-    """What the resend guard remembers of a note to `address`. The plugins' notes are chains of
-    block hashes (each hash covers the blocks before it), so a list's length and last hash name the
-    whole list; anything else is hashed from its encoding. A collision only keeps one note from the
-    siblings for RESEND_S."""
+def _note_key(address: str, notes: Mapping[str, Any]) -> int | None:
+    """What the resend guard remembers of a note to `address`, or None: never a repeat. The plugins'
+    notes are chains of block hashes (each hash covers the blocks before it), so a list's length and
+    last hash name the whole list; a number is an amount to add (the prefill-backlog scorer's
+    seconds), so two equal ones are two notes; anything else is hashed from its encoding. A
+    collision only keeps one note from the siblings for RESEND_S."""
     if len(notes) == 1:  # the usual case: the prefix index's note alone
         ((name, note),) = notes.items()
         if type(note) is list and note and type(note[-1]) is int:
@@ -106,6 +107,8 @@ def _note_key(address: str, notes: Mapping[str, Any]) -> int:
     for name, note in notes.items():
         if type(note) is list and note and type(note[-1]) is int:
             parts += (name, len(note), note[-1])
+        elif type(note) in (float, int):
+            return None
         else:
             return hash((address, _encode(dict(notes))))
     return hash(tuple(parts))
@@ -232,13 +235,14 @@ class PeerSync:
 
     def _queue_note(self, address: str, notes: Mapping[str, Any]) -> None:
         key = _note_key(address, notes)
-        now = time.monotonic()
-        last = self._recent.get(key)
-        if last is not None and now - last < RESEND_S:
-            return  # the siblings heard this one a moment ago
-        if len(self._recent) >= MAX_RECENT:
-            self._recent.clear()
-        self._recent[key] = now
+        if key is not None:
+            now = time.monotonic()
+            last = self._recent.get(key)
+            if last is not None and now - last < RESEND_S:
+                return  # the siblings heard this one a moment ago
+            if len(self._recent) >= MAX_RECENT:
+                self._recent.clear()
+            self._recent[key] = now
         self._batch.append([address, dict(notes)])
         if len(self._batch) >= MAX_BATCH:
             self._flush()

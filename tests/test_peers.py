@@ -231,3 +231,44 @@ def test_the_resend_guard_tells_chains_apart_by_length_and_last_hash() -> None:
     odd = {"prefix": {"not": "a chain"}}
     assert _note_key(X, odd) == _note_key(X, {"prefix": {"not": "a chain"}}) != _note_key(X, {"prefix": {"x": 1}})
     assert _note_key(X, {"prefix": ["a", "b"]}) != _note_key(X, {"prefix": ["a", "c"]})
+
+
+def test_the_resend_guard_never_holds_back_an_amount() -> None:
+    """A number in a note is an amount the siblings add (the prefill-backlog scorer's seconds): two
+    equal ones are two requests, so such a note set has no key and is always sent."""
+    assert _note_key(X, {"prefill-backlog-scorer": 0.05}) is None
+    assert _note_key(X, {"prefix-cache-scorer": [1, 2], "prefill-backlog-scorer": 0.05}) is None
+    assert _note_key(X, {"prefix-cache-scorer": [1, 2], "flag": True}) is not None  # a bool is no amount
+
+
+async def test_notes_only_siblings_send_every_amount(tmp_path: Any) -> None:
+    """Twenty routed requests with the same backlog note reach the sibling twenty times (over ipc)."""
+
+    class Amount(Notes):
+        def peer_notes(self, request: Any, endpoint: Endpoint) -> dict[str, Any]:
+            return {"prefix": [7], "prefill-backlog-scorer": 0.05} if request is not None else {}
+
+    urls = [f"ipc://{tmp_path}/s.peer{i}" for i in range(2)]
+    notes = Notes()
+    a_eps, b_eps = {X: ep(X)}, {X: ep(X)}
+    a = PeerSync(key=KEY, port=0, peers=[], scheduler=Amount(), endpoints=a_eps.get, bind_url=urls[0],
+                 peer_urls=[urls[1]], notes_only=True)
+    b = PeerSync(key=KEY, port=0, peers=[], scheduler=notes, endpoints=b_eps.get, bind_url=urls[1],
+                 peer_urls=[urls[0]], notes_only=True)
+    a.start()
+    b.start()
+    try:
+        for _ in range(200):  # PUB/SUB: sends before the subscription are lost
+            a.routed(a_eps[X], 1, 100, request="r")
+            await asyncio.sleep(0.02)
+            if notes.applied:
+                break
+        await asyncio.sleep(0.05)
+        applied = len(notes.applied)
+        for _ in range(20):
+            a.routed(a_eps[X], 1, 100, request="r")
+        await until(lambda: len(notes.applied) == applied + 20)
+        assert notes.applied[-1] == (X, {"prefix": [7], "prefill-backlog-scorer": 0.05})
+    finally:
+        await a.stop()
+        await b.stop()

@@ -8,9 +8,11 @@ missing scores 0 on every metric-based scorer: it is treated as the worst pod.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from epp.datastore import Endpoint
 from epp.scheduling.cycle import Cycle
@@ -374,6 +376,7 @@ class PrefillBacklogParams:
 
 
 _CHARS_PER_TOKEN = 4.0  # the datastore's prompt-token estimate
+_MAX_NOTE_SECONDS = 3600.0  # a peer's prefill note is capped at this (moveEverySeconds' own limit)
 
 
 @register("prefill-backlog-scorer", SCORER)
@@ -403,6 +406,7 @@ class PrefillBacklogScorer:
         self._scores_key = f"prefix-scores:{params.prefix_name}"
         self._now_key = f"prefill-backlog-now:{name}"
         self._done_key = f"prefill-backlog-done:{name}"  # when the clock has this request's prefill done
+        self._cost_key = f"prefill-backlog-cost:{name}"  # the seconds it added (the siblings' note)
         self._clock = ctx.clock
 
     @classmethod
@@ -492,8 +496,23 @@ class PrefillBacklogScorer:
         addr = endpoint.address
         done = self._until[addr] = max(now, self._until.get(addr, 0.0)) + cost
         request.scratch[self._done_key] = done
+        request.scratch[self._cost_key] = cost
         if self.p.move_every > 0.0:
             self._note_move(request, endpoint, now)
+
+    def peer_note(self, request: SchedulingRequest, endpoint: Endpoint) -> float | None:
+        """For `--workers` siblings and active-active peers (epp.peers): the seconds of prefill this
+        request added to `endpoint`'s clock, so every worker's clock counts what all of them sent."""
+        cost = request.scratch.get(self._cost_key)
+        return round(cost, 6) if cost is not None else None
+
+    def peer_apply(self, endpoint: Endpoint, note: Any) -> None:
+        """A sibling or peer sent `endpoint` a prefill of `note` seconds: this clock runs that much longer
+        (anything but a positive finite number is ignored; a longer one than ours could be is capped)."""
+        if type(note) not in (float, int) or not 0.0 < note < math.inf:
+            return
+        addr = endpoint.address
+        self._until[addr] = max(self._clock(), self._until.get(addr, 0.0)) + min(note, _MAX_NOTE_SECONDS)
 
     def _note_move(self, request: SchedulingRequest, endpoint: Endpoint, now: float) -> None:
         seen = request.scratch.get(self._scores_key)

@@ -243,3 +243,28 @@ def test_move_to_idle_only_reads_the_clock_not_the_own_share():
     decide(s, req("x" * 4000), eps, 100.0, 0, prefix=[0.0, 0.0])  # pod 1 busy to 101.01
     scores = s.score(Cycle(_with(req("a" * 400), eps, [0.9, 0.0]), 100.05, 0.2), eps)
     assert scores[1] == 1.0 and scores[0] < 0.2  # not held to pod 1 (0.13)
+
+
+def test_peer_notes_carry_the_seconds_each_request_added():
+    """--workers siblings and active-active peers: the note is the prefill seconds this request put on
+    its pod's clock, and a note heard runs the hearer's clock for that pod as long (garbage ignored,
+    an implausible length capped), so each worker's clock counts what all of them sent."""
+    now = [100.0]
+    ctx = BuildContext(rng=random.Random(0), detector=CTX.detector, guard=CTX.guard, clock=lambda: now[0])
+    sender, hearer = PrefillBacklogScorer("b", P, ctx), PrefillBacklogScorer("b", P, ctx)
+    eps = [ep(1), ep(2)]
+    r = req("x" * 4000)
+    assert sender.peer_note(r, eps[0]) is None  # not routed by this plugin: nothing to tell
+    decide(sender, r, eps, 100.0, 0)
+    note = sender.peer_note(r, eps[0])
+    assert note == pytest.approx(1.01)  # 1,000 tokens at 1,000/s plus the 10 ms step
+    hearer.peer_apply(eps[0], note)
+    assert hearer.score(Cycle(req("y"), 100.5, 0.2), eps) == sender.score(Cycle(req("y"), 100.5, 0.2), eps)
+    for bad in ("1.0", None, [1.0], True, -1.0, 0.0, float("nan"), float("inf")):
+        hearer.peer_apply(eps[1], bad)
+    assert eps[1].address not in hearer._until
+    hearer.peer_apply(eps[1], 1e12)
+    assert hearer._until[eps[1].address] == 100.0 + 3600.0
+    # two equal notes are two prefills, not a repeat
+    hearer.peer_apply(eps[0], note)
+    assert hearer._until[eps[0].address] == pytest.approx(100.0 + 2 * 1.01)
