@@ -850,15 +850,22 @@ def _v_q(spread: float, live: bool, extra: Callable[[dict[str, Any]], None] | No
     return change
 
 
+def _round2_default(doc: dict[str, Any]) -> None:
+    """The default of the second round (2026-12-02 to 12-03): today's without its prefill-backlog-scorer."""
+    import yaml
+
+    from epp.scheduling.config import DEFAULT_CONFIG_TEXT
+
+    doc.clear()
+    doc.update(yaml.safe_load(DEFAULT_CONFIG_TEXT))
+    _drop(doc, "prefill-backlog-scorer")
+
+
 def _backlog(weight: float, **params: Any) -> Callable[[dict[str, Any]], None]:
-    """The current default plus prefill-backlog-scorer at `weight` (opt-in; docs/scheduling.md)."""
+    """The second round's default plus prefill-backlog-scorer at `weight` with `params` (the default
+    since 2026-12-03 is backlog1.5-hit50-move4s-idle)."""
     def change(doc: dict[str, Any]) -> None:
-        import yaml
-
-        from epp.scheduling.config import DEFAULT_CONFIG_TEXT
-
-        doc.clear()
-        doc.update(yaml.safe_load(DEFAULT_CONFIG_TEXT))
+        _round2_default(doc)
         entry: dict[str, Any] = {"type": "prefill-backlog-scorer"}
         if params:
             entry["parameters"] = dict(params)
@@ -892,6 +899,7 @@ VARIANTS = {"prefix6": _v_prefix6, "no-kv": _v_no_kv, "own-load": _v_own_load, "
             "sticky500": _v_q(4, True, _sticky_default(500)), "sticky1000": _v_q(4, True, _sticky_default(1000)),
             "sticky2000": _v_q(4, True, _sticky_default(2000)),
             "previous-default": lambda d: None,
+            "round2-default": _round2_default,  # the default until 2026-12-03 (no prefill-backlog-scorer)
             # prefill-backlog-scorer (opt-in) on the current default; ttft2 / own10 = with ownShare 1 / 0.1
             "backlog1": _backlog(1), "backlog2": _backlog(2), "backlog3": _backlog(3),
             "backlog2-scale50ms": _backlog(2, scaleSeconds=0.05), "ttft2": _backlog(2, ownShare=1.0),
@@ -906,7 +914,12 @@ VARIANTS = {"prefix6": _v_prefix6, "no-kv": _v_no_kv, "own-load": _v_own_load, "
             "backlog1.5-hit50-move4s": _backlog(1.5, minHit=0.5, moveEverySeconds=4.0),
             "backlog1.5-hit50-move4s-idle": _backlog(1.5, minHit=0.5, moveEverySeconds=4.0, moveToIdleOnly=True),
             "backlog1.5-hit50-idle": _backlog(1.5, minHit=0.5, moveToIdleOnly=True),
-            "backlog2-hit50-idle": _backlog(2, minHit=0.5, moveToIdleOnly=True)}
+            "backlog2-hit50-idle": _backlog(2, minHit=0.5, moveToIdleOnly=True),
+            # the engine twice as fast / half as fast as the scorer's rate assumes (robustness)
+            "idle-tps10k": _backlog(1.5, minHit=0.5, moveEverySeconds=4.0, moveToIdleOnly=True,
+                                    tokensPerSecond=10000),
+            "idle-tps40k": _backlog(1.5, minHit=0.5, moveEverySeconds=4.0, moveToIdleOnly=True,
+                                    tokensPerSecond=40000)}
 
 
 def variant_text(name: str) -> str:

@@ -138,8 +138,9 @@ def _swap_prefix(new: dict[str, Any]) -> str:
         if p["type"] == "prefix-cache-scorer":
             p.clear()
             p.update(new)
-        elif p["type"] == "no-hit-lru-scorer":  # reads the prefix scorer by name and type
-            p["parameters"] = {"prefixPluginName": new["type"], "prefixPluginType": new["type"]}
+        elif p["type"] in ("no-hit-lru-scorer", "prefill-backlog-scorer"):  # read it by name and type
+            p["parameters"] = {**(p.get("parameters") or {}), "prefixPluginName": new["type"],
+                               "prefixPluginType": new["type"]}
     for prof in doc["schedulingProfiles"]:
         for e in prof["plugins"]:
             if e["pluginRef"] == "prefix-cache-scorer":
@@ -149,7 +150,7 @@ def _swap_prefix(new: dict[str, Any]) -> str:
 
 def _load_only() -> str:
     doc = _doc(DEFAULT_CONFIG_TEXT)
-    gone = ("prefix-cache-scorer", "no-hit-lru-scorer")  # the second reads the first
+    gone = ("prefix-cache-scorer", "no-hit-lru-scorer", "prefill-backlog-scorer")  # the others read the first
     doc["plugins"] = [p for p in doc["plugins"] if p["type"] not in gone]
     for prof in doc["schedulingProfiles"]:
         prof["plugins"] = [e for e in prof["plugins"] if e["pluginRef"] not in gone]

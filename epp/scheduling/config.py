@@ -265,6 +265,9 @@ kind: {KIND}
 #   spread and stop evicting hot prefixes (half weight: under LoRA affinity's 0.6 for a loaded adapter).
 # - LoRA affinity when the pool serves adapters (adapter residency is a cache like the prefix).
 # - in-flight load 1: a tie-breaker from the picker's own counts.
+# - prefill-backlog-scorer 1.5 (ours): a pod still computing prefills this picker sent it scores
+#   lower, so a hot prefix gets a second pod; only for prompts a pod holds half of (minHit), one
+#   copy per 4 s (moveEverySeconds), and only to a pod with no prefill of ours pending (moveToIdleOnly).
 # The load guard on affinity is off: it cost prefix hits, and so TTFT, under bursts.
 plugins:
 - type: queue-scorer
@@ -278,6 +281,11 @@ plugins:
 - type: lora-affinity-scorer
 - type: inflight-load-scorer
 - type: no-hit-lru-scorer
+- type: prefill-backlog-scorer
+  parameters:
+    minHit: 0.5
+    moveEverySeconds: 4
+    moveToIdleOnly: true
 - type: max-score-picker
 schedulingProfiles:
 - name: default
@@ -295,6 +303,8 @@ schedulingProfiles:
     weight: 1
   - pluginRef: no-hit-lru-scorer
     weight: 0.5
+  - pluginRef: prefill-backlog-scorer
+    weight: 1.5
   - pluginRef: max-score-picker
 loadGuard:
   enabled: false

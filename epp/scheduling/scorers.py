@@ -391,9 +391,10 @@ class PrefillBacklogScorer:
     predicted time to first token); score = (min wait + scaleSeconds) / (wait + scaleSeconds), flat for a
     prompt no pod holds `minHit` (0-1, default 0) of by the prefix scorer's share. A scrape is 50 ms
     old and counts a queue only once it forms; this sees a prefill the moment it is sent, so a warm
-    request is not put behind another pod-mate's cold prompt. Opt-in: the rate is the engine's, and
-    the discrete-event benchmark has it trading shared-prefix gains for losses elsewhere
-    (docs/scheduling.md). Reads the prefix scorer named by `prefixPluginName`, which must run earlier.
+    request is not put behind another pod-mate's cold prompt. The default profile runs it with
+    minHit 0.5, moveEverySeconds 4 and moveToIdleOnly (docs/scheduling.md, Presets); the bare
+    scorer's parameter defaults spread more and cost bursty and long-context traffic. Reads the
+    prefix scorer named by `prefixPluginName`, which must run earlier.
     """
 
     BOUNDED = True

@@ -80,10 +80,14 @@ def test_variants_build_and_new_default_is_the_default() -> None:
 
     for name in peers.VARIANTS:
         load_config(peers.variant_text(name))  # every variant is a valid config
-    new, default = load_config(peers.variant_text("new-default")), load_config(None)
+    # the default is the second round's (`new-default` = `round2-default`) plus the backlog preset
+    new, default = load_config(peers.variant_text("backlog1.5-hit50-move4s-idle")), load_config(None)
     assert new.plugins == default.plugins
     def weights(cfg: Any) -> list[tuple[str, float]]:
         return [(e.plugin, e.weight) for e in cfg.profile.entries]
 
     assert weights(new) == weights(default)
+    round2, old2 = load_config(peers.variant_text("round2-default")), load_config(peers.variant_text("new-default"))
+    assert round2.plugins == old2.plugins and weights(round2) == weights(old2)
+    assert "prefill-backlog-scorer" not in {p.type for p in round2.plugins}
     assert load_config(peers.variant_text("previous-default")).plugins != default.plugins

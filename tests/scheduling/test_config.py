@@ -30,7 +30,10 @@ def test_no_config_is_the_default_preset():
         assert entries(cfg) == [
             ("queue-scorer", 2, False), ("kv-cache-utilization-scorer", 1, False), ("prefix-cache-scorer", 3, False),
             ("lora-affinity-scorer", 3, True), ("inflight-load-scorer", 1, False), ("no-hit-lru-scorer", 0.5, False),
-            ("max-score-picker", 1, False)]
+            ("prefill-backlog-scorer", 1.5, False), ("max-score-picker", 1, False)]
+        b = cfg.plugin("prefill-backlog-scorer").params
+        assert (b.tokens_per_second, b.min_hit, b.move_every, b.move_to_idle) == (20000.0, 0.5, 4.0, True)
+        assert not cfg.warnings  # it runs after the prefix scorer it reads
         q = cfg.plugin("queue-scorer").params
         assert (q.min_spread, q.count_inflight) == (4.0, True)
         assert cfg.plugin("prefix-cache-scorer").params.max_blocks == 1024

@@ -268,3 +268,22 @@ def test_peer_notes_carry_the_seconds_each_request_added():
     # two equal notes are two prefills, not a repeat
     hearer.peer_apply(eps[0], note)
     assert hearer._until[eps[0].address] == pytest.approx(100.0 + 2 * 1.01)
+
+
+def test_the_default_profile_tells_a_sibling_the_prefill_it_sent():
+    """Two schedulers built from the default profile, as two --workers siblings: what one routes, the
+    other's prefix index and backlog clock both learn from its notes (dispatched by plugin name)."""
+    a, b = build_scheduler(load_config(None), rng=random.Random(1)), build_scheduler(load_config(None),
+                                                                                   rng=random.Random(2))
+    eps_a, eps_b = [ep(1), ep(2)], [ep(1), ep(2)]
+    r = req(text(24000, 1))
+    chosen = route(a, r, eps_a)
+    notes = a.peer_notes(r, chosen)
+    assert set(notes) == {"prefix-cache-scorer", "prefill-backlog-scorer"}
+    assert notes["prefill-backlog-scorer"] == pytest.approx(0.006 + 6000 / 20000, rel=1e-3)  # all uncached
+    twin = eps_b[eps_a.index(chosen)]
+    b.apply_peer_notes(twin, notes)
+    backlog = next(s.scorer for s in b.scorers if s.scorer.name == "prefill-backlog-scorer")
+    assert backlog._until[twin.address] > 0
+    # the sibling now sends a request of that prompt where the first went
+    assert route(b, req(text(24000, 1) + " more"), eps_b) is twin
