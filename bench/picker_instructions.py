@@ -1,7 +1,7 @@
 """Instructions the picker executes per routed request, counted by valgrind's callgrind.
 
     .venv/bin/python bench/picker_instructions.py [--requests 3000] [--profile buffered]
-        [--rate 0] [--workers 1] [--tree DIR] [--repeat 1]
+        [--rate 0] [--workers 1] [--tree DIR] [--repeat 1] [--picker-arg ARG ...]
 
 Why: on a shared 2-core VM a CPU-time figure of the same code moves by 25% or more between
 minutes (docs/benchmarks.md, "Picker cost"), so a change worth 5% cannot be seen in seconds of
@@ -80,7 +80,7 @@ def _control(pid: int | None, *args: str) -> None:
 
 
 def count(requests: int, profile: str, rate: float, idle_s: float, tree: str, workdir: str,
-          workers: int = 1, connections: int = 4) -> Count:
+          workers: int = 1, connections: int = 4, extra: tuple[str, ...] = ()) -> Count:
     """One picker under callgrind: its idle rate, then `requests` streams."""
     srv, addrs = metrics_server(16)
     body = os.path.join(workdir, "body.bin")
@@ -94,7 +94,7 @@ def count(requests: int, profile: str, rate: float, idle_s: float, tree: str, wo
             "--secure-serving=false", "--grpc-port", str(port), "--grpc-health-port", str(free_port()),
             "--metrics-port", str(free_port()), "--metrics-endpoint-auth=false", "--bind-address", "127.0.0.1",
             "--log-level", "warning", "--drain-timeout", "0s", "--shutdown-grace", "1s",
-            "--refresh-metrics-interval", "1s", *(["--workers", str(workers)] if workers > 1 else [])]
+            "--refresh-metrics-interval", "1s", *(["--workers", str(workers)] if workers > 1 else []), *extra]
     picker = subprocess.Popen(argv, cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port, timeout=300)  # Python starts slowly under valgrind
@@ -142,6 +142,8 @@ def main() -> None:
                          "worker is what each of 2 workers is sent: the share of the gap that is split load)")
     ap.add_argument("--tree", default=ROOT, help="checkout whose picker runs (default: this one)")
     ap.add_argument("--repeat", type=int, default=1, help="runs (each a fresh picker)")
+    ap.add_argument("--picker-arg", action="append", default=[], metavar="ARG",
+                    help="one more argument for the picker, repeatable (e.g. --picker-arg=--config-file=F)")
     ap.add_argument("--keep", default="", metavar="DIR",
                     help="leave the callgrind dumps in DIR (for callgrind_annotate; default: removed)")
     a = ap.parse_args()
@@ -158,7 +160,8 @@ def main() -> None:
         print(f"picker from {a.tree} (--workers {a.workers}); {a.profile}, {a.requests} requests, {how}",
               flush=True)
         for i in range(a.repeat):
-            c = count(a.requests, a.profile, a.rate, a.idle_seconds, a.tree, workdir, a.workers, a.connections)
+            c = count(a.requests, a.profile, a.rate, a.idle_seconds, a.tree, workdir, a.workers, a.connections,
+                      tuple(a.picker_arg))
             print(f"run {i + 1}: {c.per_request:,.0f} instructions per request "
                   f"({c.ok}/{c.requests} ok, idle {c.idle_per_s / 1e6:.1f} M/s, traffic {c.seconds:.1f} s)",
                   flush=True)

@@ -235,14 +235,20 @@ def test_the_resend_guard_tells_chains_apart_by_length_and_last_hash() -> None:
 
 def test_the_resend_guard_never_holds_back_an_amount() -> None:
     """A number in a note is an amount the siblings add (the prefill-backlog scorer's seconds): two
-    equal ones are two requests, so such a note set has no key and is always sent."""
+    equal ones are two requests, so it is left out of the key (only amounts: no key at all)."""
     assert _note_key(X, {"prefill-backlog-scorer": 0.05}) is None
-    assert _note_key(X, {"prefix-cache-scorer": [1, 2], "prefill-backlog-scorer": 0.05}) is None
-    assert _note_key(X, {"prefix-cache-scorer": [1, 2], "flag": True}) is not None  # a bool is no amount
+    assert _note_key(X, {"prefill-backlog-scorer": 0.05, "n": 3}) is None
+    chain = {"prefix-cache-scorer": [1, 2]}
+    assert _note_key(X, {**chain, "prefill-backlog-scorer": 0.05}) == _note_key(X, chain) is not None
+    assert _note_key(X, {**chain, "prefill-backlog-scorer": 0.07}) == _note_key(X, chain)
+    odd = {"o": {"x": 1}}
+    assert _note_key(X, {**odd, "prefill-backlog-scorer": 0.05}) == _note_key(X, {**odd, "prefill-backlog-scorer": 9})
+    assert _note_key(X, {**chain, "flag": True}) != _note_key(X, chain)  # a bool is no amount
 
 
 async def test_notes_only_siblings_send_every_amount(tmp_path: Any) -> None:
-    """Twenty routed requests with the same backlog note reach the sibling twenty times (over ipc)."""
+    """Twenty routed requests with the same notes: the prefix chain reaches the sibling once, the
+    backlog amounts all of them, summed per endpoint in each batch (over ipc)."""
 
     class Amount(Notes):
         def peer_notes(self, request: Any, endpoint: Endpoint) -> dict[str, Any]:
@@ -264,11 +270,17 @@ async def test_notes_only_siblings_send_every_amount(tmp_path: Any) -> None:
             if notes.applied:
                 break
         await asyncio.sleep(0.05)
-        applied = len(notes.applied)
+        assert all(set(n) in ({"prefix"}, {"prefill-backlog-scorer"}) for _, n in notes.applied)  # kept apart
+
+        def total() -> float:
+            return sum(n.get("prefill-backlog-scorer", 0.0) for _, n in notes.applied)
+
+        applied, before = len(notes.applied), total()
         for _ in range(20):
             a.routed(a_eps[X], 1, 100, request="r")
-        await until(lambda: len(notes.applied) == applied + 20)
-        assert notes.applied[-1] == (X, {"prefix": [7], "prefill-backlog-scorer": 0.05})
+        await until(lambda: total() == pytest.approx(before + 20 * 0.05))
+        later = notes.applied[applied:]
+        assert later == [(X, {"prefill-backlog-scorer": pytest.approx(1.0)})]  # one batch, one sum, no chain
     finally:
         await a.stop()
         await b.stop()

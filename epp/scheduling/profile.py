@@ -35,7 +35,7 @@ class WeightedScorer:
 
 
 def weighted_sum(lists: list[list[float]], weights: list[float], n: int) -> list[float]:
-    """Σ weight × score per endpoint, in one pass for up to five scorers (the hot path)."""
+    """Σ weight × score per endpoint, in one pass for up to six scorers (the hot path)."""
     k = len(lists)
     if k == 0:
         return [0.0] * n
@@ -54,8 +54,12 @@ def weighted_sum(lists: list[list[float]], weights: list[float], n: int) -> list
     if k == 5:
         w0, w1, w2, w3, w4 = weights
         return [w0 * a + w1 * b + w2 * c + w3 * d + w4 * e for a, b, c, d, e in zip(*lists, strict=True)]
-    totals = weighted_sum(lists[:5], weights[:5], n)
-    for s, w in zip(lists[5:], weights[5:], strict=True):
+    if k == 6:  # the default profile without LoRA
+        w0, w1, w2, w3, w4, w5 = weights
+        return [w0 * a + w1 * b + w2 * c + w3 * d + w4 * e + w5 * f
+                for a, b, c, d, e, f in zip(*lists, strict=True)]
+    totals = weighted_sum(lists[:6], weights[:6], n)
+    for s, w in zip(lists[6:], weights[6:], strict=True):
         totals = [t + w * x for t, x in zip(totals, s, strict=True)]
     return totals
 

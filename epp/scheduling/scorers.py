@@ -379,6 +379,14 @@ _CHARS_PER_TOKEN = 4.0  # the datastore's prompt-token estimate
 _MAX_NOTE_SECONDS = 3600.0  # a peer's prefill note is capped at this (moveEverySeconds' own limit)
 
 
+def _ratio_of(eps: Sequence[Endpoint], ratios: Sequence[float], endpoint: Endpoint) -> float:
+    """The prefix scorer's share for `endpoint` among the `eps` it scored (0 if it was not among them)."""
+    for e, r in zip(eps, ratios, strict=False):
+        if e is endpoint:
+            return float(r)
+    return 0.0
+
+
 @register("prefill-backlog-scorer", SCORER)
 class PrefillBacklogScorer:
     """Ours: a pod still computing the prefills this picker sent it scores lower.
@@ -443,6 +451,8 @@ class PrefillBacklogScorer:
             if seen is None or not seen[1] or max(seen[1]) < self.p.min_hit:
                 return [1.0] * len(endpoints)
         pending = waits = [max(0.0, until.get(ep.address, 0.0) - now) for ep in endpoints]
+        if not share and not any(pending):  # nothing pending on these pods: every score is 1 (holds too)
+            return [1.0] * len(endpoints)
         if share:
             costs = self._costs(cycle.request, endpoints)
             waits = [w + share * cost for w, cost in zip(waits, costs, strict=True)]
@@ -493,7 +503,7 @@ class PrefillBacklogScorer:
         now = request.scratch.get(self._now_key)
         if now is None:  # not scored by this profile (e.g. another profile chose)
             return
-        cost = self._costs(request, (endpoint,))[0]
+        cost = self._cost_on(request, endpoint)
         addr = endpoint.address
         done = self._until[addr] = max(now, self._until.get(addr, 0.0)) + cost
         request.scratch[self._done_key] = done
@@ -520,13 +530,19 @@ class PrefillBacklogScorer:
         if seen is None or not seen[1]:
             return
         eps, ratios = seen
-        warm = self._warm([float(r) for r in ratios])
-        if not any(warm):
+        top = max(ratios)
+        if top < (self.p.min_hit or 0.5):  # no pod holds it: nothing was moved
             return
-        chosen = next((w for e, w in zip(eps, warm, strict=False) if e is endpoint), False)
-        if not chosen:  # sent to a pod without the prefix: a move away from the one that has most
-            best = max(range(len(ratios)), key=lambda i: ratios[i])
-            self._moved[eps[best].address] = now
+        if _ratio_of(eps, ratios, endpoint) < (self.p.min_hit or 0.5):
+            # sent to a pod without the prefix: a move away from the one that has most
+            self._moved[eps[ratios.index(top)].address] = now
+
+    def _cost_on(self, request: SchedulingRequest, endpoint: Endpoint) -> float:
+        """Seconds of prefill `request` adds on `endpoint` (the routed one: no list to build)."""
+        seen = request.scratch.get(self._scores_key)
+        r = 0.0 if seen is None else _ratio_of(seen[0], seen[1], endpoint)
+        tokens = len(request.prompt) / _CHARS_PER_TOKEN
+        return self.p.step_seconds + tokens * (1.0 - min(1.0, max(0.0, r))) / self.p.tokens_per_second
 
     def _costs(self, request: SchedulingRequest, endpoints: Sequence[Endpoint]) -> list[float]:
         """Seconds of prefill `request` adds on each endpoint: a step plus its uncached tokens."""

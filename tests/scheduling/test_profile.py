@@ -7,6 +7,7 @@ import random
 import string
 from collections import Counter
 
+import pytest
 from hypothesis import given, settings
 
 from epp.scheduling.config import build_scheduler, load_config, preset_config
@@ -170,3 +171,14 @@ def test_prefix_stats():
     assert st["prefix_routed_requests"] == 2
     assert st["prefix_hit_ratio"] == 8 / 32
     assert st["prefix_index_entries"] == 24
+
+
+def test_weighted_sum_matches_the_plain_sum_for_any_number_of_scorers():
+    from epp.scheduling.profile import weighted_sum
+
+    rng = random.Random(3)
+    for k in range(9):
+        lists = [[rng.random() for _ in range(5)] for _ in range(k)]
+        weights = [rng.choice((0.5, 1.0, 1.5, 2.0, 3.0)) for _ in range(k)]
+        want = [sum(w * s[i] for s, w in zip(lists, weights, strict=True)) for i in range(5)]
+        assert weighted_sum(lists, weights, 5) == pytest.approx(want), k
