@@ -59,6 +59,10 @@ class Endpoint:
     scrape_ok: bool = True  # False while the last scrape failed
     inflight: int = 0  # requests this picker routed here and has not seen finish
     inflight_tokens: int = 0  # estimated prompt tokens of those requests
+    # the prefill-backlog scorer's clock (time.monotonic()) of when the prefills this worker sent are
+    # done, and the other --workers' combined clock as last folded in (epp.workershare); 0: none
+    prefill_until: float = 0.0
+    others_prefill_until: float = 0.0
 
 
 EndpointListener = Callable[[list[Endpoint], list[Endpoint]], None]

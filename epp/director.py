@@ -78,6 +78,8 @@ class LoadShare(Protocol):
 
     def routed(self, ep: Endpoint, requests: int, tokens: int, request: SchedulingRequest | None = None) -> None: ...
 
+    # optional: `clock(ep)` publishes `ep.prefill_until` after a plugin moved it on a finish (workers)
+
 
 class Admission(Protocol):
     """Decides whether a request is shed (429) before scheduling."""
@@ -231,6 +233,7 @@ class Director:
     ) -> None:
         self.datastore = datastore
         self.share = share  # --workers / --ha-peers: the others' in-flight counts, folded in before each decision
+        self._share_clock = getattr(share, "clock", None)  # --workers: the prefill clocks' cells
         self.session_header = session_header
         self.scheduler = scheduler
         self.admission = admission
@@ -519,9 +522,12 @@ class Director:
         if self.flow_control is not None:
             self.flow_control.notify()  # room may have opened for a queued request
         if ctx.served is not None:
+            clock = ctx.served.prefill_until
             try:
                 self.scheduler.on_finished(ctx.sched, ctx.served)
             except Exception:  # a plugin bug must not leak in-flight state or the stream
                 log.exception("scheduler on_finished failed", extra={"request_id": ctx.request_id})
+            if self._share_clock is not None and ctx.served.prefill_until != clock:
+                self._share_clock(ctx.served)  # the prefill-backlog scorer moved it: the siblings see that
         if self.telemetry is not None:
             self.telemetry.finished(ctx)

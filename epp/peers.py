@@ -56,10 +56,6 @@ DEFAULT_PORT = 9005
 # same endpoint at most once per RESEND_S (a repeated prompt refreshes the siblings' index that often)
 BATCH_S = 0.002
 RESEND_S = 1.0
-# amounts (the prefill-backlog scorer's seconds) are summed per endpoint and go at most this often
-# (or with the next batch of other notes): a sibling's clock may lag by this much, and a worker sends
-# at most 50 such messages a second however many requests it routes
-AMOUNTS_S = 0.02
 MAX_RECENT = 8192
 MAX_BATCH = 4096
 
@@ -104,9 +100,10 @@ def _note_key(address: str, notes: Mapping[str, Any]) -> int | None:
     """What the resend guard remembers of the notes to `address` that can repeat, or None when all
     are amounts. The plugins' notes are chains of block hashes (each hash covers the blocks before
     it), so a list's length and last hash name the whole list; a number is an amount to add (the
-    prefill-backlog scorer's seconds): two equal ones are two requests, so it is left out of the key
-    and always sent; anything else is hashed from its encoding. A collision only keeps one note from
-    the siblings for RESEND_S."""
+    prefill-backlog scorer's seconds), left out of the key: notes-only siblings drop amounts (their
+    shared memory carries the clocks), active-active peers get every routed request's notes anyway;
+    anything else is hashed from its encoding. A collision only keeps one note from the siblings for
+    RESEND_S."""
     if len(notes) == 1:  # the usual case: the prefix index's note alone
         ((name, note),) = notes.items()
         if type(note) is list and note and type(note[-1]) is int:
@@ -147,9 +144,6 @@ class PeerSync:
         self.peer_urls = list(peer_urls)
         self.notes_only = notes_only
         self._batch: list[list[Any]] = []  # notes-only: what the next batch message carries
-        self._amounts: dict[str, dict[str, float]] = {}  # notes-only: amounts summed per endpoint
-        self._flush_due = False  # notes-only: a flush is scheduled
-        self._amounts_due = False  # notes-only: a flush of the amounts is scheduled
         self._recent: dict[int, float] = {}  # notes-only: hash of (address, note) -> when last sent
         self.bind_address = bind_address
         self.scheduler = scheduler
@@ -244,22 +238,10 @@ class PeerSync:
 
     def _queue_note(self, address: str, notes: Mapping[str, Any]) -> None:
         key = _note_key(address, notes)
-        if key is None or len(notes) > 1:  # amounts (numbers) are summed per endpoint until the flush
-            sums = None
-            for name, v in notes.items():
-                if type(v) in _AMOUNTS:
-                    per = self._amounts.get(address)
-                    if per is None:
-                        per = self._amounts[address] = {}
-                    per[name] = per.get(name, 0) + v
-                    sums = True
-            if sums:
-                notes = {k: v for k, v in notes.items() if type(v) not in _AMOUNTS}
-                if not self._amounts_due and self._loop is not None:
-                    self._amounts_due = True
-                    self._loop.call_later(AMOUNTS_S, self._flush_amounts)
-        if key is None or not notes:
+        if key is None:  # amounts only: the workers' shared memory carries those (epp.workershare)
             return
+        if len(notes) > 1:
+            notes = {k: v for k, v in notes.items() if type(v) not in _AMOUNTS}
         now = time.monotonic()
         last = self._recent.get(key)
         if last is not None and now - last < RESEND_S:
@@ -270,24 +252,10 @@ class PeerSync:
         self._batch.append([address, dict(notes)])
         if len(self._batch) >= MAX_BATCH:
             self._flush()
-        else:
-            self._flush_soon()
-
-    def _flush_soon(self) -> None:
-        if not self._flush_due and self._loop is not None:
-            self._flush_due = True
+        elif len(self._batch) == 1 and self._loop is not None:
             self._loop.call_later(BATCH_S, self._flush)
 
-    def _flush_amounts(self) -> None:
-        self._amounts_due = False
-        if self._amounts and not self._flush_due:  # else the batch due sooner takes them
-            self._flush()
-
     def _flush(self) -> None:
-        self._flush_due = False
-        if self._amounts:  # one entry per endpoint for what the batch's requests added up to
-            amounts, self._amounts = self._amounts, {}
-            self._batch.extend([address, per] for address, per in amounts.items())
         if self._batch:
             batch, self._batch = self._batch, []
             self._send(["n", self.replica_id, self._next_seq(), batch])

@@ -1,6 +1,7 @@
 """What the `--workers` processes of one picker share through one shared-memory file: the pool's
 scraped metrics (worker 0 scrapes, the others read its results) and each worker's in-flight counts
-(every worker's scorers see the requests all workers sent to a pod).
+(every worker's scorers see the requests all workers sent to a pod), and each worker's prefill clock
+per pod (the prefill-backlog scorer counts the prefills all workers sent).
 
 The supervisor creates the file (`create`), every worker maps it (`WorkerShare`). Layout,
 little-endian, fixed at creation; the file is sparse (on tmpfs only the pages touched take memory):
@@ -14,6 +15,8 @@ little-endian, fixed at creation; the file is sparse (on tmpfs only the pages to
     metrics    slots × SLOT_BYTES: seq (u64, odd while being written), tag, ok, length, crc32, then the
                page's signals as msgpack
     counts     slots × workers × i64 requests in flight, then the same for their prompt tokens
+    clocks     slots × workers × f64: when the prefills each worker sent are done (time.monotonic(),
+               system-wide; the prefill-backlog scorer's `Endpoint.prefill_until`), 0 for none
 
 One writer for the directory and the metrics (worker 0's scraper thread); each worker writes only its
 own count cells, from its serving loop. Readers copy between two reads of the seq (or generation) and
@@ -31,9 +34,9 @@ import tempfile
 import threading
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from itertools import compress
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 
@@ -43,7 +46,7 @@ from epp.metrics.scrape import copied
 log = logging.getLogger("epp.workershare")
 
 MAGIC = b"EPPW"
-VERSION = 1
+VERSION = 2  # 2: the prefill clocks
 DEFAULT_SLOTS = 4096  # endpoints one picker's workers can share; more are scraped by worker 0 only
 SLOT_BYTES = 4096
 # The other workers' in-flight counts are folded into the same endpoints at most this often: at
@@ -71,17 +74,19 @@ _decode = msgspec.msgpack.Decoder().decode
 _FoldPlan = tuple[Sequence[Endpoint], int, int, list[tuple[Endpoint, int, str]]]
 
 
-def _layout(workers: int, slots: int) -> tuple[int, int, int, int]:
-    """Offsets of the directory, the metrics slots, the request counts and the token counts."""
+def _layout(workers: int, slots: int) -> tuple[int, int, int, int, int]:
+    """Offsets of the directory, the metrics slots, the request counts, the token counts and the
+    prefill clocks."""
     directory = _HEADER_BYTES + -(-workers * 4 // 64) * 64
     metrics = -(-(directory + slots * _DIR.size) // mmap.PAGESIZE) * mmap.PAGESIZE
     counts = metrics + slots * SLOT_BYTES
     tokens = counts + slots * workers * 8
-    return directory, metrics, counts, tokens
+    clocks = tokens + slots * workers * 8
+    return directory, metrics, counts, tokens, clocks
 
 
 def _size(workers: int, slots: int) -> int:
-    return _layout(workers, slots)[3] + slots * workers * 8
+    return _layout(workers, slots)[4] + slots * workers * 8
 
 
 def create(workers: int, slots: int = DEFAULT_SLOTS, directory: str | None = None) -> str:
@@ -151,12 +156,14 @@ class WorkerShare:
             raise ValueError(f"worker {worker} outside the share's {workers} workers")
         self.path, self.worker, self.workers, self.slots = path, worker, workers, slots
         self._other_cols = tuple(j for j in range(workers) if j != worker)  # the other workers' columns
-        self._dir_at, self._metrics_at, counts_at, tokens_at = _layout(workers, slots)
+        self._dir_at, self._metrics_at, counts_at, tokens_at, clocks_at = _layout(workers, slots)
         self._views = [memoryview(self._mm)]
         self._views += [self._views[0][counts_at:counts_at + slots * workers * 8],
-                        self._views[0][tokens_at:tokens_at + slots * workers * 8]]
+                        self._views[0][tokens_at:tokens_at + slots * workers * 8],
+                        self._views[0][clocks_at:clocks_at + slots * workers * 8]]
         self._counts = self._views[1].cast("q")
         self._tokens = self._views[2].cast("q")
+        self._clocks = self._views[3].cast("d")
         self._slot_of: dict[str, int] = {}  # address -> slot, rebound whole (read from other threads)
         self._tag_of: dict[int, int] = {}  # slot -> its directory tag when _slot_of was read
         self._map_gen = -1  # the directory generation _slot_of was read at
@@ -169,6 +176,7 @@ class WorkerShare:
         self._fold_due = 0.0
         self._plan: _FoldPlan | None = None
         self._own: dict[str, list[int]] = {}  # address -> [requests, tokens] this worker has in flight
+        self._own_clock: dict[str, float] = {}  # address -> this worker's prefill clock, when not 0
         self._seen: dict[str, int] = {}  # address -> the metrics seq last read (readers)
         # the writer's (worker 0's) bookkeeping
         self._tags: dict[int, int] = {}
@@ -182,6 +190,7 @@ class WorkerShare:
         """Unmap (the views first: a mapping with exported views cannot close)."""
         self._counts.release()
         self._tokens.release()
+        self._clocks.release()
         for v in reversed(self._views):
             v.release()
         with contextlib.suppress(BufferError):
@@ -359,27 +368,49 @@ class WorkerShare:
             n = t = 0
             if pair is not None:
                 del own[address]
+        clock = ep.prefill_until  # the scorer set it just before (routed) or just after (finished)
+        if clock:
+            self._own_clock[address] = clock
+        elif address in self._own_clock:
+            del self._own_clock[address]
         i = self._slot_of.get(address)
         if i is not None and self._written_gen == self._map_gen:
             cell = i * self.workers + self.worker
             self._counts[cell] = n
             self._tokens[cell] = t
+            self._clocks[cell] = clock
+
+    def clock(self, ep: Endpoint) -> None:
+        """This worker's prefill clock for `ep` moved outside a count change (a finish): its cell follows."""
+        address, clock = ep.address, ep.prefill_until
+        if clock:
+            self._own_clock[address] = clock
+        else:
+            self._own_clock.pop(address, None)
+        i = self._slot_of.get(address)
+        if i is not None and self._written_gen == self._map_gen:
+            self._clocks[i * self.workers + self.worker] = clock
 
     def _rewrite_own(self) -> None:
         """The directory changed: put this worker's counts where the endpoints are now, zero the rest."""
         gen = self._map_gen
         n, w = self.workers, self.worker
         want = {i: self._own[a] for a, i in self._slot_of.items() if a in self._own}
+        clocks = {i: self._own_clock[a] for a, i in self._slot_of.items() if a in self._own_clock}
         # this worker's column, read whole (a directory change is rare): every non-zero cell not wanted goes
-        column = self._counts[w::n].tolist(), self._tokens[w::n].tolist()
-        for cells, values in zip((self._counts, self._tokens), column, strict=True):
+        column = self._counts[w::n].tolist(), self._tokens[w::n].tolist(), self._clocks[w::n].tolist()
+        keeps: tuple[Container[int], ...] = (want, want, clocks)
+        views: tuple[memoryview[Any], ...] = (self._counts, self._tokens, self._clocks)
+        for cells, values, keep in zip(views, column, keeps, strict=True):
             for i in compress(range(len(values)), values):  # the non-zero ones, found in C
-                if i not in want:
+                if i not in keep:
                     cells[i * n + w] = 0
         for i, (count, tok) in want.items():
             cell = i * n + w
             self._counts[cell] = count
             self._tokens[cell] = tok
+        for i, clock in clocks.items():
+            self._clocks[i * n + w] = clock
         self._written_gen = gen
 
     def _others(self, cells: memoryview, high: int) -> list[int]:
@@ -407,6 +438,7 @@ class WorkerShare:
             plan = self._plan = self._plan_for(endpoints)
         high = plan[2]
         others, other_tokens = self._others(self._counts, high), self._others(self._tokens, high)
+        self._fold_clocks(plan[3], high)
         own = self._own.get
         for ep, i, address in plan[3]:
             o = others[i]
@@ -424,6 +456,29 @@ class WorkerShare:
                 ep.inflight_tokens = mine[1] + t if t > 0 else mine[1]
         self._folded = endpoints
         self._fold_due = time.monotonic() + FOLD_EVERY
+
+    def _fold_clocks(self, rows: list[tuple[Endpoint, int, str]], high: int) -> None:
+        """Each endpoint's `others_prefill_until`: the other workers' prefill clocks, as one clock (their
+        remaining seconds added up, since the engine prefills one after another)."""
+        n, cols, cells = self.workers, self._other_cols, self._clocks
+        if len(cols) == 1:
+            j = cols[0]
+            theirs = cells[j:high * n:n].tolist()
+            if not any(theirs):  # the usual case without the scorer: nothing to fold
+                for ep, _i, _a in rows:
+                    ep.others_prefill_until = 0.0
+                return
+            for ep, i, _a in rows:
+                ep.others_prefill_until = theirs[i]
+            return
+        now = time.monotonic()
+        columns = [cells[j:high * n:n].tolist() for j in cols]
+        for ep, i, _a in rows:
+            left = 0.0
+            for col in columns:
+                if col[i] > now:
+                    left += col[i] - now
+            ep.others_prefill_until = now + left if left else 0.0
 
     def _plan_for(self, endpoints: Sequence[Endpoint]) -> _FoldPlan:
         """(the endpoints, the directory generation, the rows to read, (endpoint, slot, address) for
@@ -518,8 +573,12 @@ class SiblingShare:
         self._count, self._note = share.routed, notes.routed  # bound once: twice a request
 
     def refresh(self, endpoints: Sequence[Endpoint]) -> None:
-        """The other workers' counts folded into `endpoints` (the notes carry none)."""
+        """The other workers' counts and prefill clocks folded into `endpoints` (the notes carry none)."""
         self.share.refresh(endpoints)
+
+    def clock(self, ep: Endpoint) -> None:
+        """This worker's prefill clock for `ep` moved on a finish: into the share."""
+        self.share.clock(ep)
 
     def routed(self, ep: Endpoint, requests: int, tokens: int, request: object = None) -> None:
         """Count it in the share; tell the siblings what the plugins learned from a routed request."""

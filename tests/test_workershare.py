@@ -295,3 +295,73 @@ def test_a_fold_of_the_same_tuple_sees_an_endpoint_that_got_its_slot_later(
     clock[0] += 2 * workershare.FOLD_EVERY
     w0.refresh(pool0)
     assert (b0.inflight, b0.inflight_tokens) == (0, 0)
+
+
+def test_prefill_clocks_reach_the_other_workers_and_follow_a_finish(
+        pair: tuple[WorkerShare, WorkerShare], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prefill-backlog scorer's clock for a pod (Endpoint.prefill_until) goes into the worker's
+    cell with each count change and on a finish that moved it (`clock`); the other worker's fold
+    makes it that endpoint's others_prefill_until, and a cleared clock clears it there."""
+    monkeypatch.setattr(workershare, "FOLD_EVERY", 0.0)  # every refresh folds
+    w0, w1 = pair
+    a0, a1 = ep(A), ep(A)
+    w0.added(A)
+    w1.sync_directory()
+    w0.refresh([a0])
+    w1.refresh([a1])
+    assert a1.others_prefill_until == 0.0
+    a0.prefill_until = 1000.5  # the scorer set it in on_routed, before the count
+    a0.inflight += 1
+    w0.routed(a0, 1, 100)
+    w1.refresh([a1])
+    assert a1.others_prefill_until == 1000.5
+    a0.prefill_until = 0.0  # the scorer's on_finished cleared it, after the count went
+    w0.clock(a0)
+    w1.refresh([a1])
+    assert a1.others_prefill_until == 0.0
+    w0.refresh([a0])
+    assert a0.others_prefill_until == 0.0  # worker 1 sent nothing
+
+
+def test_three_workers_clocks_add_their_remaining_seconds(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    p = workershare.create(3, slots=8, directory=str(tmp_path))
+    ws = [WorkerShare(p, k) for k in range(3)]
+    now = 5000.0
+    monkeypatch.setattr(workershare.time, "monotonic", lambda: now)
+    try:
+        ws[0].added(A)
+        for w in ws[1:]:
+            w.sync_directory()
+        views = [ep(A) for _ in ws]
+        for w, a in zip(ws, views, strict=True):
+            w.refresh([a])
+        for k, until in ((1, now + 0.3), (2, now + 0.2)):  # workers 1 and 2 each have prefills pending
+            views[k].prefill_until = until
+            ws[k].clock(views[k])
+        views[0].prefill_until = now - 1.0  # worker 0's has run out: adds nothing
+        ws[0].clock(views[0])
+        now += 0.01  # past the fold window
+        ws[0].refresh([views[0]])
+        assert views[0].others_prefill_until == pytest.approx(now + 0.29 + 0.19)
+    finally:
+        for w in ws:
+            w.close()
+        os.unlink(p)
+
+
+def test_a_directory_change_moves_this_workers_clock_with_its_slot(
+        pair: tuple[WorkerShare, WorkerShare], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(workershare, "FOLD_EVERY", 0.0)
+    w0, w1 = pair
+    a0, b0, b1 = ep(A), ep(B), ep(B)
+    w0.added(A)
+    w1.sync_directory()
+    w1.refresh([b1])
+    b1.prefill_until = 77.0
+    b1.inflight += 1
+    w1.routed(b1, 1, 10)  # B has no slot yet: kept for when it has one
+    w0.added(B)
+    w1.sync_directory()
+    w1.refresh([b1])  # rewrites its own cells where the endpoints are now
+    w0.refresh([a0, b0])
+    assert (b0.others_prefill_until, a0.others_prefill_until) == (77.0, 0.0)

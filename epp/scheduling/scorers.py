@@ -444,13 +444,14 @@ class PrefillBacklogScorer:
         cycle.request.scratch[self._now_key] = now
         until = self._until
         share = self.p.own_share
-        if not until and not share:
+        if not until and not share and not any(ep.others_prefill_until for ep in endpoints):
             return [1.0] * len(endpoints)
         if self.p.min_hit > 0.0:  # only prompts some pod holds enough of (a hot prefix to place)
             seen = cycle.request.scratch.get(self._scores_key)
             if seen is None or not seen[1] or max(seen[1]) < self.p.min_hit:
                 return [1.0] * len(endpoints)
-        pending = waits = [max(0.0, until.get(ep.address, 0.0) - now) for ep in endpoints]
+        pending = waits = [max(0.0, until.get(ep.address, 0.0) - now) + max(0.0, ep.others_prefill_until - now)
+                           for ep in endpoints]
         if not share and not any(pending):  # nothing pending on these pods: every score is 1 (holds too)
             return [1.0] * len(endpoints)
         if share:
@@ -505,7 +506,7 @@ class PrefillBacklogScorer:
             return
         cost = self._cost_on(request, endpoint)
         addr = endpoint.address
-        done = self._until[addr] = max(now, self._until.get(addr, 0.0)) + cost
+        done = self._until[addr] = endpoint.prefill_until = max(now, self._until.get(addr, 0.0)) + cost
         request.scratch[self._done_key] = done
         request.scratch[self._cost_key] = cost
         if self.p.move_every > 0.0:
@@ -554,6 +555,7 @@ class PrefillBacklogScorer:
         addr = endpoint.address
         if endpoint.inflight <= 0:  # nothing of ours left there: its prefills are done
             self._until.pop(addr, None)
+            endpoint.prefill_until = 0.0
             return
         done = request.scratch.get(self._done_key)
         until = self._until.get(addr)
@@ -561,7 +563,7 @@ class PrefillBacklogScorer:
             return
         now = self._clock()
         if done > now:  # finished before the clock had its prefill done: what queued behind starts earlier
-            self._until[addr] = max(now, until - (done - now))
+            self._until[addr] = endpoint.prefill_until = max(now, until - (done - now))
 
     def sweep(self, present: Sequence[str], now: float) -> None:
         """Drop clocks that have run out (the map holds only pods with work pending)."""

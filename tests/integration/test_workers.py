@@ -469,3 +469,70 @@ async def test_two_workers_keep_one_prefix_placement():
         await stop_all(p, runners)
     if shm:  # neither the share nor the workers' sockets are left behind
         assert not [f for f in set(os.listdir(shm)) - before if f.startswith("epp-workers-")]
+
+
+BACKLOG_ONLY = """
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: prefix-cache-scorer
+- type: prefill-backlog-scorer
+  parameters: {tokensPerSecond: 1000}
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - {pluginRef: prefix-cache-scorer, weight: 0.001}
+  - {pluginRef: prefill-backlog-scorer, weight: 1}
+  - {pluginRef: max-score-picker}
+"""
+
+
+async def test_two_workers_count_each_others_prefills():
+    """The prefill-backlog scorer's clocks cross the workers (their shared memory): a long cold prompt
+    held in flight keeps its pod busy for ~6 s on either worker's clock, so every later request goes
+    to the other pod whichever worker takes its connection. With per-worker clocks the worker that
+    did not route the long prompt would see two idle pods and tie at random."""
+    from aiohttp import web
+
+    from tests.integration.test_scheduling_live import vllm_page
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(text=vllm_page(), content_type="text/plain")
+
+    def app() -> web.Application:
+        a = web.Application()
+        a.router.add_get("/metrics", metrics)
+        return a
+
+    runners, addrs = await serve_pages([app() for _ in range(2)])
+    port, hport = free_ports(2)
+    p = subprocess.Popen([sys.executable, "-m", "epp", "--workers", "2", "--pool-name", "p",
+                          "--endpoints", ",".join(addrs), "--grpc-port", str(port), "--grpc-health-port", str(hport),
+                          "--metrics-port", "0", "--bind-address", "127.0.0.1", "--secure-serving=false",
+                          "--log-format", "text", "--config-text", BACKLOG_ONLY, "--drain-timeout", "0s",
+                          "--shutdown-grace", "1s"],
+                         stderr=subprocess.DEVNULL)
+    try:
+        await wait_serving(hport)
+        kids = await two_workers(p.pid)
+        await asyncio.sleep(1.5)  # both listening, pages scraped
+        cpu0 = {k: loop_ns(k) for k in kids}
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}",
+                                             options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+            call = ep_grpc.ExternalProcessorStub(ch).Process()
+            for m in [request_headers(), *body_chunks(chat("m", "a long cold document. " * 1100))]:
+                await call.write(m)
+            busy = None
+            async for r in call:  # up to the reply that carries the destination
+                busy = set_headers(r).get("x-gateway-destination-endpoint")
+                if busy:
+                    break
+            assert busy in addrs
+            # each on a new connection, which either worker may take; each finishes at once
+            later = [await route_once(port, f"short {i}") for i in range(12)]
+            await call.done_writing()
+        assert busy not in later, (busy, later)
+        assert all(loop_ns(k) - cpu0[k] > 0 for k in kids)
+    finally:
+        await stop_all(p, runners)

@@ -287,3 +287,20 @@ def test_the_default_profile_tells_a_sibling_the_prefill_it_sent():
     assert backlog._until[twin.address] > 0
     # the sibling now sends a request of that prompt where the first went
     assert route(b, req(text(24000, 1) + " more"), eps_b) is twin
+
+
+def test_the_clock_is_kept_on_the_endpoint_and_the_other_workers_clock_counts():
+    """--workers: the scorer leaves its clock on the endpoint (Endpoint.prefill_until, which the
+    workers' share publishes) and adds the other workers' (others_prefill_until, folded in)."""
+    s = PrefillBacklogScorer("b", P, CTX)
+    a, b = ep(1), ep(2)
+    r = req("x" * 4000)
+    decide(s, r, [a, b], 100.0, 0)
+    assert a.prefill_until == pytest.approx(101.01) and b.prefill_until == 0.0
+    b.others_prefill_until = 100.6  # another worker sent b a prefill that runs until 100.6
+    scores = s.score(Cycle(req("y"), 100.5, 0.2), [a, b])
+    assert scores == pytest.approx([(0.1 + 0.02) / (0.51 + 0.02), 1.0])
+    s.on_finished(r, a)  # nothing of ours left on a: the clock goes, on the endpoint too
+    assert a.prefill_until == 0.0
+    fresh = PrefillBacklogScorer("b", P, CTX)  # nothing of its own pending: the others' still count
+    assert fresh.score(Cycle(req("y"), 100.5, 0.2), [a, b])[1] < 1.0
