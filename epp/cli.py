@@ -418,9 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "auto: the CPU limit, else every CPU of the affinity mask. "
                           "The first worker scrapes the pool and shares each page with the others through shared "
                           "memory (the model servers are polled once, not once per worker); every worker's "
-                          "in-flight counts (and prefill-backlog clocks) are summed into each decision; what a worker's prefix index learns "
-                          "from a routed request reaches the others within milliseconds (signed messages on "
-                          "ipc:// sockets next to the share), so they place a prefix as one picker would; only "
+                          "in-flight counts (and prefill-backlog clocks) are summed into each decision; what a "
+                          "worker's prefix index learns from a routed request reaches the others within "
+                          "milliseconds (signed messages on ipc:// sockets next to the share), so they place a "
+                          "prefix as one picker would; only "
                           "the first serves --metrics-port; flow-control queues stay each worker's own")
     srv.add_argument("--worker-prefix-notes", default=True, **B,
                      help="with --workers above 1: each worker tells the others where it routed a prompt, so "

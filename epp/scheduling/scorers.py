@@ -450,8 +450,10 @@ class PrefillBacklogScorer:
             seen = cycle.request.scratch.get(self._scores_key)
             if seen is None or not seen[1] or max(seen[1]) < self.p.min_hit:
                 return [1.0] * len(endpoints)
-        pending = waits = [max(0.0, until.get(ep.address, 0.0) - now) + max(0.0, ep.others_prefill_until - now)
-                           for ep in endpoints]
+        get = until.get
+        # this picker's clock plus the other workers' (folded in by epp.workershare; 0 without them)
+        pending = waits = [(u - now if (u := get(ep.address, 0.0)) > now else 0.0)
+                           + (o - now if (o := ep.others_prefill_until) > now else 0.0) for ep in endpoints]
         if not share and not any(pending):  # nothing pending on these pods: every score is 1 (holds too)
             return [1.0] * len(endpoints)
         if share:
