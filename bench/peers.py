@@ -87,6 +87,7 @@ CAPACITY_FILE = RESULTS / "peers_capacity.json"
 POLICY_ORDER = ("ours", "envoy-rr", "sglang-cache", "sglang-rr", "vllm-cache", "vllm-rr")
 # our picker as active-active replicas behind the one Envoy, without and with --ha-peers (not in the default run)
 REPLICA_POLICIES = ("ours-x2", "ours-x2-peers", "ours-x4", "ours-x4-peers")
+WORKER_POLICIES = ("ours-w2",)  # one picker run with --workers 2 (its CPU counts every worker: one group)
 CACHE_AWARE = ("ours", "sglang-cache", "vllm-cache")
 IDLE_S = 1.0  # idle CPU is measured over this long before the traffic
 
@@ -313,11 +314,14 @@ async def start_cell(policy: str, w: LiveWorkload, picker_config: str = "") -> R
     """Start the simulators and the router for one cell; the caller must `await running.stop()`."""
     import tempfile
 
-    if policy in ("ours", "envoy-rr", *REPLICA_POLICIES) or policy.startswith("ours:"):
+    if policy in ("ours", "envoy-rr", *REPLICA_POLICIES, *WORKER_POLICIES) or policy.startswith("ours:"):
         replicas = int(policy.split("-")[1][1:]) if policy in REPLICA_POLICIES else 1
         stack = PickerStack(policy="round-robin" if policy == "envoy-rr" else "default", pods=PODS,
                             sim_args=sim_args(w), replicas=replicas, peers=policy.endswith("-peers"),
-                            picker_args=["--config-text", picker_config] if picker_config else [])
+                            picker_args=[*(["--config-text", picker_config] if picker_config else []),
+                                         # --workers needs a fixed port (the last --grpc-port counts)
+                                         *(["--grpc-port", str(free_port()), "--workers", "2"]
+                                           if policy in WORKER_POLICIES else [])])
         stack.adapters = w.adapters
         try:
             await stack.start()
@@ -1120,7 +1124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--workloads", nargs="*", choices=[w.name for w in WORKLOADS])
     ap.add_argument("--loads", type=int, nargs="*")
     ap.add_argument("--policies", nargs="*",
-                    help=f"from {', '.join(POLICY_ORDER + REPLICA_POLICIES)} and ours:NAME (--config-text)")
+                    help=f"from {', '.join(POLICY_ORDER + REPLICA_POLICIES + WORKER_POLICIES)} and ours:NAME "
+                         "(--config-text)")
     ap.add_argument("--repeats", type=int)
     ap.add_argument("--seconds", type=float, help="measured seconds per cell")
     ap.add_argument("--warmup", type=float, help="warm-up seconds per cell (half the rate)")
@@ -1167,7 +1172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     loads = args.loads or loads
     policies = args.policies or [*policies, *(f"ours:{n}" for n in configs)]
     for p in policies:
-        if p not in POLICY_ORDER + REPLICA_POLICIES and not (p.startswith("ours:") and p[5:] in configs):
+        if p not in POLICY_ORDER + REPLICA_POLICIES + WORKER_POLICIES and not (
+                p.startswith("ours:") and p[5:] in configs):
             ap.error(f"unknown policy {p!r}")
     missing = [p for p in policies if p.split("-")[0] in ("sglang", "vllm") and not peer_installed(p)]
     if missing:

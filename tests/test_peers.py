@@ -40,6 +40,21 @@ class Notes:
         self.applied.append((endpoint.address, dict(notes)))
 
 
+def siblings(tmp_path: Any, sender: Any) -> tuple[PeerSync, PeerSync, Notes, dict[str, Endpoint], dict[str, Endpoint]]:
+    """Two notes-only siblings over ipc:// (as --workers run them), started: a (with `sender`'s
+    notes) publishes to b, whose scheduler records what it hears."""
+    urls = [f"ipc://{tmp_path}/s.peer{i}" for i in range(2)]
+    notes = Notes()
+    a_eps, b_eps = {X: ep(X)}, {X: ep(X)}
+    a = PeerSync(key=KEY, port=0, peers=[], scheduler=sender, endpoints=a_eps.get, bind_url=urls[0],
+                 peer_urls=[urls[1]], notes_only=True)
+    b = PeerSync(key=KEY, port=0, peers=[], scheduler=notes, endpoints=b_eps.get, bind_url=urls[1],
+                 peer_urls=[urls[0]], notes_only=True)
+    a.start()
+    b.start()
+    return a, b, notes, a_eps, b_eps
+
+
 async def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
     end = time.monotonic() + timeout
     while not cond():
@@ -181,15 +196,7 @@ async def test_notes_only_siblings_over_ipc_send_notes_and_nothing_else(tmp_path
             self.n += 1
             return {"prefix": [self.n]} if request == "new" else {"prefix": [0]}
 
-    urls = [f"ipc://{tmp_path}/s.peer{i}" for i in range(2)]
-    notes = Notes()
-    a_eps, b_eps = {X: ep(X)}, {X: ep(X)}
-    a = PeerSync(key=KEY, port=0, peers=[], scheduler=Counting(), endpoints=a_eps.get, bind_url=urls[0],
-                 peer_urls=[urls[1]], notes_only=True)
-    b = PeerSync(key=KEY, port=0, peers=[], scheduler=notes, endpoints=b_eps.get, bind_url=urls[1],
-                 peer_urls=[urls[0]], notes_only=True)
-    a.start()
-    b.start()
+    a, b, notes, a_eps, b_eps = siblings(tmp_path, Counting())
     try:
         for _ in range(200):  # PUB/SUB: sends before the subscription are lost
             a.routed(a_eps[X], 1, 100, request="new")
@@ -256,15 +263,7 @@ async def test_notes_only_siblings_drop_amounts(tmp_path: Any) -> None:
                 return {"prefill-backlog-scorer": 0.05}
             return {"prefix": [7], "prefill-backlog-scorer": 0.05} if request is not None else {}
 
-    urls = [f"ipc://{tmp_path}/s.peer{i}" for i in range(2)]
-    notes = Notes()
-    a_eps, b_eps = {X: ep(X)}, {X: ep(X)}
-    a = PeerSync(key=KEY, port=0, peers=[], scheduler=Amount(), endpoints=a_eps.get, bind_url=urls[0],
-                 peer_urls=[urls[1]], notes_only=True)
-    b = PeerSync(key=KEY, port=0, peers=[], scheduler=notes, endpoints=b_eps.get, bind_url=urls[1],
-                 peer_urls=[urls[0]], notes_only=True)
-    a.start()
-    b.start()
+    a, b, notes, a_eps, b_eps = siblings(tmp_path, Amount())
     try:
         sent = a.stats.sent
         for _ in range(20):

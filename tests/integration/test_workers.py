@@ -410,6 +410,35 @@ async def test_two_workers_poll_each_model_server_once_and_both_route_on_its_pag
         assert not [f for f in set(os.listdir(shm)) - before if f.startswith("epp-workers-")]
 
 
+async def vllm_pages(n: int):  # type: ignore[no-untyped-def]
+    """`n` loopback servers of a vLLM metrics page: (runners, addresses)."""
+    from aiohttp import web
+
+    from tests.integration.test_scheduling_live import vllm_page
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(text=vllm_page(), content_type="text/plain")
+
+    def app() -> web.Application:
+        a = web.Application()
+        a.router.add_get("/metrics", metrics)
+        return a
+
+    return await serve_pages([app() for _ in range(n)])
+
+
+def two_worker_picker(addrs: list[str], config: str) -> tuple[subprocess.Popen[bytes], int, int]:
+    """`python -m epp --workers 2` over static `addrs` with `config`: (process, ext_proc port, health port)."""
+    port, hport = free_ports(2)
+    p = subprocess.Popen([sys.executable, "-m", "epp", "--workers", "2", "--pool-name", "p",
+                          "--endpoints", ",".join(addrs), "--grpc-port", str(port), "--grpc-health-port", str(hport),
+                          "--metrics-port", "0", "--bind-address", "127.0.0.1", "--secure-serving=false",
+                          "--log-format", "text", "--config-text", config, "--drain-timeout", "0s",
+                          "--shutdown-grace", "1s"],
+                         stderr=subprocess.DEVNULL)
+    return p, port, hport
+
+
 PREFIX_ONLY = """
 apiVersion: inference.networking.x-k8s.io/v1alpha1
 kind: EndpointPickerConfig
@@ -429,28 +458,10 @@ async def test_two_workers_keep_one_prefix_placement():
     the other within milliseconds (epp.peers notes over the share's ipc:// sockets), so N workers
     place a shared prompt as one picker does. Without it the other worker's first request of the
     prefix is cold there and, in this profile (prefix affinity alone), goes to a pod at random."""
-    from aiohttp import web
-
-    from tests.integration.test_scheduling_live import vllm_page
-
-    async def metrics(_: web.Request) -> web.Response:
-        return web.Response(text=vllm_page(), content_type="text/plain")
-
-    def app() -> web.Application:
-        a = web.Application()
-        a.router.add_get("/metrics", metrics)
-        return a
-
-    runners, addrs = await serve_pages([app() for _ in range(4)])
+    runners, addrs = await vllm_pages(4)
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
     before = set(os.listdir(shm)) if shm else set()
-    port, hport = free_ports(2)
-    p = subprocess.Popen([sys.executable, "-m", "epp", "--workers", "2", "--pool-name", "p",
-                          "--endpoints", ",".join(addrs), "--grpc-port", str(port), "--grpc-health-port", str(hport),
-                          "--metrics-port", "0", "--bind-address", "127.0.0.1", "--secure-serving=false",
-                          "--log-format", "text", "--config-text", PREFIX_ONLY, "--drain-timeout", "0s",
-                          "--shutdown-grace", "1s"],
-                         stderr=subprocess.DEVNULL)
+    p, port, hport = two_worker_picker(addrs, PREFIX_ONLY)
     try:
         await wait_serving(hport)
         kids = await two_workers(p.pid)
@@ -493,26 +504,8 @@ async def test_two_workers_count_each_others_prefills():
     held in flight keeps its pod busy for ~6 s on either worker's clock, so every later request goes
     to the other pod whichever worker takes its connection. With per-worker clocks the worker that
     did not route the long prompt would see two idle pods and tie at random."""
-    from aiohttp import web
-
-    from tests.integration.test_scheduling_live import vllm_page
-
-    async def metrics(_: web.Request) -> web.Response:
-        return web.Response(text=vllm_page(), content_type="text/plain")
-
-    def app() -> web.Application:
-        a = web.Application()
-        a.router.add_get("/metrics", metrics)
-        return a
-
-    runners, addrs = await serve_pages([app() for _ in range(2)])
-    port, hport = free_ports(2)
-    p = subprocess.Popen([sys.executable, "-m", "epp", "--workers", "2", "--pool-name", "p",
-                          "--endpoints", ",".join(addrs), "--grpc-port", str(port), "--grpc-health-port", str(hport),
-                          "--metrics-port", "0", "--bind-address", "127.0.0.1", "--secure-serving=false",
-                          "--log-format", "text", "--config-text", BACKLOG_ONLY, "--drain-timeout", "0s",
-                          "--shutdown-grace", "1s"],
-                         stderr=subprocess.DEVNULL)
+    runners, addrs = await vllm_pages(2)
+    p, port, hport = two_worker_picker(addrs, BACKLOG_ONLY)
     try:
         await wait_serving(hport)
         kids = await two_workers(p.pid)
