@@ -515,13 +515,14 @@ class PrefillBacklogScorer:
             self._note_move(request, endpoint, now)
 
     def peer_note(self, request: SchedulingRequest, endpoint: Endpoint) -> float | None:
-        """For `--workers` siblings and active-active peers (epp.peers): the seconds of prefill this
-        request added to `endpoint`'s clock, so every worker's clock counts what all of them sent."""
+        """For active-active peers (epp.peers): the seconds of prefill this request added to
+        `endpoint`'s clock, so every replica's clock counts what all of them sent (`--workers` share
+        theirs through shared memory instead, epp.workershare: the siblings' notes drop this)."""
         cost = request.scratch.get(self._cost_key)
         return round(cost, 6) if cost is not None else None
 
     def peer_apply(self, endpoint: Endpoint, note: Any) -> None:
-        """A sibling or peer sent `endpoint` a prefill of `note` seconds: this clock runs that much longer
+        """A peer sent `endpoint` a prefill of `note` seconds: this clock runs that much longer
         (anything but a positive finite number is ignored; a longer one than ours could be is capped)."""
         if type(note) not in (float, int) or not 0.0 < note < math.inf:
             return
