@@ -904,7 +904,8 @@ VARIANTS = {"prefix6": _v_prefix6, "no-kv": _v_no_kv, "own-load": _v_own_load, "
             "sticky2000": _v_q(4, True, _sticky_default(2000)),
             "previous-default": lambda d: None,
             "round2-default": _round2_default,  # the default until 2026-12-03 (no prefill-backlog-scorer)
-            # prefill-backlog-scorer (opt-in) on the current default; ttft2 / own10 = with ownShare 1 / 0.1
+            # prefill-backlog-scorer on the round-2 default (backlog1.5-hit50-move4s-idle is today's default);
+            # ttft2 / own10 = with ownShare 1 / 0.1
             "backlog1": _backlog(1), "backlog2": _backlog(2), "backlog3": _backlog(3),
             "backlog2-scale50ms": _backlog(2, scaleSeconds=0.05), "ttft2": _backlog(2, ownShare=1.0),
             "own10": _backlog(2, ownShare=0.1),
