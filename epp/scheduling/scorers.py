@@ -544,15 +544,16 @@ class PrefillBacklogScorer:
     def _cost_on(self, request: SchedulingRequest, endpoint: Endpoint) -> float:
         """Seconds of prefill `request` adds on `endpoint` (the routed one: no list to build)."""
         seen = request.scratch.get(self._scores_key)
-        r = 0.0 if seen is None else _ratio_of(seen[0], seen[1], endpoint)
-        tokens = len(request.prompt) / _CHARS_PER_TOKEN
-        return self.p.step_seconds + tokens * (1.0 - min(1.0, max(0.0, r))) / self.p.tokens_per_second
+        return self._seconds(request, 0.0 if seen is None else _ratio_of(seen[0], seen[1], endpoint))
 
     def _costs(self, request: SchedulingRequest, endpoints: Sequence[Endpoint]) -> list[float]:
-        """Seconds of prefill `request` adds on each endpoint: a step plus its uncached tokens."""
+        """Seconds of prefill `request` adds on each endpoint."""
+        return [self._seconds(request, r) for r in self._ratios(request, endpoints)]
+
+    def _seconds(self, request: SchedulingRequest, cached: float) -> float:
+        """A step plus the prompt's uncached tokens (`cached`: the prefix scorer's share, 0-1) at the rate."""
         tokens = len(request.prompt) / _CHARS_PER_TOKEN
-        step, rate = self.p.step_seconds, self.p.tokens_per_second
-        return [step + tokens * (1.0 - min(1.0, max(0.0, r))) / rate for r in self._ratios(request, endpoints)]
+        return self.p.step_seconds + tokens * (1.0 - min(1.0, max(0.0, cached))) / self.p.tokens_per_second
 
     def on_finished(self, request: SchedulingRequest, endpoint: Endpoint) -> None:
         addr = endpoint.address
