@@ -9,6 +9,8 @@
              --json PATH  --markdown PATH  --no-plots  --report PATH (tables of a saved run)
              --request-log PATH (one JSON line per request sent: group, pod, TTFT; for diagnosis)
              --des-variants (our profile variants on the same workloads in the discrete-event twin)
+             --des-live SEEDS (the live cells' own short schedule in the twin, over SEEDS seeds)
+             --replay LOG (a --request-log's cells in the twin with the logged pods: does the twin match?)
 
 Every cell (workload x load x policy x repeat) gets fresh processes: 4 simulated vLLM servers
 (`python -m epp.sim`, Llama-3.1-8B on one H100 in real time, 4096 KV blocks = 65,536 tokens each, as
@@ -379,6 +381,7 @@ class Sent:
     tokens: int = 0
     pod: str = ""
     error: str = ""
+    rid: str = ""  # the x-request-id the server answered with (--request-log: joins the server's record)
 
 
 async def send_chat(session: aiohttp.ClientSession, url: str, req: SimRequest, measured: bool) -> Sent:
@@ -388,9 +391,11 @@ async def send_chat(session: aiohttp.ClientSession, url: str, req: SimRequest, m
     res = Sent(measured)
     t0 = time.perf_counter()
     try:
-        async with session.post(f"{url}/v1/chat/completions", json=body) as r:
+        async with session.post(f"{url}/v1/chat/completions", json=body,
+                                headers={"x-request-id": req.request_id}) as r:
             res.status = r.status
             res.pod = r.headers.get("x-sim-server", "")
+            res.rid = r.headers.get("x-request-id", "")
             if r.status != 200:
                 res.error = (await r.text())[:200]
             else:
@@ -409,6 +414,16 @@ async def send_chat(session: aiohttp.ClientSession, url: str, req: SimRequest, m
     if res.status == 200 and res.ttft is None:
         res.status, res.error = 598, "stream ended without content"
     return res
+
+
+async def sim_served(session: aiohttp.ClientSession, sims: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Every simulator's served records, by request id."""
+    out: dict[str, dict[str, Any]] = {}
+    for url in sims:
+        async with session.get(f"{url}/sim/served") as r:
+            for rec in (await r.json())["served"]:
+                out[rec["request_id"]] = rec
+    return out
 
 
 async def sim_counters(session: aiohttp.ClientSession, sims: Sequence[str]) -> list[tuple[float, float, int]]:
@@ -482,6 +497,7 @@ async def run_cell(policy: str, w: LiveWorkload, rate: float, seconds: float, wa
             idle0 = group_cpu(running.router_pids)
             await asyncio.sleep(IDLE_S)
             idle_rate = (group_cpu(running.router_pids) - idle0) / IDLE_S  # CPU s per s with no traffic
+            served = await sim_served(session, running.sims) if REQUEST_LOG is not None else {}
         load1 = loadavg()
     finally:
         await running.stop()
@@ -504,9 +520,14 @@ async def run_cell(policy: str, w: LiveWorkload, rate: float, seconds: float, wa
         with REQUEST_LOG.open("a") as f:
             for (at, _, req), r in zip(plan, results, strict=True):
                 group = hashlib.md5(req.prompt[:300].encode("utf-8", "surrogatepass")).hexdigest()[:6]
-                f.write(json.dumps({"workload": w.name, "rate": rate, "policy": policy, "seed": seed, "at": at,
+                f.write(json.dumps({"workload": w.name, "rate": rate, "policy": policy, "seed": seed,
+                                    "warmup": warmup, "id": req.request_id, "at": at,
                                     "measured": r.measured, "group": group, "chars": len(req.prompt),
-                                    "pod": r.pod, "status": r.status, "ttft": r.ttft, "e2e": r.e2e}) + "\n")
+                                    "pod": r.pod, "status": r.status, "ttft": r.ttft, "e2e": r.e2e,
+                                    # the engine's own (simulated) TTFT and queue time: wall - sim = the
+                                    # path's hop plus any time the machine kept the server waiting
+                                    "sim_ttft": served.get(r.rid, {}).get("ttft"),
+                                    "sim_queue": served.get(r.rid, {}).get("queue")}) + "\n")
     return {
         "policy": policy, "workload": w.name, "rate": rate, "seconds": seconds, "sent_rate": len(measured) / sent_for
         if sent_for > 0 else 0.0, "requests": len(measured), "ok": len(ok),
@@ -920,6 +941,9 @@ VARIANTS = {"prefix6": _v_prefix6, "no-kv": _v_no_kv, "own-load": _v_own_load, "
             "backlog1.5-hit50-move4s-idle": _backlog(1.5, minHit=0.5, moveEverySeconds=4.0, moveToIdleOnly=True),
             "backlog1.5-hit50-idle": _backlog(1.5, minHit=0.5, moveToIdleOnly=True),
             "backlog2-hit50-idle": _backlog(2, minHit=0.5, moveToIdleOnly=True),
+            # the default's limits on moving a warm prefix, but cold prompts scored by the backlog too
+            # (so a burst's cold prefills go to different pods; issue 18, bursty)
+            "backlog1.5-hit0-move4s-idle": _backlog(1.5, moveEverySeconds=4.0, moveToIdleOnly=True),
             # the engine twice as fast / half as fast as the scorer's rate assumes (robustness)
             "idle-tps10k": _backlog(1.5, minHit=0.5, moveEverySeconds=4.0, moveToIdleOnly=True,
                                     tokensPerSecond=10000),
@@ -943,13 +967,19 @@ class CacheAwareTwin:
     max - min load > `abs_threshold` and max > `rel_threshold` x min, the least loaded worker; else the
     worker whose tree shares the longest prefix with the request (character-exact; here in
     `grain`-character steps, 4 by default, a token), if that share exceeds `cache_threshold`; else
-    the worker with the smallest tree. The chosen worker's tree gets the request's text. Trees are
-    never evicted (their eviction runs every 60-120 s against a 32-64M-character budget)."""
+    the least loaded worker. The chosen worker's tree gets the request's text. Trees are never
+    evicted (their eviction runs every 60-120 s against a 32-64M-character budget).
+
+    The cold rule is the installed router's, found by replaying a live cell (`--replay`): its
+    placements in the twin give the TTFTs its servers reported (p90 599 against 606 ms, bursty 70%),
+    and its cold choices follow the least load, not the smallest tree its older documentation
+    describes (`cold="smallest-tree"`, an ablation; the twin of sessions before 2026-12-03's last
+    used it, and so gave the peers a worse bursty p90 than they reach live)."""
 
     def __init__(self, cache_threshold: float = 0.3, abs_threshold: int = 64, rel_threshold: float = 1.5,
-                 grain: int = 4, cold: str = "smallest-tree") -> None:
+                 grain: int = 4, cold: str = "least-load") -> None:
         self.cache_threshold = cache_threshold
-        self.cold = cold  # smallest-tree (theirs) | least-load (ablation)
+        self.cold = cold  # least-load (the installed router) | smallest-tree (its older documentation)
         self.abs_threshold = abs_threshold
         self.rel_threshold = rel_threshold
         self.grain = grain
@@ -990,10 +1020,10 @@ class CacheAwareTwin:
             best = max(matched)
             if keys and best / len(keys) > self.cache_threshold:
                 pick = min((i for i in range(n) if matched[i] == best), key=lambda i: loads[i])
-            elif self.cold == "least-load":
-                pick = loads.index(lo)
-            else:
+            elif self.cold == "smallest-tree":
                 pick = self._sizes.index(min(self._sizes))
+            else:
+                pick = loads.index(lo)
         tree = self._trees[pick]
         before = len(tree)
         tree.update(keys)
@@ -1065,7 +1095,8 @@ def des_variants(names: Sequence[str], loads: Sequence[int], caps: dict[str, flo
         specs.append(rp.PolicySpec("greedy oracle", lambda _s, _r: GreedyOracle()))
     if ablate:  # which part of the peers' policy matters
         specs[2:2] = [rp.PolicySpec("twin, 64-char grain", lambda _s, _r: CacheAwareTwin(grain=64)),
-                      rp.PolicySpec("twin, cold to least load", lambda _s, _r: CacheAwareTwin(cold="least-load")),
+                      rp.PolicySpec("twin, cold to smallest tree",
+                                    lambda _s, _r: CacheAwareTwin(cold="smallest-tree")),
                       rp.PolicySpec("twin, balance at 4", lambda _s, _r: CacheAwareTwin(abs_threshold=4))]
     for name, text in configs.items():
         specs.append(rp.picker_spec(f"ours:{name}", lambda t=text: load_config(t), name))
@@ -1088,6 +1119,106 @@ def des_variants(names: Sequence[str], loads: Sequence[int], caps: dict[str, flo
             log(f"des {wname} {load}% done")
     return ["Discrete-event twin: TTFT p50 / p90 ms (hit %), " + str(n) + " requests per run\n\n"
             + table(["cell", *(s.name for s in specs)], rows)]
+
+
+def _twin_cell(w: LiveWorkload, plan: list[tuple[float, bool, SimRequest]], seed: int, policy: Any
+               ) -> tuple[list[Any], set[str]]:
+    """One live cell's schedule (`schedule`: its short warm-up, then the measured seconds) in the
+    discrete-event twin under `policy`: the results and the measured requests' ids."""
+    import copy
+
+    from epp.sim.des import Cluster
+
+    cluster = Cluster(PODS, policy, engine=w.engine(), seed=seed, poll_interval=0.05)
+    if hasattr(policy, "bind"):
+        policy.bind(cluster)
+    results = cluster.run(iter([(t, copy.deepcopy(req)) for t, _, req in plan]))
+    return results, {req.request_id for _, measured, req in plan if measured}
+
+
+def _p90_ms(results: Sequence[Any], ids: set[str]) -> float:
+    return 1000.0 * _pct(sorted(r.ttft for r in results if r.request_id in ids and r.ok), 0.9)
+
+
+def des_live(names: Sequence[str], loads: Sequence[int], caps: dict[str, float], seed: int, seeds: int,
+             seconds: float, warmup: float, configs: dict[str, str]) -> list[str]:
+    """The live cells themselves in the discrete-event twin: the same schedule (a `warmup` of a few
+    requests, then `seconds` at the rate), one run per seed. The twin with its long warm-up measures
+    the steady state; a 30 s live cell is mostly its first bursts' cold prefills, which this shows.
+    Per policy: the mean p90 TTFT over the seeds, and in how many seeds it was at or below the
+    peers' twin."""
+    import routing_policies as rp
+
+    from epp.scheduling.config import load_config
+
+    specs = [rp.PolicySpec("peers' cache_aware (twin)", lambda _s, _r: CacheAwareTwin()), rp.policy("reference"),
+             rp.policy("default")]
+    for name, text in configs.items():
+        specs.append(rp.picker_spec(f"ours:{name}", lambda t=text: load_config(t), name))
+    rows = []
+    for wname in names:
+        w = workload(wname)
+        for load in loads:
+            rate = caps[wname] * load / 100.0
+            p90s: dict[str, list[float]] = {spec.name: [] for spec in specs}
+            for s in range(seed, seed + seeds):
+                plan = schedule(w, rate, seconds, warmup, s)
+                for spec in specs:
+                    results, ids = _twin_cell(w, plan, s, spec.make(s, 1))
+                    p90s[spec.name].append(_p90_ms(results, ids))
+            peer = p90s[specs[0].name]
+            row = [f"{wname} {load}%"]
+            for spec in specs:
+                v = p90s[spec.name]
+                wins = sum(a <= b for a, b in zip(v, peer, strict=True))
+                row.append(f"{statistics.fmean(v):.0f}" + ("" if spec is specs[0] else f" ({wins}/{len(v)})"))
+            rows.append(row)
+            log(f"des-live {wname} {load}% done")
+    return [f"Discrete-event twin of the live cells ({warmup:g} s warm-up at half the rate, {seconds:g} s measured, "
+            f"seeds {seed}-{seed + seeds - 1}): mean p90 TTFT ms (seeds at or below the peers' twin)\n\n"
+            + table(["cell", *(s.name for s in specs)], rows)]
+
+
+class _Replay:
+    """A twin policy that sends each request where a live router sent it (request id -> server)."""
+
+    def __init__(self, pods: dict[str, int]) -> None:
+        self.pods = pods
+
+    def choose(self, request: SimRequest, servers: Sequence[Any]) -> int:
+        return self.pods[request.request_id]
+
+
+def replay(path: Path, warmup: float) -> list[str]:
+    """Each live cell of a --request-log file replayed in the discrete-event twin with the pods the
+    router chose: if the twin's TTFTs match what the servers reported (`sim_ttft`), the twin's
+    engines are the live ones, and a policy's twin can be judged by the live router's choices.
+    `warmup` is for logs that do not say theirs."""
+    cells: dict[tuple[str, str, float, int], list[dict[str, Any]]] = {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        cells.setdefault((r["workload"], r["policy"], r["rate"], r["seed"]), []).append(r)
+    rows = []
+    for (wname, policy, rate, seed), logged in cells.items():
+        w = workload(wname)
+        measured = [r for r in logged if r["measured"]]
+        seconds = len(measured) / rate
+        plan = schedule(w, rate, seconds, logged[0].get("warmup", warmup), seed)
+        if any("id" not in r for r in logged):
+            rows.append([f"{wname} {policy} seed {seed}", "no request ids in the log (an older log)", "", ""])
+            continue
+        pods = {r["id"]: int(r["pod"].rsplit("-", 1)[1]) for r in logged if r["status"] == 200}
+        if {req.request_id for _, _, req in plan} != set(pods):  # another schedule, or requests that failed
+            rows.append([f"{wname} {policy} seed {seed}", "schedule differs from the log", "", ""])
+            continue
+
+        results, ids = _twin_cell(w, plan, seed, _Replay(pods))
+        served = sorted(r["sim_ttft"] for r in measured if r.get("sim_ttft") is not None)
+        wall = sorted(r["ttft"] for r in measured if r.get("ttft") is not None)
+        rows.append([f"{wname} {policy} seed {seed}", f"{_p90_ms(results, ids):.0f}",
+                     f"{1000 * _pct(served, 0.9):.0f}" if served else "–", f"{1000 * _pct(wall, 0.9):.0f}"])
+    return ["Live cells replayed in the twin (the logged pods): p90 TTFT ms\n\n"
+            + table(["cell", "twin, same placements", "servers' own (sim_ttft)", "client"], rows)]
 
 
 def routing_quality_check(variants: dict[str, str], loads: Sequence[int], servers: int, n: int,
@@ -1149,6 +1280,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--twin-ablation", action="store_true", help="with --des-variants: parts of the peers' policy")
     ap.add_argument("--oracle", action="store_true",
                     help="with --des-variants: a greedy full-knowledge oracle (what routing could reach at best)")
+    ap.add_argument("--des-live", type=int, default=0, metavar="SEEDS",
+                    help="discrete-event only: the live cells' own schedule (--warmup, --seconds) over SEEDS seeds "
+                         "from --seed, ours and its --variant profiles against the peers' twin")
+    ap.add_argument("--replay", type=Path, metavar="LOG",
+                    help="no runs: replay a --request-log file's cells in the twin with the logged pods")
     args = ap.parse_args(argv)
 
     configs: dict[str, str] = {}
@@ -1188,6 +1324,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.routing_quality:
         parts = routing_quality_check(configs, args.loads or [85, 95], 8, args.des_requests, args.seed)
+        text = "\n\n".join(parts) + "\n"
+        print(text)
+        if args.markdown:
+            args.markdown.write_text(text)
+        return 0
+    if args.replay or args.des_live:
+        if args.replay:
+            parts = replay(args.replay, args.warmup if args.warmup is not None else warmup)
+        else:
+            parts = des_live(wls, loads, capacities(wls, args.seed, args.recompute_capacity), args.seed,
+                             args.des_live, args.seconds or seconds, args.warmup if args.warmup is not None else warmup,
+                             configs)
         text = "\n\n".join(parts) + "\n"
         print(text)
         if args.markdown:

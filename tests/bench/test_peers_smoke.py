@@ -19,12 +19,12 @@ SCRIPT = ROOT / "bench" / "peers.py"
 pytestmark = pytest.mark.envoy
 
 
-def run_tiny(tmp_path: Path, policies: list[str]) -> tuple[dict[str, Any], str]:
+def run_tiny(tmp_path: Path, policies: list[str], *extra: str) -> tuple[dict[str, Any], str]:
     out_json, out_md = tmp_path / "peers.json", tmp_path / "peers.md"
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--workloads", "shared-prefix", "--loads", "50", "--policies", *policies,
          "--repeats", "1", "--seconds", "2", "--warmup", "1", "--no-plots", "--json", str(out_json),
-         "--markdown", str(out_md)],
+         "--markdown", str(out_md), *extra],
         capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out_json.read_text()), out_md.read_text()
@@ -45,7 +45,8 @@ def check_cell(cell: dict[str, Any]) -> None:
 
 
 def test_ours_and_envoy_round_robin(tmp_path: Path) -> None:
-    data, md = run_tiny(tmp_path, ["ours", "envoy-rr"])
+    log = tmp_path / "requests.jsonl"
+    data, md = run_tiny(tmp_path, ["ours", "envoy-rr"], "--request-log", str(log))
     cells = {c["policy"]: c for c in data["cells"]}
     assert set(cells) == {"ours", "envoy-rr"}
     for cell in cells.values():
@@ -55,6 +56,19 @@ def test_ours_and_envoy_round_robin(tmp_path: Path) -> None:
     assert cells["envoy-rr"]["pod_cv"] < 0.2  # round-robin spreads evenly
     assert "**shared-prefix, 50% (" in md and "| policy | TTFT p50 ms |" in md
     assert "| shared-prefix 50% |" not in md  # no peer in this run: no comparison row
+    # the request log carries each request's id, pod and the server's own TTFT; replayed with the
+    # logged pods, the discrete-event twin gives back what the live servers reported
+    logged = [json.loads(line) for line in log.read_text().splitlines()]
+    assert {r["policy"] for r in logged} == {"ours", "envoy-rr"}
+    assert all(r["id"] and r["pod"].startswith("pod-") and r["sim_ttft"] is not None for r in logged)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--replay", str(log)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for policy in ("ours", "envoy-rr"):
+        row = next(line for line in proc.stdout.splitlines() if line.startswith(f"| shared-prefix {policy} seed 1 |"))
+        twin, served, client = (float(c) for c in row.strip("|").split("|")[1:])
+        assert twin == pytest.approx(served, rel=0.05), row
+        assert client >= served * 0.95, row  # the client's TTFT adds the path to the server's
 
 
 @pytest.mark.parametrize(("policy", "module"), [("sglang-cache", "sglang_router"), ("vllm-cache", "vllm_router")])
