@@ -373,6 +373,7 @@ class PrefillBacklogParams:
     min_hit: float = 0.0
     move_every: float = 0.0
     move_to_idle: bool = False
+    cold_prompts: bool = False
 
 
 _CHARS_PER_TOKEN = 4.0  # the datastore's prompt-token estimate
@@ -397,7 +398,8 @@ class PrefillBacklogScorer:
     `tokensPerSecond`; the clock restarts when the pod has nothing of ours in flight. The wait is
     that clock minus now, plus `ownShare` (0-1, default 0) of this request's own prefill there (1: a
     predicted time to first token); score = (min wait + scaleSeconds) / (wait + scaleSeconds), flat for a
-    prompt no pod holds `minHit` (0-1, default 0) of by the prefix scorer's share. A scrape is 50 ms
+    prompt no pod holds `minHit` (0-1, default 0) of by the prefix scorer's share, unless it is one no
+    pod holds any of and `coldPrompts` is set. A scrape is 50 ms
     old and counts a queue only once it forms; this sees a prefill the moment it is sent, so a warm
     request is not put behind another pod-mate's cold prompt. The default profile runs it with
     minHit 0.5, moveEverySeconds 4 and moveToIdleOnly (docs/scheduling.md, Presets); the bare
@@ -430,6 +432,7 @@ class PrefillBacklogScorer:
             min_hit=p.number("minHit", 0.0, lo=0.0, hi=1.0),
             move_every=p.number("moveEverySeconds", 0.0, lo=0.0, hi=3600.0),
             move_to_idle=p.boolean("moveToIdleOnly", False),
+            cold_prompts=p.boolean("coldPrompts", False),
         )
         p.done()
         return out
@@ -448,7 +451,9 @@ class PrefillBacklogScorer:
             return [1.0] * len(endpoints)
         if self.p.min_hit > 0.0:  # only prompts some pod holds enough of (a hot prefix to place)
             seen = cycle.request.scratch.get(self._scores_key)
-            if seen is None or not seen[1] or max(seen[1]) < self.p.min_hit:
+            top = max(seen[1]) if seen is not None and seen[1] else 0.0
+            # coldPrompts: a prompt no pod holds any of costs its whole prefill anywhere, so it is scored too
+            if top < self.p.min_hit and not (self.p.cold_prompts and top <= 0.0):
                 return [1.0] * len(endpoints)
         get = until.get
         # this picker's clock plus the other workers' (folded in by epp.workershare; 0 without them)

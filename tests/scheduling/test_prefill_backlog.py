@@ -180,6 +180,27 @@ def test_min_hit_scores_only_prompts_a_pod_holds_enough_of():
         load_config(PROFILE.replace("tokensPerSecond: 20000", "minHit: 1.5"))
 
 
+def test_cold_prompts_scores_a_prompt_no_pod_holds_any_of():
+    """coldPrompts with minHit: a prompt cached nowhere is scored by the clocks (it costs its whole
+    prefill wherever it goes); one a pod holds a little of (below minHit) stays flat."""
+    eps = [ep(1), ep(2)]
+    cold = PrefillBacklogScorer("b", PrefillBacklogParams(1000.0, 0.01, 0.02, min_hit=0.5, cold_prompts=True), CTX)
+    decide(cold, req("x" * 4000), eps, 100.0, 0, prefix=[0.0, 0.0])  # pod 1 busy to 101.01
+    scores = decide(cold, req("y" * 400), eps, 100.5, 1, prefix=[0.0, 0.0])
+    assert scores[1] == 1.0 and scores[0] == pytest.approx(0.02 / (0.51 + 0.02))
+    # held a little somewhere: flat, as without coldPrompts; no prefix scorer ran at all: scored as cold
+    assert decide(cold, req("z" * 400), eps, 100.5, 1, prefix=[0.2, 0.0]) == [1.0, 1.0]
+    unscored = cold.score(Cycle(req("w" * 400), 100.5, 0.2), eps)
+    assert unscored[1] == 1.0 and unscored[0] < 0.5  # pod 1 still has 0.51 s pending, pod 2 0.2 s
+    # without it the same cold prompt is flat
+    gated = PrefillBacklogScorer("b", PrefillBacklogParams(1000.0, 0.01, 0.02, min_hit=0.5), CTX)
+    decide(gated, req("x" * 4000), eps, 100.0, 0, prefix=[0.0, 0.0])
+    assert decide(gated, req("y" * 400), eps, 100.5, 1, prefix=[0.0, 0.0]) == [1.0, 1.0]
+    assert load_config(PROFILE.replace("tokensPerSecond: 20000", "coldPrompts: true")).plugins
+    with pytest.raises(ConfigError, match="coldPrompts"):
+        load_config(PROFILE.replace("tokensPerSecond: 20000", "coldPrompts: sometimes"))
+
+
 def test_move_every_lets_one_copy_of_a_hot_prefix_through_per_period():
     """moveEverySeconds 2: the first request sent away from the pod holding its prefix is scored as
     usual; for 2 s after it, pods without the prefix score no better than the worst pod holding it,
