@@ -945,6 +945,7 @@ VARIANTS = {"prefix6": _v_prefix6, "no-kv": _v_no_kv, "own-load": _v_own_load, "
             # (so a burst's cold prefills go to different pods; issue 18, bursty)
             "backlog1.5-hit0-move4s-idle": _backlog(1.5, moveEverySeconds=4.0, moveToIdleOnly=True),
             # today's default with coldPrompts: prompts cached nowhere are scored by the backlog too
+            # (measured live, not adopted: it ignores a scraped queue; docs/benchmarks.md)
             "backlog-cold": _backlog(1.5, minHit=0.5, moveEverySeconds=4.0, moveToIdleOnly=True, coldPrompts=True),
             # the engine twice as fast / half as fast as the scorer's rate assumes (robustness)
             "idle-tps10k": _backlog(1.5, minHit=0.5, moveEverySeconds=4.0, moveToIdleOnly=True,
