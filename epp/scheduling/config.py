@@ -267,7 +267,8 @@ kind: {KIND}
 # - in-flight load 1: a tie-breaker from the picker's own counts.
 # - prefill-backlog-scorer 1.5 (ours): a pod still computing prefills this picker sent it scores
 #   lower, so a hot prefix gets a second pod; only for prompts a pod holds half of (minHit), one
-#   copy per 4 s (moveEverySeconds), and only to a pod with no prefill of ours pending (moveToIdleOnly).
+#   copy per 4 s (moveEverySeconds), and only to a pod with no prefill of ours pending (moveToIdleOnly);
+#   a prompt cached nowhere is scored by it too, counting a pod's scraped queue (coldPrompts).
 # The load guard on affinity is off: it cost prefix hits, and so TTFT, under bursts.
 plugins:
 - type: queue-scorer
@@ -286,6 +287,7 @@ plugins:
     minHit: 0.5
     moveEverySeconds: 4
     moveToIdleOnly: true
+    coldPrompts: true
 - type: max-score-picker
 schedulingProfiles:
 - name: default

@@ -378,6 +378,7 @@ class PrefillBacklogParams:
 
 _CHARS_PER_TOKEN = 4.0  # the datastore's prompt-token estimate
 _MAX_NOTE_SECONDS = 3600.0  # a peer's prefill note is capped at this (moveEverySeconds' own limit)
+_MAX_QUEUE = 1e6  # a scraped queue counts at most this many requests (a garbage page cannot overflow a wait)
 
 
 def _ratio_of(eps: Sequence[Endpoint], ratios: Sequence[float], endpoint: Endpoint) -> float:
@@ -399,7 +400,8 @@ class PrefillBacklogScorer:
     that clock minus now, plus `ownShare` (0-1, default 0) of this request's own prefill there (1: a
     predicted time to first token); score = (min wait + scaleSeconds) / (wait + scaleSeconds), flat for a
     prompt no pod holds `minHit` (0-1, default 0) of by the prefix scorer's share, unless it is one no
-    pod holds any of and `coldPrompts` is set. A scrape is 50 ms
+    pod holds any of and `coldPrompts` is set; such a cold prompt also counts each request waiting
+    on a pod's fresh page as one more prefill its size (the clocks see only ours). A scrape is 50 ms
     old and counts a queue only once it forms; this sees a prefill the moment it is sent, so a warm
     request is not put behind another pod-mate's cold prompt. The default profile runs it with
     minHit 0.5, moveEverySeconds 4 and moveToIdleOnly (docs/scheduling.md, Presets); the bare
@@ -447,19 +449,23 @@ class PrefillBacklogScorer:
         cycle.request.scratch[self._now_key] = now
         until = self._until
         share = self.p.own_share
-        if not until and not share and not any(ep.others_prefill_until for ep in endpoints):
-            return [1.0] * len(endpoints)
-        if self.p.min_hit > 0.0:  # only prompts some pod holds enough of (a hot prefix to place)
+        cold = False
+        if self.p.min_hit > 0.0 or self.p.cold_prompts:
             seen = cycle.request.scratch.get(self._scores_key)
             top = max(seen[1]) if seen is not None and seen[1] else 0.0
             # coldPrompts: a prompt no pod holds any of costs its whole prefill anywhere, so it is scored too
-            if top < self.p.min_hit and not (self.p.cold_prompts and top <= 0.0):
+            cold = self.p.cold_prompts and top <= 0.0
+            if top < self.p.min_hit and not cold:  # only prompts some pod holds enough of (a hot prefix)
                 return [1.0] * len(endpoints)
+        if not cold and not until and not share and not any(ep.others_prefill_until for ep in endpoints):
+            return [1.0] * len(endpoints)
         get = until.get
         # this picker's clock plus the other workers' (folded in by epp.workershare; 0 without them)
         pending = waits = [(u - now if (u := get(ep.address, 0.0)) > now else 0.0)
                            + (o - now if (o := ep.others_prefill_until) > now else 0.0) for ep in endpoints]
-        if not share and not any(pending):  # nothing pending on these pods: every score is 1 (holds too)
+        if cold:  # the clocks see only our prefills: a queue on a pod's fresh page waits ahead too
+            waits = self._queued(cycle, endpoints, waits)
+        if not share and not any(waits):  # nothing pending on these pods: every score is 1 (holds too)
             return [1.0] * len(endpoints)
         if share:
             costs = self._costs(cycle.request, endpoints)
@@ -470,6 +476,15 @@ class PrefillBacklogScorer:
         if self.p.move_every > 0.0 or self.p.move_to_idle:
             scores = self._hold_moves(cycle.request, endpoints, scores, now, pending)
         return scores
+
+    def _queued(self, cycle: Cycle, endpoints: Sequence[Endpoint], waits: list[float]) -> list[float]:
+        """`waits` plus each pod's scraped waiting requests, each as long as this prompt's whole prefill
+        (what a cold prompt is known to cost; the queue's own prompts are not known). A stale page adds
+        nothing: the clock is all that is known there."""
+        each = self._seconds(cycle.request, 0.0)
+        # `not q > 0` also skips NaN from a garbage page
+        return [w if m is None or not (q := m.waiting) > 0.0 else w + min(q, _MAX_QUEUE) * each
+                for w, m in zip(waits, cycle.fresh(endpoints), strict=True)]
 
     def _hold_moves(self, request: SchedulingRequest, endpoints: Sequence[Endpoint], scores: list[float],
                     now: float, pending: list[float]) -> list[float]:

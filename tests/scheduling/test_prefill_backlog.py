@@ -201,6 +201,47 @@ def test_cold_prompts_scores_a_prompt_no_pod_holds_any_of():
         load_config(PROFILE.replace("tokensPerSecond: 20000", "coldPrompts: sometimes"))
 
 
+def test_cold_prompts_count_a_scraped_queue_as_prefills_of_their_size():
+    """A cold prompt's wait on a pod is its clock plus each request waiting on the pod's fresh page,
+    each as long as this prompt's whole prefill: the clocks see only this picker's prefills. Warm
+    prompts, stale pages and garbage counts add nothing; a huge count stays a finite wait."""
+    params = PrefillBacklogParams(1000.0, 0.01, 0.02, min_hit=0.5, cold_prompts=True)
+    s = PrefillBacklogScorer("b", params, CTX)
+    eps = [ep(1, waiting=3), ep(2)]
+    r = req("y" * 400)  # 100 tokens at 1,000/s plus the 10 ms step: 0.11 s a waiting request
+    r.scratch["prefix-scores:prefix-cache-scorer"] = (eps, [0.0, 0.0])
+    scores = s.score(Cycle(r, 100.0, 0.2), eps)
+    assert scores[1] == 1.0 and scores[0] == pytest.approx(0.02 / (0.33 + 0.02))
+    # this picker's own backlog on pod 2 (0.51 s) outweighs the queue of 3 (0.33 s)
+    decide(s, req("x" * 4000), eps, 100.0, 1, prefix=[0.0, 0.0])
+    scores = decide(s, req("y" * 400), eps, 100.0, 0, prefix=[0.0, 0.0])
+    assert scores[0] == 1.0 and scores[1] == pytest.approx(0.35 / (1.01 + 0.02))
+    # a warm prompt is scored by the clocks alone (pod 1 now has 0.11 s of ours, pod 2 1.01 s)
+    warm = decide(s, req("z" * 400), eps, 100.0, 0, prefix=[0.9, 0.9])
+    assert warm[0] == 1.0 and warm[1] == pytest.approx(0.13 / 1.03)
+    fresh_s = PrefillBacklogScorer("b", params, CTX)
+    for page in (ep(1, waiting=3, scrape_ok=False), ep(1, metrics=False), ep(1, waiting=float("nan")),
+                 ep(1, waiting=-5)):
+        pair = [page, ep(2)]
+        assert decide(fresh_s, req("y" * 400), pair, 100.0, 1, prefix=[0.0, 0.0])[0] == 1.0
+        fresh_s.forget(pair[1].address)
+    pair = [ep(1, waiting=1e300), ep(2)]
+    huge = decide(fresh_s, req("y" * 400), pair, 100.0, 1, prefix=[0.0, 0.0])
+    assert huge[1] == 1.0 and 0.0 < huge[0] < 1e-6
+    # a burst of 120 cold prompts: the pod whose page shows 1,000 waiting gets none of them, however
+    # much of ours piles up on the other (the failure that kept coldPrompts out of the default)
+    burst = PrefillBacklogScorer("b", params, CTX)
+    pair = [ep(1, waiting=1000), ep(2)]
+    picks = []
+    for i in range(120):
+        r = req(str(i) * 100)
+        r.scratch["prefix-scores:prefix-cache-scorer"] = (pair, [0.0, 0.0])
+        sc = burst.score(Cycle(r, 100.0 + i * 0.001, 0.2), pair)
+        picks.append(sc.index(max(sc)))
+        burst.on_routed(r, pair[picks[-1]])
+    assert picks == [1] * 120
+
+
 def test_move_every_lets_one_copy_of_a_hot_prefix_through_per_period():
     """moveEverySeconds 2: the first request sent away from the pod holding its prefix is scored as
     usual; for 2 s after it, pods without the prefix score no better than the worst pod holding it,
