@@ -888,7 +888,7 @@ def _round2_default(doc: dict[str, Any]) -> None:
 
 def _backlog(weight: float, **params: Any) -> Callable[[dict[str, Any]], None]:
     """The second round's default plus prefill-backlog-scorer at `weight` with `params` (the default
-    since 2026-12-03 is backlog1.5-hit50-move4s-idle)."""
+    since 2026-12-04 is backlog-cold; from 2026-12-03 it was backlog1.5-hit50-move4s-idle)."""
     def change(doc: dict[str, Any]) -> None:
         _round2_default(doc)
         entry: dict[str, Any] = {"type": "prefill-backlog-scorer"}
@@ -925,7 +925,7 @@ VARIANTS = {"prefix6": _v_prefix6, "no-kv": _v_no_kv, "own-load": _v_own_load, "
             "sticky2000": _v_q(4, True, _sticky_default(2000)),
             "previous-default": lambda d: None,
             "round2-default": _round2_default,  # the default until 2026-12-03 (no prefill-backlog-scorer)
-            # prefill-backlog-scorer on the round-2 default (backlog1.5-hit50-move4s-idle is today's default);
+            # prefill-backlog-scorer on the round-2 default (backlog-cold is today's default);
             # ttft2 / own10 = with ownShare 1 / 0.1
             "backlog1": _backlog(1), "backlog2": _backlog(2), "backlog3": _backlog(3),
             "backlog2-scale50ms": _backlog(2, scaleSeconds=0.05), "ttft2": _backlog(2, ownShare=1.0),
@@ -944,8 +944,8 @@ VARIANTS = {"prefix6": _v_prefix6, "no-kv": _v_no_kv, "own-load": _v_own_load, "
             # the default's limits on moving a warm prefix, but cold prompts scored by the backlog too
             # (so a burst's cold prefills go to different pods; issue 18, bursty)
             "backlog1.5-hit0-move4s-idle": _backlog(1.5, moveEverySeconds=4.0, moveToIdleOnly=True),
-            # today's default with coldPrompts: prompts cached nowhere are scored by the backlog too
-            # (measured live, not adopted: it ignores a scraped queue; docs/benchmarks.md)
+            # the default since 2026-12-04 (coldPrompts: prompts cached nowhere are scored by the backlog
+            # too, a scraped queue counted; backlog1.5-hit50-move4s-idle is the default before it)
             "backlog-cold": _backlog(1.5, minHit=0.5, moveEverySeconds=4.0, moveToIdleOnly=True, coldPrompts=True),
             # the engine twice as fast / half as fast as the scorer's rate assumes (robustness)
             "idle-tps10k": _backlog(1.5, minHit=0.5, moveEverySeconds=4.0, moveToIdleOnly=True,

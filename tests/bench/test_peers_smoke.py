@@ -95,7 +95,8 @@ def test_variants_build_and_new_default_is_the_default() -> None:
     for name in peers.VARIANTS:
         load_config(peers.variant_text(name))  # every variant is a valid config
     # the default is the second round's (`new-default` = `round2-default`) plus the backlog preset
-    new, default = load_config(peers.variant_text("backlog1.5-hit50-move4s-idle")), load_config(None)
+    # with coldPrompts (since 2026-12-04; `backlog1.5-hit50-move4s-idle` is the one before)
+    new, default = load_config(peers.variant_text("backlog-cold")), load_config(None)
     assert new.plugins == default.plugins
     def weights(cfg: Any) -> list[tuple[str, float]]:
         return [(e.plugin, e.weight) for e in cfg.profile.entries]
