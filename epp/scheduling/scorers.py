@@ -404,7 +404,7 @@ class PrefillBacklogScorer:
     on a pod's fresh page as one more prefill its size (the clocks see only ours). A scrape is 50 ms
     old and counts a queue only once it forms; this sees a prefill the moment it is sent, so a warm
     request is not put behind another pod-mate's cold prompt. The default profile runs it with
-    minHit 0.5, moveEverySeconds 4 and moveToIdleOnly (docs/scheduling.md, Presets); the bare
+    minHit 0.5, moveEverySeconds 4, moveToIdleOnly and coldPrompts (docs/scheduling.md, Presets); the bare
     scorer's parameter defaults spread more and cost bursty and long-context traffic. Reads the
     prefix scorer named by `prefixPluginName`, which must run earlier.
     """
