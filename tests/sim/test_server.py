@@ -232,7 +232,9 @@ async def test_queueing_when_batch_full(make_sim: Make, http: aiohttp.ClientSess
 
 
 async def test_lora_slots_visible_in_metrics(make_sim: Make, http: aiohttp.ClientSession) -> None:
-    sim = await make_sim(loras=("a", "b"), max_loras=1, time_scale=0.05)
+    # a's 300 decode steps take ~0.5 s here: the window in which a runs and b waits must outlast a
+    # scheduling hiccup of a loaded machine (at time_scale 0.05 it was ~90 ms and CI once missed it)
+    sim = await make_sim(loras=("a", "b"), max_loras=1, time_scale=0.3)
 
     async def one(model: str) -> int:
         body = {"model": model, "prompt": "adapter please", "max_tokens": 300}
