@@ -1,6 +1,7 @@
 """Latency the picker's path adds, measured by a load generator that is not Python (`wrk`).
 
     .venv/bin/python bench/e2e_wrk.py [--seconds 6] [--connections 1 4] [--paths ours ours-duplex envoy-rr]
+        [--variant NAME="PICKER FLAGS"]   (also path ours:NAME: the default with those flags)
 
 4 simulated vLLM servers (`python -m epp.sim --time-scale 0.01`: a 1-token completion answers in
 well under a millisecond, so the path is what is measured) behind Envoy: with the picker as
@@ -19,6 +20,7 @@ import argparse
 import asyncio
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -62,8 +64,12 @@ def wrk(url: str, connections: int, seconds: float, script: Path) -> dict[str, f
     return res
 
 
+VARIANTS: dict[str, list[str]] = {}  # "ours:NAME" -> extra picker flags (--variant NAME="FLAGS")
+
+
 async def cell(path: str, conns: list[int], seconds: float, script: Path) -> list[dict[str, float | str]]:
-    stack = Stack(policy="round-robin" if path == "envoy-rr" else "default", time_scale=0.01)
+    stack = Stack(policy="round-robin" if path == "envoy-rr" else "default", time_scale=0.01,
+                  picker_args=VARIANTS.get(path, []))
     if path == "ours-duplex":
         stack.profile = "duplex"
     rows: list[dict[str, float | str]] = []
@@ -113,7 +119,16 @@ def main() -> int:
     p.add_argument("--connections", type=int, nargs="+", default=[1, 4])
     p.add_argument("--paths", nargs="+", default=["ours", "ours-duplex", "envoy-rr"],
                    choices=["ours", "ours-duplex", "envoy-rr"])
-    return asyncio.run(amain(p.parse_args()))
+    p.add_argument("--variant", action="append", default=[], metavar='NAME="FLAGS"',
+                   help="also run path ours:NAME, the default with these picker flags (an A/B); repeatable")
+    a = p.parse_args()
+    for v in a.variant:
+        name, sep, flags = v.partition("=")
+        if not sep or not name:
+            p.error(f"--variant {v!r}: expected NAME=\"FLAGS\"")
+        VARIANTS[f"ours:{name}"] = shlex.split(flags)
+        a.paths.append(f"ours:{name}")
+    return asyncio.run(amain(a))
 
 
 if __name__ == "__main__":

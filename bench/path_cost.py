@@ -3,6 +3,7 @@
     .venv/bin/python bench/path_cost.py                  # every path, 8 s each, ~2 min
     options: --paths ours ours-duplex envoy-rr sglang-rr vllm-rr  --rate 16  --seconds 8
              --tokens 128  --prompt-chars 800  --repeats 1  --json PATH
+             --variant NAME="PICKER FLAGS"   (also path ours:NAME, interleaved: an A/B on one VM phase)
 
 Every cell gets fresh processes: 4 simulated vLLM servers in real time (`python -m epp.sim`, as
 `make demo` runs them) and the path under test:
@@ -34,6 +35,7 @@ import argparse
 import asyncio
 import json
 import random
+import shlex
 import statistics
 import sys
 import time
@@ -72,12 +74,19 @@ class Cell:
         return {role: peers.group_cpu(pids) for role, pids in self.groups.items()}
 
 
+VARIANTS: dict[str, list[str]] = {}  # "ours:NAME" -> extra picker flags (--variant NAME="FLAGS")
+
+
 async def start(path: str) -> Cell:
+    extra = VARIANTS.get(path)
+    if extra is not None:
+        path = "ours"
     if path in ("ours", "ours-duplex", "ours-lean", "ours-grpcio", "ours-plain", "envoy-rr"):
         # ours-grpcio: the default with the picker's gRPC on grpc.aio (--grpc-server grpcio), the A/B;
         # ours-plain: the default with plaintext between Envoy and the picker (what TLS costs both)
         stack = Stack(policy="round-robin" if path == "envoy-rr" else "default", pods=peers.PODS,
-                      sim_args=SIM_ARGS, picker_args=["--grpc-server", "grpcio"] if path == "ours-grpcio" else [],
+                      sim_args=SIM_ARGS,
+                      picker_args=(["--grpc-server", "grpcio"] if path == "ours-grpcio" else []) + (extra or []),
                       picker_tls=path != "ours-plain")
         if path in ("ours-duplex", "ours-lean"):
             stack.profile = path.removeprefix("ours-")
@@ -247,7 +256,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", default="")
+    p.add_argument("--variant", action="append", default=[], metavar='NAME="FLAGS"',
+                   help="also run path ours:NAME, the default with these picker flags, interleaved with the "
+                        "others (an A/B on the same VM phase); repeatable")
     a = p.parse_args(argv)
+    for v in a.variant:
+        name, sep, flags = v.partition("=")
+        if not sep or not name:
+            p.error(f"--variant {v!r}: expected NAME=\"FLAGS\"")
+        VARIANTS[f"ours:{name}"] = shlex.split(flags)
+        a.paths.append(f"ours:{name}")
     return asyncio.run(amain(a))
 
 
