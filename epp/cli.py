@@ -461,13 +461,14 @@ def build_parser() -> argparse.ArgumentParser:
     sch.add_argument("--refresh-metrics-idle-interval", type=parse_duration, default=0.5,
                      help="a model server with no request in flight whose metrics stopped changing is scraped "
                           "ever slower, up to this interval; a request routed to it or a change brings it back "
-                          "to --refresh-metrics-interval at once (0: off; default 500ms; capped at half the "
-                          "scheduler's metrics staleness threshold, so 100ms with its 200ms default)")
+                          "to --refresh-metrics-interval at once (0: off; default 500ms). Such a page is not taken "
+                          "for stale while the next scrape is due: the scraper vouches for it, so this is not capped "
+                          "by the scheduler's metrics staleness threshold")
     sch.add_argument("--refresh-metrics-quiet-interval", type=parse_duration, default=0.2,
                      help="(ours) a model server with requests in flight but none routed there or ended there "
                           "since its last scrape is scraped ever slower, up to this interval; the next dispatch "
-                          "or completion brings it back to --refresh-metrics-interval (0: off; default 200ms; like the "
-                          "idle interval, capped at half the scheduler's metrics staleness threshold)")
+                          "or completion brings it back to --refresh-metrics-interval (0: off; default 200ms; capped "
+                          "at half the scheduler's metrics staleness threshold, so 100ms with its 200ms default)")
     sch.add_argument("--refresh-prometheus-metrics-interval", type=parse_duration, default=5.0,
                      help="how often pool-average gauges are recomputed (default 5s)")
     sch.add_argument("--metrics-staleness-threshold", type=parse_duration, default=2.0,

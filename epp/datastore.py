@@ -39,6 +39,10 @@ class Metrics:
     lora_waiting: frozenset[str] = frozenset()
     models: frozenset[str] = frozenset()  # base model(s) served (the `model_name` label), empty = unknown
     updated: float = 0.0  # time.monotonic() when scraped
+    # time.monotonic() until which the scraper vouches for this page whatever its age: the endpoint
+    # was idle and its page steady, and it is polled again by then, or within an interval of the
+    # first request routed there (epp.metrics.scrape, idle_interval); 0: only `updated` counts
+    steady_until: float = 0.0
     # custom endpoint attributes (core-metrics-extractor `customMetrics`: attribute key -> value),
     # read by endpoint-attribute-filter/-scorer
     custom: Mapping[str, float] = field(default_factory=dict)

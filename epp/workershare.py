@@ -46,7 +46,7 @@ from epp.metrics.scrape import copied
 log = logging.getLogger("epp.workershare")
 
 MAGIC = b"EPPW"
-VERSION = 2  # 2: the prefill clocks
+VERSION = 3  # 2: the prefill clocks; 3: a page's steady_until
 DEFAULT_SLOTS = 4096  # endpoints one picker's workers can share; more are scraped by worker 0 only
 SLOT_BYTES = 4096
 # The other workers' in-flight counts are folded into the same endpoints at most this often: at
@@ -122,16 +122,16 @@ def all_attached(path: str, workers: int) -> bool:
 def _pack_metrics(m: Metrics) -> bytes:
     return _encode([m.waiting, m.running, m.kv_usage, m.block_size, m.num_blocks, m.lora_max,
                     sorted(m.lora_running), sorted(m.lora_waiting), sorted(m.models), m.updated,
-                    dict(m.custom) if m.custom else {}])
+                    dict(m.custom) if m.custom else {}, m.steady_until])
 
 
 def _unpack_metrics(data: bytes) -> Metrics:
     (waiting, running, kv, block_size, num_blocks, lora_max, lora_running, lora_waiting, models, updated,
-     custom) = _decode(data)
+     custom, steady_until) = _decode(data)
     return Metrics(waiting=float(waiting), running=float(running), kv_usage=float(kv), block_size=int(block_size),
                    num_blocks=int(num_blocks), lora_max=int(lora_max), lora_running=frozenset(lora_running),
                    lora_waiting=frozenset(lora_waiting), models=frozenset(models), updated=float(updated),
-                   custom={str(k): float(v) for k, v in custom.items()})
+                   custom={str(k): float(v) for k, v in custom.items()}, steady_until=float(steady_until))
 
 
 class WorkerShare:

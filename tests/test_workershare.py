@@ -41,7 +41,7 @@ def page(**kw: object) -> Metrics:
     base: dict[str, object] = dict(waiting=3.0, running=5.0, kv_usage=0.25, block_size=16, num_blocks=9632,
                                    lora_max=4, lora_running=frozenset({"sql", "chat"}),
                                    lora_waiting=frozenset({"math"}), models=frozenset({"m"}), updated=123.5,
-                                   custom={"queue_ms": 7.0})
+                                   custom={"queue_ms": 7.0}, steady_until=124.0)
     base.update(kw)
     return Metrics(**base)  # type: ignore[arg-type]
 

@@ -20,9 +20,10 @@ def age(endpoint: Endpoint, now: float) -> float:
 
 
 def is_stale(endpoint: Endpoint, now: float, threshold: float = DEFAULT_STALENESS) -> bool:
-    """The snapshot is missing or older than `threshold` seconds."""
+    """The snapshot is missing, or older than `threshold` seconds and no longer vouched for by the
+    scraper as a steady idle page (`Metrics.steady_until`)."""
     metrics = endpoint.metrics
-    return metrics is None or now - metrics.updated > threshold
+    return metrics is None or (now - metrics.updated > threshold and metrics.steady_until < now)
 
 
 __all__ = ["DEFAULT_STALENESS", "age", "is_stale"]

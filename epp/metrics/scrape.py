@@ -195,17 +195,19 @@ class Scraper:
         `max_backoff` caps the delay between polls of a failing endpoint (at least the interval).
         `idle_interval` (None: off) adapts the rate to traffic and to change: an endpoint with no
         request in flight whose signals stayed the same for CALM_AFTER polls is polled ever slower,
-        up to every `idle_interval` s (keep it under the staleness threshold); a request routed to
-        it, or a change on its page, brings it back to `interval` at once (the wait is cut in
-        `interval` slices that look at its in-flight count). `quiet_interval` (None: off) ties a
+        up to every `idle_interval` s; a request routed to it, or a change on its page, brings it
+        back to `interval` at once (the wait is cut in `interval` slices that look at its in-flight
+        count). Meanwhile its reading carries `steady_until`, when the slowest next poll is due, and
+        readers do not take it for stale before then whatever `max_age` says. `quiet_interval` (None: off) ties a
         busy endpoint's rate to this picker's traffic: with requests in flight but none routed
         there or finished there since its last poll (its in-flight count and tokens unchanged),
         it is polled ever slower, up to every `quiet_interval` s; the first dispatch or completion
         brings it back to `interval` (the page a decision reads after a change this picker made is
         at most ~`interval` old; changes it did not make show within `quiet_interval`).
         `max_age` (None: no bound) is the age past which readers take a page for stale (the
-        scheduler's metricsStalenessThreshold): both slower rates are capped at half of it, so a
-        healthy endpoint is never scored as a stale one because the poller chose to wait.
+        scheduler's metricsStalenessThreshold): the quiet rate is capped at half of it, so a busy
+        endpoint is never scored as a stale one because the poller chose to wait (an idle one is
+        vouched for instead).
         `follow=False`: start() does not subscribe to the datastore (ScrapeThread passes the
         changes on itself). `align` (seconds, at most the interval; None: the interval; 0: off): each endpoint's wake is
         moved to the nearest multiple of it on the loop's clock, so polls due about together share
@@ -230,9 +232,9 @@ class Scraper:
         if max_age is not None and max_age > 0:
             # A page older than max_age scores as the worst pod (epp.scheduling.cycle): a gap that
             # long sends traffic away from a healthy pod, off its cached prefixes. Half leaves room
-            # for the jitter and the poll's own time on a loaded machine.
+            # for the jitter and the poll's own time on a loaded machine. A steady idle page needs no
+            # cap: the scraper vouches for it until its next poll (Metrics.steady_until).
             cap = max_age / 2
-            idle_interval = min(idle_interval, cap) if idle_interval else idle_interval
             quiet_interval = min(quiet_interval, cap) if quiet_interval else quiet_interval
         self.idle_interval = idle_interval if idle_interval and idle_interval > interval else None
         self.quiet_interval = quiet_interval if quiet_interval and quiet_interval > interval else None
@@ -489,6 +491,13 @@ class Scraper:
         ep = target.endpoint
         old = ep.metrics
         target.calm = target.calm + 1 if old is not None and _signals(old) == _signals(metrics) else 0
+        # A steady idle page is vouched for until the slowest next poll could be due (the idle gap,
+        # its jitter and the wake grid), so readers do not take it for stale meanwhile: a request
+        # routed there cuts the wait to an interval, a change on the page shows at the next poll.
+        idle = self.idle_interval
+        metrics.steady_until = (metrics.updated + idle + 2 * self.interval
+                                if idle is not None and target.calm >= CALM_AFTER and self._activity(ep)[0] == 0
+                                else 0.0)
         ep.metrics = metrics
         ep.scrape_ok = True
         self.polls_ok += 1

@@ -14,9 +14,10 @@ from epp.scheduling.framework import SchedulingRequest
 
 
 def fresh_metrics(ep: Endpoint, now: float, stale_after: float) -> Metrics | None:
-    """The endpoint's metrics if the last scrape succeeded and is at most `stale_after` s old, else None."""
+    """The endpoint's metrics if the last scrape succeeded and is at most `stale_after` s old (or
+    the scraper still vouches for a steady idle page: `Metrics.steady_until`), else None."""
     m = ep.metrics
-    if m is None or not ep.scrape_ok or now - m.updated > stale_after:
+    if m is None or not ep.scrape_ok or (now - m.updated > stale_after and m.steady_until < now):
         return None
     return m
 
@@ -38,12 +39,13 @@ class Cycle:
         """Fresh metrics aligned with `endpoints` (None = stale or missing); cached per list."""
         if self._fresh_for is endpoints:
             return self._fresh
-        limit = self.now - self.stale_after
+        now = self.now
+        limit = now - self.stale_after
         out: list[Metrics | None] = []
         append = out.append
         for ep in endpoints:
             m = ep.metrics
-            append(m if m is not None and m.updated >= limit and ep.scrape_ok else None)
+            append(m if m is not None and (m.updated >= limit or m.steady_until >= now) and ep.scrape_ok else None)
         self._fresh_for = endpoints
         self._fresh = out
         return out

@@ -74,7 +74,8 @@ class SaturationFilter:
         kept = []
         for ep in endpoints:
             m = ep.metrics
-            if m is not None and ep.scrape_ok and m.updated >= limit and m.waiting < qt and m.kv_usage < kvt:
+            if (m is not None and ep.scrape_ok and (m.updated >= limit or m.steady_until >= cycle.now)
+                    and m.waiting < qt and m.kv_usage < kvt):
                 kept.append(ep)
         return kept or endpoints
 

@@ -734,6 +734,59 @@ async def test_traffic_or_a_change_brings_the_base_rate_back(servers: Any, scrap
     assert target.gap <= FAST * 1.1
 
 
+async def test_a_steady_idle_page_is_vouched_for_past_the_staleness_threshold(servers: Any, scrapers: Any) -> None:
+    # staleness 50 ms, idle polls every 300 ms: the page is older than the threshold most of the
+    # time, yet never read as stale, because the scraper vouches for it until its next poll is due
+    from epp.scheduling.cycle import fresh_metrics
+
+    stale_after = 0.05
+    srv = await servers()
+    ds = datastore(srv.address)
+    s = scrapers(ds, idle_interval=0.3, quiet_interval=0.3, max_age=stale_after)
+    assert s.idle_interval == 0.3  # not capped by the staleness threshold
+    assert s.quiet_interval == stale_after / 2  # a busy pod's slower rate still is capped
+    ep = ds.endpoints[srv.address]
+    target = s._targets[srv.address]
+    await until(lambda: target.gap == 0.3)
+    n0 = s.polls()[srv.address]
+    old_pages = 0
+    t_end = time.monotonic() + 0.9
+    while time.monotonic() < t_end:
+        now = time.monotonic()
+        m = ep.metrics
+        assert m is not None and fresh_metrics(ep, now, stale_after) is m, "a steady idle page read as stale"
+        assert not is_stale(ep, now, stale_after)
+        old_pages += now - m.updated > stale_after
+        await asyncio.sleep(0.01)
+    assert old_pages > 20  # the vouch, not a fresh poll, kept it in
+    assert s.polls()[srv.address] - n0 <= 6  # ~3 polls in 0.9 s, not 45 at the base rate
+    # a request routed there: polled within an interval, and that page is no longer vouched for
+    before = ep.metrics
+    ep.inflight = 1
+    await until(lambda: ep.metrics is not before, timeout=1.0)
+    assert ep.metrics is not None and ep.metrics.steady_until == 0.0
+    # a failing poll is never vouched for: stale at once
+    ep.inflight = 0
+    await until(lambda: ep.metrics is not None and ep.metrics.steady_until > 0.0)
+    srv.mode = "status"
+    await until(lambda: not ep.scrape_ok, timeout=2.0)
+    assert fresh_metrics(ep, time.monotonic(), stale_after) is None
+
+
+def test_the_vouch_ends_at_steady_until() -> None:
+    from epp.datastore import Metrics
+    from epp.scheduling.cycle import Cycle, fresh_metrics
+    from epp.scheduling.framework import SchedulingRequest
+
+    ep = Endpoint(address="10.0.0.1:8000", ip="10.0.0.1", port=8000, pod="p")
+    ep.metrics = Metrics(updated=100.0, steady_until=100.6)
+    assert fresh_metrics(ep, 100.5, 0.2) is ep.metrics and not is_stale(ep, 100.5, 0.2)
+    assert fresh_metrics(ep, 100.7, 0.2) is None and is_stale(ep, 100.7, 0.2)
+    req = SchedulingRequest(request_id="r", model="m", client_model="m", prompt="p")
+    assert Cycle(req, 100.5, 0.2).fresh([ep]) == [ep.metrics]
+    assert Cycle(req, 100.7, 0.2).fresh([ep]) == [None]
+
+
 async def test_a_busy_endpoint_is_polled_per_change_of_its_traffic(servers: Any, scrapers: Any) -> None:
     # quiet_interval: requests in flight, but none routed there or ended there since the last poll:
     # the rate falls to one poll per quiet_interval; a dispatch or a completion brings it back at once
