@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -122,12 +121,8 @@ def main() -> int:
     p.add_argument("--variant", action="append", default=[], metavar='NAME="FLAGS"',
                    help="also run path ours:NAME, the default with these picker flags (an A/B); repeatable")
     a = p.parse_args()
-    for v in a.variant:
-        name, sep, flags = v.partition("=")
-        if not sep or not name:
-            p.error(f"--variant {v!r}: expected NAME=\"FLAGS\"")
-        VARIANTS[f"ours:{name}"] = shlex.split(flags)
-        a.paths.append(f"ours:{name}")
+    VARIANTS.update(peers.picker_variants(p, a.variant))
+    a.paths += list(VARIANTS)
     return asyncio.run(amain(a))
 
 

@@ -35,7 +35,6 @@ import argparse
 import asyncio
 import json
 import random
-import shlex
 import statistics
 import sys
 import time
@@ -260,12 +259,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also run path ours:NAME, the default with these picker flags, interleaved with the "
                         "others (an A/B on the same VM phase); repeatable")
     a = p.parse_args(argv)
-    for v in a.variant:
-        name, sep, flags = v.partition("=")
-        if not sep or not name:
-            p.error(f"--variant {v!r}: expected NAME=\"FLAGS\"")
-        VARIANTS[f"ours:{name}"] = shlex.split(flags)
-        a.paths.append(f"ours:{name}")
+    VARIANTS.update(peers.picker_variants(p, a.variant))
+    a.paths += list(VARIANTS)
     return asyncio.run(amain(a))
 
 

@@ -57,6 +57,7 @@ import heapq
 import json
 import math
 import os
+import shlex
 import socket
 import statistics
 import sys
@@ -360,6 +361,18 @@ def group_cpu(pgids: Sequence[int]) -> float:
     """CPU seconds (user + system) of every live process in the process groups `pgids` (each child
     of the benchmark leads its own group), exact to the nanosecond (bench/cpuclock.py)."""
     return cpuclock.group_cpu(pgids)
+
+
+def picker_variants(p: argparse.ArgumentParser, specs: Sequence[str]) -> dict[str, list[str]]:
+    """`--variant NAME="FLAGS"` values (bench/path_cost.py, bench/e2e_wrk.py) as {"ours:NAME": flags};
+    a malformed one is a usage error."""
+    out: dict[str, list[str]] = {}
+    for v in specs:
+        name, sep, flags = v.partition("=")
+        if not sep or not name:
+            p.error(f"--variant {v!r}: expected NAME=\"FLAGS\"")
+        out[f"ours:{name}"] = shlex.split(flags)
+    return out
 
 
 def loadavg() -> float:
