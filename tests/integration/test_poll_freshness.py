@@ -75,7 +75,7 @@ async def test_the_pickers_poller_keeps_an_idle_page_fresh_for_its_scheduler(sta
         old += ep.metrics is not None and now - ep.metrics.updated > stale_after
         return target.gap
 
-    widest = await widest_gap(gap, lambda: scraper.polls()[page_server], 8)
+    widest = await widest_gap(gap, lambda: scraper.polls()[page_server], 10)
     assert target.calm >= 3  # the idle rule applied: nothing changed, nothing in flight
     assert widest > stale_after  # polled slower than the threshold (500 ms by default)
     assert old > 0  # and older than it at times: the vouch kept it in
@@ -110,8 +110,8 @@ async def test_the_idle_rate_is_not_capped_its_page_is_vouched_for(page_server: 
             assert ep.metrics is None or fresh_metrics(ep, time.monotonic(), 0.2) is not None, "read as stale"
             return target.gap
 
-        widest = await widest_gap(gap, lambda: s.polls()[page_server], 8)
-        assert widest == pytest.approx(0.4)
+        widest = await widest_gap(gap, lambda: s.polls()[page_server], 10)
+        assert widest > 0.2  # past the old cap (half the threshold) and the threshold itself
     finally:
         await s.stop()
 

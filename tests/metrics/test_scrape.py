@@ -735,16 +735,17 @@ async def test_traffic_or_a_change_brings_the_base_rate_back(servers: Any, scrap
 
 
 async def test_a_steady_idle_page_is_vouched_for_past_the_staleness_threshold(servers: Any, scrapers: Any) -> None:
-    # staleness 50 ms, idle polls every 300 ms: the page is older than the threshold most of the
+    # staleness 80 ms, idle polls every 300 ms: the page is older than the threshold most of the
     # time, yet never read as stale, because the scraper vouches for it until its next poll is due
     from epp.scheduling.cycle import fresh_metrics
 
-    stale_after = 0.05
+    # (a 50 ms base interval: the vouch's margin for a poll's own time is two of them)
+    stale_after = 0.08
     srv = await servers()
     ds = datastore(srv.address)
-    s = scrapers(ds, idle_interval=0.3, quiet_interval=0.3, max_age=stale_after)
+    s = scrapers(ds, interval=0.05, idle_interval=0.3, quiet_interval=0.3, max_age=stale_after)
     assert s.idle_interval == 0.3  # not capped by the staleness threshold
-    assert s.quiet_interval == stale_after / 2  # a busy pod's slower rate still is capped
+    assert s.quiet_interval is None  # a busy pod's slower rate still is: half of 80 ms is under the interval
     ep = ds.endpoints[srv.address]
     target = s._targets[srv.address]
     await until(lambda: target.gap == 0.3)
@@ -759,7 +760,7 @@ async def test_a_steady_idle_page_is_vouched_for_past_the_staleness_threshold(se
         old_pages += now - m.updated > stale_after
         await asyncio.sleep(0.01)
     assert old_pages > 20  # the vouch, not a fresh poll, kept it in
-    assert s.polls()[srv.address] - n0 <= 6  # ~3 polls in 0.9 s, not 45 at the base rate
+    assert s.polls()[srv.address] - n0 <= 6  # ~3 polls in 0.9 s, not 18 at the base rate
     # a request routed there: polled within an interval, and that page is no longer vouched for
     before = ep.metrics
     ep.inflight = 1
