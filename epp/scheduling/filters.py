@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from epp.datastore import Endpoint
-from epp.scheduling.cycle import Cycle
+from epp.scheduling.cycle import Cycle, fresh_metrics
 from epp.scheduling.registry import FILTER, BuildContext, ConfigError, NoParams, Params, register
 from epp.scheduling.saturation import SaturationDetector
 
@@ -69,13 +69,12 @@ class SaturationFilter:
 
     def filter(self, cycle: Cycle, endpoints: list[Endpoint]) -> list[Endpoint]:
         d = self.detector
-        limit = cycle.now - d.stale_after
+        now, stale_after = cycle.now, d.stale_after
         qt, kvt = d.queue_threshold, d.kv_threshold
         kept = []
         for ep in endpoints:
-            m = ep.metrics
-            if (m is not None and ep.scrape_ok and (m.updated >= limit or m.steady_until >= cycle.now)
-                    and m.waiting < qt and m.kv_usage < kvt):
+            m = fresh_metrics(ep, now, stale_after)  # the detector's own threshold, the shared rule
+            if m is not None and m.waiting < qt and m.kv_usage < kvt:
                 kept.append(ep)
         return kept or endpoints
 
